@@ -1,0 +1,26 @@
+# The two fresh-machine commands from the README. Each installs what it needs first.
+PYTHON ?= python3
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install demo test test-fast lint bench
+
+# System FFmpeg libraries for torchcodec (PyAV bundles its own), then the package with dev tools.
+install:
+	@if ! ldconfig -p | grep -q libavcodec; then \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq ffmpeg; fi
+	$(PYTHON) -m pip install -q -e ".[dev]"
+
+# The main job: the whole pipeline on local Ray on a synthetic corpus (report in runs/demo/report.html).
+demo: install
+	$(PYTHON) -m jobs.demo --workdir runs/demo
+
+# The whole test suite, slow end-to-end tests included (CI runs this via .ci/run).
+test: install
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m pytest -q --timeout=900 tests
+
+test-fast: install
+	$(PYTHON) -m pytest -q -m "not slow" tests
+
+lint:
+	$(PYTHON) -m ruff check .

@@ -1,0 +1,22 @@
+"""FAISS indexes over vidsift embeddings: auto-selected, tuned, versioned, incremental, sharded.
+
+``from index import VideoIndex; VideoIndex.open(DIR).search("a red ball", k=10)``.
+"""
+
+from index.build import add_embeddings, build_index, delete_videos, needs_retrain
+from index.factory import choose_factory, make_index
+from index.query import Hit, VideoIndex
+from index.store import CorruptIndexError, IndexNotFoundError
+
+__all__ = [
+    "CorruptIndexError",
+    "Hit",
+    "IndexNotFoundError",
+    "VideoIndex",
+    "add_embeddings",
+    "build_index",
+    "choose_factory",
+    "delete_videos",
+    "make_index",
+    "needs_retrain",
+]
