@@ -1,0 +1,294 @@
+"""Ingest throughput: Ray ingest (copy / transcode, 1 and 2 workers) vs ``tar cf`` and a sequential loop.
+
+    python -m bench.ingest            # 200 small (10 s, 320x240) + 12 large (720p, several MB) videos
+    python -m bench.ingest --quick    # 40 small (4 s) + 4 large (2 s): a smoke run
+
+All figures come from one run on the same files (page cache warm for every contender): videos/s and MB/s of
+input, ratios against the baselines measured in the same run, and the fixed start-up cost (``ray.init`` + the
+first task on fresh workers) reported separately and excluded from the per-mode timings. The sequential loop
+is ``IngestShardStage`` called shard after shard in this process: the same read + sha256 + probe (+ transcode)
++ tar write, without Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def encode_bench_video(
+    path: str, width: int, height: int, seconds: float, fps: int, seed: int, noise: float
+) -> int:
+    """A moving-gradient H.264 clip with a noise layer; ``noise`` (0..1) drives the bitrate (file size)."""
+    import av
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0 : width * 2]
+    phase = rng.uniform(0, 6.28, 3)
+    # One wide gradient rolled a few pixels per frame (motion) plus coarse per-frame noise (bitrate): cheap to
+    # draw, so generating the corpus costs little next to encoding it.
+    wide = np.stack([np.sin(xx / 37.0 + phase[c]) * 100 + 128 + yy * 0.1 for c in range(3)], -1)
+    wide = wide.astype(np.uint8)
+    frames = int(seconds * fps)
+    with av.open(path, mode="w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"preset": "veryfast", "crf": "23", "g": str(fps), "threads": "1"}
+        for i in range(frames):
+            shift = (i * 3) % width
+            img = wide[:, shift : shift + width]
+            if noise:
+                coarse = rng.integers(0, int(255 * noise), (height // 4, width // 4, 3), dtype=np.uint8)
+                img = img + np.repeat(np.repeat(coarse, 4, 0), 4, 1)
+            img = np.ascontiguousarray(img)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return os.path.getsize(path)
+
+
+def make_corpus(
+    root: Path, name: str, n: int, width: int, height: int, seconds: float, fps: int, noise: float, procs: int
+) -> Path:
+    """``root/name/videos/*.mp4`` + ``manifest.csv`` (cached: reused when it already has ``n`` videos)."""
+    folder = root / name
+    manifest = folder / "manifest.csv"
+    if manifest.exists() and len(manifest.read_text().splitlines()) == n + 1:
+        return manifest
+    (folder / "videos").mkdir(parents=True, exist_ok=True)
+    paths = [str(folder / "videos" / f"{name}-{i:05d}.mp4") for i in range(n)]
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(procs) as pool:
+        list(
+            pool.map(
+                encode_bench_video,
+                paths,
+                [width] * n,
+                [height] * n,
+                [seconds] * n,
+                [fps] * n,
+                range(n),
+                [noise] * n,
+            )
+        )
+    lines = ["video_id,path,caption"] + [f"{Path(p).stem},videos/{Path(p).name},a bench clip" for p in paths]
+    manifest.write_text("\n".join(lines) + "\n")
+    print(f"[bench] generated {name}: {n} videos in {time.perf_counter() - t0:.1f} s", flush=True)
+    return manifest
+
+
+def corpus_bytes(manifest: Path) -> tuple[int, int]:
+    files = list((manifest.parent / "videos").glob("*.mp4"))
+    for f in files:  # warm the page cache for every contender alike
+        f.read_bytes()
+    return len(files), sum(f.stat().st_size for f in files)
+
+
+def time_tar(manifest: Path, work: Path) -> float:
+    target = work / "baseline.tar"
+    t0 = time.perf_counter()
+    subprocess.run(["tar", "cf", str(target), "-C", str(manifest.parent), "videos"], check=True)
+    seconds = time.perf_counter() - t0
+    target.unlink()
+    return seconds
+
+
+def time_sequential(manifest: Path, work: Path, spp: int, transcode_kwargs: dict | None) -> float:
+    from pipeline.ingest import IngestConfig, IngestShardStage, plan_inputs, plan_shards
+    from pipeline.inputs import read_inputs
+
+    out = work / "sequential"
+    t0 = time.perf_counter()
+    candidates, _ = plan_inputs(read_inputs(manifest))
+    config = IngestConfig(
+        samples_per_shard=spp, transcode=transcode_kwargs is not None, **(transcode_kwargs or {})
+    )
+    stage = IngestShardStage(str(out), asdict(config))
+    for i, rows in enumerate(plan_shards(candidates, spp, config.max_shard_bytes)):
+        stage({"shard": [i], "rows": [rows]})
+    seconds = time.perf_counter() - t0
+    shutil.rmtree(out)
+    return seconds
+
+
+def time_ray(manifest: Path, work: Path, spp: int, workers: int, transcode_kwargs: dict | None) -> float:
+    from pipeline.ingest import run_ingest
+
+    out = work / f"ray-{workers}"
+    t0 = time.perf_counter()
+    summary = run_ingest(
+        str(manifest),
+        out,
+        samples_per_shard=spp,
+        workers=workers,
+        transcode=transcode_kwargs is not None,
+        progress=False,
+        **(transcode_kwargs or {}),
+    )
+    seconds = time.perf_counter() - t0
+    assert summary["complete"] and summary["errors"] == 0, summary
+    shutil.rmtree(out)
+    return seconds
+
+
+def start_ray(num_cpus: int) -> dict:
+    """ray.init + one task per worker that imports the ingest code: the fixed cost every job pays once."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    t0 = time.perf_counter()
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}},
+    )
+    init_s = time.perf_counter() - t0
+
+    @ray.remote(num_cpus=1)
+    def warm(hold_s):
+        import pipeline.ingest  # noqa: F401 - importing PyAV, pyarrow, fsspec is part of the first task cost
+
+        time.sleep(hold_s)  # hold the worker so the other task has to start its own
+        return os.getpid()
+
+    t1 = time.perf_counter()
+    pids = ray.get([warm.remote(0.0) for _ in range(num_cpus)])
+    first_task_s = time.perf_counter() - t1
+    for hold_s in (0.5, 2.0, 5.0):  # make sure every worker process the timed runs use is already up
+        if len(set(pids)) >= num_cpus:
+            break
+        pids = ray.get([warm.remote(hold_s) for _ in range(num_cpus)])
+    return {"ray_init_s": init_s, "first_task_s": first_task_s, "workers": len(set(pids))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="40 small + 4 large short videos")
+    p.add_argument("--small", type=int, default=None, help="number of small videos (default 200, quick 40)")
+    p.add_argument("--large", type=int, default=None, help="number of large videos (default 12, quick 4)")
+    p.add_argument("--corpus-dir", default=None, help="where to generate/cache the corpora (default: temp)")
+    p.add_argument("--workers", default="1,2")
+    p.add_argument("--modes", default="copy,transcode")
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args(argv)
+    n_small = args.small or (40 if args.quick else 200)
+    n_large = args.large or (4 if args.quick else 12)
+    workers_list = [int(w) for w in args.workers.split(",")]
+    root = Path(args.corpus_dir or tempfile.mkdtemp(prefix="vs_bench_ingest_"))
+    work = Path(tempfile.mkdtemp(prefix="vs_bench_ingest_out_"))
+    procs = min(2, os.cpu_count() or 1)
+    corpora = [
+        (
+            "small",
+            make_corpus(root, "small", n_small, 320, 240, 4.0 if args.quick else 10.0, 25, 0.0, procs),
+            10,
+        ),
+        (
+            "large",
+            make_corpus(root, "large", n_large, 1280, 720, 2.0 if args.quick else 4.0, 25, 0.35, procs),
+            1,
+        ),
+    ]
+    startup = start_ray(max(workers_list))
+    print(
+        f"[bench] start-up: ray.init {startup['ray_init_s']:.2f} s, "
+        f"first task {startup['first_task_s']:.2f} s ({startup['workers']} workers warmed)",
+        flush=True,
+    )
+    transcode_kwargs = {"short_side": 224, "keyframe_interval": 1.0}
+    rows = []
+    for name, manifest, spp in corpora:
+        n, nbytes = corpus_bytes(manifest)
+        tar_s = time_tar(manifest, work)
+        rows.append(
+            {"corpus": name, "mode": "-", "runner": "tar cf", "videos": n, "mb": nbytes / 1e6, "s": tar_s}
+        )
+        for mode in args.modes.split(","):
+            kw = transcode_kwargs if mode == "transcode" else None
+            seq_s = time_sequential(manifest, work, spp, kw)
+            rows.append(
+                {
+                    "corpus": name,
+                    "mode": mode,
+                    "runner": "sequential loop",
+                    "videos": n,
+                    "mb": nbytes / 1e6,
+                    "s": seq_s,
+                }
+            )
+            for w in workers_list:
+                rows.append(
+                    {
+                        "corpus": name,
+                        "mode": mode,
+                        "runner": f"ray {w} worker{'s' if w > 1 else ''}",
+                        "workers": w,
+                        "videos": n,
+                        "mb": nbytes / 1e6,
+                        "s": time_ray(manifest, work, spp, w, kw),
+                    }
+                )
+            print(f"[bench] {name}/{mode} done", flush=True)
+    for r in rows:
+        r["videos_per_s"], r["mb_per_s"] = r["videos"] / r["s"], r["mb"] / r["s"]
+    lookup = {(r["corpus"], r["mode"], r["runner"]): r for r in rows}
+    checks = []
+    for name, _, _ in corpora:
+        tar_mbs = lookup[(name, "-", "tar cf")]["mb_per_s"]
+        for mode in args.modes.split(","):
+            one, seq = lookup.get((name, mode, "ray 1 worker")), lookup[(name, mode, "sequential loop")]
+            two = lookup.get((name, mode, "ray 2 workers"))
+            if one and two:
+                checks.append(
+                    (f"{name}/{mode}: 2 workers / 1 worker", two["videos_per_s"] / one["videos_per_s"], 1.7)
+                )
+            if two:
+                checks.append(
+                    (f"{name}/{mode}: 2 workers / sequential", two["videos_per_s"] / seq["videos_per_s"], 1.5)
+                )
+            if mode == "copy" and name == "large":
+                best = max(
+                    r["mb_per_s"]
+                    for r in rows
+                    if r["corpus"] == name and r["mode"] == "copy" and r["runner"].startswith("ray")
+                )
+                checks.append(("large/copy: best ray MB/s / tar cf MB/s", best / tar_mbs, 0.5))
+    print("\n| corpus | mode | runner | videos | MB | s | videos/s | MB/s |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['corpus']} | {r['mode']} | {r['runner']} | {r['videos']} | {r['mb']:.1f} | {r['s']:.2f} | "
+            f"{r['videos_per_s']:.1f} | {r['mb_per_s']:.1f} |"
+        )
+    print("\n| ratio | measured | floor | ok |\n|---|---:|---:|---|")
+    for label, value, floor in checks:
+        print(f"| {label} | {value:.2f}x | {floor}x | {'yes' if value >= floor else 'NO'} |")
+    print(
+        f"\nfixed start-up (not in the timings above): ray.init {startup['ray_init_s']:.2f} s + first task "
+        f"{startup['first_task_s']:.2f} s; machine: {os.cpu_count()} CPUs, load average "
+        f"{os.getloadavg()[0]:.1f} at the end"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "checks": checks, "startup": startup}, indent=2))
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""Streaming reader of the embeddings Parquet (docs/interfaces.md, "Embeddings"): batches of validated,
+L2-normalised vectors plus their id metadata, and error records for rows that cannot be indexed."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+META_COLUMNS = ("id", "video_id", "key", "clip_index", "start_s", "end_s", "captions")
+ERROR_SCHEMA = pa.schema(
+    [
+        ("id", pa.int64()),
+        ("video_id", pa.string()),
+        ("key", pa.string()),
+        ("reason", pa.string()),
+        ("message", pa.string()),
+    ]
+)
+IDS_SCHEMA = pa.schema(
+    [
+        ("id", pa.int64()),
+        ("video_id", pa.string()),
+        ("key", pa.string()),
+        ("clip_index", pa.int64()),
+        ("start_s", pa.float64()),
+        ("end_s", pa.float64()),
+        ("captions", pa.list_(pa.string())),
+        ("shard", pa.int32()),
+    ]
+)
+NON_DATA_FILES = {"errors.parquet"}
+
+
+@dataclasses.dataclass
+class EmbeddingSource:
+    """A resolved embeddings directory: its part files, ``_model.json`` contents and vector dim."""
+
+    root: Path
+    files: list[str]
+    model: dict[str, Any]
+    dim: int
+    num_rows: int
+
+    @property
+    def model_id(self) -> str | None:
+        return self.model.get("model_id")
+
+
+def resolve_embeddings(path: str | os.PathLike) -> EmbeddingSource:
+    """Find the part files of an embeddings output (``OUT`` with one ``model_id=*`` dir, or that dir)."""
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"embeddings path {str(root)!r} does not exist")
+    if root.is_file():
+        data_dir, files = root.parent, [str(root)]
+    else:
+        data_dir = root
+        if not (root / "_model.json").is_file() and not _part_files(root):
+            subdirs = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("model_id="))
+            if len(subdirs) > 1:
+                raise ValueError(
+                    f"embeddings dir {str(root)!r} holds several models "
+                    f"({', '.join(p.name for p in subdirs)}); pass one model_id=... dir"
+                )
+            if not subdirs:
+                raise FileNotFoundError(
+                    f"embeddings dir {str(root)!r} has no part-*.parquet files and no model_id=* subdirectory"
+                )
+            data_dir = subdirs[0]
+        files = _part_files(data_dir)
+    if not files:
+        raise FileNotFoundError(f"embeddings dir {str(data_dir)!r} has no Parquet part files")
+    model = {}
+    model_file = data_dir / "_model.json"
+    if model_file.is_file():
+        try:
+            model = json.loads(model_file.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{str(model_file)!r} is not valid JSON: {exc}") from exc
+    schema = pq.read_schema(files[0])
+    for col in ("id", "video_id", "embedding"):
+        if col not in schema.names:
+            raise ValueError(
+                f"embeddings file {files[0]!r} lacks the required column {col!r} (has {schema.names})"
+            )
+    emb_type = schema.field("embedding").type
+    if pa.types.is_fixed_size_list(emb_type):
+        dim = emb_type.list_size
+    elif model.get("dim"):
+        dim = int(model["dim"])
+    else:
+        first = pq.ParquetFile(files[0]).read_row_group(0, columns=["embedding"]).column(0)
+        dim = len(first[0].as_py())
+    if model.get("dim") and int(model["dim"]) != dim:
+        raise ValueError(f"_model.json says dim {model['dim']} but {files[0]!r} holds vectors of dim {dim}")
+    num_rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    return EmbeddingSource(root=data_dir, files=files, model=model, dim=int(dim), num_rows=int(num_rows))
+
+
+def _part_files(directory: Path) -> list[str]:
+    return sorted(str(p) for p in directory.glob("*.parquet") if p.name not in NON_DATA_FILES)
+
+
+def shard_of(video_ids: np.ndarray, num_shards: int) -> np.ndarray:
+    """Stable shard of each video (crc32 of the id), so all clips of a video live in one shard."""
+    if num_shards <= 1:
+        return np.zeros(len(video_ids), dtype=np.int32)
+    return np.fromiter(
+        (zlib.crc32(str(v).encode()) % num_shards for v in video_ids), dtype=np.int32, count=len(video_ids)
+    )
+
+
+@dataclasses.dataclass
+class Batch:
+    """Valid rows of one record batch: ``vectors`` [n, D] normalised float32, ``ids`` int64, ``meta``
+    (ids.parquet columns), ``positions`` (global row numbers) and ``errors`` (ERROR_SCHEMA rows)."""
+
+    vectors: np.ndarray
+    ids: np.ndarray
+    meta: pa.Table
+    positions: np.ndarray
+    errors: list[dict[str, Any]]
+
+
+def iter_batches(
+    source: EmbeddingSource,
+    batch_size: int = 65536,
+    shard: tuple[int, int] = (0, 1),
+    seen_ids: set[int] | None = None,
+    columns_only_meta: bool = False,
+) -> Iterator[Batch]:
+    """Stream validated batches of ``source``, only rows of ``shard`` = (index, count).
+
+    Rows with a null id, a bad embedding (null, wrong length, NaN/inf, zero norm), a foreign model_id or
+    a duplicate id (tracked in ``seen_ids``) become error records, so every input row is accounted for.
+    """
+    shard_index, num_shards = shard
+    dataset = ds.dataset(source.files, format="parquet")
+    wanted = [c for c in (*META_COLUMNS, "model_id", "embedding") if c in dataset.schema.names]
+    if columns_only_meta:
+        wanted = [c for c in wanted if c != "embedding"]
+    offset = 0
+    expected_model = source.model_id
+    for record_batch in dataset.to_batches(columns=wanted, batch_size=batch_size):
+        n = record_batch.num_rows
+        positions = np.arange(offset, offset + n, dtype=np.int64)
+        offset += n
+        if n == 0:
+            continue
+        table = pa.Table.from_batches([record_batch])
+        video_ids = np.asarray(table.column("video_id").to_pylist(), dtype=object)
+        keep = shard_of(video_ids, num_shards) == shard_index
+        if not keep.any():
+            continue
+        table = table.filter(pa.array(keep))
+        positions = positions[keep]
+        yield _validate(
+            table,
+            positions,
+            source.dim,
+            expected_model,
+            seen_ids,
+            shard_index,
+            with_vectors=not columns_only_meta,
+        )
+
+
+def _validate(
+    table: pa.Table,
+    positions: np.ndarray,
+    dim: int,
+    expected_model: str | None,
+    seen_ids: set[int] | None,
+    shard_index: int,
+    with_vectors: bool = True,
+) -> Batch:
+    n = table.num_rows
+    ids_col = table.column("id").combine_chunks()
+    ok = np.asarray(ids_col.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+    reasons: list[tuple[int, str, str]] = [(i, "null_id", "id is null") for i in np.flatnonzero(~ok)]
+    ids = np.asarray(ids_col.fill_null(-1).to_numpy(zero_copy_only=False), dtype=np.int64)
+    if expected_model and "model_id" in table.column_names:
+        model_col = table.column("model_id")
+        same = pc.fill_null(pc.equal(model_col, pa.scalar(expected_model)), False)
+        foreign = ok & ~np.asarray(same.to_numpy(zero_copy_only=False), dtype=bool)
+        if foreign.any():
+            models = model_col.to_pylist()
+            for i in np.flatnonzero(foreign):
+                ok[i] = False
+                reasons.append((i, "model_mismatch", f"model_id {models[i]!r} != {expected_model!r}"))
+    vectors = np.zeros((n, dim), dtype=np.float32)
+    if with_vectors:
+        emb = table.column("embedding").combine_chunks()
+        valid = np.asarray(emb.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+        lengths = np.asarray(pc.list_value_length(emb).fill_null(0).to_numpy(zero_copy_only=False))
+        good_shape = valid & (lengths == dim)
+        if good_shape.any():
+            flat = pc.list_flatten(emb.filter(pa.array(good_shape)))
+            vectors[good_shape] = np.asarray(flat.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(
+                -1, dim
+            )
+        norms = np.linalg.norm(vectors, axis=1)
+        finite = np.isfinite(vectors).all(axis=1)
+        bad = ok & ~(good_shape & finite & (norms > 1e-12))
+        for i in np.flatnonzero(bad):
+            if not valid[i]:
+                why = "embedding is null"
+            elif lengths[i] != dim:
+                why = f"embedding has {lengths[i]} values, expected {dim}"
+            elif not finite[i]:
+                why = "embedding has NaN/inf values"
+            else:
+                why = "embedding is all zeros"
+            ok[i] = False
+            reasons.append((i, "bad_embedding", why))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            vectors /= np.where(norms > 0, norms, 1.0)[:, None]
+    if seen_ids is not None:
+        for i in np.flatnonzero(ok):
+            value = int(ids[i])
+            if value in seen_ids:
+                ok[i] = False
+                reasons.append((i, "duplicate_id", f"id {value} occurs more than once"))
+            else:
+                seen_ids.add(value)
+    errors = []
+    if reasons:
+        vids = table.column("video_id").to_pylist()
+        keys = table.column("key").to_pylist() if "key" in table.column_names else [None] * n
+        for i, reason, message in reasons:
+            errors.append(
+                {
+                    "id": int(ids[i]) if ids[i] >= 0 else None,
+                    "video_id": vids[i],
+                    "key": keys[i],
+                    "reason": reason,
+                    "message": message,
+                }
+            )
+    mask = pa.array(ok)
+    meta = _meta_table(table.filter(mask), shard_index)
+    return Batch(
+        vectors=np.ascontiguousarray(vectors[ok]),
+        ids=ids[ok],
+        meta=meta,
+        positions=positions[ok],
+        errors=errors,
+    )
+
+
+def _meta_table(table: pa.Table, shard_index: int) -> pa.Table:
+    n = table.num_rows
+    cols = {}
+    for field in IDS_SCHEMA:
+        if field.name == "shard":
+            cols["shard"] = pa.array(np.full(n, shard_index, dtype=np.int32))
+        elif field.name in table.column_names:
+            cols[field.name] = table.column(field.name).cast(field.type)
+        else:
+            cols[field.name] = pa.nulls(n, field.type)
+    return pa.table(cols, schema=IDS_SCHEMA)
+
+
+def errors_table(errors: list[dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist(errors, schema=ERROR_SCHEMA)

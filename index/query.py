@@ -1,0 +1,265 @@
+"""Python query API: ``VideoIndex.open(path).search("a red ball", k=10)``."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from index import store
+from index.sharded import merge_shard_results
+from index.tuning import apply_search_params
+
+Reranker = Callable[[str | None, list["Hit"]], list["Hit"]]
+
+
+@dataclasses.dataclass
+class Hit:
+    """One retrieved video: its aggregated ``score`` and best-scoring clip."""
+
+    video_id: str
+    score: float
+    start_s: float | None = None
+    end_s: float | None = None
+    clip_index: int | None = None
+    caption: str | None = None
+    num_clips: int = 1
+    id: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class VideoIndex:
+    """A published index version opened for search (all its shards), optionally with a text encoder.
+
+    Use :meth:`open`. Query vectors are L2-normalised; text is encoded with the model named by the
+    index's ``model_id`` (built from index.json's ``model_name``/``pretrained`` on first text query, or
+    the ``encoder`` passed in, whose ``model_id`` must match).
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        version_dir: Path,
+        meta: dict[str, Any],
+        indexes: list,
+        ids,
+        encoder=None,
+        tokenizer=None,
+    ):
+        self.root, self.version_dir, self.meta, self.indexes = root, version_dir, meta, indexes
+        self.dim = int(meta["dim"])
+        self.model_id = meta.get("model_id")
+        all_ids = ids.column("id").to_numpy()
+        self._all_ids = all_ids
+        self._order = np.argsort(all_ids, kind="stable")
+        self._sorted_ids = all_ids[self._order]
+        self._video_id = np.asarray(ids.column("video_id").to_pylist(), dtype=object)
+        self._start = ids.column("start_s").to_numpy(zero_copy_only=False)
+        self._end = ids.column("end_s").to_numpy(zero_copy_only=False)
+        self._clip = ids.column("clip_index").to_numpy(zero_copy_only=False)
+        self._captions = ids.column("captions").to_pylist() if "captions" in ids.column_names else None
+        for info, ix in zip(meta["shards"], indexes):
+            apply_search_params(ix, info.get("search_params", {}))
+        self._encoder = None
+        self._tokenizer = tokenizer
+        if encoder is not None:
+            self.set_encoder(encoder, tokenizer)
+
+    # ----------------------------------------------------------------------------------------- open
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike,
+        encoder=None,
+        tokenizer=None,
+        version: str | None = None,
+        mmap: bool | None = None,
+    ) -> VideoIndex:
+        """Open the CURRENT (or given) version of the index at ``path``.
+
+        ``mmap=None`` memory-maps FAISS files larger than ``store.MMAP_THRESHOLD_BYTES``. Missing or
+        corrupt indexes raise :class:`store.IndexNotFoundError` / :class:`store.CorruptIndexError`.
+        """
+        root = Path(path)
+        vdir, meta, indexes, ids = store.load_version(root, version=version, mmap=mmap)
+        return cls(root, vdir, meta, indexes, ids, encoder=encoder, tokenizer=tokenizer)
+
+    @property
+    def version(self) -> str:
+        return self.version_dir.name
+
+    def __len__(self) -> int:
+        return int(self.meta["count"])
+
+    def info(self) -> dict[str, Any]:
+        return dict(self.meta, version=self.version)
+
+    # -------------------------------------------------------------------------------------- encoder
+    def set_encoder(self, encoder, tokenizer=None) -> None:
+        """Use ``encoder`` (a model with ``encode_text``) for text queries; its model_id must match."""
+        enc_id = getattr(encoder, "model_id", None)
+        if self.model_id and enc_id != self.model_id:
+            raise ValueError(
+                f"encoder model_id {enc_id!r} does not match the index's model_id "
+                f"{self.model_id!r}: text and video vectors would live in different spaces"
+            )
+        if not hasattr(encoder, "encode_text"):
+            raise TypeError(f"encoder {type(encoder).__name__} has no encode_text method")
+        self._encoder = encoder
+        self._tokenizer = tokenizer
+
+    def _ensure_encoder(self):
+        if self._encoder is None:
+            name = self.meta.get("model_name")
+            if not name:
+                raise ValueError(
+                    f"index {str(self.root)!r} records no model_name; pass encoder=... to "
+                    "VideoIndex.open to run text queries, or query with vectors"
+                )
+            import models
+
+            model, _transform, tokenizer = models.create_model(name, pretrained=self.meta.get("pretrained"))
+            model.eval()
+            self.set_encoder(model, tokenizer)
+        return self._encoder
+
+    def encode_text(self, texts: Sequence[str]) -> np.ndarray:
+        import torch
+
+        encoder = self._ensure_encoder()
+        with torch.no_grad():
+            out = encoder.encode_text(list(texts))
+        return np.asarray(out.detach().cpu().float().numpy() if hasattr(out, "detach") else out, np.float32)
+
+    # --------------------------------------------------------------------------------------- search
+    def _query_vectors(self, query) -> tuple[np.ndarray, list[str | None], bool]:
+        if isinstance(query, str):
+            query = [query]
+            single = True
+        else:
+            single = False
+        if isinstance(query, (list, tuple)) and query and all(isinstance(q, str) for q in query):
+            bad = [i for i, q in enumerate(query) if not q.strip()]
+            if bad:
+                raise ValueError(f"empty text query at position(s) {bad}")
+            return self.encode_text(query), list(query), single
+        if isinstance(query, (list, tuple)) and not query:
+            raise ValueError("empty query list")
+        try:
+            vectors = np.asarray(query, dtype=np.float32)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(
+                f"query must be a str, a list of str or a [D]/[Q, D] array, got {type(query).__name__}"
+            ) from exc
+        if vectors.ndim == 1:
+            vectors, single = vectors[None, :], True
+        if vectors.ndim != 2:
+            raise ValueError(f"query vectors must be [D] or [Q, D], got shape {vectors.shape}")
+        if vectors.shape[0] == 0:
+            raise ValueError("empty query: no vectors")
+        if vectors.shape[1] != self.dim:
+            raise ValueError(
+                f"query vectors have dim {vectors.shape[1]}, index {str(self.root)!r} has dim {self.dim}"
+            )
+        if not np.isfinite(vectors).all():
+            raise ValueError("query vectors contain NaN/inf")
+        return vectors, [None] * len(vectors), single
+
+    def search_vectors(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Raw clip-level search over all shards: ``(scores [Q, k], ids [Q, k])`` merged by score."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32).copy()
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        if (norms <= 1e-12).any():
+            raise ValueError("query vector has zero norm")
+        vectors /= norms
+        results = [ix.search(vectors, int(min(k, max(ix.ntotal, 1)))) for ix in self.indexes]
+        return merge_shard_results([r[0] for r in results], [r[1] for r in results], int(k))
+
+    def search(
+        self, query, k: int = 10, aggregate: str = "max", overfetch: int = 4, rerank: Reranker | None = None
+    ) -> list[Hit] | list[list[Hit]]:
+        """Top-``k`` videos for ``query`` (str, list of str, ``[D]`` or ``[Q, D]`` vectors).
+
+        Clip hits are collapsed per video (``aggregate`` = ``"max"`` or ``"mean"`` over the retrieved
+        clips); clips are over-fetched (``overfetch`` × k, doubled until k videos or the whole index)
+        so k distinct videos come back. ``rerank(query_text, hits) -> hits`` may rescore each list.
+        A single query (str or ``[D]``) returns one list, otherwise one list per query.
+        """
+        if aggregate not in ("max", "mean"):
+            raise ValueError(f"aggregate must be 'max' or 'mean', got {aggregate!r}")
+        if int(k) < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        vectors, texts, single = self._query_vectors(query)
+        total = len(self)
+        fetch = min(total, max(int(k) * max(1, int(overfetch)), int(k)))
+        while True:
+            scores, ids = self.search_vectors(vectors, fetch)
+            per_query = [self._collapse(s, i, aggregate) for s, i in zip(scores, ids)]
+            if fetch >= total or all(len(h) >= k for h in per_query):
+                break
+            fetch = min(total, fetch * 2)
+        out = []
+        for text, hits in zip(texts, per_query):
+            hits = hits[: int(k)] if rerank is None else _apply_rerank(rerank, text, hits)[: int(k)]
+            out.append(hits)
+        return out[0] if single else out
+
+    def _rows(self, ids: np.ndarray) -> np.ndarray:
+        pos = np.clip(np.searchsorted(self._sorted_ids, ids), 0, max(len(self._sorted_ids) - 1, 0))
+        found = self._sorted_ids[pos] == ids
+        return np.where(found, self._order[pos], -1)
+
+    def _collapse(self, scores: np.ndarray, ids: np.ndarray, aggregate: str) -> list[Hit]:
+        valid = ids >= 0
+        rows = self._rows(ids[valid])
+        groups: dict[str, dict[str, Any]] = {}
+        for score, row in zip(scores[valid], rows):
+            if row < 0:
+                continue
+            vid = self._video_id[row]
+            g = groups.get(vid)
+            if g is None:
+                groups[vid] = {"best": float(score), "row": int(row), "sum": float(score), "n": 1}
+            else:
+                g["sum"] += float(score)
+                g["n"] += 1
+        hits = []
+        for vid, g in groups.items():
+            row = g["row"]
+            score = g["best"] if aggregate == "max" else g["sum"] / g["n"]
+            caps = self._captions[row] if self._captions is not None else None
+            hits.append(
+                Hit(
+                    video_id=str(vid),
+                    score=float(score),
+                    start_s=_num(self._start[row]),
+                    end_s=_num(self._end[row]),
+                    clip_index=None if _num(self._clip[row]) is None else int(self._clip[row]),
+                    caption=caps[0] if caps else None,
+                    num_clips=g["n"],
+                    id=int(self._all_ids[row]),
+                )
+            )
+        hits.sort(key=lambda h: -h.score)
+        return hits
+
+
+def _num(value) -> float | None:
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if np.isnan(f) else f
+
+
+def _apply_rerank(rerank: Reranker, text: str | None, hits: list[Hit]) -> list[Hit]:
+    new = rerank(text, list(hits))
+    if not isinstance(new, list) or not all(isinstance(h, Hit) for h in new):
+        raise TypeError("rerank must return a list of Hit")
+    return sorted(new, key=lambda h: -h.score)

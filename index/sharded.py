@@ -1,0 +1,48 @@
+"""Sharded indexes: N shards (rows split by crc32(video_id) % N) built in parallel as Ray tasks, searched
+together and merged by score (see :class:`index.query.VideoIndex`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from index.embeddings import EmbeddingSource
+
+
+def _build_shard_task(source: EmbeddingSource, shard: tuple[int, int], stage: str, kwargs: dict[str, Any]):
+    from index.build import build_part
+
+    return build_part(source, shard, write_to=stage, **kwargs)
+
+
+def build_parts_with_ray(
+    source: EmbeddingSource, num_shards: int, stage: Path, num_cpus: float = 1, **kwargs: Any
+) -> list[dict[str, Any]]:
+    """Build ``num_shards`` shards as parallel Ray tasks; each writes its ``shard-NNNNN.faiss`` into
+    ``stage`` and returns its ids / probes / info. Uses the running Ray (or starts a local one)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    kwargs = dict(kwargs)
+    # Each shard gets its share of the memory budget.
+    from index.factory import parse_memory
+
+    kwargs["memory_budget"] = max(1, parse_memory(kwargs.get("memory_budget", "4GB")) // num_shards)
+    task = ray.remote(num_cpus=num_cpus)(_build_shard_task)
+    refs = [task.remote(source, (i, num_shards), str(stage), kwargs) for i in range(num_shards)]
+    parts = ray.get(refs)
+    return sorted(parts, key=lambda p: p["info"]["shard"])
+
+
+def merge_shard_results(
+    scores: list[np.ndarray], ids: list[np.ndarray], k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Merge per-shard ``[Q, k]`` (scores, ids) into the global top ``k`` by score (ids -1 = empty)."""
+    d = np.concatenate(scores, axis=1)
+    i = np.concatenate(ids, axis=1)
+    d = np.where(i < 0, -np.inf, d)
+    order = np.argsort(-d, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(d, order, axis=1), np.take_along_axis(i, order, axis=1)

@@ -1,0 +1,78 @@
+"""Test/benchmark helpers: write embeddings Parquet in the docs/interfaces.md schema (no model needed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def embedding_schema(dim: int, dtype=pa.float32()) -> pa.Schema:
+    return pa.schema(
+        [
+            ("id", pa.int64()),
+            ("video_id", pa.string()),
+            ("key", pa.string()),
+            ("shard", pa.string()),
+            ("clip_index", pa.int64()),
+            ("start_s", pa.float64()),
+            ("end_s", pa.float64()),
+            ("model_id", pa.string()),
+            ("embedding", pa.list_(dtype, dim)),
+            ("captions", pa.list_(pa.string())),
+        ]
+    )
+
+
+def clustered_vectors(n: int, dim: int, seed: int = 0, clusters: int = 16, noise: float = 0.35) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(clusters, dim)).astype(np.float32)
+    labels = rng.integers(0, clusters, size=n)
+    return (centers[labels] + noise * rng.normal(size=(n, dim))).astype(np.float32)
+
+
+def write_embeddings(
+    out: Path,
+    vectors: np.ndarray,
+    clips_per_video: int = 1,
+    model_id: str = "toy@000000",
+    model_name: str | None = None,
+    pretrained: str | None = None,
+    start_id: int = 0,
+    video_prefix: str = "vid",
+    rows_per_file: int = 1000,
+    captions=None,
+) -> Path:
+    """Write ``vectors`` as ``out/model_id=<id>/part-*.parquet`` + ``_model.json``; returns ``out``."""
+    dim = vectors.shape[1]
+    sub = Path(out) / f"model_id={model_id.replace('@', '_')}"
+    sub.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for j, vec in enumerate(vectors):
+        v, c = divmod(j, clips_per_video)
+        vid = f"{video_prefix}-{v:06d}"
+        rows.append(
+            {
+                "id": start_id + j,
+                "video_id": vid,
+                "key": vid,
+                "shard": "000000",
+                "clip_index": c,
+                "start_s": float(c),
+                "end_s": float(c + 1),
+                "model_id": model_id,
+                "embedding": vec.tolist(),
+                "captions": captions[v] if captions is not None else [f"caption of {vid}"],
+            }
+        )
+    schema = embedding_schema(dim)
+    for f, start in enumerate(range(0, len(rows), rows_per_file)):
+        table = pa.Table.from_pylist(rows[start : start + rows_per_file], schema=schema)
+        pq.write_table(table, sub / f"part-{start_id:08d}-{f:04d}.parquet")
+    (sub / "_model.json").write_text(
+        json.dumps({"model_id": model_id, "model_name": model_name, "pretrained": pretrained, "dim": dim})
+    )
+    return Path(out)

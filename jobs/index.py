@@ -1,0 +1,120 @@
+"""``python -m jobs.index {build,add,delete,query,info,check}``: build and maintain vidsift FAISS indexes.
+
+Examples::
+
+    python -m jobs.index build --embeddings OUT/embeddings --output OUT/index --memory 4GB --recall 0.95
+    python -m jobs.index add --embeddings OUT/new_embeddings --output OUT/index
+    python -m jobs.index delete --output OUT/index --video-ids synth-000001 synth-000002
+    python -m jobs.index query --index OUT/index --text "a red ball moving left" -k 10
+    python -m jobs.index info --index OUT/index
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from index import build as index_build
+from index import store
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jobs.index", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="full (re)build from an embeddings directory")
+    b.add_argument("--embeddings", required=True, help="embeddings OUT dir (or its model_id=... dir)")
+    b.add_argument("--output", required=True, help="index directory (NAME)")
+    b.add_argument("--factory", default=None, help="FAISS factory string (default: chosen automatically)")
+    b.add_argument("--memory", default=index_build.DEFAULT_MEMORY, help="memory budget, e.g. 4GB")
+    b.add_argument("--recall", type=float, default=index_build.DEFAULT_RECALL, help="recall@k target")
+    b.add_argument("-k", type=int, default=index_build.DEFAULT_K, help="k of the recall target")
+    b.add_argument("--shards", type=int, default=1, help="build N shards in parallel as Ray tasks")
+    b.add_argument("--probes", type=int, default=index_build.DEFAULT_PROBES, help="held-out tuning queries")
+    b.add_argument("--batch-size", type=int, default=65536)
+    b.add_argument("--keep", type=int, default=3, help="versions to retain")
+    b.add_argument("--ray-address", default=None, help="Ray address for --shards > 1 (default: auto/local)")
+
+    a = sub.add_parser("add", help="add (upsert) embeddings to the CURRENT version without retraining")
+    a.add_argument("--embeddings", required=True)
+    a.add_argument("--output", "--index", dest="output", required=True)
+    a.add_argument("--no-upsert", action="store_true", help="reject rows of videos already indexed")
+    a.add_argument("--batch-size", type=int, default=65536)
+    a.add_argument("--keep", type=int, default=3)
+
+    d = sub.add_parser("delete", help="remove videos from the CURRENT version")
+    d.add_argument("--output", "--index", dest="output", required=True)
+    d.add_argument("--video-ids", nargs="+", required=True)
+    d.add_argument("--keep", type=int, default=3)
+
+    q = sub.add_parser("query", help="text query against the CURRENT version")
+    q.add_argument("--index", required=True)
+    q.add_argument("--text", action="append", required=True, help="query text (repeatable)")
+    q.add_argument("-k", type=int, default=10)
+    q.add_argument("--aggregate", choices=("max", "mean"), default="max")
+    q.add_argument("--pretrained", default=None, help="override the checkpoint recorded in index.json")
+
+    i = sub.add_parser("info", help="print the CURRENT version's index.json and the version list")
+    i.add_argument("--index", "--output", dest="index", required=True)
+
+    c = sub.add_parser("check", help="exit 3 when the index needs a full rebuild (needs_retrain)")
+    c.add_argument("--index", "--output", dest="index", required=True)
+    c.add_argument("--growth-factor", type=float, default=index_build.DEFAULT_GROWTH_FACTOR)
+    c.add_argument("--recall", type=float, default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "build":
+            if args.shards > 1 and args.ray_address:
+                import ray
+
+                ray.init(address=args.ray_address)
+            meta = index_build.build_index(args.embeddings, args.output, factory=args.factory,
+                                           memory_budget=args.memory, recall_target=args.recall, k=args.k,
+                                           shards=args.shards, num_probes=args.probes,
+                                           batch_size=args.batch_size, keep=args.keep)
+            print(json.dumps(_summary(meta), indent=2))
+        elif args.command == "add":
+            meta = index_build.add_embeddings(args.output, args.embeddings, batch_size=args.batch_size,
+                                              keep=args.keep, upsert=not args.no_upsert)
+            print(json.dumps(_summary(meta), indent=2))
+        elif args.command == "delete":
+            meta = index_build.delete_videos(args.output, args.video_ids, keep=args.keep)
+            print(json.dumps(_summary(meta), indent=2))
+        elif args.command == "query":
+            from index.query import VideoIndex
+
+            vi = VideoIndex.open(args.index)
+            if args.pretrained:
+                vi.meta["pretrained"] = args.pretrained
+            results = vi.search(list(args.text), k=args.k, aggregate=args.aggregate)
+            for text, hits in zip(args.text, results):
+                print(json.dumps({"query": text, "hits": [h.to_dict() for h in hits]}))
+        elif args.command == "info":
+            vdir = store.version_dir(args.index)
+            meta = store.read_meta(vdir)
+            print(json.dumps({"version": vdir.name, "versions": store.list_versions(args.index), **meta},
+                             indent=2, default=str))
+        elif args.command == "check":
+            needed, reasons = index_build.needs_retrain(args.index, growth_factor=args.growth_factor,
+                                                        recall_target=args.recall)
+            print(json.dumps({"needs_retrain": needed, "reasons": reasons}))
+            return 3 if needed else 0
+    except (FileNotFoundError, ValueError, TypeError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _summary(meta: dict) -> dict:
+    keys = ("version", "factory", "count", "dim", "model_id", "search_params", "recall", "recall_k",
+            "build_time_s", "training_size", "errors", "operation", "last_operation", "num_shards")
+    return {k: meta[k] for k in keys if k in meta}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

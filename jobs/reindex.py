@@ -1,0 +1,78 @@
+"""Nightly incremental reindex: ingest + embed only what changed in a source, update the index, publish.
+
+    python -m jobs.reindex --source MANIFEST_OR_GLOB --workdir DIR [--config YAML] [--model NAME]
+                           [--pretrained CKPT] [--retry-failed] [--dry-run]
+
+Exit codes: 0 published (or nothing to do), 1 failed (validation, a step died), 2 bad input,
+3 another run holds the lock. See docs/ops.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pipeline.inputs import InputError
+from pipeline.reindex import LockHeldError, ReindexError, format_summary, load_config, run_reindex
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vidsift reindex", description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--source", required=True, help="manifest (csv/tsv/jsonl/parquet), directory or glob of videos"
+    )
+    p.add_argument(
+        "--workdir",
+        required=True,
+        help="working dir (POSIX path) holding state/, ingest/, embeddings/, index/ and the lock",
+    )
+    p.add_argument("--config", default=None, help="YAML config (see configs/reindex.yaml)")
+    p.add_argument("--model", default=None, help="registered model name (overrides the config)")
+    p.add_argument("--pretrained", default=None, help="checkpoint for the model (overrides the config)")
+    p.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="retry videos that failed ingest/embed before even though their content is unchanged",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="only print the delta (no lock is kept, nothing written)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress lines, only the summary")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+        summary = run_reindex(
+            args.source,
+            args.workdir,
+            config=config,
+            model=args.model,
+            pretrained=args.pretrained,
+            retry_failed=args.retry_failed,
+            dry_run=args.dry_run,
+            crash_mode="exit",
+            progress=not args.quiet,
+        )
+    except LockHeldError as exc:
+        print(f"vidsift reindex: {exc}", file=sys.stderr)
+        return 3
+    except (InputError, FileNotFoundError, KeyError, ValueError) as exc:
+        print(f"vidsift reindex: error: {exc}", file=sys.stderr)
+        return 2
+    except ReindexError as exc:
+        print(f"vidsift reindex: FAILED: {exc}", file=sys.stderr)
+        return 1
+    if args.dry_run:
+        print(json.dumps(summary, indent=1, default=str))
+        return 0
+    print(format_summary(summary))
+    print(json.dumps(summary, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,405 @@
+"""Datasets over WebDataset shards: a torch ``IterableDataset`` for training and a Ray Data decode stage.
+
+``ShardClipDataset`` reads ``shards/NNNNNN.tar`` (``{key}.mp4`` + ``{key}.json``, see docs/interfaces.md)
+with webdataset's tar reader, splits the work across (distributed rank x DataLoader worker) consumers so
+that every sample is read by exactly one of them, shuffles shards per epoch (``set_epoch``) and samples
+through a buffer, and sparse-samples clips from each video (:func:`pipeline.clips.sample_clips`). A bad
+sample (corrupt mp4, bad json) is logged, counted in ``error_counts`` / ``errors`` and skipped; the epoch
+goes on.
+
+``DecodeClipsStage`` does the same per row inside ``ray.data.Dataset.map_batches``; rows that fail keep
+their key and get ``error`` (reason) and ``error_message`` instead of frames, so no row is lost.
+:func:`read_shards_ray` reads shards into a Ray Dataset with the columns the stage expects.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import json
+import logging
+import os
+import zlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from pipeline.clips import sample_clips
+from pipeline.decode import Size, VideoDecodeError
+from pipeline.sampling import SamplingConfig
+
+log = logging.getLogger(__name__)
+
+MAX_ERROR_RECORDS = 1000
+
+
+# --------------------------------------------------------------------------------------------- shards
+
+
+def list_shards(shards: str | os.PathLike | Sequence[str]) -> list[str]:
+    """Shard tar paths from a list, a ``{000000..000009}`` brace pattern, a glob, or a directory (its
+    ``shards/*.tar`` when present, else ``*.tar``). Sorted, so every consumer sees the same list."""
+    if isinstance(shards, (list, tuple)):
+        out = [os.fspath(s) for s in shards]
+    else:
+        spec = os.fspath(shards)
+        if os.path.isdir(spec):
+            sub = os.path.join(spec, "shards")
+            out = sorted(glob.glob(os.path.join(sub if os.path.isdir(sub) else spec, "*.tar")))
+        elif "{" in spec:
+            import braceexpand
+
+            out = list(braceexpand.braceexpand(spec))
+        else:
+            out = sorted(glob.glob(spec))
+    if not out:
+        raise FileNotFoundError(f"no shard tars found for {shards!r}")
+    return out
+
+
+def distributed_rank_world(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """Explicit ``rank``/``world_size``, else ``torch.distributed`` (as set up by Ray Train), else (0, 1)."""
+    if rank is not None or world_size is not None:
+        if rank is None or world_size is None:
+            raise ValueError("give both rank and world_size, or neither")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+        return rank, world_size
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def consumer_slot(rank: int, world_size: int, worker_id: int, num_workers: int) -> tuple[int, int]:
+    """(index, count) of one (rank, DataLoader worker) consumer among all of them."""
+    return rank * num_workers + worker_id, world_size * num_workers
+
+
+def as_sampling_config(sampling: SamplingConfig | Mapping[str, Any]) -> SamplingConfig:
+    return sampling if isinstance(sampling, SamplingConfig) else SamplingConfig.from_dict(dict(sampling))
+
+
+def _json_record(value: Any) -> dict[str, Any]:
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, (bytes, bytearray)):
+        value = value.decode("utf-8")
+    record = json.loads(value)
+    if not isinstance(record, dict):
+        raise ValueError(f"sample json is a {type(record).__name__}, expected an object")
+    return record
+
+
+# --------------------------------------------------------------------------------------------- torch
+
+
+class ShardClipDataset(IterableDataset):
+    """Sparse-sampled clips from WebDataset shards, for torch ``DataLoader`` (see the module docstring).
+
+    Args:
+        shards: shard tars (list, brace pattern, glob or ingest output directory).
+        sampling: :class:`SamplingConfig` (or its dict); default ClipBERT train 4x2.
+        size: output frame size (int square side or ``(H, W)``).
+        split: keep only samples whose json ``split`` equals this (None = all).
+        shuffle_shards: reshuffle the shard order every epoch (seeded by ``seed`` and the epoch).
+        shuffle_buffer: sample shuffle buffer size per consumer (0 = no sample shuffle).
+        rank, world_size: explicit distributed position (else ``torch.distributed``, else single process).
+        split_by: ``"shard"`` (each consumer reads whole shards), ``"sample"`` (every consumer reads every
+            shard and keeps every k-th sample), or ``"auto"`` (shard when there are at least as many shards
+            as consumers). Either way each sample goes to exactly one consumer.
+        backend, keyframe_mode, device: passed to :func:`pipeline.clips.sample_clips`.
+        on_error: optional callback ``f(record: dict)`` for every skipped sample (e.g. to write them out).
+    """
+
+    def __init__(
+        self,
+        shards: str | os.PathLike | Sequence[str],
+        sampling: SamplingConfig | Mapping[str, Any] | None = None,
+        size: Size = 224,
+        split: str | None = None,
+        shuffle_shards: bool = True,
+        shuffle_buffer: int = 0,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        split_by: str = "auto",
+        backend: str | None = None,
+        keyframe_mode: bool = False,
+        device: str = "cpu",
+        on_error: Callable[[dict[str, Any]], None] | None = None,
+    ):
+        super().__init__()
+        if split_by not in ("auto", "shard", "sample"):
+            raise ValueError(f"split_by={split_by!r}: expected 'auto', 'shard' or 'sample'")
+        self.shards = list_shards(shards)
+        if sampling is None:
+            sampling = SamplingConfig()
+        self.sampling = as_sampling_config(sampling)
+        self.size = size
+        self.split = split
+        self.shuffle_shards = shuffle_shards
+        self.shuffle_buffer = int(shuffle_buffer)
+        self.seed = int(seed)
+        self.rank, self.world_size = rank, world_size
+        self.split_by = split_by
+        self.backend = backend
+        self.keyframe_mode = keyframe_mode
+        self.device = device
+        self.on_error = on_error
+        self.epoch = 0
+        self.error_counts: collections.Counter[str] = collections.Counter()
+        self.errors: list[dict[str, Any]] = []
+
+    def set_epoch(self, epoch: int) -> None:
+        """Resample for a new epoch: new shard order, shuffle buffer and train-mode clip positions."""
+        self.epoch = int(epoch)
+
+    # -- plumbing -------------------------------------------------------------------------------------
+
+    def consumer(self) -> tuple[int, int]:
+        """(index, count) of the calling (rank, DataLoader worker) among all consumers."""
+        rank, world = distributed_rank_world(self.rank, self.world_size)
+        info = get_worker_info()
+        worker_id, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return consumer_slot(rank, world, worker_id, num_workers)
+
+    def shard_order(self) -> list[str]:
+        """This epoch's shard order; identical in every consumer (it is split afterwards)."""
+        order = list(self.shards)
+        if self.shuffle_shards:
+            rng = np.random.default_rng([self.seed, self.epoch])
+            order = [order[i] for i in rng.permutation(len(order))]
+        return order
+
+    def _record_error(self, key: str, url: str, reason: str, message: str) -> None:
+        record = {"key": key, "shard": os.path.basename(url), "reason": reason, "message": message}
+        log.warning("skipping sample %s in %s: %s: %s", key, url, reason, message)
+        self.error_counts[reason] += 1
+        if len(self.errors) < MAX_ERROR_RECORDS:
+            self.errors.append(record)
+        if self.on_error is not None:
+            self.on_error(record)
+
+    def _tar_error(self, exc: Exception) -> bool:
+        self._record_error("", getattr(exc, "url", "?"), "bad_tar", f"{type(exc).__name__}: {exc}")
+        return True  # keep going with the next member / shard
+
+    def raw_samples(self) -> Iterator[dict[str, Any]]:
+        """This consumer's ``{"__key__", "__url__", "mp4", "json"}`` samples, before decoding/shuffling."""
+        from webdataset.tariterators import tarfile_samples
+
+        index, count = self.consumer()
+        order = self.shard_order()
+        by_shard = self.split_by == "shard" or (self.split_by == "auto" and len(order) >= count)
+        mine = order[index::count] if by_shard else order
+        position = -1
+        for sample in tarfile_samples(({"url": url} for url in mine), handler=self._tar_error):
+            if not by_shard:
+                position += 1
+                if position % count != index:
+                    continue
+            yield sample
+
+    def _shuffled(self, samples: Iterator[dict[str, Any]], rng: np.random.Generator) -> Iterator[dict]:
+        if self.shuffle_buffer <= 1:
+            yield from samples
+            return
+        buffer: list[dict[str, Any]] = []
+        for sample in samples:
+            if len(buffer) < self.shuffle_buffer:
+                buffer.append(sample)
+                continue
+            j = int(rng.integers(len(buffer)))
+            yield buffer[j]
+            buffer[j] = sample
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def _filtered(self, samples: Iterator[dict[str, Any]]) -> Iterator[tuple[dict, dict]]:
+        for sample in samples:
+            key, url = str(sample.get("__key__", "")), str(sample.get("__url__", ""))
+            if "mp4" not in sample or "json" not in sample:
+                missing = [ext for ext in ("mp4", "json") if ext not in sample]
+                self._record_error(key, url, "incomplete_sample", f"missing member(s) {missing}")
+                continue
+            try:
+                record = _json_record(sample["json"])
+            except (ValueError, UnicodeDecodeError) as exc:
+                self._record_error(key, url, "bad_json", str(exc))
+                continue
+            if self.split is not None and record.get("split") != self.split:
+                continue
+            yield sample, record
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        index, _ = self.consumer()
+        rank, _ = distributed_rank_world(self.rank, self.world_size)
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        for sample, record in self._filtered(self._shuffled(self.raw_samples(), rng)):
+            key, url = str(sample["__key__"]), str(sample.get("__url__", ""))
+            try:
+                clip = sample_clips(
+                    sample["mp4"], self.sampling, size=self.size, backend=self.backend,
+                    keyframe_mode=self.keyframe_mode, rng=rng, meta=_plan_meta(record), device=self.device,
+                )
+            except VideoDecodeError as exc:
+                self._record_error(key, url, exc.reason, exc.message)
+                continue
+            except Exception as exc:  # noqa: BLE001 - one bad video must not end the epoch
+                self._record_error(key, url, "decode_error", f"{type(exc).__name__}: {exc}")
+                continue
+            yield {
+                "key": record.get("key", key),
+                "video_id": record.get("video_id", key),
+                "frames": clip.frames,
+                "mask": clip.mask,
+                "times": clip.times,
+                "time_error": clip.time_error,
+                "captions": list(record.get("captions") or []),
+                "meta": record,
+            }
+
+
+def _plan_meta(record: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Duration/fps from the shard json when usable (spares a probe), else None (probe the video)."""
+    try:
+        duration, fps = float(record["duration"]), float(record["fps"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not (np.isfinite(duration) and duration > 0 and np.isfinite(fps) and fps > 0):
+        return None
+    return {"duration": duration, "fps": fps}
+
+
+def collate_clips(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Stack ``frames`` (uint8 ``[B, N, T, H, W, 3]``), ``mask``, ``times``, ``time_error`` into tensors;
+    keep ``captions`` (list of lists), ``key``, ``video_id`` and ``meta`` as lists."""
+    if not samples:
+        raise ValueError("collate_clips: empty batch")
+    out: dict[str, Any] = {
+        "frames": torch.from_numpy(np.stack([s["frames"] for s in samples])),
+        "mask": torch.from_numpy(np.stack([s["mask"] for s in samples]).astype(bool)),
+        "times": torch.from_numpy(np.stack([s["times"] for s in samples]).astype(np.float32)),
+    }
+    if all("time_error" in s for s in samples):
+        out["time_error"] = torch.from_numpy(np.stack([s["time_error"] for s in samples]).astype(np.float32))
+    for name in ("key", "video_id", "captions", "meta"):
+        out[name] = [s.get(name) for s in samples]
+    return out
+
+
+# --------------------------------------------------------------------------------------------- Ray Data
+
+
+class DecodeClipsStage:
+    """Ray Data ``map_batches`` callable: decode + sparse-sample every row of a shard batch.
+
+    Input columns: ``key`` (or ``__key__``), ``mp4`` (bytes), ``json`` (bytes/str/dict). Output keeps
+    ``key`` and adds ``video_id``, ``frames`` uint8 ``[B, N, T, H, W, 3]``, ``mask``, ``times``,
+    ``time_error``, ``captions`` (JSON list), ``json`` (str), ``error`` (reason, "" when fine) and
+    ``error_message``. Failed rows carry zero frames and an all-False mask. Train-mode plans are seeded
+    from ``seed`` and the key, so reruns give the same clips.
+    """
+
+    def __init__(
+        self,
+        sampling: SamplingConfig | Mapping[str, Any] | None = None,
+        size: Size = 224,
+        backend: str | None = None,
+        keyframe_mode: bool = False,
+        seed: int = 0,
+        device: str = "cpu",
+    ):
+        if size is None:
+            raise ValueError("DecodeClipsStage needs a fixed size so that batches stack")
+        if sampling is None:
+            sampling = SamplingConfig(mode="eval")
+        self.sampling = as_sampling_config(sampling)
+        self.size = (size, size) if isinstance(size, int) else tuple(size)
+        self.backend = backend
+        self.keyframe_mode = keyframe_mode
+        self.seed = int(seed)
+        self.device = device
+
+    def _one(self, key: str, mp4: Any, raw_json: Any) -> tuple[dict[str, Any], Any]:
+        record = _json_record(raw_json) if raw_json is not None else {}
+        if mp4 is None:
+            raise VideoDecodeError("incomplete_sample", f"{key}: no mp4 member")
+        rng = np.random.default_rng([self.seed, zlib.crc32(key.encode("utf-8"))])
+        clip = sample_clips(bytes(mp4), self.sampling, size=self.size, backend=self.backend,
+                            keyframe_mode=self.keyframe_mode, rng=rng, meta=_plan_meta(record),
+                            device=self.device)
+        return record, clip
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        keys_col = batch["key"] if "key" in batch else batch["__key__"]
+        keys = [str(k) for k in keys_col]
+        mp4s = batch.get("mp4", [None] * len(keys))
+        jsons = batch.get("json", [None] * len(keys))
+        n, t = self.sampling.shape
+        h, w = self.size
+        frames = np.zeros((len(keys), n, t, h, w, 3), dtype=np.uint8)
+        mask = np.zeros((len(keys), n, t), dtype=bool)
+        times = np.zeros((len(keys), n, t), dtype=np.float64)
+        time_error = np.zeros((len(keys), n, t), dtype=np.float64)
+        video_ids, captions, records, errors, messages = [], [], [], [], []
+        for i, key in enumerate(keys):
+            record: dict[str, Any] = {}
+            reason, message = "", ""
+            try:
+                record, clip = self._one(key, mp4s[i], jsons[i])
+                frames[i], mask[i], times[i] = clip.frames, clip.mask, clip.times
+                time_error[i] = clip.time_error
+            except VideoDecodeError as exc:
+                reason, message = exc.reason, exc.message
+            except (ValueError, UnicodeDecodeError) as exc:
+                reason, message = ("bad_json" if not record else "bad_metadata"), str(exc)
+            except Exception as exc:  # noqa: BLE001 - record and move on; no row may be lost
+                reason, message = "decode_error", f"{type(exc).__name__}: {exc}"
+            if reason:
+                log.warning("DecodeClipsStage: %s: %s: %s", key, reason, message)
+            video_ids.append(str(record.get("video_id", key)))
+            captions.append(json.dumps(list(record.get("captions") or [])))
+            records.append(json.dumps(record, sort_keys=True))
+            errors.append(reason)
+            messages.append(message)
+        return {
+            "key": np.array(keys, dtype=object),
+            "video_id": np.array(video_ids, dtype=object),
+            "frames": frames,
+            "mask": mask,
+            "times": times,
+            "time_error": time_error,
+            "captions": np.array(captions, dtype=object),
+            "json": np.array(records, dtype=object),
+            "error": np.array(errors, dtype=object),
+            "error_message": np.array(messages, dtype=object),
+        }
+
+
+def read_shards_ray(shards: str | os.PathLike | Sequence[str], split: str | None = None, **read_kwargs):
+    """Shards as a Ray Dataset with columns ``key``, ``mp4`` (bytes) and ``json`` (bytes), ready for
+    :class:`DecodeClipsStage`. ``split`` keeps only samples whose json ``split`` matches; samples whose json
+    cannot be parsed are kept (the stage records them as errors) so nothing disappears silently."""
+    import ray.data
+
+    paths = list_shards(shards)
+    ds = ray.data.read_webdataset(paths, decoder=None, **read_kwargs)
+    ds = ds.rename_columns({"__key__": "key"})
+    if split is not None:
+        ds = ds.filter(_SplitFilter(split))
+    return ds
+
+
+class _SplitFilter:
+    def __init__(self, split: str):
+        self.split = split
+
+    def __call__(self, row: dict[str, Any]) -> bool:
+        try:
+            return _json_record(row.get("json")).get("split") == self.split
+        except (ValueError, TypeError, UnicodeDecodeError):
+            return True

@@ -1,0 +1,167 @@
+"""jobs.caption: the caption stage on a hand-made batch, the Ray Data job end to end, rerank hooks."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from jobs.caption import CaptionStage, ShardFramesLookup, caption_sampling, main, make_reranker, rerank_hits
+from models import create_model, save_checkpoint
+from models.swinbert import checkpoint_extra, train_captioner
+from pipeline.datasets import DecodeClipsStage, ShardClipDataset, list_shards
+
+SMALL = {"image_size": 32, "num_frames": 4}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(ingested_shards, tmp_path_factory):
+    """A tiny captioner trained a few steps on the corpus' train videos, saved as a vidsift checkpoint."""
+    torch.manual_seed(0)
+    model, transform, _ = create_model("swinbert-tiny", **SMALL)
+    ds = ShardClipDataset(ingested_shards, sampling=caption_sampling(4), size=32, split="train",
+                          shuffle_shards=False)
+    samples = [s for _, s in zip(range(4), ds)]
+    frames = transform(np.stack([s["frames"] for s in samples]))
+    mask = torch.as_tensor(np.stack([s["mask"] for s in samples]))
+    train_captioner(model, [(frames, mask, [s["captions"][0] for s in samples])], steps=5, lr=1e-3)
+    path = tmp_path_factory.mktemp("ckpt") / "swinbert-small.pt"
+    save_checkpoint(model, path, extra=checkpoint_extra(model))
+    return path
+
+
+def _raw_batch(shard: Path) -> dict:
+    with tarfile.open(shard) as tar:
+        files = {m.name: tar.extractfile(m).read() for m in tar}
+    keys = sorted({name.split(".")[0] for name in files})[:3]
+    return {"key": np.array(keys, dtype=object),
+            "mp4": np.array([files[f"{k}.mp4"] for k in keys], dtype=object),
+            "json": np.array([files[f"{k}.json"] for k in keys], dtype=object)}
+
+
+def test_caption_stage_on_hand_made_batch(ingested_shards, checkpoint):
+    shard = Path(list_shards(ingested_shards)[0])
+    raw = _raw_batch(shard)
+    raw["mp4"][1] = b"not a video at all" * 10
+    decoded = DecodeClipsStage(sampling=caption_sampling(4), size=32)(raw)
+    stage = CaptionStage(str(checkpoint), beam_size=2, score_captions=True)
+    out = stage(decoded)
+    assert list(out["key"]) == list(raw["key"])
+    assert out["error"][1] and not out["error"][0] and not out["error"][2]
+    assert out["caption"][1] == "" and np.isnan(out["score"][1])
+    for i in (0, 2):
+        assert isinstance(out["caption"][i], str) and np.isfinite(out["score"][i]) and out["score"][i] < 0
+        pairs = json.loads(out["caption_scores"][i])
+        refs = json.loads(decoded["captions"][i])
+        assert [c for c, _ in pairs] == refs and all(s < 0 for _, s in pairs)
+    # The stage's numbers are the model's own (same frames, same beam search).
+    frames = stage.transform(decoded["frames"][[0]])
+    caps, again = stage.model.generate(frames, torch.as_tensor(decoded["mask"][[0]]), beam_size=2)
+    assert caps[0] == out["caption"][0] and float(again[0]) == pytest.approx(out["score"][0], abs=1e-5)
+
+
+def _corrupt_copy(src: Path, dst_dir: Path) -> Path:
+    dst_dir.mkdir(parents=True)
+    dst = dst_dir / src.name
+    with tarfile.open(src) as tin, tarfile.open(dst, "w") as tout:
+        first = None
+        for member in tin:
+            data = tin.extractfile(member).read()
+            if member.name.endswith(".mp4") and first is None:
+                first, data = member.name.split(".")[0], b"\x00garbage" * 50
+            info = tarfile.TarInfo(member.name)
+            info.size = len(data)
+            tout.addfile(info, io.BytesIO(data))
+    return dst
+
+
+def test_caption_job_end_to_end(ingested_shards, checkpoint, ray_local, tmp_path, capsys):
+    shards = [Path(p) for p in list_shards(ingested_shards)]
+    bad = _corrupt_copy(shards[0], tmp_path / "in" / "shards")
+    for p in shards[1:]:
+        (tmp_path / "in" / "shards" / p.name).write_bytes(p.read_bytes())
+    out = tmp_path / "out"
+    argv = ["--shards", str(tmp_path / "in"), "--pretrained", str(checkpoint), "--output", str(out),
+            "--score-captions", "--beam", "2", "--batch-size", "4"]
+    assert main(argv) == 0
+    assert "[caption] summary" in capsys.readouterr().out
+    captions = pq.read_table(out / "captions.parquet")
+    errors = pq.read_table(out / "errors.parquet").to_pylist()
+    scores = pq.read_table(out / "caption_scores.parquet")
+    assert captions.column_names == ["video_id", "key", "caption", "score", "model_id"]
+    assert scores.column_names == ["video_id", "caption", "score", "model_id"]
+    tars = list_shards(tmp_path / "in")
+    n_samples = sum(1 for p in tars for m in tarfile.open(p) if m.name.endswith(".mp4"))
+    assert captions.num_rows + len(errors) == n_samples and len(errors) == 1  # nothing lost
+    assert errors[0]["reason"] and errors[0]["message"]
+    with tarfile.open(bad) as tar:
+        assert errors[0]["key"] == next(m.name.split(".")[0] for m in tar if m.name.endswith(".mp4"))
+    model_ids = set(captions.column("model_id").to_pylist()) | set(scores.column("model_id").to_pylist())
+    assert len(model_ids) == 1 and next(iter(model_ids)).startswith("swinbert-tiny@")
+    assert all(s < 0 for s in captions.column("score").to_pylist())
+    # Every ingest caption of every captioned video is scored.
+    meta = {}
+    for p in list_shards(tmp_path / "in"):
+        with tarfile.open(p) as tar:
+            for m in tar:
+                if m.name.endswith(".json"):
+                    rec = json.loads(tar.extractfile(m).read())
+                    meta[rec["video_id"]] = rec["captions"]
+    expected = sum(len(meta[v]) for v in captions.column("video_id").to_pylist())
+    assert scores.num_rows == expected
+    # Rerun: identical outputs (eval sampling is deterministic, files are rewritten whole).
+    first = (out / "captions.parquet").read_bytes()
+    assert main(argv) == 0
+    assert pq.read_table(out / "captions.parquet").equals(pq.read_table(io.BytesIO(first)))
+
+
+def test_caption_job_bad_inputs(tmp_path, ingested_shards, capsys):
+    assert main(["--shards", str(ingested_shards), "--pretrained", str(tmp_path / "none.pt"),
+                 "--output", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["--shards", str(tmp_path / "empty"), "--pretrained", str(tmp_path / "none.pt"),
+                 "--output", str(tmp_path / "o")]) == 2
+
+
+def test_rerank_hits_rescores_and_sorts(ingested_shards, checkpoint):
+    model, transform, _ = create_model("swinbert-tiny", pretrained=checkpoint)
+    lookup = ShardFramesLookup(ingested_shards, transform, num_frames=model.num_frames, split="test")
+    ids = lookup.video_ids()[:4]
+    assert len(ids) >= 2
+    hits = [{"video_id": v, "score": 0.5 - 0.1 * i, "clip_index": -1} for i, v in enumerate(ids)]
+    query = "a red circle moves left"
+    reranked = rerank_hits(model, query, hits, lookup, weight=0.5)
+    assert sorted(h["video_id"] for h in reranked) == sorted(ids)
+    assert [h["score"] for h in reranked] == sorted((h["score"] for h in reranked), reverse=True)
+    frames = torch.stack([lookup(v)[0] for v in ids])
+    mask = torch.stack([lookup(v)[1] for v in ids])
+    direct = dict(zip(ids, model.score_captions(frames, mask, [query] * len(ids)).tolist()))
+    for h in reranked:
+        assert h["caption_score"] == pytest.approx(direct[h["video_id"]], abs=1e-5)
+        assert h["score"] == pytest.approx(h["retrieval_score"] + 0.5 * h["caption_score"], abs=1e-6)
+        assert h["clip_index"] == -1  # other fields are kept
+    # Weight 0 keeps the retrieval order; the hook form works on index Hit objects too.
+    assert [h["video_id"] for h in rerank_hits(model, query, hits, lookup, weight=0.0)] == ids
+    from index.query import Hit
+
+    hook = make_reranker(model, lookup, weight=0.5)
+    objs = hook(query, [Hit(video_id=h["video_id"], score=h["score"]) for h in hits])
+    assert [o.video_id for o in objs] == [h["video_id"] for h in reranked]
+    with pytest.raises(KeyError, match="no frames for video 'nope'"):
+        rerank_hits(model, query, [{"video_id": "nope", "score": 1.0}], lookup)
+    with pytest.raises(ValueError, match="needs the query text"):
+        rerank_hits(model, "", hits, lookup)

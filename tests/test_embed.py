@@ -1,0 +1,186 @@
+"""Batch embedding: real local Ray over real shards, incremental reruns, error rows, exact embeddings."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from jobs.embed import run_embed
+from pipeline.embedding import (
+    VIDEO_ROW,
+    EncodeClipsStage,
+    build_encoder,
+    model_partition,
+    read_embeddings,
+    shard_label,
+    stable_id,
+)
+
+MODEL = "clip4clip-meanP-tiny"
+SAMPLING = {"num_clips": 2, "frames_per_clip": 2, "mode": "eval"}
+
+
+@pytest.fixture(scope="module")
+def embedded(ingested_shards, ray_local, tmp_path_factory):
+    out = tmp_path_factory.mktemp("emb")
+    summary = run_embed(str(ingested_shards), MODEL, str(out), sampling=SAMPLING, batch_size=4)
+    return out, summary
+
+
+def _partition(out: Path) -> Path:
+    (part,) = list(out.glob("model_id=*"))
+    return part
+
+
+def test_every_video_embedded_once_with_clip_rows(embedded, ingested_shards):
+    out, summary = embedded
+    expected = sum(pq.read_metadata(p).num_rows for p in (ingested_shards / "shards").glob("*.parquet"))
+    table = read_embeddings(_partition(out)).to_pylist()
+    videos = [r for r in table if r["clip_index"] == VIDEO_ROW]
+    assert summary["videos"] == expected == len(videos) == len({r["video_id"] for r in videos})
+    assert summary["errors"] == 0
+    assert len(table) - len(videos) == summary["clips"] == expected * SAMPLING["num_clips"]
+    ids = [r["id"] for r in table]
+    assert len(set(ids)) == len(ids)
+    for r in table:
+        assert r["id"] == stable_id(r["video_id"], r["clip_index"])
+        assert r["model_id"] == summary["model_id"]
+        assert 0.0 <= r["start_s"] <= r["end_s"]
+        assert r["captions"], "ingest captions travel with the embeddings"
+        assert abs(np.linalg.norm(r["embedding"]) - 1.0) < 1e-4
+    card = json.loads((_partition(out) / "_model.json").read_text())
+    assert card["model_name"] == MODEL and card["model_id"] == summary["model_id"]
+    schema = pq.read_schema(next(_partition(out).glob("part-*.parquet")))
+    emb_type = schema.field("embedding").type
+    assert pa.types.is_fixed_size_list(emb_type) and emb_type.value_type == pa.float32()
+    assert emb_type.list_size == len(table[0]["embedding"])
+
+
+def test_rerun_embeds_nothing_and_changes_nothing(embedded, ingested_shards):
+    out, _ = embedded
+    parts = sorted(_partition(out).glob("part-*.parquet"))
+    before = {p.name: p.read_bytes() for p in parts}
+    summary = run_embed(str(ingested_shards), MODEL, str(out), sampling=SAMPLING, batch_size=4)
+    assert summary["videos"] == 0 and summary["shards_embedded"] == 0
+    assert {p.name: p.read_bytes() for p in sorted(_partition(out).glob("part-*.parquet"))} == before
+
+
+def test_crash_and_rerun_redoes_only_the_missing_shard(embedded, ingested_shards, tmp_path):
+    out, _ = embedded
+    copy = tmp_path / "emb"
+    shutil.copytree(out, copy)
+    partition = _partition(copy)
+    victim = sorted(partition.glob("part-*.parquet"))[0]
+    before = read_embeddings(partition)
+    victim.unlink()  # as if the run died before this shard's file was renamed into place
+    summary = run_embed(str(ingested_shards), MODEL, str(copy), sampling=SAMPLING, batch_size=4)
+    assert summary["shards_embedded"] == 1
+    after = read_embeddings(partition)
+    assert sorted(after.column("id").to_pylist()) == sorted(before.column("id").to_pylist())
+
+
+def _corrupt_shard(src_tar: Path, dst_dir: Path) -> Path:
+    """A copy of a shard whose first video's bytes are garbage (its json still says it is fine)."""
+    dst_dir.mkdir(parents=True)
+    dst = dst_dir / src_tar.name
+    with tarfile.open(src_tar) as tin, tarfile.open(dst, "w") as tout:
+        first = None
+        for member in tin:
+            data = tin.extractfile(member).read()
+            if member.name.endswith(".mp4") and first is None:
+                first = member.name.split(".")[0]
+                data = b"\x00\x01 not a video " * 64
+            info = tarfile.TarInfo(member.name)
+            info.size = len(data)
+            tout.addfile(info, io.BytesIO(data))
+    return dst
+
+
+def test_corrupt_sample_is_recorded_not_fatal(ingested_shards, ray_local, tmp_path):
+    src = sorted((ingested_shards / "shards").glob("*.tar"))[0]
+    shard = _corrupt_shard(src, tmp_path / "bad" / "shards")
+    out = tmp_path / "emb"
+    summary = run_embed(str(shard.parent), MODEL, str(out), sampling=SAMPLING, batch_size=4)
+    partition = _partition(out)
+    errors = pq.read_table(partition / "errors.parquet").to_pylist()
+    assert summary["errors"] == len(errors) == 1
+    assert errors[0]["reason"] and errors[0]["message"] and errors[0]["shard"] == shard_label(shard)
+    with tarfile.open(shard) as tar:
+        n_videos = sum(1 for m in tar if m.name.endswith(".mp4"))
+    assert summary["videos"] == n_videos - 1  # every other video still embedded
+
+
+def test_new_shard_dir_embeds_only_new_videos(embedded, ingested_shards, tmp_path):
+    out, _ = embedded
+    copy = tmp_path / "emb"
+    shutil.copytree(out, copy)
+    # Same videos re-ingested under another folder name: same ids and content hashes → nothing to embed.
+    again = tmp_path / "ingest2"
+    shutil.copytree(ingested_shards, again)
+    summary = run_embed([str(p) for p in sorted((ingested_shards / "shards").glob("*.tar"))]
+                        + [str(p) for p in sorted((again / "shards").glob("*.tar"))],
+                        MODEL, str(copy), sampling=SAMPLING, batch_size=4)
+    assert summary["videos"] == 0
+    assert len(read_embeddings(_partition(copy), video_level=True)) == len(
+        read_embeddings(_partition(out), video_level=True))
+
+
+def test_embeddings_equal_direct_model_call(embedded, ingested_shards):
+    """The pipeline's vectors are the model's vectors on the same frames (no drift through Ray)."""
+    from pipeline.clips import sample_clips
+    from pipeline.sampling import SamplingConfig
+
+    out, _ = embedded
+    rows = read_embeddings(_partition(out)).to_pylist()
+    tar_path = sorted((ingested_shards / "shards").glob("*.tar"))[0]
+    with tarfile.open(tar_path) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar}
+    key = sorted(n.split(".")[0] for n in members if n.endswith(".mp4"))[0]
+    record = json.loads(members[f"{key}.json"])
+    model, transform, _ = build_encoder(MODEL)
+    model.eval()
+    clip = sample_clips(members[f"{key}.mp4"], SamplingConfig(**SAMPLING), size=transform.image_size,
+                        meta=record)
+    with torch.inference_mode():
+        x = transform(clip.frames[None])
+        m = torch.as_tensor(clip.mask[None])
+        direct_clips = model.encode_clips(x, m)[0].numpy()
+        direct_video = model.embed_batch(x, m)[0].numpy()
+    mine = {r["clip_index"]: np.asarray(r["embedding"]) for r in rows if r["key"] == key}
+    np.testing.assert_allclose(mine[VIDEO_ROW], direct_video, atol=1e-5)
+    for c in range(SAMPLING["num_clips"]):
+        np.testing.assert_allclose(mine[c], direct_clips[c], atol=1e-5)
+
+
+def test_encode_stage_runs_on_a_hand_made_batch():
+    """The encoder stage works without a cluster; failed decodes come out as one error row."""
+    stage = EncodeClipsStage(MODEL)
+    size = stage.transform.image_size
+    frames = np.random.default_rng(0).integers(0, 255, (2, 2, 2, size, size, 3), dtype=np.uint8)
+    mask = np.ones((2, 2, 2), dtype=bool)
+    mask[1] = False
+    batch = {"key": np.array(["a", "b"], dtype=object), "video_id": np.array(["va", "vb"], dtype=object),
+             "shard": np.array(["s", "s"], dtype=object), "frames": frames, "mask": mask,
+             "times": np.zeros((2, 2, 2)), "captions": np.array(['["x"]', '["y"]'], dtype=object),
+             "json": np.array(['{"sha256": "h"}', "{}"], dtype=object),
+             "error": np.array(["", "decode_error"], dtype=object),
+             "error_message": np.array(["", "boom"], dtype=object)}
+    out = stage(batch)
+    assert list(out["key"]) == ["a", "a", "a", "b"]
+    assert list(out["clip_index"]) == [0, 1, VIDEO_ROW, -2]
+    assert list(out["error"]) == ["", "", "", "decode_error"]
+    assert out["embedding"].shape[0] == 4
+
+
+def test_partition_name_is_path_safe():
+    assert model_partition("clip4clip-meanP-tiny@abc123") == "model_id=clip4clip-meanP-tiny@abc123"
+    assert "/" not in model_partition("../../etc/passwd@x")

@@ -1,0 +1,172 @@
+"""The Ray Train fine-tuning loop: recipe parsing, schedule, batching, and a real two-worker CPU run that is
+stopped at --max-steps and resumed from its checkpoint with the step counter and optimizer state intact."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.training import (
+    TrainConfig,
+    build_optimizer,
+    checkpoint_dirs,
+    distinct_batches,
+    load_state_file,
+    load_train_config,
+    optimizer_digest,
+    rng_state,
+    run_training,
+    set_rng_state,
+    shard_inventory,
+    split_count,
+    warmup_cosine,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_config_yaml_overrides_and_unknown_keys(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: clip4clip-meanP-tiny\nlr: 0.001\nepochs: 3\nbetas: [0.9, 0.95]\n")
+    cfg = load_train_config(path, {"epochs": 5, "lr": None})
+    assert cfg.model == "clip4clip-meanP-tiny" and cfg.epochs == 5 and cfg.lr == 0.001
+    assert cfg.betas == (0.9, 0.95)
+    path.write_text("model: x\nlearning_rate: 0.1\n")
+    with pytest.raises(ValueError, match="learning_rate"):
+        load_train_config(path)
+    with pytest.raises(ValueError, match="task"):
+        TrainConfig(model="x", task="segmentation")
+    with pytest.raises(ValueError, match="train_sampling"):
+        TrainConfig(model="x", train_sampling={"num_clips": 0})
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_train_config(tmp_path / "nope.yaml")
+
+
+def test_shipped_configs_parse():
+    configs = sorted((REPO / "configs" / "train").glob("*.yaml"))
+    assert len(configs) >= 4
+    for path in configs:
+        cfg = load_train_config(path)
+        assert cfg.model, path
+
+
+def test_warmup_cosine_schedule():
+    f = warmup_cosine(total_steps=100, warmup_steps=10)
+    assert f(0) == pytest.approx(1 / 11)
+    assert f(9) == pytest.approx(10 / 11)
+    assert f(10) == pytest.approx(1.0)
+    assert f(55) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert f(100) == pytest.approx(0.0, abs=1e-12)
+    values = [f(s) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_distinct_batches_avoid_class_collisions():
+    samples = [{"meta": {"c": c}, "i": i} for i, c in enumerate("aabbccddaabb")]
+    batches = list(distinct_batches(samples, 4, lambda s: s["meta"]["c"]))
+    assert sum(len(b) for b in batches) == len(samples)  # nothing is lost
+    assert sorted(s["i"] for b in batches for s in b) == list(range(len(samples)))
+    assert [len(b) for b in batches] == [4, 4, 2, 2]
+    assert all(len({s["meta"]["c"] for s in b}) == len(b) for b in batches)
+    # without a key: plain chunks in order
+    plain = list(distinct_batches(samples, 5, None))
+    assert [len(b) for b in plain] == [5, 5, 2]
+
+
+def test_param_groups_split_backbone_and_new_modules():
+    from models import create_model
+
+    model, _, _ = create_model("clip4clip-seqTransf-tiny")
+    cfg = TrainConfig(model="clip4clip-seqTransf-tiny", lr=1e-4, backbone_lr_scale=1e-3, weight_decay=0.2)
+    optimizer, scheduler = build_optimizer(model, cfg, total_steps=50)
+    lrs = {g["name"]: g["initial_lr"] for g in optimizer.param_groups}
+    assert lrs["backbone"] == pytest.approx(1e-7) and lrs["new"] == pytest.approx(1e-4)
+    decay = {g["name"]: g["weight_decay"] for g in optimizer.param_groups}
+    assert decay["backbone"] == 0.2 and decay["backbone_no_decay"] == 0.0
+    n_params = sum(len(g["params"]) for g in optimizer.param_groups)
+    assert n_params == sum(1 for p in model.parameters() if p.requires_grad)
+    # warmup: the first step runs at 1/(warmup+1) of the peak
+    assert scheduler.get_last_lr()[0] == pytest.approx(optimizer.param_groups[0]["initial_lr"] / 6)
+
+
+def test_rng_state_round_trip(tmp_path):
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    state = rng_state()
+    torch.save(state, tmp_path / "rng.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_two_worker_run_stops_and_resumes(ingested_shards, ray_local, tmp_path):
+    """Real Ray Train run with 2 CPU workers (DDP over gloo): stop at step 2, resume, finish the epoch."""
+    inventory = shard_inventory(ingested_shards)
+    n_train = split_count(inventory, "train")
+    assert n_train >= 8
+    cfg = TrainConfig(
+        model="clip4clip-meanP-tiny",
+        epochs=1,
+        batch_size=2,
+        eval_batch_size=8,
+        lr=1e-3,
+        size=32,
+        train_sampling={"num_clips": 1, "frames_per_clip": 2, "mode": "train"},
+        eval_sampling={"num_clips": 2, "frames_per_clip": 2, "mode": "eval"},
+        shuffle_buffer=8,
+        log_every=1,
+        max_steps=2,
+    )
+    out = tmp_path / "run"
+    first = run_training(ingested_shards, out, cfg, workers=2)
+    assert first["steps"] == 2 and first["epochs_done"] == 0
+    ckpts = checkpoint_dirs(out / "ray" / "train")
+    assert ckpts, "no checkpoint written"
+    saved = load_state_file(ckpts[-1] / "state.pt")
+    assert saved["step"] == 2 and saved["epoch"] == 0 and saved["step_in_epoch"] == 2
+    assert len(saved["rng"]) == 2  # both ranks' RNG states
+    assert saved["scheduler"]["last_epoch"] == 2
+    saved_digest = optimizer_digest(saved["optimizer"])
+    assert all(int(s["step"]) == 2 for s in saved["optimizer"]["state"].values())
+
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_training(ingested_shards, out, cfg, workers=2)
+
+    steps_per_epoch = n_train // (cfg.batch_size * 2)
+    cfg.max_steps = None
+    second = run_training(ingested_shards, out, cfg, workers=2, resume=True)
+    assert second["steps"] == steps_per_epoch and second["epochs_done"] == 1
+    history = _read_jsonl(out / "metrics.jsonl")
+    resume = [h for h in history if h["type"] == "resume"]
+    assert len(resume) == 1
+    assert resume[0]["step"] == 2 and resume[0]["scheduler_last_epoch"] == 2
+    assert resume[0]["optimizer_digest"] == saved_digest
+    train_steps = [h["step"] for h in history if h["type"] == "train"]
+    assert train_steps == list(range(1, steps_per_epoch + 1))  # no step repeated or skipped
+    test_eval = [h for h in history if h["type"] == "eval" and h["split"] == "test"]
+    assert len(test_eval) == 1 and 0.0 <= test_eval[0]["t2v_R@1"] <= 1.0
+    assert test_eval[0]["num_videos"] == split_count(inventory, "test")
+    assert test_eval[0]["equivalence"] == "caption_class"
+
+    # the exported model loads through the registry and holds the final weights
+    from models import create_model
+
+    final = load_state_file(checkpoint_dirs(out / "ray" / "train")[-1] / "state.pt")
+    assert final["step"] == steps_per_epoch
+    assert all(int(s["step"]) == steps_per_epoch for s in final["optimizer"]["state"].values())
+    model, _, _ = create_model("clip4clip-meanP-tiny", pretrained=str(out / "model.pt"))
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, final["model"][name]), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test"]["split"] == "test"
