@@ -1,7 +1,7 @@
 """Sparse decoding benchmark: vidsift decode (exact + keyframe mode, both backends) vs full decode,
 torchcodec ``get_frames_played_at`` called directly and decord ``get_batch``, on the same frames, same run.
 
-    python bench/decode.py [--durations 10 60] [--repeats 3] [--out docs/bench_decode.md]
+    python bench/decode.py [--durations 10 60] [--repeats 3] [--out docs/benchmarks/decode.md]
 
 Videos: synthetic H.264 320x240 30 fps with keyframe intervals 1 s and 10 s (x264 default B-frames).
 Plans: ClipBERT eval 4x2 and 1x8 (consecutive frames). Every method gets the same requested times (decord

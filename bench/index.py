@@ -35,9 +35,9 @@ MODEL_ID = "bench@000000000000"
 class Mixture:
     """Gaussian mixture: ``clusters`` centres + low-rank (rank ``rank``) noise + small isotropic noise."""
 
-    def __init__(self, dim: int, clusters: int, rank: int = 48, seed: int = 0):
+    def __init__(self, dim: int, clusters: int, rank: int = 48, spread: float = 0.5, seed: int = 0):
         rng = np.random.default_rng(seed)
-        self.dim = dim
+        self.dim, self.spread = dim, spread
         self.centers = rng.normal(size=(clusters, dim)).astype(np.float32)
         self.basis = (rng.normal(size=(rank, dim)) / np.sqrt(rank)).astype(np.float32)
 
@@ -46,7 +46,8 @@ class Mixture:
         labels = rng.integers(0, len(self.centers), size=n)
         low_rank = rng.standard_normal((n, self.basis.shape[0]), dtype=np.float32) @ self.basis
         iso = rng.standard_normal((n, self.dim), dtype=np.float32)
-        x = self.centers[labels] + 1.2 * low_rank + 0.25 * iso
+        # spread = within-cluster std relative to the centres' per-coordinate std (1.0 = clusters overlap).
+        x = self.centers[labels] + self.spread * low_rank + 0.2 * self.spread * iso
         faiss.normalize_L2(x)
         return x
 
@@ -142,6 +143,7 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=1_000_000)
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--clusters", type=int, default=1000)
+    p.add_argument("--spread", type=float, default=0.5, help="within-cluster spread (1.2 = overlapping)")
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--memory", default="1.5GB", help="memory budget for both vidsift and autofaiss")
@@ -156,7 +158,7 @@ def main(argv=None) -> int:
     work = Path(args.workdir)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    mix = Mixture(args.dim, args.clusters)
+    mix = Mixture(args.dim, args.clusters, spread=args.spread)
     t = time.perf_counter()
     files = write_chunks(mix, work / "emb", args.n, args.chunk, start_id=0, seed=1)
     print(f"wrote {args.n} x {args.dim} vectors in {time.perf_counter() - t:.1f}s", flush=True)
@@ -174,6 +176,8 @@ def main(argv=None) -> int:
     recall = recall_at_k(found, truth, args.k)
     index_bytes = os.path.getsize(work / "idx" / "versions" / meta["version"] / "index.faiss")
     rss_after_build = peak_rss_gb()
+    print(f"vidsift {meta['factory']} {meta['search_params']}: recall@{args.k}={recall:.4f}, {qps:,.0f} q/s "
+          f"({qps / exact_qps:.1f}x exact), build {build_s:.1f}s", flush=True)
     vindex = None  # release the mapped index before the add copies it
 
     n_add = max(1, int(args.n * args.add_fraction))
@@ -186,7 +190,8 @@ def main(argv=None) -> int:
         work / "emb", work, args.memory, queries, args.k, truth, nb_cores=os.cpu_count() or 1)
 
     results = {
-        "n": args.n, "dim": args.dim, "queries": args.queries, "k": args.k, "memory_budget": args.memory,
+        "n": args.n, "dim": args.dim, "clusters": args.clusters, "spread": args.spread,
+        "queries": args.queries, "k": args.k, "memory_budget": args.memory,
         "memory_budget_bytes": parse_memory(args.memory), "exact_qps": exact_qps,
         "vidsift": {"factory": meta["factory"], "params": meta["search_params"], "build_s": build_s,
                     "train_s": meta["shards"][0]["train_s"], "add_s": meta["shards"][0]["add_s"],

@@ -17,6 +17,7 @@ from typing import Any
 import faiss
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from index import store
 from index.embeddings import (
@@ -332,6 +333,12 @@ def _remove_ids(index: faiss.Index, factory: str, remove: np.ndarray) -> faiss.I
     return rebuilt
 
 
+def _video_mask(ids: pa.Table, video_ids: set[str]) -> np.ndarray:
+    """Rows of ``ids`` whose video_id is in ``video_ids`` (hash lookup: object-array isin is slow)."""
+    mask = pc.is_in(ids.column("video_id"), value_set=pa.array(sorted(video_ids), pa.string()))
+    return np.asarray(mask.fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
+
+
 def _drop_from_probe(probe: dict[str, np.ndarray] | None, removed: np.ndarray) -> None:
     if probe is None or len(removed) == 0:
         return
@@ -398,9 +405,8 @@ def add_embeddings(
     new_videos: set[str] = set()
     for batch in iter_batches(source, batch_size=batch_size, columns_only_meta=True):
         new_videos.update(batch.meta.column("video_id").to_pylist())
-    old_vids = np.asarray(ids.column("video_id").to_pylist(), dtype=object)
     old_ids = ids.column("id").to_numpy()
-    replaced = np.isin(old_vids, list(new_videos)) if upsert and new_videos else np.zeros(len(ids), bool)
+    replaced = _video_mask(ids, new_videos) if upsert and new_videos else np.zeros(len(ids), bool)
     removed_ids = old_ids[replaced]
     for i in range(num_shards):
         shard_rm = removed_ids[ids.column("shard").to_numpy()[replaced] == i]
@@ -483,8 +489,7 @@ def delete_videos(root: str | os.PathLike, video_ids: list[str], keep: int = 3) 
     if not video_ids:
         raise ValueError("delete needs at least one video id")
     vdir, meta, indexes, ids, probe = _open_writable(root)
-    vids = np.asarray(ids.column("video_id").to_pylist(), dtype=object)
-    hit = np.isin(vids, list(video_ids))
+    hit = _video_mask(ids, set(video_ids))
     removed = ids.column("id").to_numpy()[hit]
     shard_col = ids.column("shard").to_numpy()
     for i in range(len(indexes)):
@@ -493,7 +498,7 @@ def delete_videos(root: str | os.PathLike, video_ids: list[str], keep: int = 3) 
     _drop_from_probe(probe, removed)
     new_meta = _new_version_meta(meta, "delete", vdir.name)
     _remeasure(new_meta, indexes, probe)
-    found = set(vids[hit].tolist())
+    found = set(ids.filter(pa.array(hit)).column("video_id").to_pylist())
     new_meta["last_operation"] = {
         "deleted_rows": int(hit.sum()),
         "deleted_videos": sorted(found),

@@ -175,14 +175,25 @@ def run_caption(
     print(f"[caption] model {model_id}: {len(tar_paths)} shards, sampling {sampling}, beam {beam_size}")
     if not ray.is_initialized():
         ray.init(address="auto" if os.environ.get("RAY_ADDRESS") else "local", log_to_driver=False)
-    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    resources = ray.cluster_resources()
+    use_gpu = resources.get("GPU", 0) > 0
+    # Both stages are actors holding CPUs for the whole run; the shard read tasks need one more CPU. On
+    # a small cluster scale the actors' reservations down so the pipeline cannot starve itself.
+    decode_cpus, caption_cpus = 1.0, 0.0 if use_gpu else 1.0
+    total_cpus = float(resources.get("CPU", 1))
+    wanted = decoders * decode_cpus + caption_cpus + 1.0
+    if wanted > total_cpus:
+        scale = max(total_cpus - 1.0, 0.5) / (wanted - 1.0)
+        decode_cpus, caption_cpus = decode_cpus * scale, caption_cpus * scale
+        print(f"[caption] {total_cpus:g} CPUs: actors reserve {decode_cpus:.2f} (decode) / "
+              f"{caption_cpus:.2f} (caption) CPUs")
     ds = read_shards_ray(tar_paths, split=split)
     ds = ds.map_batches(
         DecodeClipsStage,
         fn_constructor_kwargs={"sampling": sampling, "size": transform.image_size, "backend": backend},
         batch_size=batch_size,
         concurrency=decoders,
-        num_cpus=1,
+        num_cpus=decode_cpus,
     )
     ds = ds.map_batches(
         CaptionStage,
@@ -195,7 +206,7 @@ def run_caption(
         batch_size=batch_size,
         concurrency=1,
         num_gpus=1 if use_gpu else 0,
-        num_cpus=0 if use_gpu else 1,
+        num_cpus=caption_cpus,
     )
     caption_rows, score_rows, error_rows = [], [], []
     start = last = time.perf_counter()
@@ -332,6 +343,7 @@ class ShardFramesLookup:
         )
         self.transform = transform
         self._cache: dict[str, tuple[Any, Any]] | None = None
+        self.records: dict[str, dict[str, Any]] = {}  # video_id -> the sample's json (captions, split, ...)
 
     def _load(self) -> dict[str, tuple[Any, Any]]:
         import torch
@@ -339,6 +351,7 @@ class ShardFramesLookup:
         if self._cache is None:
             self._cache = {}
             for sample in self.dataset:
+                self.records[str(sample["video_id"])] = dict(sample["meta"], captions=sample["captions"])
                 self._cache[str(sample["video_id"])] = (
                     self.transform(sample["frames"]),
                     torch.as_tensor(sample["mask"]).bool(),

@@ -14,6 +14,7 @@ import argparse
 import base64
 import html
 import json
+import os
 import sys
 import tarfile
 import time
@@ -142,7 +143,11 @@ def run_demo(workdir: str | Path, cfg: dict[str, Any]) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     timer = StageTimer()
     if not ray.is_initialized():
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        # Under `ray job submit` RAY_ADDRESS names the job's cluster; standalone, start a private local one.
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+        else:
+            ray.init(address="local", include_dashboard=False, log_to_driver=False)
 
     synth = work / "synth"
     manifest = timer.run("synth", lambda: generate_corpus(
@@ -181,8 +186,9 @@ def run_demo(workdir: str | Path, cfg: dict[str, Any]) -> dict[str, Any]:
         timer.run("cap-train", lambda: run_training(str(ingest), str(cap_dir), cap_cfg),
                   lambda s: f"{s['steps']} steps")
     captions_out = work / "captions"
+    # Caption every video (hits come from any split); caption metrics use the held-out test split only.
     cap_summary = timer.run("caption", lambda: run_caption(str(ingest), str(cap_dir / "model.pt"),
-                                                           str(captions_out), split="test"),
+                                                           str(captions_out), split=None),
                             lambda s: f"{s.get('captioned', s.get('videos', '?'))} videos captioned")
     generated = {}
     for row in pq.read_table(captions_out / "captions.parquet").to_pylist():
@@ -200,9 +206,10 @@ def run_demo(workdir: str | Path, cfg: dict[str, Any]) -> dict[str, Any]:
         return results
 
     timer.run("query", query_all, lambda r: f"{len(r)} queries")
-    refs = {row["video_id"]: list(row["captions"]) for row in
-            pd.read_parquet(synth / "manifest.parquet").to_dict("records")}
-    order = sorted(generated)
+    records = pd.read_parquet(synth / "manifest.parquet").to_dict("records")
+    refs = {row["video_id"]: list(row["captions"]) for row in records}
+    test_ids = {row["video_id"] for row in records if row["split"] == "test"}
+    order = sorted(v for v in generated if v in test_ids)
     cap_metrics = evaluate_captions([generated[v] for v in order], [refs[v] for v in order]) if order else {}
     metrics = {
         "retrieval_test": train_summary.get("test"),

@@ -38,7 +38,10 @@ def resolve_sampling(pretrained: str | None, overrides: dict[str, Any]) -> dict[
 
         if is_vidsift_checkpoint(pretrained):
             extra = load_checkpoint(pretrained).get("extra", {})
-            recorded = extra.get("eval_sampling") or (extra.get("train_config") or {}).get("eval_sampling")
+            train_config = extra.get("train_config") or {}
+            if isinstance(train_config, str):  # the trainer stores its config as JSON text
+                train_config = json.loads(train_config)
+            recorded = extra.get("eval_sampling") or train_config.get("eval_sampling")
             if recorded:
                 sampling.update(recorded)
     sampling.update({k: v for k, v in overrides.items() if v is not None})
@@ -75,6 +78,8 @@ def run_embed(shards: str | list[str], model: str, output: str, pretrained: str 
     tar_paths = [str(Path(p).resolve()) for p in list_shards(shards)]
     probe_model, transform, _ = build_encoder(model, pretrained)
     model_id = probe_model.model_id
+    with torch.inference_mode():
+        dim = int(probe_model.encode_text(["probe"]).shape[-1])
     del probe_model
     partition = Path(output) / model_partition(model_id)
     partition.mkdir(parents=True, exist_ok=True)
@@ -84,7 +89,7 @@ def run_embed(shards: str | list[str], model: str, output: str, pretrained: str 
     work = plan_shards(tar_paths, partition)
     todo_total = sum(len(w.todo_keys) for w in work)
     print(f"[embed] model {model_id}: {len(tar_paths)} shards, {len(work)} to do, {todo_total} videos")
-    writer = ShardPartWriter(partition, work, dim=None, dtype=dtype)
+    writer = ShardPartWriter(partition, work, dim=dim, dtype=dtype)
     progress = Progress(todo_total, "embed", every_s=progress_every)
     if todo_total:
         if not ray.is_initialized():

@@ -14,7 +14,14 @@ import json
 import sys
 
 from pipeline.inputs import InputError
-from pipeline.reindex import LockHeldError, ReindexError, format_summary, load_config, run_reindex
+from pipeline.reindex import (
+    LockHeldError,
+    ReindexError,
+    ReindexInputError,
+    format_summary,
+    load_config,
+    run_reindex,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     except LockHeldError as exc:
         print(f"vidsift reindex: {exc}", file=sys.stderr)
         return 3
-    except (InputError, FileNotFoundError, KeyError, ValueError) as exc:
+    except (InputError, ReindexInputError, FileNotFoundError, KeyError, ValueError) as exc:
         print(f"vidsift reindex: error: {exc}", file=sys.stderr)
         return 2
     except ReindexError as exc:

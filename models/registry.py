@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 # Modules whose import registers model families. Imported lazily so `import models` stays cheap.
-FAMILY_MODULES = ("models.video_swin", "models.clip4clip", "models.swinbert")
+FAMILY_MODULES = ("models.video_swin", "models.clip4clip", "models.dual_encoder", "models.swinbert")
 
 CHECKPOINT_FORMAT = "vidsift-checkpoint-v1"
 
@@ -99,7 +99,7 @@ def state_dict_digest(state_dict: dict[str, torch.Tensor]) -> str:
         h.update(key.encode())
         h.update(str(tuple(t.shape)).encode())
         h.update(str(t.dtype).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:12]
 
 
@@ -117,10 +117,12 @@ def save_checkpoint(
         raise ValueError("model has no model_name; build it with models.create_model")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    built_config = getattr(model, "config", None)
     payload = {
         "format": CHECKPOINT_FORMAT,
         "model_name": name,
-        "config": get_model_config(name),
+        # The config the model was actually built with (overrides included) when it records one.
+        "config": dict(built_config) if isinstance(built_config, dict) else get_model_config(name),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "extra": dict(extra or {}),
     }

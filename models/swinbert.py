@@ -763,8 +763,11 @@ def _build_swinbert(config: dict[str, Any], pretrained=None, **overrides):
                 f"checkpoint {str(pretrained)!r} is a {name!r} model, not a SwinBERT; "
                 "pass a Video Swin checkpoint as backbone_pretrained=... instead"
             )
+        # The built config the checkpoint records (registry saves ``model.config``), else the overrides kept
+        # in ``extra`` by :func:`checkpoint_extra`; explicit overrides win.
+        built = {k: v for k, v in (payload.get("config") or {}).items() if k in config and v != config[k]}
         saved = dict((payload.get("extra") or {}).get("config_overrides") or {})
-        overrides = {**{k: v for k, v in saved.items() if k in config}, **overrides}
+        overrides = {**built, **{k: v for k, v in saved.items() if k in config}, **overrides}
     cfg = {**config, **overrides}
     tokenizer = CaptionTokenizer(cfg["context_length"])
     backbone = VideoSwinTransformer(**cfg["backbone"])
@@ -786,6 +789,7 @@ def _build_swinbert(config: dict[str, Any], pretrained=None, **overrides):
         max_gen_length=cfg["max_gen_length"],
     )
     model.config_overrides = dict(overrides)
+    model.config = dict(cfg)  # saved by models.save_checkpoint, so a reload rebuilds this architecture
     if backbone_options.get("backbone_pretrained"):
         load_backbone(model, str(backbone_options["backbone_pretrained"]),
                       backbone_options.get("backbone_pretrained_source", "vidsift"))

@@ -323,7 +323,7 @@ class WindowAttention3d(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.attn_drop = attn_drop
         self.proj_drop = nn.Dropout(proj_drop)
-        self._bias_cache: dict[int, tuple] = {}
+        self._bias_cache: tuple | None = None
 
     def relative_position_bias(self, bias_index: torch.Tensor, num_tokens: int) -> torch.Tensor:
         """``[1, heads, N, N]`` bias gathered from the table (every call, so gradients reach the table)."""
@@ -335,26 +335,25 @@ class WindowAttention3d(nn.Module):
     ) -> torch.Tensor:
         """Relative-position bias (+ shift mask) as SDPA's additive ``attn_mask``.
 
-        With autograd recording for the table it is rebuilt every call. Otherwise (inference) it is cached,
-        keyed by the geometry tensors and the table's storage and version counter, so any in-place update
-        (optimizer step, ``load_state_dict``) invalidates it.
+        With autograd recording for the table the bias is gathered every call. Otherwise (inference) the
+        ``[1, heads, N, N]`` bias is cached, keyed by the geometry's index tensor and the table's storage and
+        version counter, so any in-place update (optimizer step, ``load_state_dict``) invalidates it. The
+        ``[nW, heads, N, N]`` bias + mask sum is not cached: it would pin B-independent but large memory.
         """
         table = self.relative_position_bias_table
         if torch.is_grad_enabled() and table.requires_grad:
             bias = self.relative_position_bias(bias_index, num_tokens)
-            return (bias + mask if mask is not None else bias).to(dtype)
-        # the cache entry holds the geometry tensors themselves, so their ids cannot be recycled
-        key = (dtype, table.data_ptr(), table._version)
-        cached = self._bias_cache.get(id(mask))
-        if cached is not None and cached[0] is bias_index and cached[1] is mask and cached[2] == key:
-            return cached[3]
-        with torch.no_grad():
-            bias = self.relative_position_bias(bias_index, num_tokens)
-            bias = (bias + mask if mask is not None else bias).to(dtype)
-        if len(self._bias_cache) >= 4:
-            self._bias_cache.clear()
-        self._bias_cache[id(mask)] = (bias_index, mask, key, bias)
-        return bias
+        else:
+            # the entry holds the index tensor itself, so its id cannot be recycled while cached
+            key = (dtype, table.data_ptr(), table._version)
+            cached = self._bias_cache
+            if cached is not None and cached[0] is bias_index and cached[1] == key:
+                bias = cached[2]
+            else:
+                with torch.no_grad():
+                    bias = self.relative_position_bias(bias_index, num_tokens).to(dtype).contiguous()
+                self._bias_cache = (bias_index, key, bias)
+        return (bias + mask if mask is not None else bias).to(dtype)
 
     def forward(
         self, windows: torch.Tensor, bias_index: torch.Tensor, mask: torch.Tensor | None, num_windows: int

@@ -63,7 +63,8 @@ def _open(data: bytes, fast: bool = False):
 
 
 def _open_for_probe(data: bytes, decode_check: bool):
-    """Fast open when it yields the video geometry and rate (mp4/mkv headers do), else a full open."""
+    """Fast open when it yields the video geometry and rate (mp4/mkv headers do), else a full open (also when
+    no video stream showed up: formats like MPEG-TS may need more than the small probe window to find it)."""
     if decode_check:
         return _open(data)
     try:
@@ -72,8 +73,6 @@ def _open_for_probe(data: bytes, decode_check: bool):
         return _open(data)  # a format that needs a longer look; the full open reports the real error
     video = container.streams.video
     if video and video[0].codec_context.width and (video[0].average_rate or video[0].guessed_rate):
-        return container
-    if not video and container.streams and all(st.type != "data" for st in container.streams):
         return container
     container.close()
     return _open(data)

@@ -62,6 +62,10 @@ class ReindexError(RuntimeError):
     """The reindex cannot proceed (bad source, bad workdir, failed validation)."""
 
 
+class ReindexInputError(ReindexError):
+    """Bad arguments: an unusable workdir or config."""
+
+
 class LockHeldError(ReindexError):
     """Another live run holds ``WORKDIR/reindex.lock``."""
 
@@ -96,7 +100,7 @@ def merge_config(base: dict[str, Any], override: dict[str, Any]) -> dict[str, An
     out = json.loads(json.dumps(base))
     for key, value in (override or {}).items():
         if key not in base:
-            raise ReindexError(f"unknown reindex config key {key!r} (known: {sorted(base)})")
+            raise ReindexInputError(f"unknown reindex config key {key!r} (known: {sorted(base)})")
         if isinstance(base[key], dict) and isinstance(value, dict):
             out[key] = {**out[key], **value}
         else:
@@ -113,9 +117,9 @@ def load_config(path: str | os.PathLike | None) -> dict[str, Any]:
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except FileNotFoundError as exc:
-        raise ReindexError(f"reindex config not found: {path}") from exc
+        raise ReindexInputError(f"reindex config not found: {path}") from exc
     if not isinstance(data, dict):
-        raise ReindexError(f"reindex config {path} must be a mapping, got {type(data).__name__}")
+        raise ReindexInputError(f"reindex config {path} must be a mapping, got {type(data).__name__}")
     return merge_config(DEFAULT_CONFIG, data)
 
 
@@ -166,12 +170,7 @@ class RunLock:
 
     def read(self) -> dict[str, Any] | None:
         """The lock file's contents (None when absent; ``{}`` when unreadable, e.g. half-written)."""
-        try:
-            return json.loads(self.path.read_text())
-        except FileNotFoundError:
-            return None
-        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
-            return {}
+        return _read_lock_file(self.path)
 
     def stale_reason(self, info: dict[str, Any]) -> str | None:
         """Why the lock ``info`` is stale, or None when its holder looks alive."""
@@ -191,35 +190,12 @@ class RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(5):
             now = time.time()
-            record = {
-                "pid": os.getpid(),
-                "hostname": socket.gethostname(),
-                "started": now,
-                "heartbeat": now,
-                "token": self.token,
-                "argv": sys.argv,
-            }
+            record = {"pid": os.getpid(), "hostname": socket.gethostname(), "started": now, "heartbeat": now,
+                      "token": self.token, "argv": sys.argv}
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                info = self.read()
-                if info is None:
-                    continue  # released between our open and read
-                reason = self.stale_reason(info)
-                if reason is None:
-                    raise LockHeldError(  # noqa: B904 - not a translation of FileExistsError
-                        f"another reindex is running: {self.path} is held by pid {info.get('pid')} on "
-                        f"{info.get('hostname')} since {_iso(info.get('started'))} (heartbeat "
-                        f"{time.time() - float(info.get('heartbeat', 0)):.0f}s ago); exiting"
-                    )
-                graveyard = self.path.with_name(f"{self.path.name}.stale-{uuid.uuid4().hex[:8]}")
-                try:
-                    os.rename(self.path, graveyard)
-                except FileNotFoundError:
-                    continue  # someone else took it over first; race again for the fresh lock
-                _log(f"taking over stale lock ({reason}): {info}")
-                self.took_over = {**info, "reason": reason}
-                graveyard.unlink(missing_ok=True)
+                self._take_over_if_stale()
                 continue
             with os.fdopen(fd, "w") as f:
                 json.dump(record, f)
@@ -231,6 +207,35 @@ class RunLock:
             return
         raise LockHeldError(f"could not acquire {self.path}: it keeps changing hands")
 
+    def _take_over_if_stale(self) -> None:
+        """Move a stale lock out of the way (atomic rename); raise :class:`LockHeldError` for a live one."""
+        info = self.read()
+        if info is None:
+            return  # released between our open and read: race again
+        reason = self.stale_reason(info)
+        if reason is None:
+            raise LockHeldError(
+                f"another reindex is running: {self.path} is held by pid {info.get('pid')} on "
+                f"{info.get('hostname')} since {_iso(info.get('started'))} (heartbeat "
+                f"{time.time() - float(info.get('heartbeat', 0)):.0f}s ago); exiting"
+            )
+        graveyard = self.path.with_name(f"{self.path.name}.stale-{uuid.uuid4().hex[:8]}")
+        try:
+            os.rename(self.path, graveyard)
+        except FileNotFoundError:
+            return  # someone else moved it first; race again for the fresh lock
+        if _read_lock_file(graveyard) != info:
+            # Between our read and rename another run took the stale lock over and wrote its own: put that
+            # one back (link fails if yet another lock appeared meanwhile) and back off.
+            try:
+                os.link(graveyard, self.path)
+            except FileExistsError:
+                pass
+            graveyard.unlink(missing_ok=True)
+            raise LockHeldError(f"{self.path} changed hands while taking over a stale lock; exiting")
+        _log(f"taking over stale lock ({reason}): {info}")
+        self.took_over = {**info, "reason": reason}
+        graveyard.unlink(missing_ok=True)
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
             self.heartbeat()
@@ -258,6 +263,15 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _read_lock_file(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return {}
 
 
 def _iso(ts: Any) -> str:
@@ -589,7 +603,7 @@ class Workdir:
     def __init__(self, root: str | os.PathLike):
         root_s = os.fspath(root)
         if "://" in root_s and not root_s.startswith("file://"):
-            raise ReindexError(
+            raise ReindexInputError(
                 f"--workdir {root_s!r}: the reindex workdir must be a POSIX filesystem path (a local disk or "
                 "a shared volume mounted on every node, e.g. EFS/NFS/PVC); object stores cannot do O_EXCL "
                 "locks or atomic renames"
@@ -778,7 +792,9 @@ def _run_locked(
                 _log(f"the source changed since the interrupted run {seq}: redoing its ingest/embed")
                 _reset_run(wd, seq, partition)
             write_json_atomic(fp_path, {"fingerprint": fp, "videos": len(ingest_ids)})
-            started_ray = _ensure_ray()
+            finished = read_json(run_dir / "manifest.json", default={}) or {}
+            if not (finished.get("summary") or {}).get("complete"):  # a rerun skips Ray start-up when done
+                started_ray = _ensure_ray() or started_ray
             ic = cfg["ingest"]
             summary["ingest"] = run_ingest(
                 str(manifest_path),
@@ -806,6 +822,11 @@ def _run_locked(
             t0 = time.perf_counter()
             ec = cfg["embed"]
             if ingested:
+                from pipeline.datasets import list_shards
+                from pipeline.embedding import plan_shards
+
+                if any(w.todo_keys for w in plan_shards(list_shards(str(run_dir)), partition)):
+                    started_ray = _ensure_ray() or started_ray
                 summary["embed"] = run_embed(
                     str(run_dir),
                     model,
@@ -1001,6 +1022,7 @@ __all__ = [
     "Delta",
     "LockHeldError",
     "ReindexError",
+    "ReindexInputError",
     "RunLock",
     "SimulatedCrash",
     "collect_rows",

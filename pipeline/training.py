@@ -876,6 +876,7 @@ def train_loop_per_worker(loop: dict) -> None:
             metrics.update({f"test_{k}": v for k, v in test.items() if isinstance(v, (int, float))})
             _log(rank, f"[eval] final {cfg.test_split}: {_summary(test)}")
         save_and_report(metrics)
+        window_t, window_samples, window_loss, window_n = time.perf_counter(), 0, 0.0, 0  # skip eval time
         if cfg.max_steps is not None and step >= cfg.max_steps:
             break
     if stop:

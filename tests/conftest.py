@@ -58,6 +58,10 @@ def ray_head():
         sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
         f"--port={gcs_port}", f"--dashboard-port={dash_port}", "--dashboard-host=127.0.0.1",
         "--num-cpus=2", f"--temp-dir={temp_dir}", "--include-dashboard=true",
+        # Every fixed default port could be held by another Ray on this machine: take free ones.
+        *(f"--{flag}={free_port()}" for flag in (
+            "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+            "metrics-export-port", "node-manager-port", "object-manager-port", "ray-client-server-port")),
         f"--object-store-memory={256 * 1024**2}",
     ]
     proc = subprocess.Popen(cmd, env=env, start_new_session=True,

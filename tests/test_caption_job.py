@@ -89,6 +89,7 @@ def _corrupt_copy(src: Path, dst_dir: Path) -> Path:
     return dst
 
 
+@pytest.mark.slow
 def test_caption_job_end_to_end(ingested_shards, checkpoint, ray_local, tmp_path, capsys):
     shards = [Path(p) for p in list_shards(ingested_shards)]
     bad = _corrupt_copy(shards[0], tmp_path / "in" / "shards")
@@ -161,7 +162,7 @@ def test_rerank_hits_rescores_and_sorts(ingested_shards, checkpoint):
     hook = make_reranker(model, lookup, weight=0.5)
     objs = hook(query, [Hit(video_id=h["video_id"], score=h["score"]) for h in hits])
     assert [o.video_id for o in objs] == [h["video_id"] for h in reranked]
-    with pytest.raises(KeyError, match="no frames for video 'nope'"):
+    with pytest.raises(KeyError, match="no frames for video"):
         rerank_hits(model, query, [{"video_id": "nope", "score": 1.0}], lookup)
     with pytest.raises(ValueError, match="needs the query text"):
         rerank_hits(model, "", hits, lookup)

@@ -247,8 +247,9 @@ def test_cli_build_info_add_delete_check(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_opq_ivf_pq_build_add_delete(tmp_path):
-    """The compressed path (OPQ pre-transform + IVF + PQ): trained on a sample, add/delete without retraining."""
+    """Compressed path (OPQ pre-transform + IVF + PQ): trained on a sample, add/delete without retraining."""
     vecs = clustered_vectors(1500, DIM, seed=13)
     emb = write_embeddings(tmp_path / "emb", vecs, model_id="toy@abc")
     meta = build_index(emb, tmp_path / "idx", factory="OPQ8_32,IVF16,PQ8x4", recall_target=0.5,

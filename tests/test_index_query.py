@@ -53,7 +53,8 @@ def test_vector_search_collapses_clips_to_videos(clip_index):
     assert any(h.num_clips > 1 for h in mean_hits)
     # A memory-mapped open gives the same answers.
     mapped = VideoIndex.open(path, mmap=True).search(anchors[3], k=10)
-    assert [(h.video_id, round(h.score, 5)) for h in mapped] == [(h.video_id, round(h.score, 5)) for h in hits]
+    assert [(h.video_id, round(h.score, 5)) for h in mapped] == [
+        (h.video_id, round(h.score, 5)) for h in hits]
 
 
 def test_rerank_hook_reorders(clip_index):

@@ -4,16 +4,27 @@ from __future__ import annotations
 
 import json
 import tarfile
+import time
 
 import pandas as pd
 import pytest
 from conftest import ray_job_submit
 
 
+def submit(head: dict, entrypoint: list[str]):
+    """``ray_job_submit``, retried while the head's job agent is still starting ("try again later")."""
+    deadline = time.time() + 120
+    while True:
+        proc = ray_job_submit(head, entrypoint)
+        if "No available agent to submit job" not in proc.stdout + proc.stderr or time.time() > deadline:
+            return proc
+        time.sleep(5)
+
+
 @pytest.mark.slow
 def test_ingest_via_ray_job_submit(ray_head, synthetic_corpus, tmp_path):
     out = tmp_path / "submitted"
-    proc = ray_job_submit(
+    proc = submit(
         ray_head,
         [
             "python",
@@ -42,7 +53,7 @@ def test_ingest_via_ray_job_submit(ray_head, synthetic_corpus, tmp_path):
     assert keys == sorted(pd.read_parquet(synthetic_corpus / "manifest.parquet")["video_id"])
     assert len(pd.read_parquet(out / "errors.parquet")) == 0
 
-    missing = ray_job_submit(
+    missing = submit(
         ray_head,
         [
             "python",

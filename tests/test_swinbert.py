@@ -274,6 +274,9 @@ def test_checkpoint_keeps_config_overrides(trained, tmp_path):
     loaded, transform, _ = create_model("swinbert-tiny", pretrained=path)
     assert transform.image_size == 32 and loaded.num_frames == 4
     assert loaded.generate(frames, mask)[0] == CAPTIONS[:2]
+    plain = save_checkpoint(model, tmp_path / "plain.pt")  # no extra: the recorded built config suffices
+    again, transform, _ = create_model("swinbert-tiny", pretrained=plain)
+    assert transform.image_size == 32 and again.num_frames == 4
 
 
 def test_foreign_checkpoints_are_refused_and_backbone_init_works(tmp_path):

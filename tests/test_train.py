@@ -17,6 +17,7 @@ from pipeline.training import (
     build_optimizer,
     checkpoint_dirs,
     distinct_batches,
+    evaluate_model,
     load_state_file,
     load_train_config,
     optimizer_digest,
@@ -170,3 +171,28 @@ def test_two_worker_run_stops_and_resumes(ingested_shards, ray_local, tmp_path):
         assert torch.equal(tensor, final["model"][name]), name
     summary = json.loads((out / "summary.json").read_text())
     assert summary["test"]["split"] == "test"
+    # evaluating the exported model alone (no Ray) reproduces the in-training test numbers exactly
+    again = evaluate_model(ingested_shards, cfg, out / "model.pt")
+    for key in ("t2v_R@1", "t2v_R@5", "t2v_MnR", "v2t_R@1", "v2t_MnR"):
+        assert again[key] == pytest.approx(test_eval[0][key]), key
+
+
+@pytest.mark.slow
+def test_caption_task_trains_swinbert(ingested_shards, ray_local, tmp_path):
+    """--task caption: SwinBERT MLM loss through the same loop; eval = held-out MLM loss + caption metrics."""
+    cfg = load_train_config(
+        REPO / "configs" / "train" / "tiny-swinbert-caption.yaml",
+        {"epochs": 1, "batch_size": 2, "eval_batch_size": 4, "dataloader_workers": 0, "log_every": 1},
+    )
+    out = tmp_path / "cap"
+    summary = run_training(ingested_shards, out, cfg, workers=1)
+    assert summary["task"] == "caption" and summary["epochs_done"] == 1
+    test = summary["test"]
+    assert math.isfinite(test["mlm_loss"]) and test["mlm_loss"] > 0
+    assert "CIDEr-D" in test and "BLEU-4" in test
+    losses = [h["loss"] for h in _read_jsonl(out / "metrics.jsonl") if h["type"] == "train"]
+    assert losses and all(math.isfinite(v) for v in losses)
+    from models import create_model
+
+    model, _, _ = create_model("swinbert-tiny", pretrained=str(out / "model.pt"))
+    assert hasattr(model, "generate")

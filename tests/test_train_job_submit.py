@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
+from conftest import ray_job_submit
 
-from tests.conftest import ray_job_submit
+
+def submit(head: dict, entrypoint: list[str]):
+    """``ray_job_submit``, retried while the head's job agent is still starting ("try again later")."""
+    deadline = time.time() + 120
+    while True:
+        proc = ray_job_submit(head, entrypoint, timeout=600)
+        if "No available agent to submit job" not in proc.stdout + proc.stderr or time.time() > deadline:
+            return proc
+        time.sleep(5)
 
 
 @pytest.mark.slow
@@ -25,7 +35,7 @@ def test_train_job_submit(ray_head, ingested_shards, tmp_path):
         "--dataloader-workers", "0",
         "--log-every", "1",
     ]
-    proc = ray_job_submit(ray_head, entrypoint, timeout=600)
+    proc = submit(ray_head, entrypoint)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "[train] done:" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())

@@ -1,6 +1,6 @@
 """Synthetic corpus throughput: videos/s for render, encode and the whole generate_corpus path.
 
-    python bench/bench_synth.py [--n 200] [--size 64] [--duration 3] [--fps 25]
+    python bench/synth.py [--n 200] [--size 64] [--duration 3] [--fps 25]
 
 Figures are ratios against baselines measured in the same run:
 - render: vectorised numpy masks vs a PIL ImageDraw renderer of the same shapes (the obvious alternative);

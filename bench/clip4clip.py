@@ -4,7 +4,7 @@ For each tiny model: embedding videos/s (eval, no grad) and training steps/s (lo
 ratios against a baseline measured in the same run: open_clip's own ``CLIP.encode_image`` over the same
 frames (the cost floor of any per-frame CLIP model) for embedding, and a meanP training step for training.
 
-    python bench/bench_clip4clip.py --threads 2 --batch 16 --frames 8 --repeats 5
+    python bench/clip4clip.py --threads 2 --batch 16 --frames 8 --repeats 5
 """
 
 from __future__ import annotations

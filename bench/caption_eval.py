@@ -1,0 +1,131 @@
+"""Caption quality of SwinBERT checkpoints on a split, and the retrieval gain of caption reranking.
+
+    python -m bench.caption_eval --shards DIR --checkpoints A.pt [B.pt ...] [--split test] [--beam 3]
+        [--index INDEX_DIR --rerank-weight 0.5 --k 10] [--output docs/benchmarks/caption.md]
+
+Per checkpoint: BLEU-4 / CIDEr-D / ROUGE-L / METEOR(exact) of the generated captions against the ingest
+captions of the split (pipeline.caption_metrics), and captioning throughput. With ``--index``: for every
+video of the split, its first caption is the query; R@1 / R@5 of ``VideoIndex.search`` without and with the
+caption reranker (a hit is correct when its ``caption_class`` equals the query video's — same caption set),
+on all queries and on the *hard* ones (the baseline top-k holds a distractor of the same ``hard_group``
+but another ``caption_class``: same shapes and colours, different motion). The gain is reported as the
+difference against the un-reranked baseline measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def caption_split(model, lookup, beam: int, batch_size: int = 16):
+    """Generated captions for every video of ``lookup``; returns (ids, hypotheses, references, seconds)."""
+    ids = lookup.video_ids()
+    hyps: list[str] = []
+    start = time.perf_counter()
+    for i in range(0, len(ids), batch_size):
+        chunk = ids[i : i + batch_size]
+        frames = torch.stack([lookup(v)[0] for v in chunk])
+        mask = torch.stack([lookup(v)[1] for v in chunk])
+        with torch.inference_mode():
+            hyps += model.generate(frames, mask, beam_size=beam)[0]
+    seconds = time.perf_counter() - start
+    refs = [lookup.records[v]["captions"] for v in ids]
+    return ids, hyps, refs, seconds
+
+
+def rerank_gain(index_dir: str, model, lookup, weight: float, k: int) -> dict[str, float]:
+    """R@1 / R@5 without and with caption reranking, on all queries and on hard ones."""
+    from index import VideoIndex
+    from jobs.caption import make_reranker
+
+    index = VideoIndex.open(index_dir)
+    reranker = make_reranker(model, lookup, weight=weight)
+    records = lookup.records
+    stats = {"all": {"n": 0, "base@1": 0, "rr@1": 0, "base@5": 0, "rr@5": 0},
+             "hard": {"n": 0, "base@1": 0, "rr@1": 0, "base@5": 0, "rr@5": 0}}
+    for vid in lookup.video_ids():
+        rec = records[vid]
+        if not rec.get("captions"):
+            continue
+        query, target = rec["captions"][0], rec.get("caption_class", vid)
+        base = [h for h in index.search(query, k=k) if h.video_id in records]
+        reranked = reranker(query, list(base))
+
+        def correct(hits, n, target=target):
+            return any(records[h.video_id].get("caption_class", h.video_id) == target for h in hits[:n])
+
+        hard = any(records[h.video_id].get("hard_group") == rec.get("hard_group")
+                   and records[h.video_id].get("caption_class") != target for h in base)
+        for group in ("all", "hard") if hard else ("all",):
+            s = stats[group]
+            s["n"] += 1
+            s["base@1"] += correct(base, 1)
+            s["rr@1"] += correct(reranked, 1)
+            s["base@5"] += correct(base, 5)
+            s["rr@5"] += correct(reranked, 5)
+    out: dict[str, float] = {}
+    for group, s in stats.items():
+        n = max(s["n"], 1)
+        out[f"{group}_queries"] = s["n"]
+        for key in ("base@1", "rr@1", "base@5", "rr@5"):
+            out[f"{group}_{key}"] = s[key] / n
+        out[f"{group}_gain@1"] = (s["rr@1"] - s["base@1"]) / n
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jobs.caption import ShardFramesLookup, checkpoint_model_name
+    from models import create_model
+    from pipeline.caption_metrics import evaluate_captions
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shards", required=True)
+    p.add_argument("--checkpoints", nargs="+", required=True)
+    p.add_argument("--split", default="test")
+    p.add_argument("--beam", type=int, default=1)
+    p.add_argument("--index", default=None, help="published VideoIndex dir for the rerank gain")
+    p.add_argument("--rerank-weight", type=float, default=0.5)
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--output", default=None, help="append the markdown table to this file")
+    args = p.parse_args(argv)
+    rows = []
+    for ckpt in args.checkpoints:
+        model, transform, _ = create_model(checkpoint_model_name(ckpt), pretrained=ckpt)
+        lookup = ShardFramesLookup(args.shards, transform, num_frames=model.num_frames, split=args.split)
+        ids, hyps, refs, seconds = caption_split(model, lookup, args.beam)
+        if not ids:
+            print(f"no videos of split {args.split!r} in {args.shards}", file=sys.stderr)
+            return 2
+        row = {"checkpoint": Path(ckpt).name, "model_id": model.model_id,
+               "sparse_mask": model.sparse_mask is not None, "videos": len(ids),
+               **{k: round(v, 4) for k, v in evaluate_captions(hyps, refs).items()},
+               "videos_per_s": round(len(ids) / seconds, 2)}
+        if args.index:
+            row.update({k: round(v, 4) for k, v in
+                        rerank_gain(args.index, model, lookup, args.rerank_weight, args.k).items()})
+        print(json.dumps(row))
+        rows.append(row)
+    cols = list(rows[0])
+    table = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    table += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
+    text = "\n".join(table)
+    print(text)
+    if args.output:
+        header = (f"\n## caption_eval — {datetime.date.today()} on {platform.node()} "
+                  f"({torch.get_num_threads()} threads, CPU; shared machine, timings noisy)\n\n"
+                  f"`python -m bench.caption_eval {' '.join(argv or sys.argv[1:])}`\n\n")
+        with open(args.output, "a") as fh:
+            fh.write(header + text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Nightly reindex cost: an incremental run (small delta) and a no-op run against a full build, same run.
+
+Builds a synthetic source of N videos, runs a first (full) reindex, then changes the source (+2 new,
+1 re-encoded, 1 deleted) and runs again, then runs once more with nothing changed. Prints wall seconds per
+run and per step, and the ratios incremental / full and no-op / full. Then the scan step on larger files
+(``--scan-files`` x ``--scan-mb`` MB of random bytes): with the (path, size, mtime) hash cache against a cold
+scan that re-hashes every file (median of 3 each).
+
+    python bench/reindex.py --n 24 --workdir /tmp/bench_reindex
+    python bench/reindex.py --scan-only --scan-files 20 --scan-mb 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pandas as pd  # noqa: E402
+
+from pipeline import reindex as rx  # noqa: E402
+from pipeline.synthetic import generate_corpus  # noqa: E402
+
+COLUMNS = ["video_id", "path", "captions", "split", "caption_class", "hard_group"]
+
+
+def write_source(src: Path, corpus: Path, ids: list[str]) -> str:
+    manifest = pd.read_parquet(corpus / "manifest.parquet")
+    (src / "videos").mkdir(parents=True, exist_ok=True)
+    rows = manifest[manifest.video_id.isin(ids)][COLUMNS]
+    for path in rows.path:
+        if not (src / path).exists():
+            shutil.copy(corpus / path, src / path)
+    rows.to_parquet(src / "manifest.parquet")
+    return str(src / "manifest.parquet")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=24, help="videos in the first night's source")
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--workdir", default="/tmp/bench_reindex")
+    p.add_argument("--scan-files", type=int, default=20)
+    p.add_argument("--scan-mb", type=int, default=8)
+    p.add_argument("--scan-only", action="store_true", help="only the hash-cache scan benchmark")
+    args = p.parse_args()
+    base = Path(args.workdir)
+    shutil.rmtree(base, ignore_errors=True)
+    print(f"machine: {platform.node()} {os.cpu_count()} CPUs, python {platform.python_version()}; "
+          f"date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load avg {os.getloadavg()[0]:.1f}")
+    if not args.scan_only:
+        pipeline_bench(args, base)
+    scan_bench(base / "scan", args.scan_files, args.scan_mb)
+    shutil.rmtree(base, ignore_errors=True)
+    return 0
+
+
+def scan_bench(folder: Path, n_files: int, mb: int) -> None:
+    """Median seconds of a cached and a cold scan of ``n_files`` files of ``mb`` MB."""
+    import statistics
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n_files):
+        (folder / f"v{i:04d}.mp4").write_bytes(os.urandom(mb << 20))
+    pattern = str(folder / "*.mp4")
+    _, _, cache = rx.scan_source(pattern, {}, progress=False)  # warm-up (page cache, imports) + the cache
+
+    def timed(c):
+        t0 = time.perf_counter()
+        rx.scan_source(pattern, c, progress=False)
+        return time.perf_counter() - t0
+
+    cold = statistics.median(timed({}) for _ in range(3))
+    warm = statistics.median(timed(cache) for _ in range(3))
+    print(f"scan of {n_files} files x {mb} MB: cold (sha256 of every file) {cold * 1000:.1f} ms, "
+          f"cached {warm * 1000:.1f} ms, cached/cold {warm / cold:.3f}x")
+
+
+def pipeline_bench(args, base: Path) -> None:
+    corpus, other = base / "corpus", base / "other"
+    generate_corpus(corpus, n=args.n + 2, seed=5, min_duration=2.0, max_duration=4.0, size=args.size, fps=10)
+    generate_corpus(other, n=1, seed=17, min_duration=2.0, max_duration=2.0, size=args.size, fps=10)
+    ids = sorted(pd.read_parquet(corpus / "manifest.parquet").video_id)
+    src, wd = base / "src", base / "wd"
+    cfg = {"model": "clip4clip-meanP-tiny", "ingest": {"samples_per_shard": 8},
+           "embed": {"batch_size": 8, "sampling": {"num_clips": 2, "frames_per_clip": 2}}}
+    os.environ.pop("RAY_ADDRESS", None)
+    import ray
+
+    ray.init(address="local", include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
+    runs = {}
+    source = write_source(src, corpus, ids[: args.n])
+    t0 = time.perf_counter()
+    runs["full"] = (rx.run_reindex(source, wd, config=cfg, progress=False), time.perf_counter() - t0)
+    (src / "videos" / f"{ids[1]}.mp4").unlink()
+    shutil.copy(other / "videos" / "synth-000000.mp4", src / "videos" / f"{ids[0]}.mp4")
+    source = write_source(src, corpus, [ids[0]] + ids[2:])
+    t0 = time.perf_counter()
+    runs["incremental"] = (rx.run_reindex(source, wd, config=cfg, progress=False), time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    runs["no-op"] = (rx.run_reindex(source, wd, config=cfg, progress=False), time.perf_counter() - t0)
+    ray.shutdown()
+
+    full_s = runs["full"][1]
+    print(f"source: {args.n} videos at {args.size}px, 2-4 s; model clip4clip-meanP-tiny, 2x2 sampling")
+    print()
+    print("| run | new/changed/deleted | index mode | rows +/- | wall s | vs full | steps (s) |")
+    print("|---|---|---|---|---|---|---|")
+    for name, (summary, wall) in runs.items():
+        steps = " ".join(f"{k}={v:.1f}" for k, v in summary["timings_s"].items() if k != "total")
+        rows = f"+{summary.get('rows_added', 0)}/-{summary.get('rows_removed', 0)}"
+        print(f"| {name} | {summary['new']}/{summary['changed']}/{summary['deleted']} | "
+              f"{summary['index_mode']} | {rows} | "
+              f"{wall:.1f} | {wall / full_s:.2f}x | {steps} |")
+    print()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
