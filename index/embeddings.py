@@ -109,6 +109,11 @@ def resolve_embeddings(path: str | os.PathLike) -> EmbeddingSource:
 
 
 def _part_files(directory: Path) -> list[str]:
+    # jobs.embed writes part-<shard>.parquet (+ text-<shard>.parquet caption embeddings, which are not
+    # video rows); other writers may use any name.
+    parts = sorted(str(p) for p in directory.glob("part-*.parquet"))
+    if parts:
+        return parts
     return sorted(str(p) for p in directory.glob("*.parquet") if p.name not in NON_DATA_FILES)
 
 

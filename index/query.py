@@ -122,9 +122,11 @@ class VideoIndex:
                     f"index {str(self.root)!r} records no model_name; pass encoder=... to "
                     "VideoIndex.open to run text queries, or query with vectors"
                 )
-            import models
+            from models.registry import create_encoder
 
-            model, _transform, tokenizer = models.create_model(name, pretrained=self.meta.get("pretrained"))
+            # Same construction as the embedding job (seeded init when there are no weights), so the
+            # model_id check below compares like with like.
+            model, _transform, tokenizer = create_encoder(name, pretrained=self.meta.get("pretrained"))
             model.eval()
             self.set_encoder(model, tokenizer)
         return self._encoder

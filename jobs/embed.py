@@ -85,7 +85,8 @@ def run_embed(shards: str | list[str], model: str, output: str, pretrained: str 
     partition.mkdir(parents=True, exist_ok=True)
     write_model_card(partition, {"model_id": model_id, "model_name": model,
                                  "pretrained": str(Path(pretrained).resolve()) if pretrained else None,
-                                 "sampling": sampling, "image_size": transform.image_size, "dtype": dtype})
+                                 "sampling": sampling, "image_size": transform.image_size, "dtype": dtype,
+                                 "dim": dim})
     work = plan_shards(tar_paths, partition)
     todo_total = sum(len(w.todo_keys) for w in work)
     print(f"[embed] model {model_id}: {len(tar_paths)} shards, {len(work)} to do, {todo_total} videos")

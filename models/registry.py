@@ -88,6 +88,17 @@ def create_model(name: str, pretrained: str | os.PathLike | None = None, **overr
     return model, transform, tokenizer
 
 
+def create_encoder(name: str, pretrained: str | os.PathLike | None = None, seed: int = 0):
+    """:func:`create_model` for inference stages (embed, index queries). Without ``pretrained`` the random
+    init is seeded, so every process that builds it holds the same weights and the same ``model_id`` —
+    the embedding job's actors, its driver, and the index's text encoder agree (benchmarks, tests)."""
+    if pretrained:
+        return create_model(name, pretrained=pretrained)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return create_model(name, pretrained=None)
+
+
 def state_dict_digest(state_dict: dict[str, torch.Tensor]) -> str:
     """A stable sha256 over parameter names, shapes, dtypes and values (12 hex chars)."""
     h = hashlib.sha256()

@@ -124,17 +124,11 @@ def plan_shards(tar_paths: Sequence[str], partition_dir: Path) -> list[ShardWork
 
 
 def build_encoder(model_name: str, pretrained: str | None = None):
-    """``models.create_model`` for embedding. Without ``pretrained`` the random init is seeded (seed 0) so
-    the driver and every encoder actor hold the same weights and reruns keep the same model id."""
-    import torch
+    """``models.registry.create_encoder``: without ``pretrained`` the random init is seeded (seed 0) so the
+    driver and every encoder actor hold the same weights and reruns keep the same model id."""
+    from models.registry import create_encoder
 
-    from models import create_model
-
-    if pretrained:
-        return create_model(model_name, pretrained=pretrained)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return create_model(model_name, pretrained=None)
+    return create_encoder(model_name, pretrained)
 
 
 def _decode_stage_base():

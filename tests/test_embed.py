@@ -184,3 +184,21 @@ def test_encode_stage_runs_on_a_hand_made_batch():
 def test_partition_name_is_path_safe():
     assert model_partition("clip4clip-meanP-tiny@abc123") == "model_id=clip4clip-meanP-tiny@abc123"
     assert "/" not in model_partition("../../etc/passwd@x")
+
+
+def test_index_builds_from_embed_output_with_caption_embeddings(embedded, tmp_path):
+    """The index reads the embed job's output as is: video/clip parts only, caption embeddings ignored,
+    and text queries go through the model named in _model.json."""
+    from index import VideoIndex, build_index
+    from jobs.embed import embed_captions
+
+    out, summary = embedded
+    copy = tmp_path / "emb"
+    shutil.copytree(out, copy)
+    partition = _partition(copy)
+    assert embed_captions(partition, MODEL, None, torch) > 0
+    assert list(partition.glob("text-*.parquet"))
+    meta = build_index(copy, tmp_path / "idx", progress=False)
+    assert meta["count"] == len(read_embeddings(partition)) and meta["model_id"] == summary["model_id"]
+    hits = VideoIndex.open(tmp_path / "idx").search("a red circle moves to the left", k=3)
+    assert len(hits) == 3
