@@ -67,6 +67,7 @@ class CaptionStage:
         max_length: int | None = None,
         score_captions: bool = False,
         device: str | None = None,
+        min_length: int = 3,
     ):
         import torch
 
@@ -78,6 +79,7 @@ class CaptionStage:
         self.model_id = self.model.model_id
         self.beam_size = int(beam_size)
         self.max_length = max_length
+        self.min_length = int(min_length)
         self.score_captions = bool(score_captions)
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, Any]:
@@ -95,7 +97,8 @@ class CaptionStage:
                 mask = torch.as_tensor(np.asarray(batch["mask"])[ok]).to(self.device)
                 with torch.inference_mode():
                     out, out_scores = self.model.generate(
-                        frames, mask, max_length=self.max_length, beam_size=self.beam_size
+                        frames, mask, max_length=self.max_length, beam_size=self.beam_size,
+                        min_length=self.min_length,
                     )
                     refs = [json.loads(batch["captions"][i]) if self.score_captions else [] for i in ok]
                     ref_scores = self._score(frames, mask, refs) if self.score_captions else None
@@ -148,6 +151,7 @@ def run_caption(
     max_length: int | None = None,
     split: str | None = None,
     batch_size: int = 8,
+    min_length: int = 3,
     num_clips: int = 1,
     decoders: int = 1,
     backend: str | None = None,
@@ -201,6 +205,7 @@ def run_caption(
             "pretrained": str(pretrained),
             "beam_size": beam_size,
             "max_length": max_length,
+            "min_length": min_length,
             "score_captions": score_captions,
         },
         batch_size=batch_size,
@@ -381,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--beam", type=int, default=1, help="beam size (1 = greedy)")
     p.add_argument("--max-length", type=int, default=None, help="max generated tokens (default: model's)")
+    p.add_argument("--min-length", type=int, default=3, help="no end-of-caption before this many tokens")
     p.add_argument("--split", default=None, help="only samples of this split (train/val/test)")
     p.add_argument("--batch-size", type=int, default=8, help="videos per decode/caption batch")
     p.add_argument("--num-clips", type=int, default=1, help="clips the model's frames are spread over")
@@ -399,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
             score_captions=args.score_captions,
             beam_size=args.beam,
             max_length=args.max_length,
+            min_length=args.min_length,
             split=args.split,
             batch_size=args.batch_size,
             num_clips=args.num_clips,

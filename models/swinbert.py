@@ -565,11 +565,14 @@ class SwinBERT(nn.Module):
         max_length: int | None = None,
         beam_size: int = 1,
         length_penalty: float = 1.0,
+        min_length: int = 0,
     ) -> tuple[list[str], torch.Tensor]:
         """Caption a batch: ``(captions, scores [B])``; scores are length-normalised log-likelihoods.
 
         Each step appends ``[MASK]`` after the prefix and takes the head's prediction at it (SwinBERT
-        decoding). ``beam_size=1`` is greedy. Stops at EOT or ``max_length`` generated tokens.
+        decoding). ``beam_size=1`` is greedy. Stops at EOT or ``max_length`` generated tokens; EOT is not
+        allowed before ``min_length`` words (an early, barely trained model otherwise ends at once: EOT
+        beats every single word while the word mass is still spread over many paraphrases).
         """
         ctx = self.video_context(frames, mask)
         max_length = min(int(max_length or self.max_gen_length), self.context_length - 1)
@@ -577,10 +580,11 @@ class SwinBERT(nn.Module):
             raise ValueError(f"max_length must be >= 1, got {max_length}")
         if beam_size < 1:
             raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+        min_length = max(0, min(int(min_length), max_length - 1))
         if beam_size == 1:
-            ids, scores = self._greedy(ctx, max_length)
+            ids, scores = self._greedy(ctx, max_length, min_length)
         else:
-            ids, scores = self._beam(ctx, max_length, beam_size, length_penalty)
+            ids, scores = self._beam(ctx, max_length, beam_size, length_penalty, min_length)
         return [self.tokenizer.decode(row[1:].tolist()) for row in ids], scores
 
     def _next_logp(self, ctx: VideoContext, prefix: torch.Tensor) -> torch.Tensor:
@@ -589,7 +593,13 @@ class SwinBERT(nn.Module):
         hidden = self.caption_hidden(ctx, torch.cat([prefix, mask_col], dim=1))[:, -1]
         return self.token_logits(hidden).log_softmax(dim=-1)
 
-    def _greedy(self, ctx: VideoContext, max_length: int):
+    def _no_early_eot(self, logp: torch.Tensor, step: int, min_length: int) -> torch.Tensor:
+        if step < min_length:
+            logp = logp.clone()
+            logp[:, self.tokenizer.eot_id] = NEG_INF
+        return logp
+
+    def _greedy(self, ctx: VideoContext, max_length: int, min_length: int = 0):
         tok = self.tokenizer
         b = ctx.valid.shape[0]
         device = ctx.valid.device
@@ -597,8 +607,8 @@ class SwinBERT(nn.Module):
         total = torch.zeros(b, device=device)
         count = torch.zeros(b, device=device)
         done = torch.zeros(b, dtype=torch.bool, device=device)
-        for _ in range(max_length):
-            logp = self._next_logp(ctx, seq)
+        for step in range(max_length):
+            logp = self._no_early_eot(self._next_logp(ctx, seq), step, min_length)
             best_logp, best = logp.max(dim=-1)
             best = torch.where(done, torch.full_like(best, tok.pad_id), best)
             total += torch.where(done, torch.zeros_like(best_logp), best_logp)
@@ -609,7 +619,7 @@ class SwinBERT(nn.Module):
                 break
         return seq, total / count.clamp(min=1)
 
-    def _beam(self, ctx: VideoContext, max_length: int, k: int, alpha: float):
+    def _beam(self, ctx: VideoContext, max_length: int, k: int, alpha: float, min_length: int = 0):
         tok = self.tokenizer
         b = ctx.valid.shape[0]
         device = ctx.valid.device
@@ -620,8 +630,8 @@ class SwinBERT(nn.Module):
         total = total.view(-1)
         length = torch.zeros(b * k, device=device)
         done = torch.zeros(b * k, dtype=torch.bool, device=device)
-        for _ in range(max_length):
-            logp = self._next_logp(ctx, seq)  # [B*K, V]
+        for step in range(max_length):
+            logp = self._no_early_eot(self._next_logp(ctx, seq), step, min_length)  # [B*K, V]
             vocab = logp.shape[-1]
             # A finished beam has exactly one continuation, PAD, that costs nothing.
             frozen = torch.full_like(logp, NEG_INF)

@@ -225,6 +225,9 @@ def test_decoding_stops_at_eos_and_respects_max_length(trained):
         for beam in (1, 3):
             caps, sc = model.generate(frames, mask, max_length=10, beam_size=beam)
             assert caps == ["", ""] and torch.allclose(sc, torch.zeros(2), atol=1e-4)
+            # min_length forbids that early end: exactly 3 words, then the (still preferred) EOT.
+            caps, _ = model.generate(frames, mask, max_length=10, beam_size=beam, min_length=3)
+            assert [len(c.split()) for c in caps] == [3, 3]
     finally:
         with torch.no_grad():
             model.head_bias[tokenizer.eot_id] -= 1000.0
