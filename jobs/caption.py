@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from jobs.cli import print_summary
+
 CAPTION_COLUMNS = ("video_id", "key", "caption", "score", "model_id")
 SCORE_COLUMNS = ("video_id", "caption", "score", "model_id")
 ERROR_COLUMNS = ("key", "video_id", "reason", "message")
@@ -415,10 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, KeyError, ValueError) as exc:
         print(f"vidsift caption: error: {exc}", file=sys.stderr)
         return 2
-    print("[caption] summary")
-    for key, value in summary.items():
-        print(f"  {key:<16} {value}")
-    print(json.dumps(summary))
+    print_summary("caption", summary)
     return 0
 
 

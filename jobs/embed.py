@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from jobs.cli import print_summary
 from pipeline.embedding import (
     DecodeShardClipsStage,
     EncodeClipsStage,
@@ -204,10 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, KeyError, ValueError) as exc:
         print(f"vidsift embed: error: {exc}", file=sys.stderr)
         return 2
-    print("[embed] summary")
-    for key, value in summary.items():
-        print(f"  {key:<16} {value}")
-    print(json.dumps(summary))
+    print_summary("embed", summary)
     return 0
 
 

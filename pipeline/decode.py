@@ -18,6 +18,7 @@ antialiased bilinear interpolation; normalisation belongs to the model transform
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import io
 import logging
@@ -294,17 +295,18 @@ class DecodeResult:
     frames_decoded: int = -1
 
 
-class DecoderBackend:
-    """One decoding library. Subclasses implement :meth:`decode_indices` (exact mode) and may override
-    :meth:`decode_times` when the library maps times to frames itself."""
+class DecoderBackend(abc.ABC):
+    """One decoding library: exact-mode and keyframe-mode decoding of requested times."""
 
     name = "base"
 
+    @abc.abstractmethod
     def decode_times(self, source, times: np.ndarray, meta: VideoMeta | None) -> DecodeResult:
-        raise NotImplementedError
+        """Exact mode: for each time, the frame whose presentation interval contains it."""
 
+    @abc.abstractmethod
     def decode_keyframes(self, source, times: np.ndarray, meta: VideoMeta) -> DecodeResult:
-        raise NotImplementedError
+        """Keyframe mode: each time snapped to the nearest keyframe, with the time error."""
 
 
 class PyAVBackend(DecoderBackend):
