@@ -56,7 +56,8 @@ def rerank_gain(index_dir: str, model, lookup, weight: float, k: int) -> dict[st
         if not rec.get("captions"):
             continue
         query, target = rec["captions"][0], rec.get("caption_class", vid)
-        base = [h for h in index.search(query, k=k) if h.video_id in records]
+        # The index may hold every split: search deeper, keep the first k hits of this split.
+        base = [h for h in index.search(query, k=min(k * 10, len(index))) if h.video_id in records][:k]
         reranked = reranker(query, list(base))
 
         def correct(hits, n, target=target):
@@ -82,7 +83,7 @@ def rerank_gain(index_dir: str, model, lookup, weight: float, k: int) -> dict[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jobs.caption import ShardFramesLookup, checkpoint_model_name
+    from jobs.caption import ShardFramesLookup, checkpoint_model_name, checkpoint_sampling
     from models import create_model
     from pipeline.caption_metrics import evaluate_captions
 
@@ -99,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for ckpt in args.checkpoints:
         model, transform, _ = create_model(checkpoint_model_name(ckpt), pretrained=ckpt)
-        lookup = ShardFramesLookup(args.shards, transform, num_frames=model.num_frames, split=args.split)
+        lookup = ShardFramesLookup(args.shards, transform, num_frames=model.num_frames, split=args.split,
+                                   sampling=checkpoint_sampling(ckpt, model.num_frames))
         ids, hyps, refs, seconds = caption_split(model, lookup, args.beam)
         if not ids:
             print(f"no videos of split {args.split!r} in {args.shards}", file=sys.stderr)

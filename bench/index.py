@@ -112,12 +112,32 @@ def time_search(search, queries: np.ndarray, k: int, repeats: int = 2) -> tuple[
     return found, len(queries) / best
 
 
+def _faiss_opq_compat() -> None:
+    """autofaiss 2.18 calls ``faiss.OPQMatrix(d, M=..., d2=...)``; faiss 1.15 names that argument ``M_in``
+    (TypeError on every OPQ index autofaiss picks). Accept both spellings, nothing else changes."""
+    import inspect
+
+    params = inspect.signature(faiss.OPQMatrix.__init__).parameters
+    if "M" in params or "M_in" not in params or getattr(faiss.OPQMatrix, "_vidsift_compat", False):
+        return
+    base = faiss.OPQMatrix
+
+    class OPQMatrix(base):
+        _vidsift_compat = True
+
+        def __init__(self, d=0, M=1, d2=-1, **kwargs):
+            super().__init__(d, kwargs.pop("M_in", M), d2)
+
+    faiss.OPQMatrix = OPQMatrix
+
+
 def run_autofaiss(emb_dir: Path, workdir: Path, memory: str, queries: np.ndarray, k: int, truth: np.ndarray,
                   nb_cores: int) -> dict:
     try:
         from autofaiss import build_index as autofaiss_build
     except ImportError as exc:
         return {"error": f"autofaiss cannot be imported: {exc}"}
+    _faiss_opq_compat()
     sub = next(emb_dir.iterdir())
     t = time.perf_counter()
     try:

@@ -1,6 +1,6 @@
 """Ingest throughput: Ray ingest (copy / transcode, 1 and 2 workers) vs ``tar cf`` and a sequential loop.
 
-    python -m bench.ingest            # 200 small (10 s, 320x240) + 12 large (720p, several MB) videos
+    python -m bench.ingest            # 1000 small (10 s, 320x240) + 36 large (720p, ~13 MB) videos
     python -m bench.ingest --quick    # 40 small (4 s) + 4 large (2 s): a smoke run
 
 All figures come from one run on the same files (page cache warm for every contender): videos/s and MB/s of
@@ -16,12 +16,14 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -98,16 +100,23 @@ def corpus_bytes(manifest: Path) -> tuple[int, int]:
     return len(files), sum(f.stat().st_size for f in files)
 
 
-def time_tar(manifest: Path, work: Path) -> float:
+def time_tar(manifest: Path, work: Path, fsync: bool) -> float:
+    """``tar cf`` of the videos; with ``fsync`` the tar is also flushed to disk, as every ingest shard is."""
     target = work / "baseline.tar"
     t0 = time.perf_counter()
     subprocess.run(["tar", "cf", str(target), "-C", str(manifest.parent), "videos"], check=True)
+    if fsync:
+        fd = os.open(target, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
     seconds = time.perf_counter() - t0
     target.unlink()
     return seconds
 
 
-def time_sequential(manifest: Path, work: Path, spp: int, transcode_kwargs: dict | None) -> float:
+def time_sequential(
+    manifest: Path, work: Path, spp: int, transcode_kwargs: dict | None, fsync: bool = True
+) -> float:
     from pipeline.ingest import IngestConfig, IngestShardStage, plan_inputs, plan_shards
     from pipeline.inputs import read_inputs
 
@@ -117,7 +126,7 @@ def time_sequential(manifest: Path, work: Path, spp: int, transcode_kwargs: dict
     config = IngestConfig(
         samples_per_shard=spp, transcode=transcode_kwargs is not None, **(transcode_kwargs or {})
     )
-    stage = IngestShardStage(str(out), asdict(config))
+    stage = IngestShardStage(str(out), asdict(config), fsync=fsync)
     for i, rows in enumerate(plan_shards(candidates, spp, config.max_shard_bytes)):
         stage({"shard": [i], "rows": [rows]})
     seconds = time.perf_counter() - t0
@@ -125,7 +134,9 @@ def time_sequential(manifest: Path, work: Path, spp: int, transcode_kwargs: dict
     return seconds
 
 
-def time_ray(manifest: Path, work: Path, spp: int, workers: int, transcode_kwargs: dict | None) -> float:
+def time_ray(
+    manifest: Path, work: Path, spp: int, workers: int, transcode_kwargs: dict | None, fsync: bool = True
+) -> float:
     from pipeline.ingest import run_ingest
 
     out = work / f"ray-{workers}"
@@ -137,6 +148,7 @@ def time_ray(manifest: Path, work: Path, spp: int, workers: int, transcode_kwarg
         workers=workers,
         transcode=transcode_kwargs is not None,
         progress=False,
+        fsync=fsync,
         **(transcode_kwargs or {}),
     )
     seconds = time.perf_counter() - t0
@@ -180,31 +192,38 @@ def start_ray(num_cpus: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="40 small + 4 large short videos")
-    p.add_argument("--small", type=int, default=None, help="number of small videos (default 200, quick 40)")
-    p.add_argument("--large", type=int, default=None, help="number of large videos (default 12, quick 4)")
+    p.add_argument("--small", type=int, default=None, help="number of small videos (default 1000, quick 40)")
+    p.add_argument("--large", type=int, default=None, help="number of large videos (default 36, quick 4)")
+    p.add_argument("--small-per-shard", type=int, default=None,
+                   help="samples per shard, small corpus (default: 64, or fewer so there are >= 8 shards "
+                        "per worker and no worker idles on the last one)")
+    p.add_argument("--corpora", default="small,large")
     p.add_argument("--corpus-dir", default=None, help="where to generate/cache the corpora (default: temp)")
     p.add_argument("--workers", default="1,2")
     p.add_argument("--modes", default="copy,transcode")
+    p.add_argument("--fsync", choices=["on", "off", "both"], default="both",
+                   help="flush every shard (and the tar baseline) to disk; 'both' measures each way")
+    p.add_argument("--repeats", type=int, default=3, help="rounds per contender (interleaved); median shown")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
-    n_small = args.small or (40 if args.quick else 200)
-    n_large = args.large or (4 if args.quick else 12)
+    n_small = args.small or (40 if args.quick else 1000)
+    n_large = args.large or (4 if args.quick else 36)
     workers_list = [int(w) for w in args.workers.split(",")]
+    fsyncs = {"on": [True], "off": [False], "both": [True, False]}[args.fsync]
     root = Path(args.corpus_dir or tempfile.mkdtemp(prefix="vs_bench_ingest_"))
-    work = Path(tempfile.mkdtemp(prefix="vs_bench_ingest_out_"))
+    root.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="vs_bench_ingest_out_", dir=root))
     procs = min(2, os.cpu_count() or 1)
-    corpora = [
-        (
-            "small",
-            make_corpus(root, "small", n_small, 320, 240, 4.0 if args.quick else 10.0, 25, 0.0, procs),
-            10,
-        ),
-        (
-            "large",
-            make_corpus(root, "large", n_large, 1280, 720, 2.0 if args.quick else 4.0, 25, 0.35, procs),
-            1,
-        ),
-    ]
+    small_spp = args.small_per_shard or max(1, min(64, n_small // (8 * max(workers_list))))
+    wanted = args.corpora.split(",")
+    corpora = []
+    if "small" in wanted:
+        small = make_corpus(root, "small", n_small, 320, 240, 4.0 if args.quick else 10.0, 25, 0.0, procs)
+        corpora.append(("small", small, small_spp))
+    if "large" in wanted:
+        large = make_corpus(root, "large", n_large, 1280, 720, 2.0 if args.quick else 4.0, 25, 0.35, procs)
+        corpora.append(("large", large, 1))
+    print(f"[bench] samples per shard: small {small_spp}, large 1", flush=True)
     startup = start_ray(max(workers_list))
     print(
         f"[bench] start-up: ray.init {startup['ray_init_s']:.2f} s, "
@@ -215,66 +234,58 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name, manifest, spp in corpora:
         n, nbytes = corpus_bytes(manifest)
-        tar_s = time_tar(manifest, work)
-        rows.append(
-            {"corpus": name, "mode": "-", "runner": "tar cf", "videos": n, "mb": nbytes / 1e6, "s": tar_s}
-        )
-        for mode in args.modes.split(","):
+        for mode in ["-", *args.modes.split(",")]:
             kw = transcode_kwargs if mode == "transcode" else None
-            seq_s = time_sequential(manifest, work, spp, kw)
-            rows.append(
-                {
-                    "corpus": name,
-                    "mode": mode,
-                    "runner": "sequential loop",
-                    "videos": n,
-                    "mb": nbytes / 1e6,
-                    "s": seq_s,
-                }
-            )
-            for w in workers_list:
-                rows.append(
-                    {
-                        "corpus": name,
-                        "mode": mode,
-                        "runner": f"ray {w} worker{'s' if w > 1 else ''}",
-                        "workers": w,
-                        "videos": n,
-                        "mb": nbytes / 1e6,
-                        "s": time_ray(manifest, work, spp, w, kw),
-                    }
-                )
+            for fsync in fsyncs:
+                suffix = " +fsync" if fsync else ""
+                # Contenders run interleaved, round after round, so drift in the machine hits all alike.
+                if mode == "-":
+                    contenders = {f"tar cf{suffix}": partial(time_tar, manifest, work, fsync)}
+                else:
+                    seq = partial(time_sequential, manifest, work, spp, kw, fsync)
+                    contenders = {f"sequential loop{suffix}": seq}
+                    for w in workers_list:
+                        label = f"ray {w} worker{'s' if w > 1 else ''}{suffix}"
+                        contenders[label] = partial(time_ray, manifest, work, spp, w, kw, fsync)
+                # transcode runs are long enough that one round is already stable
+                rounds = 1 if mode == "transcode" else args.repeats
+                times: dict[str, list[float]] = {label: [] for label in contenders}
+                for _ in range(rounds):
+                    for label, fn in contenders.items():
+                        times[label].append(fn())
+                for label, ts in times.items():
+                    rows.append({"corpus": name, "mode": mode, "runner": label, "fsync": fsync, "videos": n,
+                                 "mb": nbytes / 1e6, "s": statistics.median(ts), "rounds": len(ts),
+                                 "all_s": ts})
             print(f"[bench] {name}/{mode} done", flush=True)
     for r in rows:
         r["videos_per_s"], r["mb_per_s"] = r["videos"] / r["s"], r["mb"] / r["s"]
     lookup = {(r["corpus"], r["mode"], r["runner"]): r for r in rows}
     checks = []
     for name, _, _ in corpora:
-        tar_mbs = lookup[(name, "-", "tar cf")]["mb_per_s"]
-        for mode in args.modes.split(","):
-            one, seq = lookup.get((name, mode, "ray 1 worker")), lookup[(name, mode, "sequential loop")]
-            two = lookup.get((name, mode, "ray 2 workers"))
-            if one and two:
-                checks.append(
-                    (f"{name}/{mode}: 2 workers / 1 worker", two["videos_per_s"] / one["videos_per_s"], 1.7)
-                )
-            if two:
-                checks.append(
-                    (f"{name}/{mode}: 2 workers / sequential", two["videos_per_s"] / seq["videos_per_s"], 1.5)
-                )
-            if mode == "copy" and name == "large":
-                best = max(
-                    r["mb_per_s"]
-                    for r in rows
-                    if r["corpus"] == name and r["mode"] == "copy" and r["runner"].startswith("ray")
-                )
-                checks.append(("large/copy: best ray MB/s / tar cf MB/s", best / tar_mbs, 0.5))
-    print("\n| corpus | mode | runner | videos | MB | s | videos/s | MB/s |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
+        for fsync in fsyncs:
+            sfx = " +fsync" if fsync else ""
+            for mode in args.modes.split(","):
+                one = lookup.get((name, mode, f"ray 1 worker{sfx}"))
+                two = lookup.get((name, mode, f"ray 2 workers{sfx}"))
+                seq = lookup[(name, mode, f"sequential loop{sfx}")]
+                if one and two:
+                    checks.append((f"{name}/{mode}{sfx}: 2 workers / 1 worker",
+                                   two["videos_per_s"] / one["videos_per_s"], 1.7))
+                if two:
+                    checks.append((f"{name}/{mode}{sfx}: 2 workers / sequential",
+                                   two["videos_per_s"] / seq["videos_per_s"], 1.5))
+                if mode == "copy" and name == "large":
+                    best = max(r["mb_per_s"] for r in rows if r["corpus"] == name and r["mode"] == "copy"
+                               and r["runner"].startswith("ray") and r["fsync"] == fsync)
+                    tar_mbs = lookup[(name, "-", f"tar cf{sfx}")]["mb_per_s"]
+                    checks.append((f"large/copy{sfx}: best ray MB/s / tar cf{sfx} MB/s", best / tar_mbs, 0.5))
+    print("\n| corpus | mode | runner | videos | MB | s (median) | rounds | videos/s | MB/s |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
             f"| {r['corpus']} | {r['mode']} | {r['runner']} | {r['videos']} | {r['mb']:.1f} | {r['s']:.2f} | "
-            f"{r['videos_per_s']:.1f} | {r['mb_per_s']:.1f} |"
+            f"{r['rounds']} | {r['videos_per_s']:.1f} | {r['mb_per_s']:.1f} |"
         )
     print("\n| ratio | measured | floor | ok |\n|---|---:|---:|---|")
     for label, value, floor in checks:

@@ -40,6 +40,27 @@ def checkpoint_model_name(pretrained: str | os.PathLike) -> str:
     return str(load_checkpoint(pretrained)["model_name"])
 
 
+def checkpoint_sampling(pretrained: str | os.PathLike, num_frames: int) -> dict[str, Any]:
+    """The eval sampling the captioner was trained with (recorded in the checkpoint by ``jobs.train``), so
+    captioning and scoring see frames spaced as in training; :func:`caption_sampling` when the checkpoint
+    records none or one that does not give the model its ``num_frames`` frames."""
+    import json
+
+    from models.registry import is_vidsift_checkpoint, load_checkpoint
+
+    if Path(pretrained).is_file() and is_vidsift_checkpoint(pretrained):
+        extra = load_checkpoint(pretrained).get("extra", {})
+        config = extra.get("train_config") or {}
+        if isinstance(config, str):  # the trainer stores its config as JSON text
+            config = json.loads(config)
+        recorded = dict(config.get("eval_sampling") or {})
+        if recorded and recorded.get("mode", "eval") == "eval" and (
+            int(recorded.get("num_clips", 1)) * int(recorded.get("frames_per_clip", 0)) == num_frames
+        ):
+            return recorded
+    return caption_sampling(num_frames)
+
+
 def caption_sampling(
     num_frames: int, num_clips: int = 1, frames_per_clip: int | None = None
 ) -> dict[str, Any]:
@@ -174,7 +195,9 @@ def run_caption(
     probe, transform, _ = create_model(name, pretrained=pretrained)
     model_id, num_frames = probe.model_id, probe.num_frames
     del probe
-    sampling = caption_sampling(num_frames, num_clips)
+    sampling = checkpoint_sampling(pretrained, num_frames) if num_clips == 1 else caption_sampling(
+        num_frames, num_clips
+    )
     tar_paths = list_shards(shards)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -338,12 +361,13 @@ class ShardFramesLookup:
     evaluation corpora that fit in memory (the frames of every video are kept).
     """
 
-    def __init__(self, shards, transform, num_frames: int, split: str | None = None, num_clips: int = 1):
+    def __init__(self, shards, transform, num_frames: int, split: str | None = None, num_clips: int = 1,
+                 sampling: dict[str, Any] | None = None):
         from pipeline.datasets import ShardClipDataset
 
         self.dataset = ShardClipDataset(
             shards,
-            sampling=caption_sampling(num_frames, num_clips),
+            sampling=sampling or caption_sampling(num_frames, num_clips),
             size=transform.image_size,
             split=split,
             shuffle_shards=False,

@@ -171,9 +171,14 @@ class VidSwinDualEncoder(nn.Module):
     def embed_batch(self, frames: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Video embedding of ``[B, T, ...]`` or aggregated ``[B, N, T, ...]`` frames."""
         if frames.ndim == 6:
-            clip_mask = None if mask is None else torch.as_tensor(mask, device=frames.device).bool().any(-1)
-            return losses.aggregate_clips(self.encode_clips(frames, mask), clip_mask, self.clip_aggregation)
+            return self.video_from_clips(self.encode_clips(frames, mask), mask)
         return self.encode_video(frames, mask)
+
+    def video_from_clips(self, clip_emb: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Video embedding aggregated from ``encode_clips`` output (``mask [B, N, T]``), without a second
+        forward: what the embed job stores beside the clip rows."""
+        clip_mask = None if mask is None else torch.as_tensor(mask, device=clip_emb.device).bool().any(-1)
+        return losses.aggregate_clips(clip_emb, clip_mask, self.clip_aggregation)
 
     def loss(
         self, video_frames: torch.Tensor, mask: torch.Tensor | None, captions: list[str]

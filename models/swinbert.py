@@ -887,6 +887,9 @@ SWINBERT_CONFIGS: dict[str, dict[str, Any]] = {
     },
 }
 
+# The ablation of docs/results.md: the same tiny model with full video-to-video attention (no learnable mask).
+SWINBERT_CONFIGS["swinbert-tiny-nomask"] = {**SWINBERT_CONFIGS["swinbert-tiny"], "use_sparse_mask": False}
+
 for _name, _cfg in SWINBERT_CONFIGS.items():
     register_model(_name, family="swinbert", config=_cfg, builder=_build_swinbert)
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.decode import Size, Source, VideoMeta, decode, probe_video
+from pipeline.decode import Size, Source, VideoMeta, decode, keyframe_meta, probe_video
 from pipeline.sampling import ClipPlan, SamplingConfig, plan_from_config
 
 
@@ -46,8 +46,11 @@ def sample_clips(
 
     ``plan_or_config`` may be a plan, a :class:`SamplingConfig` or its dict. ``meta`` (a
     :class:`VideoMeta` or a dict with ``duration``/``fps``, e.g. the shard json) spares a probe; keyframe
-    mode needs keyframe times, so it probes unless ``meta`` is a :class:`VideoMeta`.
+    mode needs keyframe times, so it probes unless ``meta`` is a :class:`VideoMeta` or a shard json that
+    carries them (ingest records ``time_base`` + ``keyframe_pts``).
     """
+    if keyframe_mode and isinstance(meta, Mapping):
+        meta = keyframe_meta(meta) or meta
     if isinstance(plan_or_config, ClipPlan):
         plan = plan_or_config
     else:

@@ -264,14 +264,19 @@ class ShardClipDataset(IterableDataset):
 
 
 def _plan_meta(record: Mapping[str, Any]) -> dict[str, Any] | None:
-    """Duration/fps from the shard json when usable (spares a probe), else None (probe the video)."""
+    """Duration/fps (and, from current ingests, start time and keyframe timeline) from the shard json when
+    usable (spares a probe, also in keyframe mode), else None (probe the video)."""
     try:
         duration, fps = float(record["duration"]), float(record["fps"])
     except (KeyError, TypeError, ValueError):
         return None
     if not (np.isfinite(duration) and duration > 0 and np.isfinite(fps) and fps > 0):
         return None
-    return {"duration": duration, "fps": fps}
+    extra = {k: record[k] for k in _TIMELINE_KEYS if record.get(k) is not None}
+    return {**extra, "duration": duration, "fps": fps}
+
+
+_TIMELINE_KEYS = ("start_time", "time_base", "keyframe_pts", "num_frames", "width", "height", "codec")
 
 
 def collate_clips(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

@@ -9,7 +9,7 @@ Speed comes from never decoding more than needed: requests are sorted and de-dup
 to the keyframe before a requested frame only when that keyframe lies after the last decoded frame, and
 otherwise decodes forward; nothing after the last requested frame is decoded. **Keyframe mode**
 (:func:`decode_keyframes`) snaps every request to the nearest keyframe instead, so each output frame costs
-exactly one keyframe decode, and reports the time error.
+exactly one keyframe decode (the keyframe packet alone, then a decoder flush), and reports the time error.
 
 Rotation metadata is applied (frames come out upright, as torchcodec does). Resizing (``size``: int = square
 side, or ``(H, W)``) centre-crops the decoded frame to the output aspect ratio and then resizes it with
@@ -23,7 +23,7 @@ import dataclasses
 import io
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, Union
 
@@ -173,6 +173,25 @@ class VideoMeta:
             "num_frames": self.num_frames, "codec": self.codec, "rotation": self.rotation,
             "start_time": self.start_time, "keyframe_times": [float(t) for t in self.keyframe_times],
         }
+
+
+def keyframe_meta(info: Mapping[str, Any]) -> VideoMeta | None:
+    """The keyframes-only :class:`VideoMeta` (what ``probe_video(..., keyframes_only=True)`` returns) rebuilt
+    from a shard sample's json (``pipeline.probe.probe_video`` records ``time_base`` and ``keyframe_pts`` at
+    ingest); ``None`` when the json lacks them (older shards, streams without timestamps)."""
+    tb, kpts = info.get("time_base") or [], info.get("keyframe_pts") or []
+    if len(tb) != 2 or not kpts or not tb[1]:
+        return None
+    pts = np.asarray(sorted(int(p) for p in kpts), dtype=np.int64)
+    # pts * num / den: the same arithmetic as probe_video, so both give bit-identical times
+    times = pts * float(tb[0]) / float(tb[1])
+    return VideoMeta(
+        duration=float(info["duration"]), fps=float(info["fps"]), width=int(info.get("width") or 0),
+        height=int(info.get("height") or 0), num_frames=int(info.get("num_frames") or len(pts)),
+        codec=str(info.get("codec") or ""), rotation=0.0, start_time=float(info.get("start_time") or 0.0),
+        frame_times=times, keyframe_times=times.copy(), time_base=float(tb[0]) / float(tb[1]), pts=pts,
+        has_timestamps=True, keyframes_only=True,
+    )
 
 
 def probe_video(source: Source, keyframes_only: bool = False) -> VideoMeta:
@@ -330,7 +349,14 @@ class PyAVBackend(DecoderBackend):
     def decode_keyframes(self, source, times: np.ndarray, meta: VideoMeta) -> DecodeResult:
         kidx = _nearest_keyframe_indices(meta, times)
         uniq = np.unique(kidx)
-        frames, decoded = self.decode_indices(source, uniq, meta, keyframes_only=True)
+        try:
+            frames = _decode_keyframe_packets(source, meta, uniq)
+        except av.error.FFmpegError:
+            frames = None
+        if frames is not None:
+            decoded = len(uniq)
+        else:
+            frames, decoded = self.decode_indices(source, uniq, meta, keyframes_only=True)
         lookup = {int(i): f for i, f in zip(uniq, frames)}
         out = np.stack([lookup[int(i)] for i in kidx])
         ft = meta.frame_times[kidx]
@@ -422,6 +448,44 @@ def _iter_frames(container, stream):
         return
 
 
+def _decode_keyframe_packets(source, meta: VideoMeta, kidx: np.ndarray) -> list[np.ndarray] | None:
+    """One decoded picture per sorted unique keyframe index: seek to its pts, send that single packet and
+    flush the decoder, so the keyframe comes out at once. Waiting for the next packets instead (what a
+    decode-until-pts loop does) costs the B-frame reorder delay -- 2-4 more frames per keyframe -- and
+    with ``skip_frame=NONKEY`` even the *next* keyframe. ``None`` when the stream cannot be served this way
+    (no timestamps, a seek that does not land on the keyframe): callers fall back to decoding forward."""
+    if not meta.has_timestamps or len(meta.pts) != len(meta.frame_times):
+        return None
+    src = normalize_source(source)
+    name = describe_source(source)
+    try:
+        container = _open_av(src)
+    except (av.error.FFmpegError, OSError) as exc:
+        raise VideoDecodeError("not_a_video", f"{name}: {exc}") from exc
+    out: list[np.ndarray] = []
+    with container:
+        stream = container.streams.video[0]
+        stream.thread_type = "SLICE"  # frame threads would add their own output delay
+        decoder = stream.codec_context
+        for i in kidx:
+            target = int(meta.pts[int(i)])
+            container.seek(target, stream=stream, backward=True, any_frame=False)  # also flushes the decoder
+            frames = None
+            for packet in container.demux(stream):
+                if packet.pts is None or not packet.is_keyframe or packet.pts < target:
+                    if packet.pts is not None and packet.pts > target:
+                        return None
+                    continue
+                if packet.pts != target:
+                    return None  # the keyframe is not where the probe put it
+                frames = list(packet.decode()) + list(decoder.decode(None))
+                break
+            if not frames:
+                return None
+            out.append(_rotate(frames[0].to_ndarray(format="rgb24"), frames[0].rotation or 0.0))
+    return out
+
+
 def _nearest_keyframe_indices(meta: VideoMeta, times: np.ndarray) -> np.ndarray:
     kt = meta.keyframe_times
     times = np.asarray(times, dtype=np.float64)
@@ -473,8 +537,20 @@ class TorchCodecBackend(DecoderBackend):
     def decode_keyframes(self, source, times: np.ndarray, meta: VideoMeta) -> DecodeResult:
         kidx = _nearest_keyframe_indices(meta, times)
         kt = meta.frame_times[kidx]
+        if not str(self.device).startswith("cuda"):
+            # torchcodec has no decode-one-packet call: its seek-then-decode-to-pts waits out the B-frame
+            # reorder delay (2-4 frames per keyframe). On CPU both libraries run the same FFmpeg decoder,
+            # so keyframe mode sends the single keyframe packet through PyAV and flushes (same pixels).
+            uniq, inverse = np.unique(kidx, return_inverse=True)
+            try:
+                frames = _decode_keyframe_packets(source, meta, uniq)
+            except av.error.FFmpegError:
+                frames = None
+            if frames is not None:
+                out = np.stack(frames)[inverse]
+                return DecodeResult(out, kt, kt - np.asarray(times, dtype=np.float64), len(uniq))
         # Approximate mode skips the full-file scan; each request is a keyframe pts, so every frame is
-        # one seek + one keyframe decode.
+        # one seek + one keyframe decode (plus the decoder's reorder delay).
         decoder = self._decoder(source, seek_mode="approximate")
         uniq, inverse = np.unique(kt, return_inverse=True)
         try:

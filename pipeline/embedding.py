@@ -178,7 +178,7 @@ class EncodeClipsStage:
             x = self.transform(frames).to(self.device)
             m = torch.as_tensor(mask, device=self.device)
             clips = self.model.encode_clips(x, m)
-            video = self.model.embed_batch(x, m)
+            video = self.model.video_from_clips(clips, m)  # one forward: aggregate the clip rows
         return clips.float().cpu().numpy(), video.float().cpu().numpy()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -377,9 +377,14 @@ class Progress:
     def __init__(self, total: int, label: str = "embed", every_s: float = 5.0):
         self.total, self.label, self.every_s = total, label, every_s
         self.start = self.last = time.monotonic()
+        self.first: tuple[float, int] | None = None  # (time, videos done) of the first output
+        self.done = 0
 
     def update(self, done: int, extra: str = "") -> None:
         now = time.monotonic()
+        if self.first is None and done > 0:
+            self.first = (now, done)
+        self.done, self.last_update = done, now
         if now - self.last < self.every_s and done < self.total:
             return
         self.last = now
@@ -390,6 +395,17 @@ class Progress:
 
     def elapsed(self) -> float:
         return time.monotonic() - self.start
+
+    def startup_s(self) -> float:
+        """Seconds until the first output (cluster join, actor start, model load, pipeline fill)."""
+        return (self.first[0] - self.start) if self.first else 0.0
+
+    def steady_rate(self) -> float:
+        """Videos/s after the first output: the throughput a long run converges to."""
+        if self.first is None:
+            return 0.0
+        span = self.last_update - self.first[0]
+        return (self.done - self.first[1]) / span if span > 0 and self.done > self.first[1] else 0.0
 
 
 def iter_partition_dirs(output: str | os.PathLike) -> Iterable[Path]:

@@ -101,6 +101,7 @@ def probe_video(data: bytes, max_pixels: int | None = None, decode_check: bool =
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         num_frames = num_keyframes = 0
         first_pts = last_end = None
+        keyframe_pts: list[int] = []
         decoded_first = not decode_check
         decoder = stream.codec_context
         try:
@@ -111,6 +112,8 @@ def probe_video(data: bytes, max_pixels: int | None = None, decode_check: bool =
                     decoded_first = _decode_keyframe(decoder, packet, num_frames)
                 num_frames += 1
                 num_keyframes += int(packet.is_keyframe)
+                if packet.is_keyframe and packet.pts is not None:
+                    keyframe_pts.append(int(packet.pts))
                 if packet.pts is not None:
                     end = packet.pts + (packet.duration or 0)
                     first_pts = packet.pts if first_pts is None else min(first_pts, packet.pts)
@@ -143,9 +146,24 @@ def probe_video(data: bytes, max_pixels: int | None = None, decode_check: bool =
             "codec": codec,
             "num_frames": num_frames,
             "num_keyframes": num_keyframes,
+            **_timeline(stream.time_base, first_pts, keyframe_pts),
         }
     finally:
         container.close()
+
+
+def _timeline(time_base, first_pts: int | None, keyframe_pts: list[int]) -> dict[str, Any]:
+    """``start_time`` (seconds), ``time_base`` ``[num, den]`` and the sorted ``keyframe_pts``: enough for
+    ``pipeline.decode.keyframe_meta`` to rebuild the keyframe timeline, so keyframe-mode training seeks
+    without probing the video again. Empty lists when the stream carries no timestamps (keyframe mode then
+    probes)."""
+    if not time_base or first_pts is None or not keyframe_pts:
+        return {"start_time": 0.0, "time_base": [], "keyframe_pts": []}
+    return {
+        "start_time": first_pts * float(time_base.numerator) / float(time_base.denominator),
+        "time_base": [int(time_base.numerator), int(time_base.denominator)],
+        "keyframe_pts": sorted(keyframe_pts),
+    }
 
 
 def _decode_keyframe(decoder, packet, index: int) -> bool:

@@ -166,3 +166,20 @@ def test_rerank_hits_rescores_and_sorts(ingested_shards, checkpoint):
         rerank_hits(model, query, [{"video_id": "nope", "score": 1.0}], lookup)
     with pytest.raises(ValueError, match="needs the query text"):
         rerank_hits(model, "", hits, lookup)
+
+
+def test_checkpoint_sampling_follows_training(tmp_path, checkpoint):
+    """Captioning and scoring sample frames as the captioner was trained (jobs.train records it)."""
+    from jobs.caption import checkpoint_sampling
+
+    model, _, _ = create_model("swinbert-tiny", pretrained=checkpoint)
+    assert checkpoint_sampling(checkpoint, model.num_frames) == caption_sampling(4)  # nothing recorded
+    trained = {"num_clips": 1, "frames_per_clip": 4, "fps": 4.0, "mode": "eval"}
+    path = tmp_path / "trained.pt"
+    recorded = json.dumps({"eval_sampling": trained})  # the trainer stores its config as JSON text
+    save_checkpoint(model, path, extra=checkpoint_extra(model, train_config=recorded))
+    assert checkpoint_sampling(path, model.num_frames) == trained
+    # a recorded sampling that would not give the model its frame count is not used
+    wrong = {"num_clips": 2, "frames_per_clip": 4, "mode": "eval"}
+    save_checkpoint(model, path, extra=checkpoint_extra(model, train_config={"eval_sampling": wrong}))
+    assert checkpoint_sampling(path, model.num_frames) == caption_sampling(4)

@@ -239,3 +239,56 @@ def test_keyframes_only_probe_matches_full_probe():
     # Exact decoding with a keyframes-only meta re-probes instead of using it.
     np.testing.assert_array_equal(decode_frames(data, [2.35], backend="pyav", meta=light),
                                   decode_frames(data, [2.35], backend="pyav"))
+
+
+@pytest.mark.parametrize("bframes", [0, 2])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_keyframe_mode_from_shard_json_needs_no_probe(monkeypatch, backend, bframes):
+    """Ingest records the keyframe timeline in the sample json; keyframe mode then seeks without a probe."""
+    import json
+
+    import pipeline.clips
+    import pipeline.decode
+    from pipeline.clips import sample_clips
+    from pipeline.decode import keyframe_meta
+    from pipeline.probe import probe_video as ingest_probe
+    from pipeline.sampling import SamplingConfig
+
+    data = make_video(num_frames=50, fps=10, gop=10, bframes=bframes)
+    record = json.loads(json.dumps(ingest_probe(data)))  # as read back from the shard's .json member
+    light = probe_video(data, keyframes_only=True)
+    rebuilt = keyframe_meta(record)
+    np.testing.assert_array_equal(rebuilt.keyframe_times, light.keyframe_times)  # bit-identical times
+    np.testing.assert_array_equal(rebuilt.pts, light.pts)
+    assert rebuilt.start_time == light.start_time and rebuilt.keyframes_only
+    assert keyframe_meta({"duration": 5.0, "fps": 10.0}) is None  # older shards: no timeline, probe instead
+
+    cfg = SamplingConfig(num_clips=3, frames_per_clip=2, mode="eval")
+    want = sample_clips(data, cfg, backend=backend, keyframe_mode=True)
+
+    def no_probe(*args, **kwargs):
+        raise AssertionError("probed although the shard json carries the keyframe timeline")
+
+    monkeypatch.setattr(pipeline.clips, "probe_video", no_probe)
+    monkeypatch.setattr(pipeline.decode, "probe_video", no_probe)
+    got = sample_clips(data, cfg, backend=backend, keyframe_mode=True, meta=record)
+    np.testing.assert_array_equal(got.frames, want.frames)
+    np.testing.assert_allclose(got.time_error, want.time_error)
+    assert np.abs(got.time_error).max() > 0  # the snapping really happened
+
+
+@pytest.mark.parametrize("bframes", [0, 2])
+def test_keyframe_packets_match_torchcodec_pixels(bframes):
+    """The keyframe fast path (one packet + flush) gives torchcodec's own pixels for the snapped times."""
+    torchcodec = pytest.importorskip("torchcodec.decoders")
+    data = make_video(num_frames=50, fps=10, gop=10, bframes=bframes)
+    times = np.array([0.3, 1.2, 2.6, 4.4])
+    ours = decode_keyframes(data, times, backend="pyav")
+    assert ours.frames_decoded == 4
+    direct = torchcodec.VideoDecoder(data, dimension_order="NHWC", seek_mode="approximate")
+    want = direct.get_frames_played_at(seconds=ours.frame_times.tolist()).data.numpy()
+    assert np.abs(ours.frames.astype(int) - want.astype(int)).max() <= 1
+    rotated = make_video(num_frames=30, fps=10, gop=10, bframes=bframes, size=(48, 64), rotation=90)
+    upright = decode_keyframes(rotated, [1.1], backend="pyav").frames
+    assert upright.shape[1:3] == decode_frames(rotated, [1.0], backend="pyav").shape[1:3] == (64, 48)
+    np.testing.assert_array_equal(upright[0], decode_frames(rotated, [1.0], backend="pyav")[0])

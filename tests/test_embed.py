@@ -49,6 +49,8 @@ def test_every_video_embedded_once_with_clip_rows(embedded, ingested_shards):
     assert summary["videos"] == expected == len(videos) == len({r["video_id"] for r in videos})
     assert summary["errors"] == 0
     assert len(table) - len(videos) == summary["clips"] == expected * SAMPLING["num_clips"]
+    # start-up (cluster join, actors, model load) is reported apart from the throughput it hides
+    assert 0 < summary["startup_s"] <= summary["seconds"]
     ids = [r["id"] for r in table]
     assert len(set(ids)) == len(ids)
     for r in table:
@@ -202,3 +204,17 @@ def test_index_builds_from_embed_output_with_caption_embeddings(embedded, tmp_pa
     assert meta["count"] == len(read_embeddings(partition)) and meta["model_id"] == summary["model_id"]
     hits = VideoIndex.open(tmp_path / "idx").search("a red circle moves to the left", k=3)
     assert len(hits) == 3
+
+
+def test_progress_steady_rate_excludes_startup(monkeypatch):
+    """Videos/s after the first output: a slow start-up must not drag the steady-state figure down."""
+    import pipeline.embedding as emb
+
+    clock = iter([0.0, 10.0, 12.0, 14.0])  # start, first output (10 s of start-up), then 2 s per 20 videos
+    monkeypatch.setattr(emb.time, "monotonic", lambda: next(clock))
+    progress = emb.Progress(total=60, every_s=1e9)
+    for done in (20, 40, 60):
+        progress.update(done)
+    assert progress.startup_s() == 10.0
+    assert progress.steady_rate() == 10.0  # (60 - 20) videos / (14 - 10) s
+
