@@ -116,6 +116,7 @@ def run_embed(shards: str | list[str], model: str, output: str, pretrained: str 
         # streaming (measured: the first embeddings came out after 114 of 116 s without this).
         frame_bytes = 3 * transform.image_size ** 2 * _frames_per_video(sampling)
         ctx = ray.data.DataContext.get_current()
+        previous_block_size = ctx.target_max_block_size
         ctx.target_max_block_size = max(1 << 20, int(1.5 * batch_size * frame_bytes))
         # Reading is I/O and decode actors are light next to the encoder: fractional CPUs keep a 2-core
         # machine from deadlocking (actors hold their CPUs for the whole run).
@@ -135,11 +136,13 @@ def run_embed(shards: str | list[str], model: str, output: str, pretrained: str 
             batch_size=batch_size, concurrency=encoders, num_gpus=1 if use_gpu else 0,
             num_cpus=0.25 if use_gpu else 1,
         )
-        done = 0
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
-            writer.add_batch(batch)
-            done = todo_total - sum(len(k) for k in writer.pending.values())
-            progress.update(done, f"errors {writer.error_count}")
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+                writer.add_batch(batch)
+                done = todo_total - sum(len(k) for k in writer.pending.values())
+                progress.update(done, f"errors {writer.error_count}")
+        finally:
+            ctx.target_max_block_size = previous_block_size  # later pipelines in this driver: Ray's default
         if writer.unfinished:
             raise RuntimeError(f"embedding pipeline lost rows of shards {writer.unfinished}")
     errors = consolidate_errors(partition)

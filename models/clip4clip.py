@@ -547,6 +547,12 @@ CLIP4CLIP_CONFIGS: dict[str, dict[str, Any]] = {
     "clip4clip-seqTransf-tiny": {**_TINY, "sim_header": "seqTransf"},
     "clip4clip-tightTransf-tiny": {**_TINY, "sim_header": "tightTransf"},
     "clip4clip-meanP-3d-tiny": {**_TINY, "sim_header": "meanP", "linear_patch": "3d"},
+    # 64 px frames with 16 px tube patches: the same 4 x 4 tokens (same cost per step) but 4x the pixels per
+    # shape, so small circles and squares stop looking alike (the 32 px model's main error).
+    "clip4clip-meanP-3d-tiny64": {
+        **_TINY, "sim_header": "meanP", "linear_patch": "3d",
+        "vision_cfg": {**_TINY["vision_cfg"], "image_size": 64, "patch_size": 16},
+    },
 }
 
 for _name, _cfg in CLIP4CLIP_CONFIGS.items():

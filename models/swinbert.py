@@ -781,6 +781,9 @@ def _build_swinbert(config: dict[str, Any], pretrained=None, **overrides):
     cfg = {**config, **overrides}
     tokenizer = CaptionTokenizer(cfg["context_length"])
     backbone = VideoSwinTransformer(**cfg["backbone"])
+    # token grid geometry follows the backbone: patch size x one 2x patch merging per stage after the first
+    patch = tuple(cfg["backbone"].get("patch_size", (2, 4, 4)))
+    spatial_stride = int(patch[1]) * 2 ** (len(cfg["backbone"]["depths"]) - 1)
     model = SwinBERT(
         backbone,
         tokenizer,
@@ -791,6 +794,8 @@ def _build_swinbert(config: dict[str, Any], pretrained=None, **overrides):
         dropout=cfg["dropout"],
         num_frames=cfg["num_frames"],
         image_size=cfg["image_size"],
+        temporal_patch=int(patch[0]),
+        spatial_stride=spatial_stride,
         use_sparse_mask=cfg["use_sparse_mask"],
         sparsity_weight=cfg["sparsity_weight"],
         sparse_mask_hard_inference=cfg["sparse_mask_hard_inference"],
@@ -889,7 +894,6 @@ SWINBERT_CONFIGS: dict[str, dict[str, Any]] = {
 
 # The ablation of docs/results.md: the same tiny model with full video-to-video attention (no learnable mask).
 SWINBERT_CONFIGS["swinbert-tiny-nomask"] = {**SWINBERT_CONFIGS["swinbert-tiny"], "use_sparse_mask": False}
-
 for _name, _cfg in SWINBERT_CONFIGS.items():
     register_model(_name, family="swinbert", config=_cfg, builder=_build_swinbert)
 

@@ -61,6 +61,9 @@ class TrainConfig:
     eval_batch_size: int = 32
     lr: float = 1e-4
     backbone_lr_scale: float = 1.0  # CLIP4Clip "coef_lr": pretrained backbone at lr * this
+    # Backbone lr held at 0 for this fraction of the steps: a captioner trained from scratch first learns to
+    # read the (random, diverse) video features; unfrozen from step 0, MLM collapses them to a constant.
+    backbone_freeze_fraction: float = 0.0
     weight_decay: float = 0.2
     warmup_fraction: float = 0.1
     grad_clip: float = 1.0
@@ -103,6 +106,10 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.max_steps={self.max_steps!r}: must be >= 1")
         if not self.lr > 0 or not self.backbone_lr_scale >= 0:
             raise ValueError(f"TrainConfig: lr={self.lr} must be > 0 and backbone_lr_scale >= 0")
+        if not 0 <= self.backbone_freeze_fraction < 1:
+            raise ValueError(
+                f"TrainConfig.backbone_freeze_fraction={self.backbone_freeze_fraction}: must be in [0, 1)"
+            )
         if not 0 <= self.warmup_fraction < 1:
             raise ValueError(f"TrainConfig.warmup_fraction={self.warmup_fraction}: must be in [0, 1)")
         if self.amp not in ("auto", "off", "bf16", "fp16"):
@@ -443,10 +450,24 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, total_steps: int):
         betas=cfg.betas,
         eps=cfg.eps,
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(total_steps, round(cfg.warmup_fraction * total_steps))
-    )
+    schedule = warmup_cosine(total_steps, round(cfg.warmup_fraction * total_steps))
+    frozen_steps = round(cfg.backbone_freeze_fraction * total_steps)
+    lambdas = [
+        frozen_until(frozen_steps, schedule) if frozen_steps and str(g.get("name", "")).startswith("backbone")
+        else schedule
+        for g in groups
+    ]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
     return optimizer, scheduler
+
+
+def frozen_until(frozen_steps: int, schedule: Callable[[int], float]) -> Callable[[int], float]:
+    """LR factor 0 before ``frozen_steps``, then ``schedule`` (the run's warmup + cosine) from there on."""
+
+    def factor(step: int) -> float:
+        return 0.0 if step < frozen_steps else schedule(step)
+
+    return factor
 
 
 def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -833,7 +854,7 @@ def train_loop_per_worker(loop: dict) -> None:
                     "step": step,
                     "epoch": epoch,
                     "loss": window_loss / window_n,
-                    "lr": scheduler.get_last_lr()[-1],
+                    "lr": max(scheduler.get_last_lr()),  # the peak group (a frozen backbone reads 0)
                     "samples_per_s": rate,
                     "eta_s": remaining / max(rate, 1e-9),
                     "elapsed_s": now - start,

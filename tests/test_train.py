@@ -96,6 +96,31 @@ def test_param_groups_split_backbone_and_new_modules():
     assert scheduler.get_last_lr()[0] == pytest.approx(optimizer.param_groups[0]["initial_lr"] / 6)
 
 
+def test_backbone_freeze_holds_only_the_backbone(tmp_path):
+    """backbone_freeze_fraction: backbone lr 0 for that share of the steps, then the normal schedule;
+    the new modules follow warmup + cosine from step 0."""
+    from models import create_model
+
+    model, _, _ = create_model("swinbert-tiny", image_size=32, num_frames=4)
+    cfg = TrainConfig(model="swinbert-tiny", task="caption", lr=1e-3, backbone_lr_scale=0.5,
+                      backbone_freeze_fraction=0.4, warmup_fraction=0.1)
+    optimizer, scheduler = build_optimizer(model, cfg, total_steps=10)
+    names = [g["name"] for g in optimizer.param_groups]
+    backbone = [i for i, n in enumerate(names) if n.startswith("backbone")]
+    other = [i for i, n in enumerate(names) if not n.startswith("backbone")]
+    assert backbone and other
+    seen = []
+    for _ in range(10):
+        lrs = scheduler.get_last_lr()
+        seen.append((max(lrs[i] for i in backbone), min(lrs[i] for i in other)))
+        optimizer.step()
+        scheduler.step()
+    assert all(b == 0.0 for b, _ in seen[:4]) and all(o > 0 for _, o in seen)
+    assert seen[4][0] > 0 and seen[4][0] == pytest.approx(seen[4][1] * 0.5)
+    with pytest.raises(ValueError, match="backbone_freeze_fraction"):
+        TrainConfig(model="swinbert-tiny", backbone_freeze_fraction=1.0)
+
+
 def test_rng_state_round_trip(tmp_path):
     random.seed(1)
     np.random.seed(2)
