@@ -44,20 +44,13 @@ def checkpoint_sampling(pretrained: str | os.PathLike, num_frames: int) -> dict[
     """The eval sampling the captioner was trained with (recorded in the checkpoint by ``jobs.train``), so
     captioning and scoring see frames spaced as in training; :func:`caption_sampling` when the checkpoint
     records none or one that does not give the model its ``num_frames`` frames."""
-    import json
+    from models.registry import recorded_eval_sampling
 
-    from models.registry import is_vidsift_checkpoint, load_checkpoint
-
-    if Path(pretrained).is_file() and is_vidsift_checkpoint(pretrained):
-        extra = load_checkpoint(pretrained).get("extra", {})
-        config = extra.get("train_config") or {}
-        if isinstance(config, str):  # the trainer stores its config as JSON text
-            config = json.loads(config)
-        recorded = dict(config.get("eval_sampling") or {})
-        if recorded and recorded.get("mode", "eval") == "eval" and (
-            int(recorded.get("num_clips", 1)) * int(recorded.get("frames_per_clip", 0)) == num_frames
-        ):
-            return recorded
+    recorded = recorded_eval_sampling(pretrained)
+    if recorded and recorded.get("mode", "eval") == "eval" and (
+        int(recorded.get("num_clips", 1)) * int(recorded.get("frames_per_clip", 0)) == num_frames
+    ):
+        return recorded
     return caption_sampling(num_frames)
 
 

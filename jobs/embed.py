@@ -10,7 +10,6 @@ read shards → skip already-embedded keys → decode + sparse sample (CPU tasks
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,18 +32,10 @@ DEFAULT_SAMPLING = {"num_clips": 4, "frames_per_clip": 4, "mode": "eval"}
 
 def resolve_sampling(pretrained: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
     """Sampling for embedding: the training run's eval sampling when the checkpoint records it, then flags."""
-    sampling = dict(DEFAULT_SAMPLING)
-    if pretrained and Path(pretrained).is_file():
-        from models.registry import is_vidsift_checkpoint, load_checkpoint
+    from models.registry import recorded_eval_sampling
 
-        if is_vidsift_checkpoint(pretrained):
-            extra = load_checkpoint(pretrained).get("extra", {})
-            train_config = extra.get("train_config") or {}
-            if isinstance(train_config, str):  # the trainer stores its config as JSON text
-                train_config = json.loads(train_config)
-            recorded = extra.get("eval_sampling") or train_config.get("eval_sampling")
-            if recorded:
-                sampling.update(recorded)
+    sampling = dict(DEFAULT_SAMPLING)
+    sampling.update(recorded_eval_sampling(pretrained) or {})
     sampling.update({k: v for k, v in overrides.items() if v is not None})
     if sampling.get("mode", "eval") == "train":
         sampling["mode"] = "eval"  # embeddings must be deterministic (eval and clip4clip modes are)

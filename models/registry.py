@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -164,3 +165,19 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"checkpoint {str(path)!r} is not a vidsift checkpoint (format={CHECKPOINT_FORMAT})")
     return payload
+
+
+def recorded_eval_sampling(path: str | os.PathLike | None) -> dict[str, Any] | None:
+    """The eval sampling a ``jobs.train`` run recorded in its checkpoint (``extra.eval_sampling``, else the
+    saved train config's), or ``None`` when ``path`` is not a vidsift checkpoint or records none."""
+    if not path or not Path(path).is_file():
+        return None
+    try:
+        extra = load_checkpoint(path).get("extra", {})
+    except ValueError:  # an open_clip / TorchScript file: nothing recorded
+        return None
+    config = extra.get("train_config") or {}
+    if isinstance(config, str):  # the trainer stores its config as JSON text
+        config = json.loads(config)
+    recorded = extra.get("eval_sampling") or config.get("eval_sampling")
+    return dict(recorded) if recorded else None

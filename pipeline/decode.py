@@ -85,6 +85,14 @@ def _open_av(source: str | bytes | BinaryIO) -> av.container.InputContainer:
     return av.open(source, "r")
 
 
+def _open_or_raise(src: str | bytes | BinaryIO, name: str) -> av.container.InputContainer:
+    """:func:`_open_av`, with open failures as ``VideoDecodeError("not_a_video")`` naming the input."""
+    try:
+        return _open_av(src)
+    except (av.error.FFmpegError, OSError) as exc:
+        raise VideoDecodeError("not_a_video", f"{name}: {exc}") from exc
+
+
 def _size_hw(size: Size) -> tuple[int, int] | None:
     if size is None:
         return None
@@ -205,10 +213,7 @@ def probe_video(source: Source, keyframes_only: bool = False) -> VideoMeta:
     """
     src = normalize_source(source)
     name = describe_source(source)
-    try:
-        container = _open_av(src)
-    except (av.error.FFmpegError, OSError) as exc:
-        raise VideoDecodeError("not_a_video", f"{name}: {exc}") from exc
+    container = _open_or_raise(src, name)
     with container:
         if not container.streams.video:
             raise VideoDecodeError("no_video_stream", f"{name}: no video stream")
@@ -363,10 +368,7 @@ class PyAVBackend(DecoderBackend):
         return DecodeResult(out, ft, ft - np.asarray(times, dtype=np.float64), decoded)
 
     def _open(self, src, name: str, keyframes_only: bool):
-        try:
-            container = _open_av(src)
-        except (av.error.FFmpegError, OSError) as exc:
-            raise VideoDecodeError("not_a_video", f"{name}: {exc}") from exc
+        container = _open_or_raise(src, name)
         stream = container.streams.video[0]
         stream.thread_type = self.thread_type
         if keyframes_only:
@@ -458,10 +460,7 @@ def _decode_keyframe_packets(source, meta: VideoMeta, kidx: np.ndarray) -> list[
         return None
     src = normalize_source(source)
     name = describe_source(source)
-    try:
-        container = _open_av(src)
-    except (av.error.FFmpegError, OSError) as exc:
-        raise VideoDecodeError("not_a_video", f"{name}: {exc}") from exc
+    container = _open_or_raise(src, name)
     out: list[np.ndarray] = []
     with container:
         stream = container.streams.video[0]
@@ -472,12 +471,10 @@ def _decode_keyframe_packets(source, meta: VideoMeta, kidx: np.ndarray) -> list[
             container.seek(target, stream=stream, backward=True, any_frame=False)  # also flushes the decoder
             frames = None
             for packet in container.demux(stream):
-                if packet.pts is None or not packet.is_keyframe or packet.pts < target:
-                    if packet.pts is not None and packet.pts > target:
-                        return None
-                    continue
-                if packet.pts != target:
-                    return None  # the keyframe is not where the probe put it
+                if packet.pts is None or packet.pts < target:
+                    continue  # leading packets of the GOP before the keyframe in decode order
+                if packet.pts > target or not packet.is_keyframe:
+                    return None  # the keyframe is not where the probe put it: decode forward instead
                 frames = list(packet.decode()) + list(decoder.decode(None))
                 break
             if not frames:
