@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--backbone-lr-scale", type=float, default=None, help="backbone lr = lr * this")
+    p.add_argument("--backbone-pretrained", default=None,
+                   help="initialise only the video backbone from this checkpoint (SwinBERT: a Video Swin or "
+                        "VidSwin dual-encoder model.pt)")
     p.add_argument("--backbone-freeze-fraction", type=float, default=None,
                    help="hold the backbone lr at 0 for this fraction of the steps")
     p.add_argument("--weight-decay", type=float, default=None)
@@ -113,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         "lr": args.lr,
         "backbone_lr_scale": args.backbone_lr_scale,
         "backbone_freeze_fraction": args.backbone_freeze_fraction,
+        "backbone_pretrained": args.backbone_pretrained,
         "weight_decay": args.weight_decay,
         "warmup_fraction": args.warmup_fraction,
         "grad_clip": args.grad_clip,

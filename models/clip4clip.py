@@ -547,6 +547,12 @@ CLIP4CLIP_CONFIGS: dict[str, dict[str, Any]] = {
     "clip4clip-seqTransf-tiny": {**_TINY, "sim_header": "seqTransf"},
     "clip4clip-tightTransf-tiny": {**_TINY, "sim_header": "tightTransf"},
     "clip4clip-meanP-3d-tiny": {**_TINY, "sim_header": "meanP", "linear_patch": "3d"},
+    # 32 px frames with 4 px tube patches (8 x 8 tokens): the 8 px model's misses are circle <-> square; finer
+    # tubes see the outline. The model of issue #6's 10-minute result (configs/train/tiny-meanP-3d-p4.yaml).
+    "clip4clip-meanP-3d-tiny-p4": {
+        **_TINY, "sim_header": "meanP", "linear_patch": "3d",
+        "vision_cfg": {**_TINY["vision_cfg"], "patch_size": 4},
+    },
     # 64 px frames with 16 px tube patches: the same 4 x 4 tokens (same cost per step) but 4x the pixels per
     # shape, so small circles and squares stop looking alike (the 32 px model's main error).
     "clip4clip-meanP-3d-tiny64": {

@@ -291,6 +291,17 @@ DUAL_ENCODER_CONFIGS: dict[str, dict[str, Any]] = {
         "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
         "num_frames": 8,
     },
+    # swinbert-tiny's backbone exactly (64 px, 8 frames, C=16): retrieval pre-training for the captioner,
+    # loaded with create_model("swinbert-tiny", backbone_pretrained=<this model's checkpoint>).
+    "vidswin-tiny64-cliptext": {
+        "video_backbone": "video-swin-tiny",
+        "video_overrides": {},
+        "open_clip_arch": None,
+        "embed_dim": 64,
+        "quick_gelu": False,
+        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+        "num_frames": 8,
+    },
 }
 
 for _name, _cfg in DUAL_ENCODER_CONFIGS.items():

@@ -179,6 +179,41 @@ def evaluate_embeddings(
     return retrieval_metrics(sim, text_to_video, equivalence=equivalence, ks=ks)
 
 
+def attribute_accuracy(
+    text_embeddings: Any,
+    text_classes: Sequence[str],
+    video_embeddings: Any,
+    video_classes: Sequence[str],
+    attributes: Sequence[str],
+    sep: str = "|",
+) -> dict[str, float]:
+    """Which attribute a retrieval model gets right: each video is assigned the class whose mean caption
+    embedding (the class prototype) is nearest, and every ``sep``-separated field of the class key (e.g.
+    ``colour|shape|direction``) is scored on its own. Returns ``{"class": acc, attribute: acc, ...}``.
+    """
+    text = _as_numpy(text_embeddings, "text_embeddings").astype(np.float64)
+    video = _as_numpy(video_embeddings, "video_embeddings").astype(np.float64)
+    text_classes = [str(c) for c in text_classes]
+    video_classes = [str(c) for c in video_classes]
+    if len(text_classes) != len(text) or len(video_classes) != len(video):
+        raise ValueError(f"{len(text_classes)} text classes for {len(text)} texts, "
+                         f"{len(video_classes)} video classes for {len(video)} videos")
+    names = sorted(set(text_classes))
+    for key in {*names, *video_classes}:
+        if len(key.split(sep)) != len(attributes):
+            raise ValueError(f"class key {key!r} does not have the fields {list(attributes)}")
+    owner = np.array([names.index(c) for c in text_classes])
+    protos = np.stack([text[owner == i].mean(axis=0) for i in range(len(names))])
+    protos /= np.maximum(np.linalg.norm(protos, axis=1, keepdims=True), 1e-12)
+    video = video / np.maximum(np.linalg.norm(video, axis=1, keepdims=True), 1e-12)
+    predicted = [names[i] for i in (video @ protos.T).argmax(axis=1)]
+    out = {"class": float(np.mean([p == t for p, t in zip(predicted, video_classes)]))}
+    pairs = [(p.split(sep), t.split(sep)) for p, t in zip(predicted, video_classes)]
+    for j, name in enumerate(attributes):
+        out[name] = float(np.mean([p[j] == t[j] for p, t in pairs]))
+    return out
+
+
 def format_metrics(metrics: dict[str, float], prefix: str = "") -> str:
     """One human-readable line: ``t2v R@1 80.0 R@5 ... | v2t ...`` (recalls in %)."""
     parts = []

@@ -54,6 +54,9 @@ class TrainConfig:
     model: str = ""
     task: str = "retrieval"
     pretrained: str | None = None  # weights for the *initial* model (an open_clip tag or a checkpoint)
+    # Initialise only the video backbone from this checkpoint (SwinBERT starts from a pretrained Video Swin:
+    # e.g. a vidswin-tiny64-cliptext retrieval run's model.pt). Passed to the model builder.
+    backbone_pretrained: str | None = None
     # schedule
     epochs: int = 10
     max_steps: int | None = None  # stop (with a checkpoint) after this many optimizer steps in total
@@ -682,6 +685,12 @@ def _log(rank: int, text: str) -> None:
         print(text, flush=True)
 
 
+def split_batches(shards: str | os.PathLike, cfg: TrainConfig, transform, split: str) -> Iterator[dict]:
+    """Collated evaluation batches of one split (``cfg.eval_sampling``), in this process: what the trainer's
+    evaluation sees, for analysis scripts (e.g. ``bench/attribute_accuracy.py``)."""
+    return _eval_batches(cfg, {"inventory": shard_inventory(shards)}, split, transform, 0, 1)
+
+
 def _eval_batches(cfg: TrainConfig, loop: dict, split: str, transform, rank: int, world: int):
     shards = shards_with(loop["inventory"], split)
     dataset = make_dataset(shards, split, cfg.eval_sampling, cfg.size, cfg.seed, False, 0, rank, world)
@@ -730,7 +739,8 @@ def train_loop_per_worker(loop: dict) -> None:
 
     from models import create_model
 
-    model, transform, _ = create_model(cfg.model, pretrained=cfg.pretrained)
+    builder_kwargs = {"backbone_pretrained": cfg.backbone_pretrained} if cfg.backbone_pretrained else {}
+    model, transform, _ = create_model(cfg.model, pretrained=cfg.pretrained, **builder_kwargs)
     if cfg.grad_checkpointing:
         setter = getattr(model, "set_grad_checkpointing", None)
         if not callable(setter):
@@ -983,6 +993,8 @@ def run_training(
     from models import get_model_config
 
     get_model_config(cfg.model)  # unknown names fail here, with the list of known ones
+    if cfg.backbone_pretrained and not Path(cfg.backbone_pretrained).is_file():
+        raise FileNotFoundError(f"backbone_pretrained {cfg.backbone_pretrained!r}: no such checkpoint file")
     output = Path(output).resolve()
     output.mkdir(parents=True, exist_ok=True)
     storage = output / "ray"

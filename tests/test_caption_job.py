@@ -183,3 +183,37 @@ def test_checkpoint_sampling_follows_training(tmp_path, checkpoint):
     wrong = {"num_clips": 2, "frames_per_clip": 4, "mode": "eval"}
     save_checkpoint(model, path, extra=checkpoint_extra(model, train_config={"eval_sampling": wrong}))
     assert checkpoint_sampling(path, model.num_frames) == caption_sampling(4)
+
+
+def test_rerank_metrics_hard_split_counts_only_the_query_group():
+    """bench.caption_eval.rerank_metrics: a motion-blind search ranks the wrong direction first; a reranker
+    that reads the motion fixes R@1 on the hard split, and the gain is measured against that baseline."""
+    from types import SimpleNamespace
+
+    from bench.caption_eval import rerank_metrics
+
+    records = {}
+    for colour in ("red", "blue"):
+        for direction in ("left", "right"):
+            for i in range(2):
+                vid = f"{colour}-{direction}-{i}"
+                records[vid] = {"captions": [f"a {colour} circle moves {direction}"],
+                                "caption_class": f"{colour}|circle|{direction}",
+                                "hard_group": f"{colour}|circle"}
+    order = sorted(records, key=lambda v: (v.split("-")[2], v.split("-")[1] != "right", v))
+
+    def search(query):  # blind to motion, and puts every "right" video first
+        colour = query.split()[1]
+        return [SimpleNamespace(video_id=v) for v in sorted(order, key=lambda v: not v.startswith(colour))]
+
+    def reranker(query, hits):  # reads the motion: the query's direction first
+        wanted = query.split()[-1]
+        return sorted(hits, key=lambda h: records[h.video_id]["caption_class"].split("|")[2] != wanted)
+
+    out = rerank_metrics(search, reranker, records, sorted(records), k=2)
+    assert out["hard_split_queries"] == 8
+    assert out["hard_split_base@1"] == 0.5  # "right" queries are right by luck, "left" ones wrong
+    assert out["hard_split_rr@1"] == 1.0 and out["hard_split_gain@1"] == 0.5
+    # without a reranker that helps, the gain is zero
+    same = rerank_metrics(search, lambda q, hits: list(hits), records, sorted(records), k=2)
+    assert same["hard_split_gain@1"] == 0.0 and same["all_rr@1"] == same["all_base@1"]

@@ -173,3 +173,23 @@ def test_flatten_captions_and_summaries():
     }
     line = format_metrics(retrieval_metrics(np.eye(3)))
     assert line.startswith("t2v R@1 100.0") and "| v2t" in line
+
+
+def test_attribute_accuracy_scores_each_field_of_the_nearest_class():
+    from pipeline.retrieval_eval import attribute_accuracy
+
+    # Four classes colour|direction; the "model" sees colour but confuses left and right.
+    classes = ["red|left", "red|right", "blue|left", "blue|right"]
+    text = np.eye(4)
+    text_classes = classes
+    video = np.array([[1.0, 0.2, 0, 0], [1.0, 0.2, 0, 0], [0, 0, 0.2, 1.0], [0, 0, 0.2, 1.0]])
+    acc = attribute_accuracy(text, text_classes, video, classes, ["colour", "direction"])
+    assert acc == {"class": 0.5, "colour": 1.0, "direction": 0.5}
+    # several captions per class average into one prototype
+    names = ["colour", "direction"]
+    acc2 = attribute_accuracy(np.vstack([text, text * 2]), classes * 2, video, classes, names)
+    assert acc2 == acc
+    with pytest.raises(ValueError, match="fields"):
+        attribute_accuracy(text, text_classes, video, classes, ["colour"])
+    with pytest.raises(ValueError, match="4 video classes for 3 videos"):
+        attribute_accuracy(text, text_classes, video[:3], classes, ["colour", "direction"])

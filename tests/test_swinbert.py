@@ -296,6 +296,23 @@ def test_foreign_checkpoints_are_refused_and_backbone_init_works(tmp_path):
         create_model("swinbert-tiny", hiden_size=3)
 
 
+def test_backbone_from_a_retrieval_pretrained_dual_encoder(tmp_path):
+    # The recipe of configs/train/tiny-swinbert-caption-pretrained.yaml: vidswin-tiny64-cliptext holds exactly
+    # swinbert-tiny's Video Swin under a key prefix; load_backbone finds it there.
+    dual, _, _ = create_model("vidswin-tiny64-cliptext")
+    with torch.no_grad():
+        for p in dual.parameters():
+            p.add_(torch.randn_like(p))  # not an init a fresh SwinBERT could reproduce by chance
+    path = save_checkpoint(dual, tmp_path / "retrieval.pt")
+    model, _, _ = create_model("swinbert-tiny", backbone_pretrained=path)
+    want = {k: v for k, v in model.backbone.state_dict().items() if not k.endswith(("_index", "attn_mask"))}
+    got = {k[len("video."):]: v for k, v in dual.state_dict().items() if k.startswith("video.")}
+    assert want and all(torch.equal(v, got[k]) for k, v in want.items())
+    clip, _, _ = create_model("clip4clip-meanP-tiny")  # no Video Swin inside
+    with pytest.raises(ValueError, match="no Video Swin backbone"):
+        create_model("swinbert-tiny", backbone_pretrained=save_checkpoint(clip, tmp_path / "clip.pt"))
+
+
 def test_full_size_config_is_registered():
     from models import get_model_config, list_models
 

@@ -121,6 +121,13 @@ def test_backbone_freeze_holds_only_the_backbone(tmp_path):
         TrainConfig(model="swinbert-tiny", backbone_freeze_fraction=1.0)
 
 
+def test_missing_backbone_checkpoint_fails_before_ray_starts(tmp_path):
+    cfg = TrainConfig(model="swinbert-tiny", task="caption", backbone_pretrained=str(tmp_path / "nope.pt"))
+    with pytest.raises(FileNotFoundError, match="backbone_pretrained .*nope.pt"):
+        run_training(tmp_path / "shards", tmp_path / "out", cfg)
+    assert not (tmp_path / "out").exists()
+
+
 def test_rng_state_round_trip(tmp_path):
     random.seed(1)
     np.random.seed(2)
