@@ -35,7 +35,8 @@ def test_required_variants_are_registered():
     names = set(list_models())
     assert set(REQUIRED) <= names
     assert set(list_models("clip4clip")) >= {n for n in REQUIRED if n.startswith("clip4clip-")}
-    assert set(list_models("dual_encoder")) == {"vidswin-t-cliptext", "vidswin-tiny-cliptext"}
+    assert set(list_models("dual_encoder")) == {"vidswin-t-cliptext", "vidswin-tiny-cliptext",
+                                                 "vidswin-tiny64-cliptext"}
 
 
 def test_configs_match_the_papers_and_tiny_limits():
