@@ -574,19 +574,20 @@ def _all_gather_objects(obj: Any) -> list[Any]:
 
 
 @torch.no_grad()
-def evaluate_retrieval(
+def encode_split(
     objective: RetrievalObjective,
     batches: Iterable[dict],
     device: torch.device,
     equivalence: str | None,
     autocast: torch.dtype | None = None,
-) -> dict[str, float]:
-    """Encode this worker's share of a split, gather all workers' shares and compute t2v/v2t metrics.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str] | None]:
+    """Encode this worker's share of a split and gather all workers' shares:
+    ``(video_emb [V, D], text_emb [N, D], text_to_video [N], classes [V] or None)``.
 
-    Every worker returns the same numbers. Videos are deduplicated by ``video_id`` and sorted, so the
-    result does not depend on how the shards were divided among workers.
+    Videos are deduplicated by ``video_id`` and sorted, so the result does not depend on how the shards were
+    divided among workers; ``classes`` holds each video's ``equivalence`` meta field when every video has one.
     """
-    from pipeline.retrieval_eval import flatten_captions, retrieval_metrics
+    from pipeline.retrieval_eval import flatten_captions
 
     was_training = objective.training
     objective.eval()
@@ -617,6 +618,22 @@ def evaluate_retrieval(
     classes = None
     if equivalence and all(r[3] is not None for r in ordered):
         classes = [str(r[3]) for r in ordered]
+    return video_emb, text_emb, owners, classes
+
+
+@torch.no_grad()
+def evaluate_retrieval(
+    objective: RetrievalObjective,
+    batches: Iterable[dict],
+    device: torch.device,
+    equivalence: str | None,
+    autocast: torch.dtype | None = None,
+) -> dict[str, float]:
+    """Encode a split (:func:`encode_split`, all workers) and compute t2v/v2t metrics; every worker returns
+    the same numbers."""
+    from pipeline.retrieval_eval import retrieval_metrics
+
+    video_emb, text_emb, owners, classes = encode_split(objective, batches, device, equivalence, autocast)
     sim = text_emb.astype(np.float64) @ video_emb.astype(np.float64).T
     metrics = retrieval_metrics(sim, owners, equivalence=classes)
     metrics["equivalence"] = equivalence if classes is not None else None
@@ -685,10 +702,18 @@ def _log(rank: int, text: str) -> None:
         print(text, flush=True)
 
 
-def split_batches(shards: str | os.PathLike, cfg: TrainConfig, transform, split: str) -> Iterator[dict]:
-    """Collated evaluation batches of one split (``cfg.eval_sampling``), in this process: what the trainer's
-    evaluation sees, for analysis scripts (e.g. ``bench/attribute_accuracy.py``)."""
-    return _eval_batches(cfg, {"inventory": shard_inventory(shards)}, split, transform, 0, 1)
+def embed_split(
+    shards: str | os.PathLike, cfg: TrainConfig, pretrained: str | os.PathLike, split: str | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str] | None]:
+    """:func:`encode_split` of ``cfg.model`` loaded from ``pretrained`` on one split, in this process (no
+    Ray): what the trainer's evaluation sees, for analysis scripts (e.g. ``bench/attribute_accuracy.py``)."""
+    from models import create_model
+
+    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    model, transform, _ = create_model(cfg.model, pretrained=str(pretrained))
+    inventory = {"inventory": shard_inventory(shards)}
+    batches = _eval_batches(cfg, inventory, split or cfg.test_split, transform, 0, 1)
+    return encode_split(build_objective(model, cfg), batches, torch.device("cpu"), cfg.equivalence)
 
 
 def _eval_batches(cfg: TrainConfig, loop: dict, split: str, transform, rank: int, world: int):
