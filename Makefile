@@ -1,5 +1,7 @@
 # The two fresh-machine commands from the README. Each installs what it needs first.
 PYTHON ?= python3
+# import-linter's `lint-imports`, run with this Python (the layer contracts are in pyproject.toml).
+LINT_IMPORTS = $(PYTHON) -c "import sys; from importlinter.cli import lint_imports; sys.exit(lint_imports())"
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install demo test test-fast lint bench
@@ -17,6 +19,7 @@ demo: install
 # The whole test suite, slow end-to-end tests included (CI runs this via .ci/run).
 test: install
 	$(PYTHON) -m ruff check .
+	$(LINT_IMPORTS)
 	$(PYTHON) -m pytest -q --timeout=900 tests
 
 test-fast: install
@@ -24,3 +27,4 @@ test-fast: install
 
 lint:
 	$(PYTHON) -m ruff check .
+	$(LINT_IMPORTS)

@@ -3,19 +3,23 @@
 from models.registry import (
     create_model,
     get_model_config,
+    get_model_entry,
+    is_vidsift_checkpoint,
     list_models,
     load_checkpoint,
     model_id_for,
-    register_model,
+    recorded_eval_sampling,
     save_checkpoint,
 )
 
 __all__ = [
     "create_model",
     "get_model_config",
+    "get_model_entry",
+    "is_vidsift_checkpoint",
     "list_models",
     "load_checkpoint",
     "model_id_for",
-    "register_model",
+    "recorded_eval_sampling",
     "save_checkpoint",
 ]

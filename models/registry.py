@@ -73,7 +73,8 @@ def get_model_config(name: str) -> dict[str, Any]:
     return dict(get_model_entry(name).config)
 
 
-def create_model(name: str, pretrained: str | os.PathLike | None = None, **overrides: Any):
+def create_model(name: str, pretrained: str | os.PathLike | None = None, seed: int | None = None,
+                 **overrides: Any):
     """Build a registered model: returns ``(model, transform, tokenizer)``.
 
     ``pretrained`` is whatever the family understands (an open_clip tag, a local checkpoint, a vidsift
@@ -81,6 +82,11 @@ def create_model(name: str, pretrained: str | os.PathLike | None = None, **overr
     were asked for. ``tokenizer`` is ``None`` for video-only backbones. The returned model carries
     ``model.model_id`` (name + weights digest) which identifies every embedding it produces.
     """
+    if seed is not None and not pretrained:
+        # Seeded random init: every process that builds it holds the same weights and model_id.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return create_model(name, pretrained=None, **overrides)
     entry = get_model_entry(name)
     model, transform, tokenizer = entry.builder(dict(entry.config), pretrained=pretrained, **overrides)
     if not getattr(model, "model_id", None):
