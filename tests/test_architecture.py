@@ -1,5 +1,6 @@
 """The house rules a newcomer relies on, checked on every run: layers that only point down (import-linter,
-run by `make test`), no import cycles, no hidden function-local project imports, thin jobs, short functions."""
+run by `make test`), no import cycles, no hidden function-local project imports, thin jobs, short
+functions."""
 
 from __future__ import annotations
 
