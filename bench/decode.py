@@ -1,7 +1,7 @@
 """Sparse decoding benchmark: vidsift decode (exact + keyframe mode, both backends) vs full decode,
 torchcodec ``get_frames_played_at`` called directly and decord ``get_batch``, on the same frames, same run.
 
-    python bench/decode.py [--durations 10 60] [--repeats 3] [--out docs/benchmarks/decode.md]
+    python bench/decode.py [--durations 10 60] [--repeats 3] [--out REPORT.md] [--json PATH]
 
 Videos: synthetic H.264 320x240 30 fps with keyframe intervals 1 s and 10 s (x264 default B-frames).
 Plans: ClipBERT eval 4x2 and 1x8 (consecutive frames). Every method gets the same requested times (decord
@@ -13,6 +13,7 @@ everything from a path on disk (open, index/probe, seek, decode, RGB conversion)
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import platform
 import statistics
 import sys
@@ -26,6 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.record import BenchRecord, add_record_args, col, format_cell, span  # noqa: E402
 from pipeline.decode import (  # noqa: E402
     TorchCodecBackend,
     decode,
@@ -110,7 +112,7 @@ def bench_one(path: Path, meta, times: np.ndarray, repeats: int, has_decord: boo
         "ex_tc1": lambda: decode(src, times, backend=single),
     }
     if has_decord:
-        import decord
+        import decord  # optional bench dependency (pip install .[bench])
 
         def dec(threads):
             vr = decord.VideoReader(src, ctx=decord.cpu(0), num_threads=threads)
@@ -147,6 +149,104 @@ def bench_one(path: Path, meta, times: np.ndarray, repeats: int, has_decord: boo
     return rows, ms
 
 
+PLANS = {
+    "4x2": SamplingConfig(num_clips=4, frames_per_clip=2, mode="eval"),
+    "1x8": SamplingConfig(num_clips=1, frames_per_clip=8, mode="eval"),
+}
+
+
+def ratio_row(seconds: int, keyint: int, plan_name: str, r: dict) -> dict:
+    """The ratio columns of one (video, plan) cell from its median ms per method."""
+    return {
+        "video": f"{seconds} s, kf {keyint} s", "plan": plan_name,
+        "exact_full_tc": r["ex_tc"] / r["full_tc"], "exact_full_av": r["ex_av"] / r["full"],
+        "exact_tc_direct_auto": r["ex_tc"] / r["tc_direct_mt"],
+        "exact_tc_direct_1": r["ex_tc1"] / r["tc_direct"],
+        "kf_tc": r["ex_tc"] / r["kf_tc"], "kf_av": r["ex_av"] / r["kf_av"],
+        "kf_tc_json": r["ex_tc"] / r["kf_tc_json"], "kf_av_json": r["ex_av"] / r["kf_av_json"],
+        "decord_exact_auto": r["decord"] / r["ex_tc"], "decord_exact_1": r["decord1"] / r["ex_tc1"],
+        "decord_kf_json": min(r["decord"], r["decord1"]) / r["kf_tc_json"],
+        "seconds": seconds, "keyint": keyint,
+    }
+
+
+RATIO_COLUMNS = [
+    col("video", "video"), col("plan", "plan"),
+    col("exact_full_tc", "exact/full (tc)", "{:.3f}"), col("exact_full_av", "exact/full (pyav)", "{:.3f}"),
+    col("exact_tc_direct_auto", "exact tc / tc direct (auto threads)", "{:.2f}"),
+    col("exact_tc_direct_1", "(1 thread)", "{:.2f}"),
+    col("kf_tc", "keyframe speed-up (tc)", "{:.1f}x"), col("kf_av", "keyframe speed-up (pyav)", "{:.1f}x"),
+    col("kf_tc_json", "keyframe speed-up, shard json (tc)", "{:.1f}x"),
+    col("kf_av_json", "(pyav)", "{:.1f}x"),
+    col("decord_exact_auto", "decord / exact tc (default threads)", "{:.2f}x"),
+    col("decord_exact_1", "decord / exact tc (1 thread)", "{:.2f}x"),
+    col("decord_kf_json", "decord / keyframe tc json", "{:.2f}x"),
+]
+
+
+def floor_rows(ratios: list[dict]) -> list[dict]:
+    """Issue #3's floors, checked on the ratio rows of this run."""
+    def vals(keys, rows=ratios):
+        return [r[k] for r in rows for k in keys if r.get(k) is not None and r[k] == r[k]]
+
+    long_kf1 = [r for r in ratios if r["seconds"] == 60 and r["keyint"] == 1]
+    checks = [
+        ("exact <= 0.1x full decode (60 s, 1 s keyframes)",
+         vals(["exact_full_tc", "exact_full_av"], long_kf1),
+         lambda v: max(v) <= 0.1, "{:.3f}"),
+        ("exact within 1.1x of torchcodec called directly (both thread settings)",
+         vals(["exact_tc_direct_auto", "exact_tc_direct_1"]), lambda v: max(v) <= 1.1, "{:.2f}"),
+        ("keyframe mode >= 3x faster than exact (timeline from the shard json, as training reads it)",
+         vals(["kf_tc_json", "kf_av_json"]), lambda v: min(v) >= 3.0, "{:.1f}x"),
+        ("keyframe mode >= 3x faster than exact (timeline probed on every call)",
+         vals(["kf_tc", "kf_av"]), lambda v: min(v) >= 3.0, "{:.1f}x"),
+        ("exact mode faster than decord get_batch (decord / exact >= 1)",
+         vals(["decord_exact_auto", "decord_exact_1"]), lambda v: min(v) >= 1.0, "{:.2f}x"),
+    ]
+    rows = []
+    for floor, values, ok, fmt in checks:
+        if not values:
+            continue
+        rows.append({"floor": floor, "measured": span(values, fmt), "cells": len(values),
+                     "meeting": sum(bool(ok([v])) for v in values), "met": "yes" if ok(values) else "no"})
+    return rows
+
+
+def bench_video(path: Path, seconds: int, keyint: int, args, has_decord: bool) -> tuple[list, list]:
+    """Make one video, time both plans on it; returns (timing rows, ratio rows)."""
+    t0 = time.perf_counter()
+    make_video(path, seconds, keyint, content=args.content)
+    meta = probe_video(str(path))
+    print(f"made {path.name}: {path.stat().st_size / 1e6:.2f} MB, {meta.num_frames} frames, "
+          f"{len(meta.keyframe_times)} keyframes ({time.perf_counter() - t0:.1f} s)", flush=True)
+    timings, ratios = [], []
+    for plan_name, cfg in PLANS.items():
+        times = plan_from_config(cfg, meta.duration, meta.fps).times.reshape(-1)
+        rows, r = bench_one(path, meta, times, args.repeats, has_decord)
+        print(f"\n{seconds} s video ({args.content}), keyframe every {keyint} s, plan {plan_name}")
+        for name, ms, frames in rows:
+            print(f"  {name:45s} {ms:9.1f} ms  frames={'n/a' if frames < 0 else frames}")
+            timings.append({"video": f"{seconds} s, kf {keyint} s", "plan": plan_name, "method": name,
+                            "ms": ms, "frames": "n/a" if frames < 0 else frames})
+        ratios.append(ratio_row(seconds, keyint, plan_name, r))
+    return timings, ratios
+
+
+def write_markdown(out: Path, timings: list[dict], ratios: list[dict]) -> None:
+    """The ``--out`` report: raw timings and ratios as markdown (the docs render from the JSON instead)."""
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [f"## Raw timings ({stamp}, {platform.node()}, {platform.processor() or platform.machine()}, "
+             f"python {platform.python_version()})", ""]
+    lines += ["| video | plan | method | ms (median) | frames decoded |", "|---|---|---|---:|---:|"]
+    lines += [f"| {t['video']} | {t['plan']} | {t['method']} | {t['ms']:.1f} | {t['frames']} |"
+              for t in timings]
+    lines += ["", "## Ratios", "", "| " + " | ".join(c["label"] for c in RATIO_COLUMNS) + " |",
+              "|" + "---|" * len(RATIO_COLUMNS)]
+    lines += ["| " + " | ".join(format_cell(r.get(c["key"]), c["fmt"]) for c in RATIO_COLUMNS) + " |"
+              for r in ratios]
+    out.write_text("\n".join(lines) + "\n")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -157,66 +257,41 @@ def main(argv=None) -> int:
     parser.add_argument("--content", choices=["texture", "camera"], default="texture",
                         help="synthetic picture content (see make_video)")
     parser.add_argument("--out", type=Path, default=None, help="write a markdown report here")
+    add_record_args(parser, "decode")
     args = parser.parse_args(argv)
-    try:
-        import decord  # noqa: F401
-
-        has_decord = True
-    except ImportError:
-        has_decord = False
+    record = BenchRecord.start("decode", sys.argv[1:] if argv is None else argv)
+    has_decord = importlib.util.find_spec("decord") is not None
+    if not has_decord:
         print("decord not installed: its column is skipped")
-    plans = {
-        "4x2": SamplingConfig(num_clips=4, frames_per_clip=2, mode="eval"),
-        "1x8": SamplingConfig(num_clips=1, frames_per_clip=8, mode="eval"),
-    }
-    lines, summary = [], []
+    timings, ratios = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for seconds in args.durations:
             for keyint in args.keyints:
                 path = Path(tmp) / f"v{seconds}s_k{keyint}_{args.content}.mp4"
-                t0 = time.perf_counter()
-                make_video(path, seconds, keyint, content=args.content)
-                meta = probe_video(str(path))
-                print(f"made {path.name}: {path.stat().st_size / 1e6:.2f} MB, {meta.num_frames} frames, "
-                      f"{len(meta.keyframe_times)} keyframes "
-                      f"({time.perf_counter() - t0:.1f} s)", flush=True)
-                for plan_name, cfg in plans.items():
-                    times = plan_from_config(cfg, meta.duration, meta.fps).times.reshape(-1)
-                    rows, r = bench_one(path, meta, times, args.repeats, has_decord)
-                    title = f"{seconds} s video ({args.content}), keyframe every {keyint} s, plan {plan_name}"
-                    print(f"\n{title}")
-                    lines += [f"\n### {title}\n", "| method | ms (median) | frames decoded |",
-                              "|---|---:|---:|"]
-                    for name, ms, frames in rows:
-                        fr = "n/a" if frames < 0 else str(frames)
-                        print(f"  {name:45s} {ms:9.1f} ms  frames={fr}")
-                        lines.append(f"| {name} | {ms:.1f} | {fr} |")
-                    summary.append((seconds, keyint, plan_name, r))
-    head = ["| video | plan | exact/full (tc) | exact/full (pyav) | exact tc / tc direct (auto threads) | "
-            "(1 thread) | keyframe speed-up (tc) | keyframe speed-up (pyav) | "
-            "keyframe speed-up, shard json (tc) | (pyav) | "
-            "decord / exact tc (default threads) | decord / exact tc (1 thread) | "
-            "decord / keyframe tc json |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    print("\nratios (lower exact/full is better; speed-ups > 1 are better)")
-    for seconds, keyint, plan_name, r in summary:
-        row = (f"| {seconds} s, kf {keyint} s | {plan_name} | {r['ex_tc'] / r['full_tc']:.3f} | "
-               f"{r['ex_av'] / r['full']:.3f} | {r['ex_tc'] / r['tc_direct_mt']:.2f} | "
-               f"{r['ex_tc1'] / r['tc_direct']:.2f} | "
-               f"{r['ex_tc'] / r['kf_tc']:.1f}x | {r['ex_av'] / r['kf_av']:.1f}x | "
-               f"{r['ex_tc'] / r['kf_tc_json']:.1f}x | {r['ex_av'] / r['kf_av_json']:.1f}x | "
-               f"{r['decord'] / r['ex_tc']:.2f}x | {r['decord1'] / r['ex_tc1']:.2f}x | "
-               f"{min(r['decord'], r['decord1']) / r['kf_tc_json']:.2f}x |")
-        head.append(row)
-        print(row)
+                t, r = bench_video(path, seconds, keyint, args, has_decord)
+                timings += t
+                ratios += r
+    for r in ratios:
+        print(" | ".join(format_cell(r.get(c["key"]), c["fmt"]) for c in RATIO_COLUMNS))
     if args.out:
-        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        text = "\n".join([
-            f"## Raw timings ({stamp}, {platform.node()}, {platform.processor() or platform.machine()}, "
-            f"python {platform.python_version()})",
-            *lines, "", "## Ratios", "", *head, "",
-        ])
-        args.out.write_text(text)
+        write_markdown(args.out, timings, ratios)
+    sample = (f"{len(ratios)} cells ({len(args.durations)} durations x {len(args.keyints)} keyframe "
+              f"intervals x {len(PLANS)} plans), content {args.content!r}, median of {args.repeats} "
+              "interleaved repeats per method")
+    record.table("ratios", columns=RATIO_COLUMNS, rows=ratios, sample_size=sample,
+                 baseline="full sequential decode, torchcodec called directly and decord get_batch, "
+                          "all on the same file in the same run", filtering="none")
+    floors = floor_rows(ratios)
+    record.table("floors", columns=[col("floor", "floor (issue #3)"), col("measured", "measured (min-max)"),
+                                    col("meeting", "comparisons meeting it"), col("cells", "comparisons"),
+                                    col("met", "met")],
+                 rows=floors, sample_size=sample, baseline="as in the ratios table", filtering="none")
+    record.table("timings", columns=[col("video", "video"), col("plan", "plan"), col("method", "method"),
+                                     col("ms", "ms (median)", "{:.1f}"), col("frames", "frames decoded")],
+                 rows=timings, sample_size=sample, baseline="(raw times)", filtering="none")
+    for f in floors:
+        record.add_headline("decode", f["floor"], f["measured"], f["met"])
+    record.write(args.json, note=args.note)
     return 0
 
 

@@ -13,7 +13,6 @@ is ``IngestShardStage`` called shard after shard in this process: the same read 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -28,6 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.record import BenchRecord, add_record_args, col, format_cell
+from pipeline.ingest import IngestConfig, IngestShardStage, plan_inputs, plan_shards, run_ingest
+from pipeline.inputs import read_inputs
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -35,7 +38,7 @@ def encode_bench_video(
     path: str, width: int, height: int, seconds: float, fps: int, seed: int, noise: float
 ) -> int:
     """A moving-gradient H.264 clip with a noise layer; ``noise`` (0..1) drives the bitrate (file size)."""
-    import av
+    import av  # PyAV, imported where it is used as everywhere in the project
 
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:height, 0 : width * 2]
@@ -117,9 +120,6 @@ def time_tar(manifest: Path, work: Path, fsync: bool) -> float:
 def time_sequential(
     manifest: Path, work: Path, spp: int, transcode_kwargs: dict | None, fsync: bool = True
 ) -> float:
-    from pipeline.ingest import IngestConfig, IngestShardStage, plan_inputs, plan_shards
-    from pipeline.inputs import read_inputs
-
     out = work / "sequential"
     t0 = time.perf_counter()
     candidates, _ = plan_inputs(read_inputs(manifest))
@@ -137,8 +137,6 @@ def time_sequential(
 def time_ray(
     manifest: Path, work: Path, spp: int, workers: int, transcode_kwargs: dict | None, fsync: bool = True
 ) -> float:
-    from pipeline.ingest import run_ingest
-
     out = work / f"ray-{workers}"
     t0 = time.perf_counter()
     summary = run_ingest(
@@ -189,47 +187,8 @@ def start_ray(num_cpus: int) -> dict:
     return {"ray_init_s": init_s, "first_task_s": first_task_s, "workers": len(set(pids))}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="40 small + 4 large short videos")
-    p.add_argument("--small", type=int, default=None, help="number of small videos (default 1000, quick 40)")
-    p.add_argument("--large", type=int, default=None, help="number of large videos (default 36, quick 4)")
-    p.add_argument("--small-per-shard", type=int, default=None,
-                   help="samples per shard, small corpus (default: 64, or fewer so there are >= 8 shards "
-                        "per worker and no worker idles on the last one)")
-    p.add_argument("--corpora", default="small,large")
-    p.add_argument("--corpus-dir", default=None, help="where to generate/cache the corpora (default: temp)")
-    p.add_argument("--workers", default="1,2")
-    p.add_argument("--modes", default="copy,transcode")
-    p.add_argument("--fsync", choices=["on", "off", "both"], default="both",
-                   help="flush every shard (and the tar baseline) to disk; 'both' measures each way")
-    p.add_argument("--repeats", type=int, default=3, help="rounds per contender (interleaved); median shown")
-    p.add_argument("--json", default=None, help="also write the results here")
-    args = p.parse_args(argv)
-    n_small = args.small or (40 if args.quick else 1000)
-    n_large = args.large or (4 if args.quick else 36)
-    workers_list = [int(w) for w in args.workers.split(",")]
-    fsyncs = {"on": [True], "off": [False], "both": [True, False]}[args.fsync]
-    root = Path(args.corpus_dir or tempfile.mkdtemp(prefix="vs_bench_ingest_"))
-    root.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="vs_bench_ingest_out_", dir=root))
-    procs = min(2, os.cpu_count() or 1)
-    small_spp = args.small_per_shard or max(1, min(64, n_small // (8 * max(workers_list))))
-    wanted = args.corpora.split(",")
-    corpora = []
-    if "small" in wanted:
-        small = make_corpus(root, "small", n_small, 320, 240, 4.0 if args.quick else 10.0, 25, 0.0, procs)
-        corpora.append(("small", small, small_spp))
-    if "large" in wanted:
-        large = make_corpus(root, "large", n_large, 1280, 720, 2.0 if args.quick else 4.0, 25, 0.35, procs)
-        corpora.append(("large", large, 1))
-    print(f"[bench] samples per shard: small {small_spp}, large 1", flush=True)
-    startup = start_ray(max(workers_list))
-    print(
-        f"[bench] start-up: ray.init {startup['ray_init_s']:.2f} s, "
-        f"first task {startup['first_task_s']:.2f} s ({startup['workers']} workers warmed)",
-        flush=True,
-    )
+def run_contenders(corpora, args, workers_list: list[int], fsyncs: list[bool], work: Path) -> list[dict]:
+    """Every contender of every (corpus, mode, fsync), interleaved round after round; median seconds."""
     transcode_kwargs = {"short_side": 224, "keyframe_interval": 1.0}
     rows = []
     for name, manifest, spp in corpora:
@@ -260,12 +219,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[bench] {name}/{mode} done", flush=True)
     for r in rows:
         r["videos_per_s"], r["mb_per_s"] = r["videos"] / r["s"], r["mb"] / r["s"]
+    return rows
+
+
+def ratio_checks(rows: list[dict], corpora, modes: list[str], fsyncs: list[bool]) -> list[tuple]:
+    """(label, measured ratio, floor) for issue #2's floors, from the rows of this run."""
     lookup = {(r["corpus"], r["mode"], r["runner"]): r for r in rows}
     checks = []
     for name, _, _ in corpora:
         for fsync in fsyncs:
             sfx = " +fsync" if fsync else ""
-            for mode in args.modes.split(","):
+            for mode in modes:
                 one = lookup.get((name, mode, f"ray 1 worker{sfx}"))
                 two = lookup.get((name, mode, f"ray 2 workers{sfx}"))
                 seq = lookup[(name, mode, f"sequential loop{sfx}")]
@@ -280,23 +244,93 @@ def main(argv: list[str] | None = None) -> int:
                                and r["runner"].startswith("ray") and r["fsync"] == fsync)
                     tar_mbs = lookup[(name, "-", f"tar cf{sfx}")]["mb_per_s"]
                     checks.append((f"large/copy{sfx}: best ray MB/s / tar cf{sfx} MB/s", best / tar_mbs, 0.5))
-    print("\n| corpus | mode | runner | videos | MB | s (median) | rounds | videos/s | MB/s |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    return checks
+
+
+RUN_COLUMNS = [col("corpus", "corpus"), col("mode", "mode"), col("runner", "runner"), col("videos", "videos"),
+               col("mb", "MB", "{:.1f}"), col("s", "s (median)", "{:.2f}"), col("rounds", "rounds"),
+               col("videos_per_s", "videos/s", "{:.1f}"), col("mb_per_s", "MB/s", "{:.1f}")]
+CHECK_COLUMNS = [col("ratio", "ratio"), col("measured", "measured", "{:.2f}x"), col("floor", "floor", "{}x"),
+                 col("met", "met")]
+
+
+def record_results(record: BenchRecord, rows, checks, startup, args, spp) -> None:
+    sample = (f"{args.small_n} small (320x240, {args.small_s:g} s, {spp} per shard) and {args.large_n} "
+              f"large (1280x720, {args.large_s:g} s, 1 per shard) H.264 videos; median of {args.repeats} "
+              "interleaved rounds per contender (1 round in transcode mode); page cache warm for every "
+              "contender; fixed "
+              f"start-up not in the times (ray.init {startup['ray_init_s']:.2f} s + first task "
+              f"{startup['first_task_s']:.2f} s)")
+    shown = [{k: v for k, v in r.items() if k != "all_s"} for r in rows]
+    record.table("runs", columns=RUN_COLUMNS, rows=shown,
+                 sample_size=sample, baseline="tar cf of the same files (with and without an fsync) and the "
+                 "sequential IngestShardStage loop in the driver, same run", filtering="none")
+    check_rows = [{"ratio": label, "measured": value, "floor": floor,
+                   "met": "yes" if value >= floor else "no"} for label, value, floor in checks]
+    record.table("ratios", columns=CHECK_COLUMNS, rows=check_rows, sample_size=sample,
+                 baseline="as in the runs table", filtering="none")
+    record.extra.update(startup=startup, all_s={f"{r['corpus']}/{r['mode']}/{r['runner']}": r["all_s"]
+                                                for r in rows})
+    floors = [("2 workers >= 1.7x one worker", "2 workers / 1 worker", 1.7),
+              ("2 workers >= 1.5x the sequential loop", "2 workers / sequential", 1.5),
+              ("large copy >= 0.5x raw tar cf MB/s", "tar cf", 0.5)]
+    for floor_text, needle, floor in floors:
+        values = [(label, v) for label, v, _ in checks if needle in label]
+        if values:
+            measured = ", ".join(f"{label.split(':')[0]} {v:.2f}x" for label, v in values)
+            record.add_headline("ingest", floor_text, measured,
+                                "yes" if all(v >= floor for _, v in values) else "no")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="40 small + 4 large short videos")
+    p.add_argument("--small", type=int, default=None, help="number of small videos (default 1000, quick 40)")
+    p.add_argument("--large", type=int, default=None, help="number of large videos (default 36, quick 4)")
+    p.add_argument("--small-per-shard", type=int, default=None,
+                   help="samples per shard, small corpus (default: 64, or fewer so there are >= 8 shards "
+                        "per worker and no worker idles on the last one)")
+    p.add_argument("--corpora", default="small,large")
+    p.add_argument("--corpus-dir", default=None, help="where to generate/cache the corpora (default: temp)")
+    p.add_argument("--workers", default="1,2")
+    p.add_argument("--modes", default="copy,transcode")
+    p.add_argument("--fsync", choices=["on", "off", "both"], default="both",
+                   help="flush every shard (and the tar baseline) to disk; 'both' measures each way")
+    p.add_argument("--repeats", type=int, default=3, help="rounds per contender (interleaved); median shown")
+    add_record_args(p, "ingest")
+    args = p.parse_args(argv)
+    record = BenchRecord.start("ingest", sys.argv[1:] if argv is None else argv)
+    args.small_n = args.small or (40 if args.quick else 1000)
+    args.large_n = args.large or (4 if args.quick else 36)
+    args.small_s, args.large_s = (4.0, 2.0) if args.quick else (10.0, 4.0)
+    workers_list = [int(w) for w in args.workers.split(",")]
+    fsyncs = {"on": [True], "off": [False], "both": [True, False]}[args.fsync]
+    root = Path(args.corpus_dir or tempfile.mkdtemp(prefix="vs_bench_ingest_"))
+    root.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="vs_bench_ingest_out_", dir=root))
+    procs = min(2, os.cpu_count() or 1)
+    small_spp = args.small_per_shard or max(1, min(64, args.small_n // (8 * max(workers_list))))
+    wanted = args.corpora.split(",")
+    corpora = []
+    if "small" in wanted:
+        small = make_corpus(root, "small", args.small_n, 320, 240, args.small_s, 25, 0.0, procs)
+        corpora.append(("small", small, small_spp))
+    if "large" in wanted:
+        large = make_corpus(root, "large", args.large_n, 1280, 720, args.large_s, 25, 0.35, procs)
+        corpora.append(("large", large, 1))
+    print(f"[bench] samples per shard: small {small_spp}, large 1", flush=True)
+    startup = start_ray(max(workers_list))
+    print(f"[bench] start-up: ray.init {startup['ray_init_s']:.2f} s, "
+          f"first task {startup['first_task_s']:.2f} s ({startup['workers']} workers warmed)", flush=True)
+    rows = run_contenders(corpora, args, workers_list, fsyncs, work)
+    checks = ratio_checks(rows, corpora, args.modes.split(","), fsyncs)
     for r in rows:
-        print(
-            f"| {r['corpus']} | {r['mode']} | {r['runner']} | {r['videos']} | {r['mb']:.1f} | {r['s']:.2f} | "
-            f"{r['rounds']} | {r['videos_per_s']:.1f} | {r['mb_per_s']:.1f} |"
-        )
-    print("\n| ratio | measured | floor | ok |\n|---|---:|---:|---|")
+        print(" | ".join(format_cell(r[c["key"]], c["fmt"]) for c in RUN_COLUMNS))
     for label, value, floor in checks:
-        print(f"| {label} | {value:.2f}x | {floor}x | {'yes' if value >= floor else 'NO'} |")
-    print(
-        f"\nfixed start-up (not in the timings above): ray.init {startup['ray_init_s']:.2f} s + first task "
-        f"{startup['first_task_s']:.2f} s; machine: {os.cpu_count()} CPUs, load average "
-        f"{os.getloadavg()[0]:.1f} at the end"
-    )
-    if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "checks": checks, "startup": startup}, indent=2))
+        print(f"{label}: {value:.2f}x (floor {floor}x) {'ok' if value >= floor else 'NO'}")
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end")
+    record_results(record, rows, checks, startup, args, small_spp)
+    record.write(args.json, note=args.note)
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

@@ -28,6 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from torchvision.models.video import swin3d_t  # noqa: E402
+
+from bench.record import BenchRecord, add_record_args, col, format_cell  # noqa: E402
 from models.video_swin import VideoSwinTransformer, convert_checkpoint  # noqa: E402
 
 DEFAULT_SHAPES = ("1x3x16x224x224", "1x3x8x112x112")
@@ -45,8 +48,6 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 def build_models(weights: dict[str, torch.Tensor], device: str):
     """torchvision swin3d_t and ours with identical weights, eval mode, on ``device``, without random init."""
-    from torchvision.models.video import swin3d_t
-
     with torch.device("meta"):
         tv = swin3d_t()
         ours = VideoSwinTransformer()
@@ -144,6 +145,66 @@ def cpu_peak_memory(weights_path: str, which: str, shape: tuple[int, ...]) -> in
     return int(json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"])
 
 
+def measure_shape(tv, ours, shape, device: str, args, weights_path: str) -> dict:
+    """Timing (and peak memory unless ``--no-memory``) of both models on one input shape."""
+    torch.manual_seed(1)
+    x = torch.randn(shape, device=device)
+    timing = time_models(tv, ours, x, args.repeats, args.warmup, device)
+    med = {name: statistics.median(ts) for name, ts in timing["times"].items()}
+    row = {
+        "device": device if device == "cpu" else torch.cuda.get_device_name(),
+        "shape": "x".join(map(str, shape)),
+        "torchvision_s": med["torchvision"],
+        "vidsift_s": med["vidsift"],
+        "torchvision_ms": med["torchvision"] * 1e3,
+        "vidsift_ms": med["vidsift"] * 1e3,
+        "time_ratio": med["vidsift"] / med["torchvision"],
+        "max_abs_diff": timing["max_abs_diff"],
+        "times": timing["times"],
+    }
+    if not args.no_memory:
+        if device == "cpu":
+            mem_tv = cpu_peak_memory(weights_path, "torchvision", shape)
+            mem_ours = cpu_peak_memory(weights_path, "vidsift", shape)
+        else:
+            mem_tv = cuda_peak_memory(lambda v, m=tv: tv_features(m, v), x)
+            mem_ours = cuda_peak_memory(ours.forward_features, x)
+        row.update(torchvision_peak_mib=mem_tv / 2**20, vidsift_peak_mib=mem_ours / 2**20,
+                   memory_ratio=mem_ours / max(mem_tv, 1))
+    mem = (f"  peak MiB tv {row['torchvision_peak_mib']:.0f} ours {row['vidsift_peak_mib']:.0f}"
+           f" ({row['memory_ratio']:.2f}x)" if "memory_ratio" in row else "")
+    print(f"[{row['device']}] {row['shape']}: torchvision {row['torchvision_ms']:.1f} ms, "
+          f"vidsift {row['vidsift_ms']:.1f} ms -> {row['time_ratio']:.2f}x, "
+          f"max|diff| {row['max_abs_diff']:.1e}{mem}", flush=True)
+    return row
+
+
+COLUMNS = [col("device", "device"), col("shape", "input"), col("torchvision_ms", "torchvision ms", "{:.1f}"),
+           col("vidsift_ms", "vidsift ms", "{:.1f}"), col("time_ratio", "time ratio", "{:.2f}x"),
+           col("torchvision_peak_mib", "peak MiB tv", "{:.0f}"),
+           col("vidsift_peak_mib", "peak MiB ours", "{:.0f}"),
+           col("memory_ratio", "memory ratio", "{:.2f}x"), col("max_abs_diff", "max abs diff", "{:.1e}")]
+
+
+def record_results(record: BenchRecord, results: list[dict], args) -> None:
+    floor_ok = all(r["time_ratio"] <= 0.8 and r["max_abs_diff"] <= 1e-4 for r in results)
+    print(f"floor (ratio <= 0.80 with max|diff| <= 1e-4): {'met' if floor_ok else 'NOT met'}")
+    memory = ("peak memory: growth of the RSS high-water mark over one forward in a fresh subprocess per "
+              "model (CPU), torch.cuda.max_memory_allocated (CUDA)")
+    rows = [{k: v for k, v in r.items() if k != "times"} for r in results]
+    record.table("results", columns=COLUMNS, rows=rows,
+                 sample_size=f"batch 1 random input per shape, median of {args.repeats} interleaved repeats "
+                             f"after {args.warmup} warm-up, {torch.get_num_threads()} torch threads; "
+                             f"{memory}",
+                 baseline="torchvision swin3d_t (patch_embed, features, norm) with identical weights, same "
+                          "process, same inputs", filtering="none")
+    record.extra.update(torch=torch.__version__, times={r["shape"]: r["times"] for r in results})
+    record.add_headline("Video Swin-T vs torchvision swin3d_t",
+                        "<= 0.8x torchvision's time, max|diff| <= 1e-4",
+                        "; ".join(f"{r['time_ratio']:.2f}x at {r['shape']} ({r['device']}), max|diff| "
+                                  f"{r['max_abs_diff']:.1e}" for r in results), "yes" if floor_ok else "no")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -160,13 +221,14 @@ def main(argv: list[str] | None = None) -> int:
         help="auto = cpu, plus cuda when available",
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    parser.add_argument("--json", type=Path, help="also write the results here")
+    add_record_args(parser, "video_swin")
     parser.add_argument("--_memory-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._memory_child:
         which, path, shape = args._memory_child
         _memory_child(path, which, parse_shape(shape))
         return 0
+    record = BenchRecord.start("video_swin", sys.argv[1:] if argv is None else argv)
 
     devices = ["cpu"] if args.device == "cpu" else ["cuda"] if args.device == "cuda" else ["cpu"]
     if args.device == "auto" and torch.cuda.is_available():
@@ -174,88 +236,20 @@ def main(argv: list[str] | None = None) -> int:
     if "cuda" in devices and not torch.cuda.is_available():
         parser.error("--device cuda asked for but CUDA is not available")
 
-    from torchvision.models.video import swin3d_t
-
     torch.manual_seed(0)
     weights = swin3d_t().state_dict()
     results = []
-    load_start = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         weights_path = os.path.join(tmp, "swin3d_t.pth")
         torch.save(weights, weights_path)
         for device in devices:
             tv, ours = build_models(weights, device)
-            for shape in args.shapes:
-                torch.manual_seed(1)
-                x = torch.randn(shape, device=device)
-                timing = time_models(tv, ours, x, args.repeats, args.warmup, device)
-                med = {name: statistics.median(ts) for name, ts in timing["times"].items()}
-                row = {
-                    "device": device if device == "cpu" else torch.cuda.get_device_name(),
-                    "shape": "x".join(map(str, shape)),
-                    "torchvision_s": med["torchvision"],
-                    "vidsift_s": med["vidsift"],
-                    "time_ratio": med["vidsift"] / med["torchvision"],
-                    "max_abs_diff": timing["max_abs_diff"],
-                    "times": timing["times"],
-                }
-                if not args.no_memory:
-                    if device == "cpu":
-                        mem_tv = cpu_peak_memory(weights_path, "torchvision", shape)
-                        mem_ours = cpu_peak_memory(weights_path, "vidsift", shape)
-                    else:
-                        mem_tv = cuda_peak_memory(lambda v, m=tv: tv_features(m, v), x)
-                        mem_ours = cuda_peak_memory(ours.forward_features, x)
-                    row.update(
-                        torchvision_peak_mib=mem_tv / 2**20,
-                        vidsift_peak_mib=mem_ours / 2**20,
-                        memory_ratio=mem_ours / max(mem_tv, 1),
-                    )
-                results.append(row)
-                mem = (
-                    f"  peak MiB tv {row['torchvision_peak_mib']:.0f} ours {row['vidsift_peak_mib']:.0f}"
-                    f" ({row['memory_ratio']:.2f}x)"
-                    if "memory_ratio" in row
-                    else ""
-                )
-                print(
-                    f"[{row['device']}] {row['shape']}: torchvision {med['torchvision'] * 1e3:.1f} ms, "
-                    f"vidsift {med['vidsift'] * 1e3:.1f} ms -> {row['time_ratio']:.2f}x, "
-                    f"max|diff| {row['max_abs_diff']:.1e}{mem}",
-                    flush=True,
-                )
+            results += [measure_shape(tv, ours, shape, device, args, weights_path) for shape in args.shapes]
             del tv, ours
-    load_end = os.getloadavg()
-
-    print(
-        f"\nmachine: {os.cpu_count()} CPUs, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-        f"load avg (1m) {load_start[0]:.1f} -> {load_end[0]:.1f}; medians of {args.repeats} repeats"
-    )
-    print("| device | input | torchvision ms | vidsift ms | time ratio | peak MiB tv / ours | max abs diff |")
-    print("|---|---|---|---|---|---|---|")
     for r in results:
-        mem = (
-            f"{r['torchvision_peak_mib']:.0f} / {r['vidsift_peak_mib']:.0f} ({r['memory_ratio']:.2f}x)"
-            if "memory_ratio" in r
-            else "n/a"
-        )
-        print(
-            f"| {r['device']} | {r['shape']} | {r['torchvision_s'] * 1e3:.1f} | {r['vidsift_s'] * 1e3:.1f} | "
-            f"{r['time_ratio']:.2f}x | {mem} | {r['max_abs_diff']:.1e} |"
-        )
-    floor_ok = all(r["time_ratio"] <= 0.8 and r["max_abs_diff"] <= 1e-4 for r in results)
-    print(f"floor (ratio <= 0.80 with max|diff| <= 1e-4): {'met' if floor_ok else 'NOT met'}")
-    if args.json:
-        payload = {
-            "results": results,
-            "load_avg": [load_start, load_end],
-            "torch": torch.__version__,
-            "cpus": os.cpu_count(),
-            "repeats": args.repeats,
-        }
-        tmp = args.json.with_name(args.json.name + ".tmp")
-        tmp.write_text(json.dumps(payload, indent=2))
-        os.replace(tmp, args.json)
+        print(" | ".join(format_cell(r.get(c["key"]), c["fmt"]) for c in COLUMNS))
+    record_results(record, results, args)
+    record.write(args.json, note=args.note)
     return 0
 
 

@@ -1,8 +1,9 @@
 """Build, extend and shrink versioned FAISS indexes from embeddings Parquet, streamed in batches.
 
-Build = pass 1 (sample training + held-out probe vectors) → train → pass 2 (add in chunks while computing
-exact top-k of the probes) → tune nprobe/efSearch → publish. Add / delete / upsert copy the current
-version, change it without retraining and publish a new version.
+Build = one :func:`index.part.build_part` per shard (pass 1: sample training + held-out probe vectors →
+train → pass 2: add in chunks while computing exact top-k of the probes → tune nprobe/efSearch), in this
+process or as Ray tasks (:mod:`index.sharded`) → publish. Add / delete / upsert copy the current version,
+change it without retraining and publish a new version.
 """
 
 from __future__ import annotations
@@ -21,184 +22,26 @@ import pyarrow.compute as pc
 
 from index import store
 from index.embeddings import (
-    IDS_SCHEMA,
     EmbeddingSource,
     errors_table,
     iter_batches,
     resolve_embeddings,
     shard_of,
 )
-from index.factory import (
-    METRIC,
-    choose_factory,
-    make_index,
-    parse_memory,
-    supports_remove,
-    to_cpu,
-    to_gpu_if_available,
-    training_size,
+from index.factory import METRIC, make_index, parse_memory, supports_remove
+from index.part import (
+    DEFAULT_GROWTH_FACTOR,
+    DEFAULT_K,
+    DEFAULT_MEMORY,
+    DEFAULT_PROBES,
+    DEFAULT_RECALL,
+    build_part,
+    finish_progress,
+    row_progress,
 )
-from index.tuning import (
-    ExactTopK,
-    apply_search_params,
-    measure_recall,
-    merge_topk,
-    tune,
-)
-
-DEFAULT_MEMORY = "4GB"
-DEFAULT_RECALL = 0.95
-DEFAULT_K = 10
-PROBE_DEPTH = 50  # exact neighbours kept per probe, so deletes still leave >= k of them
-DEFAULT_PROBES = 256
-DEFAULT_GROWTH_FACTOR = 2.0
-
-
-class Progress:
-    """Prints rows/s and ETA at most every ``every`` seconds, and a final line."""
-
-    def __init__(self, label: str, total: int, enabled: bool = True, every: float = 5.0):
-        self.label, self.total, self.enabled, self.every = label, max(total, 1), enabled, every
-        self.start = self.last = time.perf_counter()
-        self.done = 0
-
-    def update(self, n: int) -> None:
-        self.done += n
-        now = time.perf_counter()
-        if self.enabled and now - self.last >= self.every:
-            self.last = now
-            rate = self.done / max(now - self.start, 1e-9)
-            eta = (self.total - self.done) / max(rate, 1e-9)
-            print(
-                f"[index] {self.label}: {self.done}/{self.total} rows, {rate:,.0f} rows/s, ETA {eta:.0f}s",
-                file=sys.stderr,
-                flush=True,
-            )
-
-    def finish(self) -> float:
-        elapsed = time.perf_counter() - self.start
-        if self.enabled:
-            print(f"[index] {self.label}: {self.done} rows in {elapsed:.1f}s", file=sys.stderr, flush=True)
-        return elapsed
-
-
-def build_part(
-    source: EmbeddingSource,
-    shard: tuple[int, int] = (0, 1),
-    factory: str | None = None,
-    memory_budget: int | str = DEFAULT_MEMORY,
-    recall_target: float = DEFAULT_RECALL,
-    k: int = DEFAULT_K,
-    num_probes: int = DEFAULT_PROBES,
-    batch_size: int = 65536,
-    seed: int = 0,
-    progress: bool = True,
-    write_to: str | os.PathLike | None = None,
-) -> dict[str, Any]:
-    """Build the index of one shard of ``source`` (no publishing).
-
-    Returns ``{"index", "ids" (pa.Table), "errors" (list), "probe" (dict of arrays), "info" (dict)}``;
-    with ``write_to`` (a staging dir) the index is written there and ``"index"`` is None.
-    """
-    t0 = time.perf_counter()
-    shard_index, num_shards = shard
-    budget = parse_memory(memory_budget)
-    n_est = max(1, int(np.ceil(source.num_rows / num_shards)))
-    factory = factory or choose_factory(n_est, source.dim, budget, recall_target)
-    index = make_index(factory, source.dim)
-    n_train = training_size(index, n_est)
-    rng = np.random.default_rng(seed + shard_index)
-    # Sample positions over the whole stream; a shard keeps ~1/num_shards of them, so oversample.
-    want = min(source.num_rows, (n_train + num_probes) * num_shards)
-    sampled = np.sort(rng.choice(source.num_rows, size=want, replace=False)) if want else np.zeros(0, int)
-    train_vecs, probe_vecs = _sample(source, shard, sampled, n_train, num_probes, rng, batch_size)
-    t_train = time.perf_counter()
-    on_gpu = False
-    if not index.is_trained:
-        if len(train_vecs) == 0:
-            raise ValueError(f"shard {shard_index}: no valid vectors to train {factory!r} on")
-        index, on_gpu = to_gpu_if_available(index)
-        index.train(train_vecs)
-    else:
-        index, on_gpu = to_gpu_if_available(index)
-    train_s = time.perf_counter() - t_train
-    exact = ExactTopK(probe_vecs, PROBE_DEPTH)
-    seen: set[int] = set()
-    metas, errors = [], []
-    bar = Progress(f"add shard {shard_index}/{num_shards}", n_est, enabled=progress)
-    for batch in iter_batches(source, batch_size=batch_size, shard=shard, seen_ids=seen):
-        errors.extend(batch.errors)
-        if len(batch.ids):
-            index.add_with_ids(batch.vectors, batch.ids)
-            exact.add(batch.vectors, batch.ids)
-            metas.append(batch.meta)
-        bar.update(len(batch.ids) + len(batch.errors))
-    add_s = bar.finish()
-    index = to_cpu(index, on_gpu)
-    if index.ntotal == 0:
-        raise ValueError(
-            f"shard {shard_index}: no valid embeddings in {source.root} ({len(errors)} rows rejected)"
-        )
-    gt_d, gt_i = exact.result()
-    params, recall, met, curve = tune(index, probe_vecs, gt_i, k, recall_target)
-    if progress:
-        print(
-            f"[index] shard {shard_index}: {factory} n={index.ntotal} params={params} "
-            f"recall@{k}={recall:.4f} (target {recall_target}, met={met})",
-            file=sys.stderr,
-            flush=True,
-        )
-    ids_table = pa.concat_tables(metas) if metas else IDS_SCHEMA.empty_table()
-    info = {
-        "file": store.shard_file(shard_index, num_shards),
-        "shard": shard_index,
-        "factory": factory,
-        "count": int(index.ntotal),
-        "trained_on_count": int(index.ntotal),
-        "training_size": int(len(train_vecs)),
-        "search_params": params,
-        "recall": recall,
-        "recall_target_met": bool(met),
-        "tuning_curve": curve,
-        "train_s": round(train_s, 3),
-        "add_s": round(add_s, 3),
-        "build_s": round(time.perf_counter() - t0, 3),
-        "gpu": bool(on_gpu),
-        "num_probes": int(len(probe_vecs)),
-        "errors": len(errors),
-    }
-    probe = {"queries": probe_vecs, "gt_d": gt_d.astype(np.float32), "gt_i": gt_i.astype(np.int64)}
-    if write_to is not None:
-        faiss.write_index(index, str(Path(write_to) / info["file"]))
-        index = None
-    return {"index": index, "ids": ids_table, "errors": errors, "probe": probe, "info": info}
-
-
-def _sample(
-    source: EmbeddingSource,
-    shard: tuple[int, int],
-    positions: np.ndarray,
-    n_train: int,
-    num_probes: int,
-    rng: np.random.Generator,
-    batch_size: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Pass 1: vectors at ``positions`` (valid rows of this shard), split into train / held-out probes."""
-    if len(positions) == 0:
-        return np.zeros((0, source.dim), np.float32), np.zeros((0, source.dim), np.float32)
-    picked = []
-    for batch in iter_batches(source, batch_size=batch_size, shard=shard):
-        sel = np.isin(batch.positions, positions, assume_unique=True)
-        if sel.any():
-            picked.append(batch.vectors[sel])
-    vecs = np.concatenate(picked) if picked else np.zeros((0, source.dim), np.float32)
-    vecs = vecs[rng.permutation(len(vecs))]
-    probes = vecs[:num_probes]
-    if len(vecs) >= n_train + num_probes:
-        train = vecs[num_probes : num_probes + n_train]
-    else:  # tiny data: the probes may also be training vectors
-        train = vecs[len(vecs) - min(n_train, len(vecs)) :] if n_train else vecs[:0]
-    return np.ascontiguousarray(train), np.ascontiguousarray(probes)
+from index.sharded import build_parts_with_ray
+from index.tuning import ExactTopK, apply_search_params, measure_recall, merge_topk
+from runtime.progress import Progress
 
 
 def _combine_meta(
@@ -277,8 +120,6 @@ def build_index(
         if shards == 1:
             parts = [build_part(source, (0, 1), **kwargs)]
         else:
-            from index.sharded import build_parts_with_ray
-
             parts = build_parts_with_ray(source, shards, stage=stage, **kwargs)
         meta = _combine_meta(
             source, parts, factory, recall_target, k, memory_budget, time.perf_counter() - t0
@@ -389,7 +230,32 @@ def add_embeddings(
     """
     t0 = time.perf_counter()
     vdir, meta, indexes, ids, probe = _open_writable(root)
-    source = resolve_embeddings(embeddings)
+    source = _check_compatible(resolve_embeddings(embeddings), meta, embeddings, root)
+    replaced = np.zeros(len(ids), bool)
+    if upsert:
+        replaced = _remove_videos(meta, indexes, ids, probe, _video_ids_of(source, batch_size))
+    kept = ids.filter(pa.array(~replaced))
+    exact = ExactTopK(probe["queries"], probe["gt_i"].shape[1]) if probe is not None else None
+    bar = row_progress("add", source.num_rows, progress)
+    metas, errors = _add_rows(indexes, source, set(kept.column("id").to_pylist()), exact, batch_size, bar)
+    finish_progress(bar)
+    if probe is not None and exact is not None:
+        _merge_new_truth(probe, exact, metas, len(indexes))
+    new_meta = _new_version_meta(meta, "add", vdir.name)
+    _remeasure(new_meta, indexes, probe)
+    new_meta["sources"] = list(meta.get("sources", [])) + list(source.files)
+    new_meta["last_operation"] = {
+        "added": sum(m.num_rows for m in metas),
+        "replaced": int(replaced.sum()),
+        "errors": len(errors),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    ids_table = pa.concat_tables([kept, *metas])
+    return _publish_version(root, indexes, ids_table, new_meta, probe, errors, keep)
+
+
+def _check_compatible(source: EmbeddingSource, meta: dict[str, Any], embeddings, root) -> EmbeddingSource:
+    """Refuse embeddings of another dim or model; rows without a model id are checked against the index's."""
     if source.dim != int(meta["dim"]):
         raise ValueError(
             f"embeddings {str(embeddings)!r} have dim {source.dim}, index {str(root)!r} has dim {meta['dim']}"
@@ -401,23 +267,45 @@ def add_embeddings(
         )
     if not source.model_id and meta.get("model_id"):
         source.model["model_id"] = meta["model_id"]  # rows are still checked against the index's model
-    num_shards = len(indexes)
-    new_videos: set[str] = set()
+    return source
+
+
+def _video_ids_of(source: EmbeddingSource, batch_size: int) -> set[str]:
+    videos: set[str] = set()
     for batch in iter_batches(source, batch_size=batch_size, columns_only_meta=True):
-        new_videos.update(batch.meta.column("video_id").to_pylist())
-    old_ids = ids.column("id").to_numpy()
-    replaced = _video_mask(ids, new_videos) if upsert and new_videos else np.zeros(len(ids), bool)
-    removed_ids = old_ids[replaced]
-    for i in range(num_shards):
-        shard_rm = removed_ids[ids.column("shard").to_numpy()[replaced] == i]
-        indexes[i] = _remove_ids(indexes[i], meta["shards"][i]["factory"], shard_rm)
+        videos.update(batch.meta.column("video_id").to_pylist())
+    return videos
+
+
+def _remove_videos(
+    meta: dict[str, Any],
+    indexes: list[faiss.Index],
+    ids: pa.Table,
+    probe: dict[str, np.ndarray] | None,
+    video_ids: set[str],
+) -> np.ndarray:
+    """Remove every row of ``video_ids`` from the shard indexes and the probes; returns the row mask."""
+    hit = _video_mask(ids, video_ids) if video_ids else np.zeros(len(ids), bool)
+    removed = ids.column("id").to_numpy()[hit]
+    shard_col = ids.column("shard").to_numpy()[hit]
+    for i in range(len(indexes)):
+        indexes[i] = _remove_ids(indexes[i], meta["shards"][i]["factory"], removed[shard_col == i])
         apply_search_params(indexes[i], meta["shards"][i]["search_params"])
-    _drop_from_probe(probe, removed_ids)
-    kept = ids.filter(pa.array(~replaced))
-    seen = set(kept.column("id").to_pylist())
-    exact = ExactTopK(probe["queries"], probe["gt_i"].shape[1]) if probe is not None else None
-    metas, errors, added = [kept], [], 0
-    bar = Progress("add", source.num_rows, enabled=progress)
+    _drop_from_probe(probe, removed)
+    return hit
+
+
+def _add_rows(
+    indexes: list[faiss.Index],
+    source: EmbeddingSource,
+    seen: set[int],
+    exact: ExactTopK | None,
+    batch_size: int,
+    bar: Progress,
+) -> tuple[list[pa.Table], list[dict[str, Any]]]:
+    """Stream ``source`` into the shard of each row's video; returns (ids tables of added rows, errors)."""
+    num_shards = len(indexes)
+    metas, errors = [], []
     for batch in iter_batches(source, batch_size=batch_size, seen_ids=seen):
         errors.extend(batch.errors)
         if len(batch.ids):
@@ -428,34 +316,26 @@ def add_embeddings(
                     indexes[i].add_with_ids(batch.vectors[sel], batch.ids[sel])
             if exact is not None:
                 exact.add(batch.vectors, batch.ids)
-            meta_cols = batch.meta.set_column(
-                batch.meta.schema.get_field_index("shard"), "shard", pa.array(shards, pa.int32())
+            metas.append(
+                batch.meta.set_column(
+                    batch.meta.schema.get_field_index("shard"), "shard", pa.array(shards, pa.int32())
+                )
             )
-            metas.append(meta_cols)
-            added += len(batch.ids)
         bar.update(len(batch.ids) + len(batch.errors))
-    bar.finish()
-    if probe is not None and exact is not None:
-        # New vectors can only enter a probe's exact top list of its own shard; merge per shard.
-        new_d, new_i = exact.result()
-        new_shard = _shard_of_ids(new_i, metas[1:], num_shards)
-        same = new_shard == probe["shard"][:, None]
-        new_d = np.where(same, new_d, -np.inf).astype(np.float32)
-        new_i = np.where(same, new_i, -1)
-        probe["gt_d"], probe["gt_i"] = merge_topk(
-            probe["gt_d"], probe["gt_i"], new_d, new_i, probe["gt_i"].shape[1]
-        )
-    new_meta = _new_version_meta(meta, "add", vdir.name)
-    _remeasure(new_meta, indexes, probe)
-    new_meta["sources"] = list(meta.get("sources", [])) + list(source.files)
-    new_meta["last_operation"] = {
-        "added": added,
-        "replaced": int(replaced.sum()),
-        "errors": len(errors),
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
-    ids_table = pa.concat_tables(metas)
-    return _publish_version(root, indexes, ids_table, new_meta, probe, errors, keep)
+    return metas, errors
+
+
+def _merge_new_truth(
+    probe: dict[str, np.ndarray], exact: ExactTopK, metas: list[pa.Table], num_shards: int
+) -> None:
+    """New vectors can only enter a probe's exact top list of its own shard; merge per shard."""
+    new_d, new_i = exact.result()
+    new_shard = _shard_of_ids(new_i, metas, num_shards)
+    same = new_shard == probe["shard"][:, None]
+    new_d = np.where(same, new_d, -np.inf).astype(np.float32)
+    new_i = np.where(same, new_i, -1)
+    depth = probe["gt_i"].shape[1]
+    probe["gt_d"], probe["gt_i"] = merge_topk(probe["gt_d"], probe["gt_i"], new_d, new_i, depth)
 
 
 def _shard_of_ids(id_matrix: np.ndarray, metas: list[pa.Table], num_shards: int) -> np.ndarray:
@@ -489,13 +369,7 @@ def delete_videos(root: str | os.PathLike, video_ids: list[str], keep: int = 3) 
     if not video_ids:
         raise ValueError("delete needs at least one video id")
     vdir, meta, indexes, ids, probe = _open_writable(root)
-    hit = _video_mask(ids, set(video_ids))
-    removed = ids.column("id").to_numpy()[hit]
-    shard_col = ids.column("shard").to_numpy()
-    for i in range(len(indexes)):
-        indexes[i] = _remove_ids(indexes[i], meta["shards"][i]["factory"], removed[shard_col[hit] == i])
-        apply_search_params(indexes[i], meta["shards"][i]["search_params"])
-    _drop_from_probe(probe, removed)
+    hit = _remove_videos(meta, indexes, ids, probe, set(video_ids))
     new_meta = _new_version_meta(meta, "delete", vdir.name)
     _remeasure(new_meta, indexes, probe)
     found = set(ids.filter(pa.array(hit)).column("video_id").to_pylist())

@@ -196,41 +196,10 @@ def _validate(
     reasons: list[tuple[int, str, str]] = [(i, "null_id", "id is null") for i in np.flatnonzero(~ok)]
     ids = np.asarray(ids_col.fill_null(-1).to_numpy(zero_copy_only=False), dtype=np.int64)
     if expected_model and "model_id" in table.column_names:
-        model_col = table.column("model_id")
-        same = pc.fill_null(pc.equal(model_col, pa.scalar(expected_model)), False)
-        foreign = ok & ~np.asarray(same.to_numpy(zero_copy_only=False), dtype=bool)
-        if foreign.any():
-            models = model_col.to_pylist()
-            for i in np.flatnonzero(foreign):
-                ok[i] = False
-                reasons.append((i, "model_mismatch", f"model_id {models[i]!r} != {expected_model!r}"))
+        _check_model(table.column("model_id"), expected_model, ok, reasons)
     vectors = np.zeros((n, dim), dtype=np.float32)
     if with_vectors:
-        emb = table.column("embedding").combine_chunks()
-        valid = np.asarray(emb.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
-        lengths = np.asarray(pc.list_value_length(emb).fill_null(0).to_numpy(zero_copy_only=False))
-        good_shape = valid & (lengths == dim)
-        if good_shape.any():
-            flat = pc.list_flatten(emb.filter(pa.array(good_shape)))
-            vectors[good_shape] = np.asarray(flat.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(
-                -1, dim
-            )
-        norms = np.linalg.norm(vectors, axis=1)
-        finite = np.isfinite(vectors).all(axis=1)
-        bad = ok & ~(good_shape & finite & (norms > 1e-12))
-        for i in np.flatnonzero(bad):
-            if not valid[i]:
-                why = "embedding is null"
-            elif lengths[i] != dim:
-                why = f"embedding has {lengths[i]} values, expected {dim}"
-            elif not finite[i]:
-                why = "embedding has NaN/inf values"
-            else:
-                why = "embedding is all zeros"
-            ok[i] = False
-            reasons.append((i, "bad_embedding", why))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            vectors /= np.where(norms > 0, norms, 1.0)[:, None]
+        _check_vectors(table.column("embedding").combine_chunks(), dim, vectors, ok, reasons)
     if seen_ids is not None:
         for i in np.flatnonzero(ok):
             value = int(ids[i])
@@ -239,29 +208,75 @@ def _validate(
                 reasons.append((i, "duplicate_id", f"id {value} occurs more than once"))
             else:
                 seen_ids.add(value)
-    errors = []
-    if reasons:
-        vids = table.column("video_id").to_pylist()
-        keys = table.column("key").to_pylist() if "key" in table.column_names else [None] * n
-        for i, reason, message in reasons:
-            errors.append(
-                {
-                    "id": int(ids[i]) if ids[i] >= 0 else None,
-                    "video_id": vids[i],
-                    "key": keys[i],
-                    "reason": reason,
-                    "message": message,
-                }
-            )
-    mask = pa.array(ok)
-    meta = _meta_table(table.filter(mask), shard_index)
+    meta = _meta_table(table.filter(pa.array(ok)), shard_index)
     return Batch(
         vectors=np.ascontiguousarray(vectors[ok]),
         ids=ids[ok],
         meta=meta,
         positions=positions[ok],
-        errors=errors,
+        errors=_error_records(table, ids, reasons),
     )
+
+
+def _check_model(
+    model_col: pa.ChunkedArray, expected_model: str, ok: np.ndarray, reasons: list[tuple[int, str, str]]
+) -> None:
+    """Rows whose ``model_id`` differs from the source's become ``model_mismatch`` errors (in place)."""
+    same = pc.fill_null(pc.equal(model_col, pa.scalar(expected_model)), False)
+    foreign = ok & ~np.asarray(same.to_numpy(zero_copy_only=False), dtype=bool)
+    if foreign.any():
+        models = model_col.to_pylist()
+        for i in np.flatnonzero(foreign):
+            ok[i] = False
+            reasons.append((i, "model_mismatch", f"model_id {models[i]!r} != {expected_model!r}"))
+
+
+def _check_vectors(
+    emb: pa.Array, dim: int, vectors: np.ndarray, ok: np.ndarray, reasons: list[tuple[int, str, str]]
+) -> None:
+    """Fill ``vectors`` with the L2-normalised embeddings; bad ones become ``bad_embedding`` errors."""
+    valid = np.asarray(emb.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+    lengths = np.asarray(pc.list_value_length(emb).fill_null(0).to_numpy(zero_copy_only=False))
+    good_shape = valid & (lengths == dim)
+    if good_shape.any():
+        flat = pc.list_flatten(emb.filter(pa.array(good_shape)))
+        values = np.asarray(flat.to_numpy(zero_copy_only=False), dtype=np.float32)
+        vectors[good_shape] = values.reshape(-1, dim)
+    norms = np.linalg.norm(vectors, axis=1)
+    finite = np.isfinite(vectors).all(axis=1)
+    bad = ok & ~(good_shape & finite & (norms > 1e-12))
+    for i in np.flatnonzero(bad):
+        if not valid[i]:
+            why = "embedding is null"
+        elif lengths[i] != dim:
+            why = f"embedding has {lengths[i]} values, expected {dim}"
+        elif not finite[i]:
+            why = "embedding has NaN/inf values"
+        else:
+            why = "embedding is all zeros"
+        ok[i] = False
+        reasons.append((i, "bad_embedding", why))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        vectors /= np.where(norms > 0, norms, 1.0)[:, None]
+
+
+def _error_records(
+    table: pa.Table, ids: np.ndarray, reasons: list[tuple[int, str, str]]
+) -> list[dict[str, Any]]:
+    if not reasons:
+        return []
+    vids = table.column("video_id").to_pylist()
+    keys = table.column("key").to_pylist() if "key" in table.column_names else [None] * table.num_rows
+    return [
+        {
+            "id": int(ids[i]) if ids[i] >= 0 else None,
+            "video_id": vids[i],
+            "key": keys[i],
+            "reason": reason,
+            "message": message,
+        }
+        for i, reason, message in reasons
+    ]
 
 
 def _meta_table(table: pa.Table, shard_index: int) -> pa.Table:

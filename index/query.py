@@ -122,17 +122,20 @@ class VideoIndex:
                     f"index {str(self.root)!r} records no model_name; pass encoder=... to "
                     "VideoIndex.open to run text queries, or query with vectors"
                 )
-            from models.registry import create_encoder
+            # Lazy: models pulls in torch, an optional heavy dependency FAISS-only (vector query) users skip.
+            import models
 
             # Same construction as the embedding job (seeded init when there are no weights), so the
             # model_id check below compares like with like.
-            model, _transform, tokenizer = create_encoder(name, pretrained=self.meta.get("pretrained"))
+            model, _transform, tokenizer = models.create_model(
+                name, pretrained=self.meta.get("pretrained"), seed=0
+            )
             model.eval()
             self.set_encoder(model, tokenizer)
         return self._encoder
 
     def encode_text(self, texts: Sequence[str]) -> np.ndarray:
-        import torch
+        import torch  # optional heavy dependency: only text queries need it
 
         encoder = self._ensure_encoder()
         with torch.no_grad():

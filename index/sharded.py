@@ -7,13 +7,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 
 from index.embeddings import EmbeddingSource
+from index.factory import parse_memory
+from index.part import DEFAULT_MEMORY, build_part
+from runtime.ray_connect import connect_ray
 
 
 def _build_shard_task(source: EmbeddingSource, shard: tuple[int, int], stage: str, kwargs: dict[str, Any]):
-    from index.build import build_part
-
     return build_part(source, shard, write_to=stage, **kwargs)
 
 
@@ -21,19 +23,22 @@ def build_parts_with_ray(
     source: EmbeddingSource, num_shards: int, stage: Path, num_cpus: float = 1, **kwargs: Any
 ) -> list[dict[str, Any]]:
     """Build ``num_shards`` shards as parallel Ray tasks; each writes its ``shard-NNNNN.faiss`` into
-    ``stage`` and returns its ids / probes / info. Uses the running Ray (or starts a local one)."""
-    import ray
+    ``stage`` and returns its ids / probes / info.
 
-    if not ray.is_initialized():
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
-    kwargs = dict(kwargs)
-    # Each shard gets its share of the memory budget.
-    from index.factory import parse_memory
-
-    kwargs["memory_budget"] = max(1, parse_memory(kwargs.get("memory_budget", "4GB")) // num_shards)
-    task = ray.remote(num_cpus=num_cpus)(_build_shard_task)
-    refs = [task.remote(source, (i, num_shards), str(stage), kwargs) for i in range(num_shards)]
-    parts = ray.get(refs)
+    Ray comes from :func:`runtime.ray_connect.connect_ray`: the running Ray, the cluster of ``RAY_ADDRESS``
+    (``ray job submit`` sets it), or a private local Ray that is shut down again afterwards."""
+    started_here, _ = connect_ray()
+    try:
+        kwargs = dict(kwargs)
+        # Each shard gets its share of the memory budget.
+        budget = parse_memory(kwargs.get("memory_budget", DEFAULT_MEMORY))
+        kwargs["memory_budget"] = max(1, budget // num_shards)
+        task = ray.remote(num_cpus=num_cpus)(_build_shard_task)
+        refs = [task.remote(source, (i, num_shards), str(stage), kwargs) for i in range(num_shards)]
+        parts = ray.get(refs)
+    finally:
+        if started_here:
+            ray.shutdown()
     return sorted(parts, key=lambda p: p["info"]["shard"])
 
 

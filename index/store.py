@@ -162,6 +162,12 @@ def version_dir(root: str | os.PathLike, version: str | None = None) -> Path:
     return path
 
 
+def describe(root: str | os.PathLike) -> dict[str, Any]:
+    """The CURRENT version's name, the list of retained versions and its index.json (``jobs.index info``)."""
+    vdir = version_dir(root)
+    return {"version": vdir.name, "versions": list_versions(root), **read_meta(vdir)}
+
+
 def read_meta(vdir: Path) -> dict[str, Any]:
     path = vdir / META_FILE
     try:

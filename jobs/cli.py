@@ -29,16 +29,6 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def print_summary(stage: str, summary: dict) -> None:
-    """The end-of-stage summary every job prints: an aligned table, then the same as one JSON line."""
-    import json
-
-    print(f"[{stage}] summary")
-    for key, value in summary.items():
-        print(f"  {key:<16} {value}")
-    print(json.dumps(summary, default=str))
-
-
 def main(argv: list[str] | None = None) -> int:
     """Dispatch to ``jobs.<stage>.main``; unknown stages are a usage error (exit 2)."""
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from index import build as index_build
 from index import store
+from index.query import VideoIndex
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--probes", type=int, default=index_build.DEFAULT_PROBES, help="held-out tuning queries")
     b.add_argument("--batch-size", type=int, default=65536)
     b.add_argument("--keep", type=int, default=3, help="versions to retain")
-    b.add_argument("--ray-address", default=None, help="Ray address for --shards > 1 (default: auto/local)")
+    b.add_argument("--ray-address", default=None, help="Ray for --shards > 1 (default: $RAY_ADDRESS/local)")
 
     a = sub.add_parser("add", help="add (upsert) embeddings to the CURRENT version without retraining")
     a.add_argument("--embeddings", required=True)
@@ -67,38 +69,27 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "build" and args.ray_address:
+        os.environ["RAY_ADDRESS"] = args.ray_address  # connect_ray (index.sharded) joins this cluster
     try:
         if args.command == "build":
-            if args.shards > 1 and args.ray_address:
-                import ray
-
-                ray.init(address=args.ray_address)
-            meta = index_build.build_index(args.embeddings, args.output, factory=args.factory,
+            _print(index_build.build_index(args.embeddings, args.output, factory=args.factory,
                                            memory_budget=args.memory, recall_target=args.recall, k=args.k,
                                            shards=args.shards, num_probes=args.probes,
-                                           batch_size=args.batch_size, keep=args.keep)
-            print(json.dumps(_summary(meta), indent=2))
+                                           batch_size=args.batch_size, keep=args.keep))
         elif args.command == "add":
-            meta = index_build.add_embeddings(args.output, args.embeddings, batch_size=args.batch_size,
-                                              keep=args.keep, upsert=not args.no_upsert)
-            print(json.dumps(_summary(meta), indent=2))
+            _print(index_build.add_embeddings(args.output, args.embeddings, batch_size=args.batch_size,
+                                              keep=args.keep, upsert=not args.no_upsert))
         elif args.command == "delete":
-            meta = index_build.delete_videos(args.output, args.video_ids, keep=args.keep)
-            print(json.dumps(_summary(meta), indent=2))
+            _print(index_build.delete_videos(args.output, args.video_ids, keep=args.keep))
         elif args.command == "query":
-            from index.query import VideoIndex
-
             vi = VideoIndex.open(args.index)
             if args.pretrained:
                 vi.meta["pretrained"] = args.pretrained
-            results = vi.search(list(args.text), k=args.k, aggregate=args.aggregate)
-            for text, hits in zip(args.text, results):
+            for text, hits in zip(args.text, vi.search(list(args.text), k=args.k, aggregate=args.aggregate)):
                 print(json.dumps({"query": text, "hits": [h.to_dict() for h in hits]}))
         elif args.command == "info":
-            vdir = store.version_dir(args.index)
-            meta = store.read_meta(vdir)
-            print(json.dumps({"version": vdir.name, "versions": store.list_versions(args.index), **meta},
-                             indent=2, default=str))
+            print(json.dumps(store.describe(args.index), indent=2, default=str))
         elif args.command == "check":
             needed, reasons = index_build.needs_retrain(args.index, growth_factor=args.growth_factor,
                                                         recall_target=args.recall)
@@ -110,10 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _summary(meta: dict) -> dict:
+def _print(meta: dict) -> None:
+    """The summary of a build / add / delete: the main fields of the new version's index.json, as JSON."""
     keys = ("version", "factory", "count", "dim", "model_id", "search_params", "recall", "recall_k",
             "build_time_s", "training_size", "errors", "operation", "last_operation", "num_shards")
-    return {k: meta[k] for k in keys if k in meta}
+    print(json.dumps({k: meta[k] for k in keys if k in meta}, indent=2))
 
 
 if __name__ == "__main__":

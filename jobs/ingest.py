@@ -1,7 +1,8 @@
 """`python -m jobs.ingest --input MANIFEST_OR_GLOB --output DIR ...`: raw videos -> WebDataset shards (Ray).
 
 Thin wrapper over ``pipeline.ingest.run_ingest``. Exit 0 when the job finished (bad inputs are recorded in
-``OUT/errors.parquet``), 2 when the input cannot be read, 1 when shard tasks died (rerun to finish).
+``OUT/errors.parquet``), 2 when the input cannot be read (or, with ``--on-error raise``, at the first bad
+input), 1 when shard tasks died (rerun to finish).
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.ingest import IngestIncompleteError, InputError, run_ingest
+from pipeline.ingest import IngestIncompleteError, run_ingest
+from runtime.errors import ERROR_POLICIES, InputError
+from runtime.progress import print_summary
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--task-retries", type=int, default=2, help="Ray retries of a shard task whose worker died"
     )
     p.add_argument("--no-fsync", action="store_true", help="skip fsync of each tar before its rename")
+    p.add_argument(
+        "--on-error", choices=ERROR_POLICIES, default="record",
+        help="bad inputs: record them in errors.parquet and go on (default), or stop at the first",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
 
@@ -50,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        run_ingest(
+        summary = run_ingest(
             args.input,
             args.output,
             samples_per_shard=args.samples_per_shard,
@@ -66,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             task_retries=args.task_retries,
             fsync=not args.no_fsync,
             progress=not args.quiet,
+            on_error=args.on_error,
         )
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -73,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     except IngestIncompleteError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    print_summary("ingest", summary)
     return 0
 
 

@@ -13,15 +13,9 @@ import argparse
 import json
 import sys
 
-from pipeline.inputs import InputError
-from pipeline.reindex import (
-    LockHeldError,
-    ReindexError,
-    ReindexInputError,
-    format_summary,
-    load_config,
-    run_reindex,
-)
+from runtime.errors import InputError
+from runtime.progress import print_summary
+from workflows.reindex import LockHeldError, ReindexError, ReindexInputError, load_config, run_reindex
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,9 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.dry_run:
         print(json.dumps(summary, indent=1, default=str))
-        return 0
-    print(format_summary(summary))
-    print(json.dumps(summary, default=str))
+    else:
+        print_summary("reindex", summary)
     return 0
 
 

@@ -6,7 +6,8 @@ import argparse
 import sys
 import time
 
-from pipeline.synthetic import PROFILES, generate_corpus
+from pipeline.synthetic import PROFILES, corpus_summary, generate_corpus
+from runtime.progress import Progress, print_summary
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,30 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class ProgressPrinter:
-    """Prints videos/s and ETA at most every ``interval_s`` seconds (and at the end)."""
-
-    def __init__(self, interval_s: float = 2.0):
-        self.interval_s = interval_s
-        self.last = 0.0
-
-    def __call__(self, stats: dict) -> None:
-        now = time.perf_counter()
-        if stats["done"] < stats["total"] and now - self.last < self.interval_s:
-            return
-        self.last = now
-        rate = stats["done"] / max(stats["elapsed_s"], 1e-9)
-        eta = (stats["total"] - stats["done"]) / rate if rate > 0 else float("inf")
-        print(
-            f"[synth] {stats['done']}/{stats['total']} videos "
-            f"({stats['generated']} new, {stats['skipped']} kept)"
-            f"  {rate:.1f} videos/s  ETA {eta:.0f}s",
-            flush=True,
-        )
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    progress = Progress("synth", args.n, unit="videos", every_s=2.0)
     start = time.perf_counter()
     try:
         manifest = generate_corpus(
@@ -61,21 +41,20 @@ def main(argv: list[str] | None = None) -> int:
             keyframe_interval=args.keyframe_interval,
             profile=args.profile,
             workers=args.workers,
-            progress=ProgressPrinter(),
+            progress=lambda s: progress.set_done(s["done"], f"({s['generated']} new, {s['skipped']} kept)"),
         )
     except ValueError as exc:
         print(f"[synth] error: {exc}", file=sys.stderr)
         return 2
-    elapsed = time.perf_counter() - start
-    stats = manifest.attrs["generation_stats"]
-    splits = manifest["split"].value_counts().to_dict()
+    summary = corpus_summary(manifest, args.output, time.perf_counter() - start)
     print(
-        f"[synth] done: {len(manifest)} videos in {elapsed:.1f}s ({stats['generated']} generated, "
-        f"{stats['skipped']} already present); {manifest['caption_class'].nunique()} caption classes; "
-        f"splits {splits}; {manifest['duration'].sum():.0f}s of video at {manifest['width'].iloc[0]}px "
+        f"[synth] done: {summary['videos']} videos in {summary['seconds']:.1f}s ({summary['generated']} "
+        f"generated, {summary['skipped']} already present); {summary['caption_classes']} caption classes; "
+        f"splits {summary['splits']}; {summary['video_seconds']:.0f}s of video at {summary['size']}px "
         f"-> {args.output}/manifest.parquet",
         flush=True,
     )
+    print_summary("synth", summary)
     return 0
 
 

@@ -10,10 +10,11 @@ Writes ``OUTPUT/model.pt`` (load with ``models.create_model(NAME, pretrained="OU
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from pipeline.training import TASKS, load_train_config, run_training
+from pipeline.training import TASKS, load_train_config, with_sampling_flags
+from runtime.progress import print_summary
+from workflows.train import run_eval_only, run_training
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,46 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _sampling(base: dict, clips: int | None, frames: int | None, fps: float | None) -> dict | None:
-    if clips is None and frames is None and fps is None:
-        return None
-    out = dict(base)
-    if clips is not None:
-        out["num_clips"] = clips
-    if frames is not None:
-        out["frames_per_clip"] = frames
-    if fps is not None:
-        out["fps"] = fps
-        out.pop("stride", None)
-    return out
-
-
-def _eval_only(args: argparse.Namespace, cfg) -> int:
-    from pathlib import Path
-
-    from pipeline.retrieval_eval import format_metrics
-    from pipeline.training import evaluate_model
-
-    output = Path(args.output)
-    weights = Path(args.pretrained) if args.pretrained else output / "model.pt"
-    if not weights.is_file():
-        raise FileNotFoundError(f"--eval-only: no weights at {str(weights)!r} (train first, or --pretrained)")
-    metrics = evaluate_model(args.shards, cfg, weights, args.split)
-    s = cfg.eval_sampling
-    if s.get("mode") == "clip4clip":
-        n, t = 1, s.get("max_frames", 12)
-    else:
-        n, t = s["num_clips"], s["frames_per_clip"]
-    output.mkdir(parents=True, exist_ok=True)
-    path = output / f"eval-{metrics['split']}-{n}x{t}.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(metrics, indent=2))
-    tmp.replace(path)
-    line = format_metrics(metrics) if "t2v_R@1" in metrics else json.dumps(metrics)
-    print(f"[eval] {cfg.model} {metrics['split']} {n}x{t} clips: {line} -> {path}")
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     overrides = {
@@ -131,16 +92,11 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
     }
     try:
-        cfg = load_train_config(args.config, overrides)
-        train_s = _sampling(cfg.train_sampling, args.train_clips, args.train_frames, args.sample_fps)
-        eval_s = _sampling(cfg.eval_sampling, args.eval_clips, args.eval_frames, args.sample_fps)
-        if train_s is not None or eval_s is not None:
-            data = cfg.to_dict()
-            data["train_sampling"] = train_s or cfg.train_sampling
-            data["eval_sampling"] = eval_s or cfg.eval_sampling
-            cfg = type(cfg).from_dict(data)
-        if args.eval_only:
-            return _eval_only(args, cfg)
+        cfg = with_sampling_flags(load_train_config(args.config, overrides), args.train_clips,
+                                  args.train_frames, args.eval_clips, args.eval_frames, args.sample_fps)
+        if args.eval_only:  # writes OUTPUT/eval-<split>-<N>x<T>.json and prints its [eval] line
+            run_eval_only(args.shards, args.output, cfg, args.pretrained, args.split)
+            return 0
         use_gpu = {"auto": None, "yes": True, "no": False}[args.use_gpu]
         summary = run_training(
             args.shards, args.output, cfg, workers=args.workers, resume=args.resume, use_gpu=use_gpu,
@@ -149,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as exc:
         print(f"jobs.train: error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps({k: summary[k] for k in ("model", "steps", "epochs_done", "wall_s", "model_path")}))
+    print_summary("train", {k: summary[k] for k in ("model", "steps", "epochs_done", "wall_s", "model_path")})
     return 0
 
 

@@ -1,18 +1,27 @@
-"""vidsift encoders: Video Swin, CLIP4Clip (on open_clip), SwinBERT, and the registry that names them."""
+"""vidsift encoders: Video Swin, CLIP4Clip (on open_clip), SwinBERT, the VidSwin dual encoder.
 
-from models.registry import (
-    create_model,
-    get_model_config,
-    get_model_entry,
+Every variant is a JSON file under ``models/configs/`` (:mod:`models.registry`); :func:`create_model`
+(:mod:`models.factory`) builds one; :class:`RetrievalModel` (:mod:`models.base`) is the contract of the
+retrieval families; :mod:`models.checkpoint` is the one checkpoint format.
+"""
+
+from models.base import RetrievalModel
+from models.checkpoint import (
     is_vidsift_checkpoint,
-    list_models,
     load_checkpoint,
     model_id_for,
     recorded_eval_sampling,
     save_checkpoint,
 )
+from models.factory import create_model
+from models.pretrained import PretrainedWeightsError
+from models.registry import get_model_config, get_model_entry, list_models
+from models.transforms import VideoTransform
 
 __all__ = [
+    "PretrainedWeightsError",
+    "RetrievalModel",
+    "VideoTransform",
     "create_model",
     "get_model_config",
     "get_model_entry",

@@ -28,20 +28,28 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from open_clip.model import CLIP
+from open_clip.transformer import Transformer, _expand_token, text_global_pool
 
 from models import losses
+from models.base import RetrievalModel
+from models.checkpoint import load_checkpoint, load_state_strict
 from models.pretrained import (
-    PretrainedWeightsError,
     is_torchscript_archive,
     load_clip_state_dict,
     read_state_dict_file,
     resolve_clip_weights,
 )
-from models.registry import load_checkpoint, register_model
-from models.transforms import VideoTransform, build_tokenizer
+from models.registry import merge_config
+from models.transforms import CLIP_MEAN, CLIP_STD, VideoTransform, build_tokenizer
 
 SIM_HEADERS = ("meanP", "seqLSTM", "seqTransf", "tightTransf")
 MASK_NEG = -1e4  # additive attention mask value; finite so fully-masked rows stay NaN-free
+# Every key a CLIP4Clip config may hold (create_model overrides outside these are rejected).
+CONFIG_KEYS = (
+    "open_clip_arch", "embed_dim", "quick_gelu", "vision_cfg", "text_cfg", "max_frames", "num_frames",
+    "sim_header", "linear_patch", "patch3d_init", "seq_layers", "cross_layers", "cross_heads",
+    "clip_aggregation",
+)
 
 # --------------------------------------------------------------------------------------------- helpers
 
@@ -62,16 +70,6 @@ def key_padding_attn_mask(key_valid: torch.Tensor, num_heads: int, dtype: torch.
     return add.expand(b, num_heads, length, length).reshape(b * num_heads, length, length)
 
 
-def _merge_config(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    cfg = copy.deepcopy(config)
-    for key, value in overrides.items():
-        if key in ("vision_cfg", "text_cfg") and isinstance(value, dict):
-            cfg[key] = {**cfg[key], **value}
-        else:
-            cfg[key] = value
-    return cfg
-
-
 # --------------------------------------------------------------------------------------------- blocks
 
 
@@ -80,8 +78,6 @@ class CrossEncoder(nn.Module):
 
     def __init__(self, width: int, layers: int, heads: int, max_text: int, max_frames: int):
         super().__init__()
-        from open_clip.transformer import Transformer
-
         self.heads = heads
         self.type_embedding = nn.Embedding(2, width)
         self.text_position = nn.Embedding(max_text, width)
@@ -119,28 +115,15 @@ class CrossEncoder(nn.Module):
 # --------------------------------------------------------------------------------------------- model
 
 
-class CLIP4Clip(nn.Module):
+class CLIP4Clip(RetrievalModel):
     """CLIP4Clip retrieval model; see the module docstring; ``config`` is plain data."""
 
+    NO_DECAY_SUFFIXES = ("logit_scale", "class_embedding")
+
     def __init__(self, config: dict[str, Any]):
-        super().__init__()
+        super().__init__(config)
         self.config = copy.deepcopy(config)
-        self.sim_header = config.get("sim_header", "meanP")
-        if self.sim_header not in SIM_HEADERS:
-            raise ValueError(f"sim_header {self.sim_header!r} is not one of {SIM_HEADERS}")
-        self.linear_patch = config.get("linear_patch", "2d")
-        if self.linear_patch not in ("2d", "3d"):
-            raise ValueError(f"linear_patch {self.linear_patch!r} must be '2d' or '3d'")
-        self.patch3d_init = config.get("patch3d_init", "center")
-        if self.patch3d_init not in ("center", "average"):
-            raise ValueError(f"patch3d_init {self.patch3d_init!r} must be 'center' or 'average'")
-        self.max_frames = int(config.get("max_frames", 12))
-        self.num_frames = int(config.get("num_frames", 8))  # default frames per clip for samplers
-        self.clip_aggregation = config.get("clip_aggregation", "mean")
-        if self.clip_aggregation not in losses.CLIP_AGGREGATIONS:
-            raise ValueError(
-                f"clip_aggregation {self.clip_aggregation!r} is not one of {losses.CLIP_AGGREGATIONS}"
-            )
+        self._read_options(config)
         self.clip = CLIP(
             embed_dim=config["embed_dim"],
             vision_cfg=config["vision_cfg"],
@@ -153,17 +136,30 @@ class CLIP4Clip(nn.Module):
         visual = self.clip.visual
         if not hasattr(visual, "conv1"):
             raise ValueError("CLIP4Clip needs a ViT image tower (open_clip VisionTransformer)")
-        embed_dim = int(config["embed_dim"])
-        text_width = int(self.clip.transformer.width)
-        self.embed_dim = embed_dim
+        self.embed_dim = int(config["embed_dim"])
         self.image_size = int(visual.image_size[0])
         self.context_length = int(self.clip.context_length)
-        self.tokenizer = (
-            None  # set by the builder (open_clip SimpleTokenizer); encode_text(list[str]) needs it
-        )
+        self._build_new_modules(config)
+        self.init_from_clip()
 
+    def _read_options(self, config: dict[str, Any]) -> None:
+        self.sim_header = config.get("sim_header", "meanP")
+        if self.sim_header not in SIM_HEADERS:
+            raise ValueError(f"sim_header {self.sim_header!r} is not one of {SIM_HEADERS}")
+        self.linear_patch = config.get("linear_patch", "2d")
+        if self.linear_patch not in ("2d", "3d"):
+            raise ValueError(f"linear_patch {self.linear_patch!r} must be '2d' or '3d'")
+        self.patch3d_init = config.get("patch3d_init", "center")
+        if self.patch3d_init not in ("center", "average"):
+            raise ValueError(f"patch3d_init {self.patch3d_init!r} must be 'center' or 'average'")
+        self.max_frames = int(config.get("max_frames", 12))
+        self.num_frames = int(config.get("num_frames", 8))  # default frames per clip for samplers
+
+    def _build_new_modules(self, config: dict[str, Any]) -> None:
+        """The modules CLIP does not have: 3D patch, LSTM, frame transformer or cross-encoder."""
+        embed_dim, text_width = self.embed_dim, int(self.clip.transformer.width)
         if self.linear_patch == "3d":
-            width, patch = visual.conv1.out_channels, visual.conv1.kernel_size
+            width, patch = self.clip.visual.conv1.out_channels, self.clip.visual.conv1.kernel_size
             self.conv2 = nn.Conv3d(3, width, (3, *patch), stride=(1, *patch), padding=(1, 0, 0), bias=False)
         if self.sim_header == "seqLSTM":
             self.lstm_visual = nn.LSTM(embed_dim, embed_dim, num_layers=1, batch_first=True)
@@ -187,7 +183,6 @@ class CLIP4Clip(nn.Module):
             self.cross = CrossEncoder(
                 embed_dim, int(config.get("cross_layers", 4)), heads, self.context_length, self.max_frames
             )
-        self.init_from_clip()
 
     # ------------------------------------------------------------------ initialisation from CLIP weights
 
@@ -211,49 +206,10 @@ class CLIP4Clip(nn.Module):
         """Parameter-name prefixes of modules that are not part of CLIP (trained at the head lr)."""
         return ("conv2.", "lstm_visual.", "frame_position_embeddings.", "transformer_clip.", "cross.")
 
-    def param_groups(
-        self, lr: float, backbone_lr: float | None = None, weight_decay: float = 0.0
-    ) -> list[dict]:
-        """Optimizer groups: CLIP backbone at ``backbone_lr`` (default ``lr``) and new modules at ``lr``.
-
-        Gains, biases and embeddings/logit scale skip weight decay (as in CLIP4Clip/open_clip).
-        """
-        backbone_lr = lr if backbone_lr is None else backbone_lr
-        groups: dict[tuple[str, bool], list] = {}
-        for name, param in self.named_parameters():
-            if not param.requires_grad:
-                continue
-            new = name.startswith(self.new_module_prefixes())
-            no_decay = (
-                param.ndim < 2 or "embedding" in name or name.endswith(("logit_scale", "class_embedding"))
-            )
-            groups.setdefault(("new" if new else "backbone", no_decay), []).append(param)
-        out = []
-        for (kind, no_decay), params in sorted(groups.items()):
-            out.append(
-                {
-                    "name": f"{kind}{'_no_decay' if no_decay else ''}",
-                    "params": params,
-                    "lr": lr if kind == "new" else backbone_lr,
-                    "weight_decay": 0.0 if no_decay else weight_decay,
-                }
-            )
-        return out
-
     # ------------------------------------------------------------------ towers
-
-    def _check_frames(self, frames: torch.Tensor, ndim: int, what: str) -> None:
-        s = self.image_size
-        if not isinstance(frames, torch.Tensor) or not frames.is_floating_point():
-            raise TypeError(f"{what} must be a float tensor (apply the model's transform to uint8 frames)")
-        if frames.ndim != ndim or tuple(frames.shape[-3:]) != (3, s, s):
-            dims = "[B, T, 3, S, S]" if ndim == 5 else "[B, N, T, 3, S, S]"
-            raise ValueError(f"{what} must be {dims} with S={s}, got {tuple(frames.shape)}")
 
     def _visual_from_patches(self, patches: torch.Tensor) -> torch.Tensor:
         """open_clip VisionTransformer.forward after conv1: ``[N, W, g, g]`` → projected CLS ``[N, D]``."""
-        from open_clip.transformer import _expand_token
-
         visual = self.clip.visual
         x = patches.reshape(patches.shape[0], patches.shape[1], -1).permute(0, 2, 1)
         x = torch.cat([_expand_token(visual.class_embedding, x.shape[0]).to(x.dtype), x], dim=1)
@@ -274,29 +230,8 @@ class CLIP4Clip(nn.Module):
         x = x.permute(0, 2, 1, 3, 4).flatten(0, 1)  # [B*T, W, g, g]
         return self._visual_from_patches(x).view(b, t, -1)
 
-    def tokenize(self, texts: list[str] | torch.Tensor) -> torch.Tensor:
-        """Token ids ``[B, context_length]`` from captions (or pass token tensors through, checked)."""
-        if isinstance(texts, torch.Tensor):
-            if texts.ndim != 2 or texts.dtype not in (torch.int64, torch.int32):
-                raise ValueError(f"token tensor must be int [B, L], got {texts.dtype} {tuple(texts.shape)}")
-            if texts.shape[1] != self.context_length:
-                raise ValueError(
-                    f"token tensor length {texts.shape[1]} != context length {self.context_length}"
-                )
-            return texts.long()
-        if isinstance(texts, str):
-            texts = [texts]
-        if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
-            raise TypeError("captions must be a list of strings or a token tensor")
-        if self.tokenizer is None:
-            self.tokenizer = build_tokenizer(self.context_length)
-        device = self.clip.logit_scale.device
-        return self.tokenizer(list(texts), context_length=self.context_length).to(device)
-
     def encode_text_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """CLIP text tower: ``(EOT feature [B, D], projected token features [B, L, D])``, unnormalised."""
-        from open_clip.transformer import text_global_pool
-
         clip = self.clip
         x = clip.token_embedding(tokens) + clip.positional_embedding
         x = clip.transformer(x, attn_mask=clip.attn_mask)
@@ -307,6 +242,10 @@ class CLIP4Clip(nn.Module):
             seq, tokens, clip.text_pool_type, eos_token_id=getattr(clip, "text_eos_id", None)
         )
         return pooled, seq
+
+    def text_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Projected EOT feature ``[B, D]`` (unnormalised)."""
+        return self.encode_text_tokens(tokens)[0]
 
     # ------------------------------------------------------------------ heads
 
@@ -335,76 +274,14 @@ class CLIP4Clip(nn.Module):
             frame_feats = x + frame_feats
         return masked_mean_normalized(frame_feats, mask)
 
-    def _frame_mask(self, mask: torch.Tensor | None, b: int, t: int, device) -> torch.Tensor:
-        if mask is None:
-            return torch.ones(b, t, dtype=torch.bool, device=device)
-        mask = torch.as_tensor(mask, device=device).to(torch.bool)
-        if tuple(mask.shape) != (b, t):
-            raise ValueError(f"mask must be [B, T] = {(b, t)}, got {tuple(mask.shape)}")
-        return mask
-
-    # ------------------------------------------------------------------ public API
-
-    def encode_video(self, frames: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``frames [B, T, 3, S, S]`` (+ bool ``mask [B, T]``) → L2-normalised ``[B, D]``.
-
-        Multi-clip input ``[B, N, T, 3, S, S]`` (+ ``[B, N, T]``) is aggregated with ``clip_aggregation``.
-        """
-        if isinstance(frames, torch.Tensor) and frames.ndim == 6:
-            return self.embed_batch(frames, mask)
-        self._check_frames(frames, 5, "frames")
+    def video_embedding(self, frames: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Frames ``[B, T, 3, S, S]`` (checked mask or ``None``) → the sim head's normalised ``[B, D]``."""
         mask = self._frame_mask(mask, frames.shape[0], frames.shape[1], frames.device)
-        if not bool(mask.any(1).all()):
-            raise ValueError("every video needs at least one valid frame (a mask row is all False)")
         return self._temporal_head(self.encode_frames(frames), mask)
-
-    def encode_clips(self, frames: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``frames [B, N, T, 3, S, S]``, ``mask [B, N, T]`` → ``[B, N, D]``, one L2-normalised row per clip.
-
-        A clip with no valid frame gets an all-zero row (``mask.any(-1)`` says which clips are real).
-        """
-        self._check_frames(frames, 6, "frames")
-        b, n, t = frames.shape[:3]
-        if mask is None:
-            mask = torch.ones(b, n, t, dtype=torch.bool, device=frames.device)
-        mask = torch.as_tensor(mask, device=frames.device).to(torch.bool)
-        if tuple(mask.shape) != (b, n, t):
-            raise ValueError(f"mask must be [B, N, T] = {(b, n, t)}, got {tuple(mask.shape)}")
-        flat_mask = mask.reshape(b * n, t)
-        clip_valid = flat_mask.any(1)
-        safe_mask = flat_mask | ~clip_valid.unsqueeze(1)
-        emb = self._temporal_head(self.encode_frames(frames.reshape(b * n, *frames.shape[2:])), safe_mask)
-        emb = emb * clip_valid.unsqueeze(1).to(emb.dtype)
-        return emb.view(b, n, -1)
-
-    def encode_text(self, texts: list[str] | torch.Tensor) -> torch.Tensor:
-        """Captions (list[str]) or token ids ``[B, L]`` → L2-normalised ``[B, D]``."""
-        pooled, _ = self.encode_text_tokens(self.tokenize(texts))
-        return F.normalize(pooled, dim=-1)
 
     @property
     def logit_scale(self) -> torch.Tensor:
         return self.clip.logit_scale
-
-    def similarity(self, text_emb: torch.Tensor, video_emb: torch.Tensor) -> torch.Tensor:
-        """Logits ``exp(logit_scale) · text · videoᵀ`` (``[Bt, Bv]``), scale clamped at ln 100."""
-        return losses.scaled_logits(text_emb, video_emb, self.clip.logit_scale)
-
-    def contrastive_loss(self, video_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
-        """Symmetric CrossEn over paired embeddings, gathered across workers with gradient."""
-        return losses.contrastive_loss(video_emb, text_emb, self.clip.logit_scale)
-
-    def embed_batch(self, frames: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """Video embedding of ``[B, T, ...]`` or aggregated ``[B, N, T, ...]`` frames."""
-        if frames.ndim == 6:
-            return self.video_from_clips(self.encode_clips(frames, mask), mask)
-        return self.encode_video(frames, mask)
-
-    def video_from_clips(self, clip_emb: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """Video embedding aggregated from ``encode_clips`` output (``mask [B, N, T]``), without a second
-        forward: what the embed job stores beside the clip rows."""
-        clip_mask = None if mask is None else torch.as_tensor(mask, device=clip_emb.device).bool().any(-1)
-        return losses.aggregate_clips(clip_emb, clip_mask, self.clip_aggregation)
 
     def cross_scores(
         self, texts: list[str] | torch.Tensor, frames: torch.Tensor, mask: torch.Tensor | None = None
@@ -438,11 +315,7 @@ class CLIP4Clip(nn.Module):
     ) -> torch.Tensor:
         """Training loss for a batch of paired (video, caption): symmetric CrossEn (+ cross-encoder CrossEn
         for tightTransf, which trains both its first-stage embeddings and its reranker)."""
-        if len(captions) != video_frames.shape[0]:
-            raise ValueError(f"{len(captions)} captions for {video_frames.shape[0]} videos")
-        video_emb = self.embed_batch(video_frames, mask)
-        text_emb = self.encode_text(captions)
-        loss = self.contrastive_loss(video_emb, text_emb)
+        loss = super().loss(video_frames, mask, captions)
         if self.sim_header == "tightTransf":
             frames, frame_mask = video_frames, mask
             if frames.ndim == 6:  # the cross-encoder sees the first clip of each video
@@ -451,118 +324,62 @@ class CLIP4Clip(nn.Module):
             loss = loss + losses.cross_entropy_sym(self.cross_scores(captions, frames, frame_mask))
         return loss
 
-    def forward(
-        self, video_frames: torch.Tensor, mask: torch.Tensor | None, captions: list[str]
-    ) -> torch.Tensor:
-        return self.loss(video_frames, mask, captions)
+
+# --------------------------------------------------------------------------------------------- weights
 
 
-# --------------------------------------------------------------------------------------------- builder
-
-
-def load_vidsift_weights(
-    model: nn.Module, payload: dict[str, Any], path: str | os.PathLike, family: str
-) -> None:
-    """Load a ``models.save_checkpoint`` payload strictly; a clear error when it does not fit."""
+def _vidsift_payload(pretrained: str | os.PathLike | None) -> dict[str, Any] | None:
+    """The payload when ``pretrained`` is a vidsift checkpoint, else ``None`` (CLIP weights or a tag)."""
+    if pretrained is None or not os.path.isfile(pretrained) or is_torchscript_archive(pretrained):
+        return None
     try:
-        model.load_state_dict(payload["state_dict"], strict=True)
-    except RuntimeError as exc:
-        raise PretrainedWeightsError(
-            f"vidsift checkpoint {str(path)!r} (model {payload.get('model_name')!r}) does not fit this "
-            f"{family} config: {str(exc).splitlines()[0]} ..."
-        ) from exc
+        return load_checkpoint(pretrained)
+    except ValueError:
+        return None  # not a vidsift checkpoint: CLIP weights (state dict / TorchScript)
 
 
-def build_clip4clip(config: dict[str, Any], pretrained: str | os.PathLike | None = None, **overrides: Any):
-    """Registry builder: ``(CLIP4Clip, VideoTransform, SimpleTokenizer)`` with ``pretrained`` loaded."""
-    cfg = _merge_config(config, overrides)
-    cache_dir = cfg.pop("cache_dir", None)
-    payload = None
-    if pretrained is not None and os.path.isfile(pretrained) and not is_torchscript_archive(pretrained):
-        try:
-            payload = load_checkpoint(pretrained)
-        except ValueError:
-            payload = None  # not a vidsift checkpoint: CLIP weights (state dict / TorchScript), below
+def _model_with_weights(
+    cfg: dict[str, Any], pretrained: str | os.PathLike | None, cache_dir: str | None
+) -> CLIP4Clip:
+    """Build ``cfg`` and load ``pretrained``: a vidsift checkpoint, CLIP weights (file or open_clip tag)."""
+    payload = _vidsift_payload(pretrained)
     if payload is not None:
         flag = payload["state_dict"].get("quick_gelu_flag")
         if flag is not None:
             cfg["quick_gelu"] = bool(int(flag))
         model = CLIP4Clip(cfg)
-        load_vidsift_weights(model, payload, pretrained, "clip4clip")
-    elif pretrained is not None:
-        weights, tag_cfg = resolve_clip_weights(cfg.get("open_clip_arch"), pretrained, cache_dir=cache_dir)
-        if "quick_gelu" in tag_cfg:  # build with the activation the tagged weights were trained with
-            cfg["quick_gelu"] = bool(tag_cfg["quick_gelu"])
-        model = CLIP4Clip(cfg)
-        load_clip_state_dict(model.clip, read_state_dict_file(weights), source=repr(str(pretrained)))
-        model.init_from_clip()
-    else:
-        model = CLIP4Clip(cfg)
+        load_state_strict(model, payload, pretrained, "clip4clip")
+        return model
+    if pretrained is None:
+        return CLIP4Clip(cfg)
+    weights, tag_cfg = resolve_clip_weights(cfg.get("open_clip_arch"), pretrained, cache_dir=cache_dir)
+    if "quick_gelu" in tag_cfg:  # build with the activation the tagged weights were trained with
+        cfg["quick_gelu"] = bool(tag_cfg["quick_gelu"])
+    model = CLIP4Clip(cfg)
+    load_clip_state_dict(model.clip, read_state_dict_file(weights), source=repr(str(pretrained)))
+    model.init_from_clip()
+    return model
+
+
+# --------------------------------------------------------------------------------------------- builder
+
+
+def build_clip4clip(
+    name: str,
+    config: dict[str, Any],
+    pretrained: str | os.PathLike | None = None,
+    cache_dir: str | None = None,
+    **overrides: Any,
+):
+    """Factory builder: ``(CLIP4Clip, VideoTransform, SimpleTokenizer)`` with ``pretrained`` loaded.
+
+    ``pretrained``: a vidsift checkpoint, an open_clip / OpenAI CLIP weights file, or an open_clip tag of the
+    config's ``open_clip_arch`` (downloaded into ``cache_dir``).
+    """
+    cfg = merge_config(name, config, overrides, CONFIG_KEYS)
+    model = _model_with_weights(cfg, pretrained, cache_dir)
     model.pretrained = None if pretrained is None else str(pretrained)
     tokenizer = build_tokenizer(model.context_length)
     model.tokenizer = tokenizer
-    transform = VideoTransform(model.image_size)
+    transform = VideoTransform(model.image_size, CLIP_MEAN, CLIP_STD, interpolation="bicubic")
     return model.eval(), transform, tokenizer
-
-
-# --------------------------------------------------------------------------------------------- configs
-
-_VIT_B_32 = {
-    "open_clip_arch": "ViT-B-32",
-    "embed_dim": 512,
-    "quick_gelu": True,  # OpenAI CLIP (CLIP4Clip's init) was trained with QuickGELU
-    "vision_cfg": {"image_size": 224, "layers": 12, "width": 768, "patch_size": 32},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12},
-    "max_frames": 12,
-    "num_frames": 12,
-}
-_VIT_B_16 = {
-    **_VIT_B_32,
-    "open_clip_arch": "ViT-B-16",
-    "vision_cfg": {"image_size": 224, "layers": 12, "width": 768, "patch_size": 16},
-}
-# Tiny: trains from scratch on 2 CPU cores (32 px frames, 4x4 patches of 8 px).
-_TINY = {
-    "open_clip_arch": None,
-    "embed_dim": 64,
-    "quick_gelu": False,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
-    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-    "max_frames": 16,
-    "num_frames": 8,
-    "seq_layers": 2,
-    "cross_layers": 2,
-    "cross_heads": 2,
-}
-
-CLIP4CLIP_CONFIGS: dict[str, dict[str, Any]] = {
-    "clip4clip-meanP-ViT-B-32": {**_VIT_B_32, "sim_header": "meanP"},
-    "clip4clip-seqLSTM-ViT-B-32": {**_VIT_B_32, "sim_header": "seqLSTM"},
-    "clip4clip-seqTransf-ViT-B-32": {**_VIT_B_32, "sim_header": "seqTransf"},
-    "clip4clip-tightTransf-ViT-B-32": {**_VIT_B_32, "sim_header": "tightTransf", "cross_layers": 4},
-    "clip4clip-meanP-ViT-B-16": {**_VIT_B_16, "sim_header": "meanP"},
-    "clip4clip-seqTransf-ViT-B-16": {**_VIT_B_16, "sim_header": "seqTransf"},
-    "clip4clip-meanP-tiny": {**_TINY, "sim_header": "meanP"},
-    "clip4clip-seqLSTM-tiny": {**_TINY, "sim_header": "seqLSTM"},
-    "clip4clip-seqTransf-tiny": {**_TINY, "sim_header": "seqTransf"},
-    "clip4clip-tightTransf-tiny": {**_TINY, "sim_header": "tightTransf"},
-    "clip4clip-meanP-3d-tiny": {**_TINY, "sim_header": "meanP", "linear_patch": "3d"},
-    # 32 px frames with 4 px tube patches (8 x 8 tokens): the 8 px model's misses are circle <-> square; finer
-    # tubes see the outline. The model of issue #6's 10-minute result (configs/train/tiny-meanP-3d-p4.yaml).
-    "clip4clip-meanP-3d-tiny-p4": {
-        **_TINY, "sim_header": "meanP", "linear_patch": "3d",
-        "vision_cfg": {**_TINY["vision_cfg"], "patch_size": 4},
-    },
-    # 64 px frames with 16 px tube patches: the same 4 x 4 tokens (same cost per step) but 4x the pixels per
-    # shape, so small circles and squares stop looking alike (the 32 px model's main error).
-    "clip4clip-meanP-3d-tiny64": {
-        **_TINY, "sim_header": "meanP", "linear_patch": "3d",
-        "vision_cfg": {**_TINY["vision_cfg"], "image_size": 64, "patch_size": 16},
-    },
-}
-
-for _name, _cfg in CLIP4CLIP_CONFIGS.items():
-    register_model(_name, "clip4clip", _cfg, build_clip4clip)
-
-# The VidSwin dual encoder registers itself on import; the registry imports this module.
-import models.dual_encoder  # noqa: E402,F401

@@ -24,12 +24,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from open_clip.factory import convert_state_dict
+from open_clip.model import resize_pos_embed, resize_text_pos_embed
+from open_clip.pretrained import download_pretrained, get_pretrained_cfg, list_pretrained_tags_by_model
 
 OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 
 class PretrainedWeightsError(RuntimeError):
-    """Weights were asked for but could not be had or did not fit the model."""
+    """Weights were asked for but could not be had or did not fit the model (every family raises it)."""
+
+
+class PretrainedWeightsNotFound(PretrainedWeightsError, FileNotFoundError):
+    """``pretrained`` names a weights file that does not exist (also a ``FileNotFoundError``)."""
+
+
+class PretrainedWeightsMismatch(PretrainedWeightsError, ValueError):
+    """The weights file is foreign, unreadable or for another model (also a ``ValueError``)."""
 
 
 # --------------------------------------------------------------------------------------------- TorchScript
@@ -167,11 +178,11 @@ def read_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A CLIP state dict from a local file: TorchScript archive or a weights_only state dict."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"pretrained weights file {str(path)!r} does not exist")
+        raise PretrainedWeightsNotFound(f"pretrained weights file {str(path)!r} does not exist")
     if is_torchscript_archive(path):
         state = read_torchscript_state_dict(path)
     elif path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file  # optional: only .safetensors weights need it
 
         state = load_file(str(path), device="cpu")
     else:
@@ -194,9 +205,6 @@ def load_clip_state_dict(
     clip_model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str
 ) -> None:
     """Load an open_clip/OpenAI CLIP state dict into ``clip_model`` strictly (fp16→fp32, pos-embed resize)."""
-    from open_clip.factory import convert_state_dict
-    from open_clip.model import resize_pos_embed, resize_text_pos_embed
-
     state = {k: v for k, v in state_dict.items() if k not in OPENAI_EXTRA_KEYS}
     state = convert_state_dict(clip_model, state)
     if "logit_scale" in state and state["logit_scale"].ndim != clip_model.logit_scale.ndim:
@@ -224,8 +232,6 @@ def load_clip_state_dict(
 
 def open_clip_tag_config(arch: str | None, tag: str) -> dict[str, Any]:
     """open_clip's pretrained config for ``(arch, tag)``; a clear error when the tag does not exist."""
-    from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_model
-
     cfg = get_pretrained_cfg(arch, tag) if arch else {}
     if not cfg:
         known = list_pretrained_tags_by_model(arch) if arch else []
@@ -242,8 +248,6 @@ def open_clip_tag_config(arch: str | None, tag: str) -> dict[str, Any]:
 
 def fetch_open_clip_tag(arch: str, tag: str, cache_dir: str | None = None) -> Path:
     """Download (or find cached) open_clip weights for ``(arch, tag)``; raise if they cannot be had."""
-    from open_clip.pretrained import download_pretrained
-
     cfg = open_clip_tag_config(arch, tag)
     try:
         target = download_pretrained(cfg, cache_dir=cache_dir)
@@ -272,6 +276,6 @@ def resolve_clip_weights(
         return path, {}
     text = str(pretrained)
     if os.sep in text or text.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt")):
-        raise FileNotFoundError(f"pretrained weights file {text!r} does not exist")
+        raise PretrainedWeightsNotFound(f"pretrained weights file {text!r} does not exist")
     tag_cfg = open_clip_tag_config(arch, text)
     return fetch_open_clip_tag(arch, text, cache_dir=cache_dir), tag_cfg

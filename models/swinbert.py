@@ -29,7 +29,8 @@ extended by two ids: ``[MASK] = 49408`` and ``[PAD] = 49409``. A fixed vocabular
 independent of any training corpus and lets the trainer build the model before seeing data; the
 softmax over 49,410 ids is evaluated only at masked / decoded positions, so it stays cheap on CPU.
 
-File layout (timm style): helpers → blocks → model → checkpoint filter → configs / registrations.
+File layout (timm style): helpers → blocks → model → checkpoint filter → builder (configs are data:
+``models/configs/swinbert-*.json``).
 """
 
 from __future__ import annotations
@@ -42,8 +43,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from open_clip.tokenizer import SimpleTokenizer
 
-from models.registry import get_model_entry, load_checkpoint, register_model
+from models.checkpoint import read_pretrained_checkpoint
+from models.pretrained import PretrainedWeightsMismatch
+from models.registry import get_model_entry, is_registered, merge_config
+from models.transforms import IMAGENET_MEAN, IMAGENET_STD, VideoTransform
+from models.video_swin import VideoSwinTransformer, load_pretrained
 
 NEG_INF = float("-inf")
 
@@ -72,8 +78,6 @@ class CaptionTokenizer:
     @property
     def bpe(self):
         if self._bpe is None:
-            from open_clip.tokenizer import SimpleTokenizer
-
             self._bpe = SimpleTokenizer()
         return self._bpe
 
@@ -730,12 +734,10 @@ def load_backbone(model: SwinBERT, path: str, source: str = "vidsift") -> None:
     """Initialise the backbone from Video Swin weights: a vidsift checkpoint (a ``video-swin-*`` model, or any
     model holding the backbone under a key prefix) or a raw file in ``source`` layout (``torchvision``,
     ``mmaction``, ``swin2d``; see ``models.video_swin.convert_checkpoint``)."""
-    from models.video_swin import load_pretrained
-
     if source != "vidsift":
         load_pretrained(model.backbone, path, source, strict=True)
         return
-    state_dict = load_checkpoint(path)["state_dict"]
+    state_dict = read_pretrained_checkpoint(path)["state_dict"]
     want = model.backbone.state_dict()
     want = {k for k in want if not k.endswith(("relative_position_index", "attn_mask"))}
     prefixes = {k[: len(k) - len(name)] for k in state_dict for name in want if k.endswith(name)}
@@ -744,47 +746,54 @@ def load_backbone(model: SwinBERT, path: str, source: str = "vidsift") -> None:
         if want <= set(sub):
             load_pretrained(model.backbone, {k: sub[k] for k in want}, "vidsift", strict=True)
             return
-    raise ValueError(f"checkpoint {path!r} holds no Video Swin backbone matching this SwinBERT config")
+    raise PretrainedWeightsMismatch(
+        f"checkpoint {path!r} holds no Video Swin backbone matching this SwinBERT config"
+    )
 
 
-# ------------------------------------------------------------------------------------- configs / registry
-def _build_swinbert(config: dict[str, Any], pretrained=None, **overrides):
-    """Registry builder: ``(SwinBERT, VideoSwinTransform, CaptionTokenizer)``.
+def _recorded_overrides(payload: dict[str, Any], path: Any, config: dict[str, Any]) -> dict[str, Any]:
+    """The config overrides a SwinBERT checkpoint was trained with: the built config it records (registry
+    saves ``model.config``), else the overrides kept in ``extra`` by :func:`checkpoint_extra`."""
+    name = payload["model_name"]
+    family = get_model_entry(name).family if is_registered(name) else None
+    if family != "swinbert":
+        raise PretrainedWeightsMismatch(
+            f"checkpoint {str(path)!r} is a {name!r} model, not a SwinBERT; "
+            "pass a Video Swin checkpoint as backbone_pretrained=... instead"
+        )
+    built = {k: v for k, v in (payload.get("config") or {}).items() if k in config and v != config[k]}
+    saved = dict((payload.get("extra") or {}).get("config_overrides") or {})
+    return {**built, **{k: v for k, v in saved.items() if k in config}}
 
-    ``overrides`` replace config keys (``num_frames``, ``image_size``, ``use_sparse_mask``, ...). A
-    checkpoint saved with ``extra=checkpoint_extra(model)`` brings back the overrides it was trained with
-    (explicit ``overrides`` still win). ``backbone_pretrained`` (+ ``backbone_pretrained_source``) initialises
-    only the Video Swin backbone.
-    """
-    from models.video_swin import VideoSwinTransform, VideoSwinTransformer
 
-    backbone_options = {k: overrides.pop(k) for k in ("backbone_pretrained", "backbone_pretrained_source")
-                        if k in overrides}
-    unknown = set(overrides) - set(config)
-    if unknown:
-        raise TypeError(f"unknown SwinBERT config keys {sorted(unknown)}; known: {sorted(config)}")
-    payload = None
-    if pretrained:
-        payload = load_checkpoint(pretrained)
-        name = payload["model_name"]
-        family = get_model_entry(name).family if _is_registered(name) else None
-        if family != "swinbert":
-            raise ValueError(
-                f"checkpoint {str(pretrained)!r} is a {name!r} model, not a SwinBERT; "
-                "pass a Video Swin checkpoint as backbone_pretrained=... instead"
-            )
-        # The built config the checkpoint records (registry saves ``model.config``), else the overrides kept
-        # in ``extra`` by :func:`checkpoint_extra`; explicit overrides win.
-        built = {k: v for k, v in (payload.get("config") or {}).items() if k in config and v != config[k]}
-        saved = dict((payload.get("extra") or {}).get("config_overrides") or {})
-        overrides = {**built, **{k: v for k, v in saved.items() if k in config}, **overrides}
-    cfg = {**config, **overrides}
+def load_swinbert_state(model: SwinBERT, payload: dict[str, Any], path: Any) -> None:
+    """Load a SwinBERT checkpoint through :func:`checkpoint_filter_fn`; every key must fit."""
+    state = checkpoint_filter_fn(payload["state_dict"], model)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise PretrainedWeightsMismatch(
+            f"checkpoint {str(path)!r} does not fit this SwinBERT config: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+
+
+def checkpoint_extra(model: SwinBERT, **more: Any) -> dict[str, Any]:
+    """``extra`` for ``models.save_checkpoint`` that records the config overrides the model was built with,
+    so ``create_model(name, pretrained=path)`` rebuilds the same architecture."""
+    overrides = {k: (list(v) if isinstance(v, tuple) else v)
+                 for k, v in (getattr(model, "config_overrides", None) or {}).items()}
+    return {"config_overrides": overrides, **more}
+
+
+# ----------------------------------------------------------------------------------------------- builder
+def swinbert_from_config(cfg: dict[str, Any]) -> SwinBERT:
+    """A randomly initialised :class:`SwinBERT` (with its Video Swin backbone) from a ``swinbert`` config."""
     tokenizer = CaptionTokenizer(cfg["context_length"])
     backbone = VideoSwinTransformer(**cfg["backbone"])
     # token grid geometry follows the backbone: patch size x one 2x patch merging per stage after the first
     patch = tuple(cfg["backbone"].get("patch_size", (2, 4, 4)))
     spatial_stride = int(patch[1]) * 2 ** (len(cfg["backbone"]["depths"]) - 1)
-    model = SwinBERT(
+    return SwinBERT(
         backbone,
         tokenizer,
         hidden_size=cfg["hidden_size"],
@@ -803,108 +812,49 @@ def _build_swinbert(config: dict[str, Any], pretrained=None, **overrides):
         max_masked_tokens=cfg["max_masked_tokens"],
         max_gen_length=cfg["max_gen_length"],
     )
+
+
+def build_swinbert(
+    name: str,
+    config: dict[str, Any],
+    pretrained=None,
+    backbone_pretrained=None,
+    backbone_pretrained_source: str = "vidsift",
+    **overrides: Any,
+):
+    """Factory builder: ``(SwinBERT, VideoTransform (bilinear, ImageNet), CaptionTokenizer)``.
+
+    ``overrides`` replace config keys (``num_frames``, ``image_size``, ``use_sparse_mask``, ...). A
+    checkpoint saved with ``extra=checkpoint_extra(model)`` brings back the overrides it was trained with
+    (explicit ``overrides`` still win). ``backbone_pretrained`` (+ ``backbone_pretrained_source``) initialises
+    only the Video Swin backbone.
+    """
+    payload = None
+    if pretrained is not None:
+        payload = read_pretrained_checkpoint(pretrained)
+        overrides = {**_recorded_overrides(payload, pretrained, config), **overrides}
+    cfg = merge_config(name, config, overrides)
+    model = swinbert_from_config(cfg)
     model.config_overrides = dict(overrides)
     model.config = dict(cfg)  # saved by models.save_checkpoint, so a reload rebuilds this architecture
-    if backbone_options.get("backbone_pretrained"):
-        load_backbone(model, str(backbone_options["backbone_pretrained"]),
-                      backbone_options.get("backbone_pretrained_source", "vidsift"))
+    if backbone_pretrained:
+        load_backbone(model, str(backbone_pretrained), backbone_pretrained_source)
     if payload is not None:
-        state = checkpoint_filter_fn(payload["state_dict"], model)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(
-                f"checkpoint {str(pretrained)!r} does not fit this SwinBERT config: missing {missing[:5]}, "
-                f"unexpected {unexpected[:5]}"
-            )
+        load_swinbert_state(model, payload, pretrained)
     model.eval()
-    transform = VideoSwinTransform(cfg["image_size"])
-    return model, transform, tokenizer
+    transform = VideoTransform(cfg["image_size"], IMAGENET_MEAN, IMAGENET_STD, interpolation="bilinear")
+    return model, transform, model.tokenizer
 
-
-def checkpoint_extra(model: SwinBERT, **more: Any) -> dict[str, Any]:
-    """``extra`` for ``models.save_checkpoint`` that records the config overrides the model was built with,
-    so ``create_model(name, pretrained=path)`` rebuilds the same architecture."""
-    overrides = {k: (list(v) if isinstance(v, tuple) else v)
-                 for k, v in (getattr(model, "config_overrides", None) or {}).items()}
-    return {"config_overrides": overrides, **more}
-
-
-def _is_registered(name: str) -> bool:
-    try:
-        get_model_entry(name)
-    except KeyError:
-        return False
-    return True
-
-
-_COMMON = {
-    "mlp_ratio": 4.0,
-    "use_sparse_mask": True,
-    "sparse_mask_hard_inference": False,
-    "max_gen_length": None,
-}
-
-SWINBERT_CONFIGS: dict[str, dict[str, Any]] = {
-    # CPU-sized: 8 frames at 64 px → a 4 x 2 x 2 token grid (16 video tokens); trains in seconds.
-    "swinbert-tiny": {
-        **_COMMON,
-        "backbone": {
-            "embed_dim": 16,
-            "depths": (1, 1, 2, 1),
-            "num_heads": (1, 2, 2, 4),
-            "window_size": (2, 4, 4),
-            "patch_size": (2, 4, 4),
-            "drop_path_rate": 0.0,
-        },
-        "hidden_size": 64,
-        "depth": 2,
-        "num_heads": 2,
-        "dropout": 0.0,
-        "num_frames": 8,
-        "image_size": 64,
-        "context_length": 24,
-        "sparsity_weight": 0.5,
-        "mask_prob": 0.5,
-        "max_masked_tokens": 15,
-    },
-    # The paper's model: Video Swin-B (Kinetics-600 shape), 32 frames at 224 px → 16 x 7 x 7 = 784 video
-    # tokens, a BERT-base-sized multimodal transformer, MSR-VTT training hyper-parameters.
-    "swinbert-vidswin-b": {
-        **_COMMON,
-        "backbone": {
-            "embed_dim": 128,
-            "depths": (2, 2, 18, 2),
-            "num_heads": (4, 8, 16, 32),
-            "window_size": (8, 7, 7),
-            "patch_size": (2, 4, 4),
-            "drop_path_rate": 0.1,
-        },
-        "hidden_size": 768,
-        "depth": 12,
-        "num_heads": 12,
-        "dropout": 0.1,
-        "num_frames": 32,
-        "image_size": 224,
-        "context_length": 50,
-        "sparsity_weight": 0.5,
-        "mask_prob": 0.5,
-        "max_masked_tokens": 45,
-    },
-}
-
-# The ablation of docs/results.md: the same tiny model with full video-to-video attention (no learnable mask).
-SWINBERT_CONFIGS["swinbert-tiny-nomask"] = {**SWINBERT_CONFIGS["swinbert-tiny"], "use_sparse_mask": False}
-for _name, _cfg in SWINBERT_CONFIGS.items():
-    register_model(_name, family="swinbert", config=_cfg, builder=_build_swinbert)
 
 __all__ = [
     "CaptionTokenizer",
-    "SWINBERT_CONFIGS",
     "SparseVideoMask",
     "SwinBERT",
     "VideoContext",
+    "build_swinbert",
     "checkpoint_extra",
     "checkpoint_filter_fn",
     "load_backbone",
+    "swinbert_from_config",
     "train_captioner",
 ]

@@ -1,6 +1,7 @@
 """Video Swin Transformer (Liu et al., 2022, "Video Swin Transformer") as a vidsift video encoder.
 
-Layout (timm style): helpers → blocks → model → checkpoint filter → configs/registrations.
+Layout (timm style): helpers → blocks → model → checkpoint filter → builder (configs are data:
+``models/configs/video-swin-*.json``).
 
 Faithful to the official implementation (and to ``torchvision.models.video.swin3d_*``): 3D patch partition
 (Conv3d), stages of 3D W-MSA / SW-MSA blocks (cyclic shift by half the window, -100 masks across
@@ -28,22 +29,23 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from models.registry import is_vidsift_checkpoint, load_checkpoint, register_model
+from models.checkpoint import is_vidsift_checkpoint, load_checkpoint, require_file
+from models.pretrained import PretrainedWeightsMismatch
+from models.registry import merge_config
+from models.transforms import IMAGENET_MEAN, IMAGENET_STD, VideoTransform
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "VideoSwinTransformer",
-    "VideoSwinTransform",
     "LoadReport",
     "convert_checkpoint",
     "load_pretrained",
     "CHECKPOINT_SOURCES",
+    "build_video_swin",
+    "video_swin_from_config",
 ]
 
-# Kinetics Video Swin checkpoints were trained on ImageNet-normalised RGB in [0, 1].
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 SHIFT_MASK_VALUE = -100.0  # the value the official code puts between tokens of different sub-windows
 
 
@@ -645,35 +647,6 @@ class VideoSwinTransformer(nn.Module):
         return F.normalize(clips.sum(dim=1), dim=-1)
 
 
-class VideoSwinTransform:
-    """uint8 frames ``[..., T, H, W, 3]`` (numpy/tensor) → float ``[..., T, 3, S, S]``, ImageNet-normalised.
-
-    Frames not already ``S×S`` are resized (shorter side to S, bilinear) and centre-cropped.
-    """
-
-    def __init__(self, image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> None:
-        self.image_size = int(image_size)
-        self.mean = torch.tensor(mean).view(3, 1, 1)
-        self.std = torch.tensor(std).view(3, 1, 1)
-
-    def __call__(self, frames) -> torch.Tensor:
-        x = torch.as_tensor(np.asarray(frames)) if not isinstance(frames, torch.Tensor) else frames
-        if x.dtype != torch.uint8 or x.ndim < 4 or x.shape[-1] != 3:
-            raise ValueError(f"frames must be uint8 [..., T, H, W, 3], got {x.dtype} {tuple(x.shape)}")
-        lead = x.shape[:-3]
-        h, w = x.shape[-3:-1]
-        x = x.reshape(-1, h, w, 3).permute(0, 3, 1, 2).float().div_(255.0)
-        s = self.image_size
-        if (h, w) != (s, s):
-            scale = s / min(h, w)
-            nh, nw = max(s, round(h * scale)), max(s, round(w * scale))
-            x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
-            top, left = (nh - s) // 2, (nw - s) // 2
-            x = x[:, :, top : top + s, left : left + s]
-        x = (x - self.mean) / self.std
-        return x.reshape(*lead, 3, s, s)
-
-
 # ----------------------------------------------------------------------------------- checkpoint filter
 
 CHECKPOINT_SOURCES = ("vidsift", "torchvision", "mmaction", "swin2d")
@@ -838,18 +811,18 @@ def load_pretrained(
     ``output_dim`` counts as missing when the checkpoint has none — pass ``strict=False`` to keep it random.
     """
     if isinstance(state_dict_or_path, (str, os.PathLike)):
-        path = str(state_dict_or_path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"pretrained weights file {path!r} does not exist")
+        path = require_file(state_dict_or_path)
         if is_vidsift_checkpoint(path):
             state_dict, source = load_checkpoint(path)["state_dict"], "vidsift"
         else:
             try:
                 state_dict = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as exc:
-                raise ValueError(f"pretrained weights {path!r} could not be read safely: {exc}") from exc
+                raise PretrainedWeightsMismatch(
+                    f"pretrained weights {path!r} could not be read safely: {exc}"
+                ) from exc
             if not isinstance(state_dict, dict):
-                raise ValueError(
+                raise PretrainedWeightsMismatch(
                     f"pretrained weights {path!r} hold a {type(state_dict).__name__}, not a state dict"
                 )
     else:
@@ -869,60 +842,16 @@ def load_pretrained(
     )
     if not report.ok:
         if strict:
-            raise ValueError(f"weights ({source}) do not fit {type(model).__name__}: {report}")
+            raise PretrainedWeightsMismatch(f"weights ({source}) do not fit {type(model).__name__}: {report}")
         log.warning("loading %s weights non-strictly: %s", source, report)
     model.load_state_dict(loadable, strict=False)
     return report
 
 
-# ----------------------------------------------------------------------------- configs / registrations
+# ------------------------------------------------------------------------------------------- builder
 
-_BASE = {
-    "patch_size": (2, 4, 4),
-    "window_size": (8, 7, 7),
-    "mlp_ratio": 4.0,
-    "drop_path_rate": 0.1,
-    "image_size": 224,
-    "num_frames": 16,
-}
-
-VIDEO_SWIN_CONFIGS: dict[str, dict[str, Any]] = {
-    "video-swin-t": {**_BASE, "embed_dim": 96, "depths": (2, 2, 6, 2), "num_heads": (3, 6, 12, 24)},
-    "video-swin-s": {
-        **_BASE,
-        "embed_dim": 96,
-        "depths": (2, 2, 18, 2),
-        "num_heads": (3, 6, 12, 24),
-        "drop_path_rate": 0.2,
-    },
-    "video-swin-b": {
-        **_BASE,
-        "embed_dim": 128,
-        "depths": (2, 2, 18, 2),
-        "num_heads": (4, 8, 16, 32),
-        "drop_path_rate": 0.3,
-    },
-    "video-swin-l": {
-        **_BASE,
-        "embed_dim": 192,
-        "depths": (2, 2, 18, 2),
-        "num_heads": (6, 12, 24, 48),
-        "drop_path_rate": 0.3,
-    },
-    # CPU-trainable test config: 32-64 px frames, 8 frames
-    "video-swin-tiny": {
-        **_BASE,
-        "embed_dim": 16,
-        "depths": (1, 1, 2, 1),
-        "num_heads": (1, 2, 2, 4),
-        "window_size": (2, 4, 4),
-        "drop_path_rate": 0.0,
-        "image_size": 64,
-        "num_frames": 8,
-    },
-}
-
-_MODEL_KEYS = (
+# Constructor arguments of VideoSwinTransformer a config may hold (besides image_size / num_frames).
+MODEL_KEYS = (
     "patch_size",
     "embed_dim",
     "depths",
@@ -937,49 +866,51 @@ _MODEL_KEYS = (
     "output_dim",
     "in_chans",
 )
+CONFIG_KEYS = (*MODEL_KEYS, "image_size", "num_frames")
+
+
+def video_swin_from_config(config: dict[str, Any], device: str | torch.device | None = None):
+    """A randomly initialised :class:`VideoSwinTransformer` from a ``video_swin`` config (``device="meta"``:
+    no init, for weights that will overwrite every tensor)."""
+    kwargs = {k: config[k] for k in MODEL_KEYS if k in config}
+    if device is None:
+        return VideoSwinTransformer(**kwargs)
+    with torch.device(device):
+        return VideoSwinTransformer(**kwargs)
 
 
 def build_video_swin(
+    name: str,
     config: dict[str, Any],
     pretrained: str | os.PathLike | None = None,
     pretrained_source: str | None = None,
     strict: bool = True,
     **overrides: Any,
 ):
-    """Registry builder: ``(VideoSwinTransformer, VideoSwinTransform, None)``.
+    """Factory builder: ``(VideoSwinTransformer, VideoTransform (bilinear, ImageNet), None)``.
 
     ``overrides`` replace config entries (``output_dim``, ``drop_path_rate``, ``image_size``, ...);
     ``pretrained`` is a vidsift checkpoint or a raw state dict file whose layout ``pretrained_source``
     names (``torchvision`` / ``mmaction`` / ``swin2d`` / ``vidsift``).
     """
-    unknown = set(overrides) - set(_MODEL_KEYS) - set(config)
-    if unknown:
-        raise TypeError(f"unknown Video Swin options: {sorted(unknown)}")
-    cfg = {**config, **overrides}
-    kwargs = {k: cfg[k] for k in _MODEL_KEYS if k in cfg}
-    if pretrained is not None and strict:
-        # every tensor will be overwritten (or the load raises): skip the random init, it dominates build time
-        with torch.device("meta"):
-            model = VideoSwinTransformer(**kwargs)
-        model = model.to_empty(device="cpu")
+    cfg = merge_config(name, config, overrides, CONFIG_KEYS)
+    transform = VideoTransform(cfg["image_size"], IMAGENET_MEAN, IMAGENET_STD, interpolation="bilinear")
+    if pretrained is None:
+        return video_swin_from_config(cfg), transform, None
+    path = require_file(pretrained)
+    vidsift = is_vidsift_checkpoint(path)
+    if not vidsift and pretrained_source is None:
+        raise PretrainedWeightsMismatch(
+            f"{path!r} is not a vidsift checkpoint; name its layout with pretrained_source= "
+            f"(one of {CHECKPOINT_SOURCES})"
+        )
+    # every tensor will be overwritten (or the load raises): skip the random init, it dominates build time
+    if strict:
+        model = video_swin_from_config(cfg, "meta").to_empty(device="cpu")
     else:
-        model = VideoSwinTransformer(**kwargs)
-    if pretrained is not None:
-        path = str(pretrained)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"pretrained weights file {path!r} does not exist")
-        if is_vidsift_checkpoint(path):
-            payload = load_checkpoint(path)
-            load_pretrained(model, payload["state_dict"], "vidsift", strict=strict)
-        else:
-            if pretrained_source is None:
-                raise ValueError(
-                    f"{path!r} is not a vidsift checkpoint; name its layout with pretrained_source= "
-                    f"(one of {CHECKPOINT_SOURCES})"
-                )
-            load_pretrained(model, path, pretrained_source, strict=strict)
-    return model, VideoSwinTransform(cfg["image_size"]), None
-
-
-for _name, _config in VIDEO_SWIN_CONFIGS.items():
-    register_model(_name, family="video_swin", config=_config, builder=build_video_swin)
+        model = video_swin_from_config(cfg)
+    if vidsift:
+        load_pretrained(model, load_checkpoint(path)["state_dict"], "vidsift", strict=strict)
+    else:
+        load_pretrained(model, path, pretrained_source, strict=strict)
+    return model, transform, None

@@ -3,13 +3,17 @@
 ``ShardClipDataset`` reads ``shards/NNNNNN.tar`` (``{key}.mp4`` + ``{key}.json``, see docs/interfaces.md)
 with webdataset's tar reader, splits the work across (distributed rank x DataLoader worker) consumers so
 that every sample is read by exactly one of them, shuffles shards per epoch (``set_epoch``) and samples
-through a buffer, and sparse-samples clips from each video (:func:`pipeline.clips.sample_clips`). A bad
-sample (corrupt mp4, bad json) is logged, counted in ``error_counts`` / ``errors`` and skipped; the epoch
-goes on.
+through a buffer, and sparse-samples clips from each video (:func:`pipeline.clips.sample_clips`).
 
-``DecodeClipsStage`` does the same per row inside ``ray.data.Dataset.map_batches``; rows that fail keep
-their key and get ``error`` (reason) and ``error_message`` instead of frames, so no row is lost.
+``DecodeClipsStage`` does the same per row inside ``ray.data.Dataset.map_batches``.
 :func:`read_shards_ray` reads shards into a Ray Dataset with the columns the stage expects.
+
+Error policy (``on_error``, see :mod:`runtime.errors`): only *named input failures* -- a corrupt tar
+(:class:`BadTar`), a sample without its mp4 or with bad json (:class:`BadSample`), a video that does not
+decode (:class:`pipeline.decode.VideoDecodeError`) -- are recorded. Under ``"record"`` (default) the dataset
+logs, counts (``error_counts`` / ``errors``) and skips them and the epoch goes on; the stage gives such a row
+its key, ``error`` (reason) and ``error_message`` instead of frames, so no row is lost. Under ``"raise"``
+they raise. Any other exception is a bug and raises under either policy.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import glob
 import json
 import logging
 import os
+import tarfile
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -28,12 +33,40 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.clips import sample_clips
-from pipeline.decode import Size, VideoDecodeError
+from pipeline.decode import Size
 from pipeline.sampling import SamplingConfig
+from runtime.errors import (
+    ErrorPolicy,
+    InputError,
+    InvalidMetadata,
+    UnreadableInput,
+    check_policy,
+    should_record,
+)
 
 log = logging.getLogger(__name__)
 
 MAX_ERROR_RECORDS = 1000
+# What reading a shard tar raises on bad data (webdataset passes it to the dataset's handler).
+TAR_FAILURES = (tarfile.TarError, OSError, EOFError, ValueError)
+
+
+class BadSample(InvalidMetadata, ValueError):
+    """A shard sample that is not an mp4 + json-object pair (reason ``incomplete_sample`` / ``bad_json``)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+    def __reduce__(self):
+        return type(self), (self.reason, self.message)
+
+
+class BadTar(UnreadableInput):
+    """A shard tar (or a member of it) that cannot be read; reason ``bad_tar``."""
+
+    reason = "bad_tar"
 
 
 # --------------------------------------------------------------------------------------------- shards
@@ -83,14 +116,24 @@ def as_sampling_config(sampling: SamplingConfig | Mapping[str, Any]) -> Sampling
 
 
 def _json_record(value: Any) -> dict[str, Any]:
+    """The sample's json as a dict; :class:`BadSample` (``bad_json``) when it is not a JSON object."""
     if isinstance(value, Mapping):
         return dict(value)
-    if isinstance(value, (bytes, bytearray)):
-        value = value.decode("utf-8")
-    record = json.loads(value)
+    try:
+        if isinstance(value, (bytes, bytearray)):
+            value = value.decode("utf-8")
+        if not isinstance(value, str):
+            raise TypeError(f"sample json is {type(value).__name__}, expected bytes or str")
+        record = json.loads(value)
+    except (ValueError, TypeError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise BadSample("bad_json", str(exc)) from exc
     if not isinstance(record, dict):
-        raise ValueError(f"sample json is a {type(record).__name__}, expected an object")
+        raise BadSample("bad_json", f"sample json is a {type(record).__name__}, expected an object")
     return record
+
+
+def _failure_message(exc: BaseException) -> str:
+    return str(getattr(exc, "message", exc))
 
 
 # --------------------------------------------------------------------------------------------- torch
@@ -111,7 +154,8 @@ class ShardClipDataset(IterableDataset):
             shard and keeps every k-th sample), or ``"auto"`` (shard when there are at least as many shards
             as consumers). Either way each sample goes to exactly one consumer.
         backend, keyframe_mode, device: passed to :func:`pipeline.clips.sample_clips`.
-        on_error: optional callback ``f(record: dict)`` for every skipped sample (e.g. to write them out).
+        on_error: error policy, ``"record"`` (skip and count named input failures) or ``"raise"``.
+        on_skip: optional callback ``f(record: dict)`` for every skipped sample (e.g. to write them out).
     """
 
     def __init__(
@@ -129,7 +173,8 @@ class ShardClipDataset(IterableDataset):
         backend: str | None = None,
         keyframe_mode: bool = False,
         device: str = "cpu",
-        on_error: Callable[[dict[str, Any]], None] | None = None,
+        on_error: ErrorPolicy = "record",
+        on_skip: Callable[[dict[str, Any]], None] | None = None,
     ):
         super().__init__()
         if split_by not in ("auto", "shard", "sample"):
@@ -148,7 +193,8 @@ class ShardClipDataset(IterableDataset):
         self.backend = backend
         self.keyframe_mode = keyframe_mode
         self.device = device
-        self.on_error = on_error
+        self.on_error = check_policy(on_error)
+        self.on_skip = on_skip
         self.epoch = 0
         self.error_counts: collections.Counter[str] = collections.Counter()
         self.errors: list[dict[str, Any]] = []
@@ -180,12 +226,21 @@ class ShardClipDataset(IterableDataset):
         self.error_counts[reason] += 1
         if len(self.errors) < MAX_ERROR_RECORDS:
             self.errors.append(record)
-        if self.on_error is not None:
-            self.on_error(record)
+        if self.on_skip is not None:
+            self.on_skip(record)
+
+    def _skip(self, key: str, url: str, exc: InputError) -> None:
+        """Record a named input failure under ``"record"``; raise it under ``"raise"``."""
+        if not should_record(exc, self.on_error):
+            raise exc
+        self._record_error(key, url, exc.reason, _failure_message(exc))
 
     def _tar_error(self, exc: Exception) -> bool:
-        self._record_error("", getattr(exc, "url", "?"), "bad_tar", f"{type(exc).__name__}: {exc}")
-        return True  # keep going with the next member / shard
+        """webdataset's handler: a bad tar is recorded (keep going with the next member / shard)."""
+        if not isinstance(exc, TAR_FAILURES):
+            raise exc  # a bug, not a bad shard
+        self._skip("", getattr(exc, "url", "?"), BadTar(f"{type(exc).__name__}: {exc}"))
+        return True
 
     def raw_samples(self) -> Iterator[dict[str, Any]]:
         """This consumer's ``{"__key__", "__url__", "mp4", "json"}`` samples, before decoding/shuffling."""
@@ -223,12 +278,12 @@ class ShardClipDataset(IterableDataset):
             key, url = str(sample.get("__key__", "")), str(sample.get("__url__", ""))
             if "mp4" not in sample or "json" not in sample:
                 missing = [ext for ext in ("mp4", "json") if ext not in sample]
-                self._record_error(key, url, "incomplete_sample", f"missing member(s) {missing}")
+                self._skip(key, url, BadSample("incomplete_sample", f"missing member(s) {missing}"))
                 continue
             try:
                 record = _json_record(sample["json"])
-            except (ValueError, UnicodeDecodeError) as exc:
-                self._record_error(key, url, "bad_json", str(exc))
+            except BadSample as exc:
+                self._skip(key, url, exc)
                 continue
             if self.split is not None and record.get("split") != self.split:
                 continue
@@ -245,11 +300,8 @@ class ShardClipDataset(IterableDataset):
                     sample["mp4"], self.sampling, size=self.size, backend=self.backend,
                     keyframe_mode=self.keyframe_mode, rng=rng, meta=_plan_meta(record), device=self.device,
                 )
-            except VideoDecodeError as exc:
-                self._record_error(key, url, exc.reason, exc.message)
-                continue
-            except Exception as exc:  # noqa: BLE001 - one bad video must not end the epoch
-                self._record_error(key, url, "decode_error", f"{type(exc).__name__}: {exc}")
+            except InputError as exc:  # a bad video is skipped (policy "record"); a bug raises
+                self._skip(key, url, exc)
                 continue
             yield {
                 "key": record.get("key", key),
@@ -306,7 +358,8 @@ class DecodeClipsStage:
     ``key`` and adds ``video_id``, ``frames`` uint8 ``[B, N, T, H, W, 3]``, ``mask``, ``times``,
     ``time_error``, ``captions`` (JSON list), ``json`` (str), ``error`` (reason, "" when fine) and
     ``error_message``. Failed rows carry zero frames and an all-False mask. Train-mode plans are seeded
-    from ``seed`` and the key, so reruns give the same clips.
+    from ``seed`` and the key, so reruns give the same clips. ``on_error``: ``"record"`` turns a named input
+    failure into such a row, ``"raise"`` raises it; any other exception raises.
     """
 
     def __init__(
@@ -317,6 +370,7 @@ class DecodeClipsStage:
         keyframe_mode: bool = False,
         seed: int = 0,
         device: str = "cpu",
+        on_error: ErrorPolicy = "record",
     ):
         if size is None:
             raise ValueError("DecodeClipsStage needs a fixed size so that batches stack")
@@ -328,11 +382,12 @@ class DecodeClipsStage:
         self.keyframe_mode = keyframe_mode
         self.seed = int(seed)
         self.device = device
+        self.on_error = check_policy(on_error)
 
     def _one(self, key: str, mp4: Any, raw_json: Any) -> tuple[dict[str, Any], Any]:
         record = _json_record(raw_json) if raw_json is not None else {}
         if mp4 is None:
-            raise VideoDecodeError("incomplete_sample", f"{key}: no mp4 member")
+            raise BadSample("incomplete_sample", f"{key}: no mp4 member")
         rng = np.random.default_rng([self.seed, zlib.crc32(key.encode("utf-8"))])
         clip = sample_clips(bytes(mp4), self.sampling, size=self.size, backend=self.backend,
                             keyframe_mode=self.keyframe_mode, rng=rng, meta=_plan_meta(record),
@@ -358,12 +413,10 @@ class DecodeClipsStage:
                 record, clip = self._one(key, mp4s[i], jsons[i])
                 frames[i], mask[i], times[i] = clip.frames, clip.mask, clip.times
                 time_error[i] = clip.time_error
-            except VideoDecodeError as exc:
-                reason, message = exc.reason, exc.message
-            except (ValueError, UnicodeDecodeError) as exc:
-                reason, message = ("bad_json" if not record else "bad_metadata"), str(exc)
-            except Exception as exc:  # noqa: BLE001 - record and move on; no row may be lost
-                reason, message = "decode_error", f"{type(exc).__name__}: {exc}"
+            except InputError as exc:  # no row may be lost to a bad input; a bug raises
+                if not should_record(exc, self.on_error):
+                    raise
+                reason, message = exc.reason, _failure_message(exc)
             if reason:
                 log.warning("DecodeClipsStage: %s: %s: %s", key, reason, message)
             video_ids.append(str(record.get("video_id", key)))
@@ -406,5 +459,5 @@ class _SplitFilter:
     def __call__(self, row: dict[str, Any]) -> bool:
         try:
             return _json_record(row.get("json")).get("split") == self.split
-        except (ValueError, TypeError, UnicodeDecodeError):
+        except BadSample:
             return True

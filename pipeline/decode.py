@@ -30,19 +30,56 @@ from typing import Any, BinaryIO, Union
 import av
 import numpy as np
 
+from runtime.errors import DecodeFailure, InputError, NotAVideo, UnreadableInput
+
 log = logging.getLogger(__name__)
 
 Source = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
 Size = Union[int, tuple[int, int], None]
 
 
-class VideoDecodeError(RuntimeError):
-    """A video could not be probed or decoded; ``reason`` is a short machine-readable key."""
+class VideoDecodeError(InputError, RuntimeError):
+    """A video could not be probed or decoded; ``reason`` is a short machine-readable key.
+
+    A named input failure (:class:`runtime.errors.InputError`, still a ``RuntimeError`` for old callers):
+    ``VideoDecodeError(reason, message)`` builds the subclass that also is the matching ``runtime.errors``
+    kind (``missing`` -> :class:`UnreadableInput`, ``not_a_video`` / ``no_video_stream`` /
+    ``zero_duration`` -> :class:`NotAVideo`, ``decode_error`` -> :class:`DecodeFailure`).
+    """
+
+    def __new__(cls, *args: Any, **kwargs: Any):
+        if cls is VideoDecodeError and args:
+            cls = _DECODE_KINDS.get(args[0], VideoDecodeError)
+        return super().__new__(cls, *args, **kwargs)
 
     def __init__(self, reason: str, message: str):
         super().__init__(f"{reason}: {message}")
         self.reason = reason
         self.message = message
+
+    def __reduce__(self):
+        return VideoDecodeError, (self.reason, self.message)
+
+
+class UnreadableVideo(VideoDecodeError, UnreadableInput):
+    """missing: the video file is not there or cannot be read."""
+
+
+class NotAVideoError(VideoDecodeError, NotAVideo):
+    """not_a_video / no_video_stream / zero_duration: no usable video stream."""
+
+
+class VideoDecodeFailure(VideoDecodeError, DecodeFailure):
+    """decode_error: the stream is there but requested frames do not decode."""
+
+
+_DECODE_KINDS: dict[str, type[VideoDecodeError]] = {
+    "missing": UnreadableVideo,
+    "not_a_video": NotAVideoError,
+    "no_video_stream": NotAVideoError,
+    "zero_duration": NotAVideoError,
+    "decode_error": VideoDecodeFailure,
+}
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -202,6 +239,106 @@ def keyframe_meta(info: Mapping[str, Any]) -> VideoMeta | None:
     )
 
 
+@dataclasses.dataclass
+class _Demuxed:
+    """Packets of the first video stream (timestamps, keyframe flags, durations) and its header fields."""
+
+    pts: list[int]
+    keys: list[bool]
+    durations: list[int]
+    has_ts: bool
+    rotation: float
+    time_base: Any  # Fraction or None
+    rate: Any  # Fraction or None
+    width: int
+    height: int
+    codec: str
+    header_frames: int
+    header_duration: float
+
+
+def _read_packets(container, stream, name: str, keyframes_only: bool) -> tuple[list, list, list, bool, float]:
+    """(pts, keyframe flags, durations, has timestamps, rotation) of every packet, by demuxing only.
+
+    The rotation is read off the first decoded frame (display-matrix side data: one frame's work), unless
+    ``keyframes_only``. A stream that breaks off after some packets keeps them (logged).
+    """
+    pts_list: list[int] = []
+    key_list: list[bool] = []
+    durations: list[int] = []
+    has_ts, rotation = True, None
+    try:
+        for packet in container.demux(stream):
+            if rotation is None and packet.size and not keyframes_only:
+                try:
+                    first = packet.decode()
+                except av.error.FFmpegError:
+                    first = []
+                if first:
+                    rotation = float(first[0].rotation or 0.0)
+            if packet.size == 0 and packet.pts is None:
+                continue  # the flush packet at end of stream
+            ts = packet.pts if packet.pts is not None else packet.dts
+            if ts is None:
+                has_ts, ts = False, -1
+            pts_list.append(int(ts))
+            key_list.append(bool(packet.is_keyframe))
+            durations.append(int(packet.duration or 0))
+    except av.error.FFmpegError as exc:
+        if not pts_list:
+            raise VideoDecodeError("not_a_video", f"{name}: {exc}") from exc
+        log.warning("probe %s: stream ends early (%s); using %d packets", name, exc, len(pts_list))
+    return pts_list, key_list, durations, has_ts, rotation or 0.0
+
+
+def _demux(source: Source, keyframes_only: bool) -> _Demuxed:
+    """Open ``source`` and demux its first video stream (see :func:`_read_packets`)."""
+    name = describe_source(source)
+    with _open_or_raise(normalize_source(source), name) as container:
+        if not container.streams.video:
+            raise VideoDecodeError("no_video_stream", f"{name}: no video stream")
+        stream = container.streams.video[0]
+        pts, keys, durations, has_ts, rotation = _read_packets(container, stream, name, keyframes_only)
+        if not pts:
+            raise VideoDecodeError("zero_duration", f"{name}: video stream has no frames")
+        tb_frac, cc = stream.time_base, stream.codec_context
+        if stream.duration and tb_frac:
+            header_duration = float(stream.duration * tb_frac)
+        elif container.duration:
+            header_duration = container.duration / 1e6
+        else:
+            header_duration = 0.0
+        return _Demuxed(
+            pts=pts, keys=keys, durations=durations, has_ts=has_ts, rotation=rotation, time_base=tb_frac,
+            rate=stream.average_rate or stream.guessed_rate or stream.base_rate, width=cc.width,
+            height=cc.height, codec=cc.name, header_frames=int(stream.frames or 0),
+            header_duration=header_duration,
+        )
+
+
+def _frame_timeline(d: _Demuxed) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float, bool]:
+    """(frame_times, pts, keyframe flags, start, duration, has_timestamps), sorted by presentation time."""
+    pts = np.asarray(d.pts, dtype=np.int64)
+    keys = np.asarray(d.keys, dtype=bool)
+    n = len(pts)
+    tb_frac, rate = d.time_base, d.rate
+    tb = float(tb_frac) if tb_frac else 0.0
+    if d.has_ts and tb > 0:
+        order = np.argsort(pts, kind="stable")
+        pts, keys = pts[order], keys[order]
+        # pts * num / den rounds once, so a time written as a decimal (0.59) equals its frame's start
+        frame_times = pts * float(tb_frac.numerator) / float(tb_frac.denominator)
+        last_dur = d.durations[int(order[-1])] * tb
+        fps_guess = float(rate) if rate else (n - 1) / max(frame_times[-1] - frame_times[0], 1e-9)
+        if last_dur <= 0:
+            last_dur = float(np.median(np.diff(frame_times))) if n > 1 else 1.0 / max(fps_guess, 1e-9)
+        start = float(frame_times[0])
+        return frame_times, pts, keys, start, float(frame_times[-1] - start + last_dur), True
+    # Raw elementary streams carry no timestamps: frames are evenly spaced at the nominal rate.
+    fps_guess = float(rate) if rate else 25.0
+    return np.arange(n) / fps_guess, np.full(n, -1, dtype=np.int64), keys, 0.0, n / fps_guess, False
+
+
 def probe_video(source: Source, keyframes_only: bool = False) -> VideoMeta:
     """Duration, fps, size, rotation and every frame/keyframe timestamp, by demuxing packets only.
 
@@ -211,93 +348,28 @@ def probe_video(source: Source, keyframes_only: bool = False) -> VideoMeta:
     the rotation (no decoding at all); it is enough for keyframe mode, not for exact decoding. Every
     packet is still demuxed: demuxer-level discarding mis-times keyframes of B-frame mp4 streams.
     """
-    src = normalize_source(source)
-    name = describe_source(source)
-    container = _open_or_raise(src, name)
-    with container:
-        if not container.streams.video:
-            raise VideoDecodeError("no_video_stream", f"{name}: no video stream")
-        stream = container.streams.video[0]
-        tb_frac = stream.time_base
-        tb = float(tb_frac) if tb_frac else 0.0
-        pts_list: list[int] = []
-        key_list: list[bool] = []
-        durations: list[int] = []
-        has_ts = True
-        rotation = None  # read off the first decoded frame (display-matrix side data): one frame's work
-        try:
-            for packet in container.demux(stream):
-                if rotation is None and packet.size and not keyframes_only:
-                    try:
-                        first = packet.decode()
-                    except av.error.FFmpegError:
-                        first = []
-                    if first:
-                        rotation = float(first[0].rotation or 0.0)
-                if packet.size == 0 and packet.pts is None:
-                    continue  # the flush packet at end of stream
-                ts = packet.pts if packet.pts is not None else packet.dts
-                if ts is None:
-                    has_ts = False
-                    ts = -1
-                pts_list.append(int(ts))
-                key_list.append(bool(packet.is_keyframe))
-                durations.append(int(packet.duration or 0))
-        except av.error.FFmpegError as exc:
-            if not pts_list:
-                raise VideoDecodeError("not_a_video", f"{name}: {exc}") from exc
-            log.warning("probe %s: stream ends early (%s); using %d packets", name, exc, len(pts_list))
-        if not pts_list:
-            raise VideoDecodeError("zero_duration", f"{name}: video stream has no frames")
-        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-        cc = stream.codec_context
-        rotation = rotation or 0.0
-        width, height = cc.width, cc.height
-        codec = cc.name
-        header_frames = int(stream.frames or 0)
-        if stream.duration and tb_frac:
-            header_duration = float(stream.duration * tb_frac)
-        elif container.duration:
-            header_duration = container.duration / 1e6
-        else:
-            header_duration = 0.0
-    if keyframes_only and not has_ts:
+    d = _demux(source, keyframes_only)
+    if keyframes_only and not d.has_ts:
         return probe_video(source)  # raw streams: no timestamps to seek by, count every frame
-    pts = np.asarray(pts_list, dtype=np.int64)
-    keys = np.asarray(key_list, dtype=bool)
+    frame_times, pts, keys, start, duration, has_ts = _frame_timeline(d)
     n = len(pts)
-    if has_ts and tb > 0:
-        order = np.argsort(pts, kind="stable")
-        pts, keys = pts[order], keys[order]
-        # pts * num / den rounds once, so a time written as a decimal (0.59) equals its frame's start
-        frame_times = pts * float(tb_frac.numerator) / float(tb_frac.denominator)
-        last_dur = durations[int(order[-1])] * tb
-        fps_guess = float(rate) if rate else (n - 1) / max(frame_times[-1] - frame_times[0], 1e-9)
-        if last_dur <= 0:
-            last_dur = float(np.median(np.diff(frame_times))) if n > 1 else 1.0 / max(fps_guess, 1e-9)
-        start = float(frame_times[0])
-        duration = float(frame_times[-1] - start + last_dur)
-    else:
-        # Raw elementary streams carry no timestamps: frames are evenly spaced at the nominal rate.
-        fps_guess = float(rate) if rate else 25.0
-        frame_times = np.arange(n) / fps_guess
-        pts = np.full(n, -1, dtype=np.int64)
-        start, duration, has_ts = 0.0, n / fps_guess, False
     if not keys.any():
         keys[0] = True
     if keyframes_only:
         frame_times, pts, keys = np.asarray(frame_times)[keys], pts[keys], keys[keys]
-        n = header_frames or n
-        rate_f = float(rate) if rate else 0.0
-        duration = header_duration or (n / rate_f if rate_f else duration)
+        n = d.header_frames or n
+        rate_f = float(d.rate) if d.rate else 0.0
+        duration = d.header_duration or (n / rate_f if rate_f else duration)
     if not duration > 0:
-        raise VideoDecodeError("zero_duration", f"{name}: duration {duration}")
-    fps = n / duration if n > 1 else (float(rate) if rate else 1.0 / duration)
-    if int(round(rotation / 90.0)) % 2:
+        raise VideoDecodeError("zero_duration", f"{describe_source(source)}: duration {duration}")
+    fps = n / duration if n > 1 else (float(d.rate) if d.rate else 1.0 / duration)
+    width, height = d.width, d.height
+    if int(round(d.rotation / 90.0)) % 2:
         width, height = height, width
+    tb = float(d.time_base) if d.time_base else 0.0
     return VideoMeta(
         duration=duration, fps=float(fps), width=int(width), height=int(height), num_frames=n,
-        codec=str(codec), rotation=float(rotation), start_time=start,
+        codec=str(d.codec), rotation=float(d.rotation), start_time=start,
         frame_times=np.asarray(frame_times, dtype=np.float64),
         keyframe_times=np.asarray(frame_times, dtype=np.float64)[keys], time_base=tb, pts=pts,
         has_timestamps=has_ts, keyframes_only=keyframes_only,

@@ -1,11 +1,12 @@
 """Batch embedding of shards into Parquet: the encoder stage, the per-shard writer, and the incremental plan.
 
-Data flow (wired in ``jobs/embed.py``): shards → :func:`pipeline.datasets.read_shards_ray` → skip keys that
-are already embedded → :class:`pipeline.datasets.DecodeClipsStage` (CPU tasks) → :class:`EncodeClipsStage`
-(an actor pool, GPUs when there are any) → :class:`ShardPartWriter` on the driver, which writes one Parquet
-file per input shard once every sample of that shard has come back. A shard's file is written atomically,
-so after a crash the next run sees each shard either complete or absent, and redoes only the absent ones:
-no duplicate rows, no missing rows. Rows are keyed by a stable ``id`` (int64 hash of video id + clip index).
+Data flow (wired, with every resource, in ``workflows/embed.py``): shards → skip keys that are already
+embedded → :class:`DecodeShardClipsStage` (:class:`pipeline.datasets.DecodeClipsStage` plus the shard
+column) → :class:`EncodeClipsStage` (an actor pool, GPUs when there are any) → :class:`ShardPartWriter` on
+the driver, which writes one Parquet file per input shard once every sample of that shard has come back.
+A shard's file is written atomically, so after a crash the next run sees each shard either complete or
+absent, and redoes only the absent ones: no duplicate rows, no missing rows. Rows are keyed by a stable
+``id`` (int64 hash of video id + clip index).
 """
 
 from __future__ import annotations
@@ -15,14 +16,20 @@ import hashlib
 import json
 import os
 import re
-import time
+import tarfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import torch
+
+from models import create_model
+from pipeline.datasets import DecodeClipsStage
+from runtime.errors import DecodeFailure, ErrorPolicy, check_policy
 
 VIDEO_ROW = -1  # clip_index of the video-level row
 
@@ -75,8 +82,6 @@ def shard_keys(tar_path: str) -> list[str]:
     index = Path(tar_path).with_suffix(".parquet")
     if index.exists():
         return [str(k) for k in pq.read_table(index, columns=["key"]).column("key").to_pylist()]
-    import tarfile
-
     keys: list[str] = []
     with tarfile.open(tar_path) as tar:
         for member in tar:
@@ -123,23 +128,10 @@ def plan_shards(tar_paths: Sequence[str], partition_dir: Path) -> list[ShardWork
 # ----------------------------------------------------------------------------------------------- stage
 
 
-def build_encoder(model_name: str, pretrained: str | None = None):
-    """``models.registry.create_encoder``: without ``pretrained`` the random init is seeded (seed 0) so the
-    driver and every encoder actor hold the same weights and reruns keep the same model id."""
-    from models.registry import create_encoder
-
-    return create_encoder(model_name, pretrained)
-
-
-def _decode_stage_base():
-    from pipeline.datasets import DecodeClipsStage
-
-    return DecodeClipsStage
-
-
-class DecodeShardClipsStage(_decode_stage_base()):
+class DecodeShardClipsStage(DecodeClipsStage):
     """:class:`pipeline.datasets.DecodeClipsStage` that also carries the ``shard`` column through, so each
-    encoded row can be filed under the shard it came from."""
+    encoded row can be filed under the shard it came from. Its parameters (the error policy included) are
+    the base stage's."""
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         out = super().__call__(batch)
@@ -151,19 +143,25 @@ class EncodeClipsStage:
     """Ray Data ``map_batches`` class: decoded clips → one row per clip plus one video-level row.
 
     Input: the columns of :class:`pipeline.datasets.DecodeClipsStage` plus ``shard``. Output: flat rows with
-    the embedding schema (``embedding`` as ``[R, D]``); rows whose decode failed come out as a single row
-    with ``error`` set and an empty embedding, so the driver can record them and nothing is lost.
+    the embedding schema (``embedding`` as ``[R, D]``). A row that arrives with a decode error, or without a
+    single valid frame, is an input failure: under ``on_error="record"`` (the default) it comes out as one
+    row with ``error`` set and an empty embedding, so the driver can record it and nothing is lost; under
+    ``"raise"`` it raises :class:`runtime.errors.DecodeFailure` naming the key. Anything that goes wrong in
+    the model itself is a bug and always raises.
+
+    ``threads``: torch threads of this process (the workflow passes it; default every core of the node).
+    Without ``pretrained`` the random init is seeded (seed 0), so the driver and every encoder actor hold
+    the same weights and reruns keep the same model id.
     """
 
     def __init__(self, model_name: str, pretrained: str | None = None, device: str | None = None,
-                 dtype: str = "float32", threads: int | None = None):
-        import torch
-
+                 dtype: str = "float32", threads: int | None = None, on_error: ErrorPolicy = "record"):
+        self.on_error = check_policy(on_error)
         # Ray pins actor threads to the CPUs they asked for; an encoder that owns the node's compute
         # should use every core (decode actors ask for fractions and mostly wait on I/O).
         torch.set_num_threads(int(threads or os.cpu_count() or 1))
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model, transform, _ = build_encoder(model_name, pretrained)
+        model, transform, _ = create_model(model_name, pretrained=pretrained, seed=0)
         self.model = model.to(self.device).eval()
         self.transform = transform
         self.model_id = model.model_id
@@ -172,8 +170,6 @@ class EncodeClipsStage:
 
     def embed(self, frames: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 ``[B, N, T, H, W, 3]`` + ``[B, N, T]`` → (clip ``[B, N, D]``, video ``[B, D]``) float32."""
-        import torch
-
         with torch.inference_mode():
             x = self.transform(frames).to(self.device)
             m = torch.as_tensor(mask, device=self.device)
@@ -204,6 +200,8 @@ class EncodeClipsStage:
             if not ok[i]:
                 reason = errors[i] or "no_valid_frames"
                 message = str(batch["error_message"][i]) or "no frame of this video could be decoded"
+                if self.on_error == "raise":
+                    raise DecodeFailure(f"{key} (shard {common['shard']}): {reason}: {message}")
                 self._append(rows, common, -2, 0.0, 0.0, np.zeros(dim, np.float32), reason, message)
                 continue
             valid_clips = mask[i].any(axis=1)
@@ -365,47 +363,8 @@ def read_embeddings(partition_dir: str | os.PathLike, video_level: bool | None =
     table = pa.concat_tables([pq.read_table(p) for p in parts])
     if video_level is None:
         return table
-    import pyarrow.compute as pc
-
     is_video = pc.equal(table.column("clip_index"), VIDEO_ROW)
     return table.filter(is_video if video_level else pc.invert(is_video))
-
-
-class Progress:
-    """Videos/s and ETA lines on stdout at most every ``every_s`` seconds, and a final summary."""
-
-    def __init__(self, total: int, label: str = "embed", every_s: float = 5.0):
-        self.total, self.label, self.every_s = total, label, every_s
-        self.start = self.last = time.monotonic()
-        self.first: tuple[float, int] | None = None  # (time, videos done) of the first output
-        self.done = 0
-
-    def update(self, done: int, extra: str = "") -> None:
-        now = time.monotonic()
-        if self.first is None and done > 0:
-            self.first = (now, done)
-        self.done, self.last_update = done, now
-        if now - self.last < self.every_s and done < self.total:
-            return
-        self.last = now
-        rate = done / max(now - self.start, 1e-9)
-        eta = (self.total - done) / rate if rate > 0 else float("inf")
-        print(f"[{self.label}] {done}/{self.total} videos  {rate:.2f} videos/s  ETA {eta:.0f}s {extra}",
-              flush=True)
-
-    def elapsed(self) -> float:
-        return time.monotonic() - self.start
-
-    def startup_s(self) -> float:
-        """Seconds until the first output (cluster join, actor start, model load, pipeline fill)."""
-        return (self.first[0] - self.start) if self.first else 0.0
-
-    def steady_rate(self) -> float:
-        """Videos/s after the first output: the throughput a long run converges to."""
-        if self.first is None:
-            return 0.0
-        span = self.last_update - self.first[0]
-        return (self.done - self.first[1]) / span if span > 0 and self.done > self.first[1] else 0.0
 
 
 def iter_partition_dirs(output: str | os.PathLike) -> Iterable[Path]:

@@ -1,7 +1,11 @@
 """Reading ingest inputs: manifests (CSV/TSV/JSONL/Parquet), directories and globs, as fsspec URIs.
 
-Every input row becomes one ``InputRow`` dict; nothing is dropped here. Rows whose URI cannot be opened by any
-fsspec filesystem are flagged with ``error=("bad_uri", message)`` so the caller records them as errors.
+Every input row becomes one ``InputRow`` dict; nothing is dropped here. Under the error policy ``"record"``
+(default) rows whose URI cannot be opened by any fsspec filesystem are flagged with
+``error=("bad_uri", message)`` and malformed rows (e.g. a captions cell that is a number) with
+``error=("invalid_metadata", message)``, so the caller records them as errors; under ``"raise"`` they raise
+:class:`BadURI` / :class:`BadManifestRow` (named input failures, see :mod:`runtime.errors`). An input that
+cannot be read as a whole raises :class:`UnusableInput` under either policy.
 """
 
 from __future__ import annotations
@@ -9,10 +13,14 @@ from __future__ import annotations
 import glob
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import fsspec
+import pyarrow as pa
+
+from runtime.errors import ErrorPolicy, InvalidMetadata, UnreadableInput, check_policy, should_record
 
 PATH_COLUMNS = ("path", "uri", "url", "source")
 ID_COLUMNS = ("video_id", "id")
@@ -22,8 +30,19 @@ MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson", ".parquet", ".pq")
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".flv", ".wmv")
 
 
-class InputError(ValueError):
-    """The input as a whole cannot be read (missing manifest, no path column, empty glob)."""
+class UnusableInput(UnreadableInput, ValueError):
+    """The input as a whole cannot be read (missing manifest, no path column, empty glob): the job stops."""
+
+
+InputError = UnusableInput  # the old name (jobs and tests catch ``pipeline.inputs.InputError``)
+
+
+class BadURI(UnreadableInput, ValueError):
+    """One row's path/URI cannot be opened by any fsspec filesystem (reason ``bad_uri`` in error tables)."""
+
+
+class BadManifestRow(InvalidMetadata, ValueError):
+    """One manifest row is malformed (reason ``invalid_metadata`` in error tables)."""
 
 
 def split_protocol(uri: str) -> tuple[str, str]:
@@ -87,7 +106,12 @@ def _parse_captions(row: dict[str, Any]) -> list[str]:
                 return [value]
             return [str(c) for c in parsed]
         return [value] if text else []
-    return [str(c) for c in list(value)]
+    try:
+        items = list(value)
+    except TypeError as exc:  # a number, a bool: not captions
+        message = f"captions must be a list or a string, got {type(value).__name__} {value!r}"
+        raise BadManifestRow(message) from exc
+    return [str(c) for c in items]
 
 
 def _clean(value: Any) -> Any:
@@ -109,8 +133,59 @@ def _read_table(uri: str):
         return pd.read_csv(f, sep=sep, dtype=str, keep_default_na=False)
 
 
-def rows_from_manifest(uri: str) -> list[dict[str, Any]]:
-    """Input rows of one manifest file (paths resolved against its folder)."""
+@dataclass(frozen=True)
+class _Columns:
+    """Which manifest columns hold the path, id and size (found once per manifest)."""
+
+    names: tuple[str, ...]
+    path: str
+    id: str | None
+    size: str | None
+    base_dir: str | None
+
+
+def _manifest_row(
+    index: int, record: dict[str, Any], cols: _Columns, on_error: ErrorPolicy
+) -> dict[str, Any]:
+    """One input row of a manifest record; a cell that cannot be used is the row's ``error`` (``"record"``)
+    or raises :class:`BadManifestRow` (``"raise"``)."""
+    raw_path = _clean(record.get(cols.path))
+    source = resolve_uri(str(raw_path), cols.base_dir) if raw_path is not None else ""
+    video_id = _clean(record.get(cols.id)) if cols.id else None
+    if video_id is None or str(video_id) == "":
+        video_id = Path(source.rsplit("/", 1)[-1]).stem if source else f"row-{index}"
+    row: dict[str, Any] = {
+        "input_index": index,
+        "video_id": str(video_id),
+        "source": source,
+        "captions": [],
+        "declared_bytes": None,
+    }
+    for column in PASSTHROUGH_COLUMNS:
+        if column in cols.names:
+            value = _clean(record.get(column))
+            row[column] = None if value is None else str(value)
+    if cols.size is not None:
+        try:
+            row["declared_bytes"] = int(float(record[cols.size]))
+        except (TypeError, ValueError):
+            pass
+    try:
+        row["captions"] = _parse_captions(record)
+    except BadManifestRow as exc:
+        named = BadManifestRow(f"manifest row {index} ({source or video_id}): {exc}")
+        if not should_record(named, on_error):
+            raise named from exc
+        row["error"] = ("invalid_metadata", str(named))
+    return row
+
+
+def rows_from_manifest(uri: str, on_error: ErrorPolicy = "record") -> list[dict[str, Any]]:
+    """Input rows of one manifest file (paths resolved against its folder).
+
+    A malformed row becomes a row with ``error=("invalid_metadata", message)`` under ``on_error="record"``
+    and raises :class:`BadManifestRow` under ``"raise"``.
+    """
     protocol, path = split_protocol(uri)
     if protocol in ("file", "local") and not os.path.exists(path):
         raise InputError(f"input manifest not found: {uri}")
@@ -118,40 +193,21 @@ def rows_from_manifest(uri: str) -> list[dict[str, Any]]:
         table = _read_table(uri)
     except FileNotFoundError as exc:
         raise InputError(f"input manifest not found: {uri}") from exc
-    except Exception as exc:  # noqa: BLE001 - any parser error means the manifest is unusable
+    except (ValueError, OSError, pa.ArrowException) as exc:  # parser/format errors: the manifest is unusable
         raise InputError(f"cannot read manifest {uri}: {type(exc).__name__}: {exc}") from exc
     columns = list(table.columns)
     path_col = next((c for c in PATH_COLUMNS if c in columns), None)
     if path_col is None:
         raise InputError(f"manifest {uri} has no path column (one of {PATH_COLUMNS}); columns: {columns}")
-    id_col = next((c for c in ID_COLUMNS if c in columns), None)
-    size_col = next((c for c in SIZE_COLUMNS if c in columns), None)
-    base_dir = os.path.dirname(path) if protocol in ("file", "local") else uri.rsplit("/", 1)[0]
-    rows = []
-    for index, record in enumerate(table.to_dict(orient="records")):
-        raw_path = _clean(record.get(path_col))
-        source = resolve_uri(str(raw_path), base_dir) if raw_path is not None else ""
-        video_id = _clean(record.get(id_col)) if id_col else None
-        if video_id is None or str(video_id) == "":
-            video_id = Path(source.rsplit("/", 1)[-1]).stem if source else f"row-{index}"
-        row: dict[str, Any] = {
-            "input_index": index,
-            "video_id": str(video_id),
-            "source": source,
-            "captions": _parse_captions(record),
-            "declared_bytes": None,
-        }
-        for column in PASSTHROUGH_COLUMNS:
-            if column in columns:
-                value = _clean(record.get(column))
-                row[column] = None if value is None else str(value)
-        if size_col is not None:
-            try:
-                row["declared_bytes"] = int(float(record[size_col]))
-            except (TypeError, ValueError):
-                pass
-        rows.append(row)
-    return rows
+    cols = _Columns(
+        names=tuple(columns),
+        path=path_col,
+        id=next((c for c in ID_COLUMNS if c in columns), None),
+        size=next((c for c in SIZE_COLUMNS if c in columns), None),
+        base_dir=os.path.dirname(path) if protocol in ("file", "local") else uri.rsplit("/", 1)[0],
+    )
+    records = table.to_dict(orient="records")
+    return [_manifest_row(index, record, cols, on_error) for index, record in enumerate(records)]
 
 
 def rows_from_files(pattern: str) -> list[dict[str, Any]]:
@@ -190,19 +246,29 @@ def rows_from_files(pattern: str) -> list[dict[str, Any]]:
     ]
 
 
-def read_inputs(input: str | os.PathLike) -> list[dict[str, Any]]:
-    """All rows of a manifest, directory or glob; ``InputError`` when the input itself is unusable."""
+def read_inputs(input: str | os.PathLike, on_error: ErrorPolicy = "record") -> list[dict[str, Any]]:
+    """All rows of a manifest, directory or glob; ``InputError`` when the input itself is unusable.
+
+    ``on_error="record"`` flags bad rows (``error`` key, see the module docstring); ``"raise"`` raises
+    :class:`BadURI` / :class:`BadManifestRow` at the first one.
+    """
+    check_policy(on_error)
     uri = os.fspath(input)
     if uri.lower().endswith(MANIFEST_SUFFIXES) and not any(ch in uri for ch in "*?["):
-        rows = rows_from_manifest(uri)
+        rows = rows_from_manifest(uri, on_error)
     else:
         protocol, path = split_protocol(uri)
         if protocol in ("file", "local") and not any(ch in path for ch in "*?[") and not os.path.exists(path):
             raise InputError(f"input not found: {uri}")
         rows = rows_from_files(uri)
     for row in rows:
+        if "error" in row:
+            continue
         message = check_uri(row["source"])
         if message is not None:
+            named = BadURI(f"input row {row['input_index']}: {message}")
+            if not should_record(named, on_error):
+                raise named
             row["error"] = ("bad_uri", message)
         elif row["declared_bytes"] is None:
             row["declared_bytes"] = declared_size(row["source"])

@@ -12,6 +12,8 @@ from typing import Any
 
 import av
 
+from runtime.errors import DecodeFailure, InputError, NotAVideo, UnreadableInput
+
 # Magic numbers of containers we recognise; bytes that start like a video but do not open are a decode_error
 # (e.g. a truncated mp4), anything else is not_a_video.
 _CONTAINER_MAGIC = (
@@ -29,13 +31,54 @@ _CONTAINER_MAGIC = (
 )
 
 
-class ProbeError(Exception):
-    """A sample that cannot be ingested; ``reason`` is one of the ingest reason classes."""
+class ProbeError(InputError):
+    """A sample that cannot be ingested; ``reason`` is one of the ingest reason classes.
+
+    A named input failure (:class:`runtime.errors.InputError`): ``ProbeError(reason, message)`` builds the
+    subclass that also is the matching ``runtime.errors`` kind (``decode_error`` -> :class:`DecodeFailure`,
+    ``not_a_video`` -> :class:`NotAVideo`, ...), so ``except ProbeError`` and the error policy both apply.
+    """
+
+    def __new__(cls, *args: Any, **kwargs: Any):
+        if cls is ProbeError and args:
+            cls = _PROBE_KINDS.get(args[0], ProbeError)
+        return super().__new__(cls, *args, **kwargs)
 
     def __init__(self, reason: str, message: str):
         super().__init__(message)
         self.reason = reason
         self.message = message
+
+    def __reduce__(self):
+        return ProbeError, (self.reason, self.message)
+
+
+class UnreadableSource(ProbeError, UnreadableInput):
+    """missing / unreadable / bad_uri: the bytes could not be read."""
+
+
+class NotAVideoSource(ProbeError, NotAVideo):
+    """not_a_video / no_video_stream / zero_duration: no usable video stream in the bytes."""
+
+
+class CorruptVideo(ProbeError, DecodeFailure):
+    """decode_error: a video container whose packets or frames do not decode (truncated, garbled)."""
+
+
+class OutOfLimits(ProbeError):
+    """too_large: the input exceeds a configured limit (bytes, pixels); a plain named input failure."""
+
+
+_PROBE_KINDS: dict[str, type[ProbeError]] = {
+    "missing": UnreadableSource,
+    "unreadable": UnreadableSource,
+    "bad_uri": UnreadableSource,
+    "not_a_video": NotAVideoSource,
+    "no_video_stream": NotAVideoSource,
+    "zero_duration": NotAVideoSource,
+    "decode_error": CorruptVideo,
+    "too_large": OutOfLimits,
+}
 
 
 def looks_like_video(data: bytes) -> bool:

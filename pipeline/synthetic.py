@@ -656,6 +656,23 @@ def read_manifest_csv(path: str | Path) -> pd.DataFrame:
     return frame
 
 
+def corpus_summary(manifest: pd.DataFrame, output_dir: str | Path, seconds: float) -> dict[str, Any]:
+    """What a :func:`generate_corpus` run made: videos (generated / already present), caption classes,
+    split sizes, total seconds of video, frame size and the run's wall time."""
+    stats = manifest.attrs.get("generation_stats", {})
+    return {
+        "output": str(output_dir),
+        "videos": len(manifest),
+        "generated": stats.get("generated"),
+        "skipped": stats.get("skipped"),
+        "caption_classes": int(manifest["caption_class"].nunique()),
+        "splits": {str(k): int(v) for k, v in manifest["split"].value_counts().items()},
+        "video_seconds": round(float(manifest["duration"].sum()), 3),
+        "size": int(manifest["width"].iloc[0]),
+        "seconds": round(seconds, 3),
+    }
+
+
 def generate_corpus(
     output_dir,
     n: int,

@@ -17,7 +17,9 @@ def cluster_address() -> str | None:
     return os.environ.get("RAY_ADDRESS") or None
 
 
-def connect_ray(num_cpus: int | None = None, **local_kwargs: Any) -> tuple[bool, float]:
+def connect_ray(
+    num_cpus: int | None = None, log_to_driver: bool = False, **local_kwargs: Any
+) -> tuple[bool, float]:
     """Make sure this process is connected to Ray; returns ``(started_here, seconds)``.
 
     * already connected (a test session's shared Ray, a caller that set one up): used as it is;
@@ -26,6 +28,7 @@ def connect_ray(num_cpus: int | None = None, **local_kwargs: Any) -> tuple[bool,
     * otherwise: a private local Ray with ``num_cpus`` CPUs that never attaches to another cluster on the
       machine by accident (``address="local"``). Its workers import this checkout (``PYTHONPATH``).
 
+    ``log_to_driver`` forwards the workers' output to this process in both cases (the trainer's step lines);
     ``local_kwargs`` go to the local ``ray.init`` only (e.g. ``object_store_memory``).
     """
     if ray.is_initialized():
@@ -33,14 +36,14 @@ def connect_ray(num_cpus: int | None = None, **local_kwargs: Any) -> tuple[bool,
     t0 = time.perf_counter()
     address = cluster_address()
     if address:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=log_to_driver)
     else:
         pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
         kwargs = {
             "address": "local",
             "num_cpus": num_cpus,
             "include_dashboard": False,
-            "log_to_driver": False,
+            "log_to_driver": log_to_driver,
             "runtime_env": {"env_vars": {"PYTHONPATH": pythonpath}},
             **local_kwargs,
         }

@@ -10,9 +10,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
+import ray
+
+from pipeline.ingest import run_ingest
+from pipeline.synthetic import generate_corpus
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,8 +32,6 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def ray_local():
     """A private local Ray (2 CPUs), started once per session: ray.init costs ~7 s."""
-    import ray
-
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if not ray.is_initialized():
         # address="local" never attaches to some other cluster started with `ray start` on this machine.
@@ -68,8 +71,6 @@ def ray_head():
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = f"http://127.0.0.1:{dash_port}"
     deadline = time.time() + 120
-    import urllib.request
-
     while True:
         try:
             with urllib.request.urlopen(f"{address}/api/version", timeout=2) as resp:
@@ -107,8 +108,6 @@ def ray_job_submit(head: dict, entrypoint: list[str], timeout: float = 600) -> s
 @pytest.fixture(scope="session")
 def synthetic_corpus(tmp_path_factory):
     """A small deterministic synthetic corpus (24 videos, 2-4 s, 64 px, 1 s keyframes)."""
-    from pipeline.synthetic import generate_corpus
-
     out = tmp_path_factory.mktemp("synth")
     generate_corpus(out, n=24, seed=7, min_duration=2.0, max_duration=4.0, size=64, fps=10,
                     keyframe_interval=1.0)
@@ -118,8 +117,6 @@ def synthetic_corpus(tmp_path_factory):
 @pytest.fixture(scope="session")
 def ingested_shards(synthetic_corpus, ray_local, tmp_path_factory):
     """The synthetic corpus ingested into WebDataset shards (8 samples a shard) on the shared local Ray."""
-    from pipeline.ingest import run_ingest
-
     out = tmp_path_factory.mktemp("ingested")
     run_ingest(input=str(synthetic_corpus / "manifest.parquet"), output=str(out), samples_per_shard=8)
     return out

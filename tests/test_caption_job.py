@@ -1,4 +1,5 @@
-"""jobs.caption: the caption stage on a hand-made batch, the Ray Data job end to end, rerank hooks."""
+"""Captioning: the caption stage on a hand-made batch (pipeline.captioning), the Ray Data job end to end
+(jobs.caption → workflows.caption), the rerank hooks (workflows.rerank)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from jobs.caption import CaptionStage, ShardFramesLookup, caption_sampling, main, make_reranker, rerank_hits
+from jobs.caption import main
 from models import create_model, save_checkpoint
 from models.swinbert import checkpoint_extra, train_captioner
+from pipeline.captioning import CaptionStage, caption_sampling, checkpoint_sampling
 from pipeline.datasets import DecodeClipsStage, ShardClipDataset, list_shards
+from runtime.errors import DecodeFailure
+from workflows.rerank import ShardFramesLookup, make_reranker, rerank_hits
 
 SMALL = {"image_size": 32, "num_frames": 4}
 
@@ -74,6 +78,28 @@ def test_caption_stage_on_hand_made_batch(ingested_shards, checkpoint):
     assert caps[0] == out["caption"][0] and float(again[0]) == pytest.approx(out["score"][0], abs=1e-5)
 
 
+def test_caption_stage_error_policy(ingested_shards, checkpoint):
+    """Only named input failures become error rows: under on_error="raise" the undecodable video raises
+    naming its key, and a fault of the model itself raises under the default policy instead of turning
+    the batch into error rows."""
+    raw = _raw_batch(Path(list_shards(ingested_shards)[0]))
+    raw["mp4"][1] = b"not a video at all" * 10
+    decoded = DecodeClipsStage(sampling=caption_sampling(4), size=32)(raw)
+    strict = CaptionStage(str(checkpoint), on_error="raise")
+    with pytest.raises(DecodeFailure, match=str(raw["key"][1])):
+        strict(decoded)
+    with pytest.raises(ValueError, match="unknown error policy"):
+        CaptionStage(str(checkpoint), on_error="skip")
+
+    def broken_generate(*args, **kwargs):
+        raise RuntimeError("a bug in generation")
+
+    lenient = CaptionStage(str(checkpoint))
+    lenient.model.generate = broken_generate
+    with pytest.raises(RuntimeError, match="a bug in generation"):
+        lenient(decoded)
+
+
 def _corrupt_copy(src: Path, dst_dir: Path) -> Path:
     dst_dir.mkdir(parents=True)
     dst = dst_dir / src.name
@@ -130,12 +156,21 @@ def test_caption_job_end_to_end(ingested_shards, checkpoint, ray_local, tmp_path
     assert pq.read_table(out / "captions.parquet").equals(pq.read_table(io.BytesIO(first)))
 
 
-def test_caption_job_bad_inputs(tmp_path, ingested_shards, capsys):
+def test_caption_job_bad_inputs(tmp_path, ingested_shards, checkpoint, capsys):
     assert main(["--shards", str(ingested_shards), "--pretrained", str(tmp_path / "none.pt"),
                  "--output", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert main(["--shards", str(tmp_path / "empty"), "--pretrained", str(tmp_path / "none.pt"),
+    # A real checkpoint and a shard folder without tars: a usage error naming the folder, before Ray starts
+    # or anything is written.
+    (tmp_path / "empty").mkdir()
+    assert main(["--shards", str(tmp_path / "empty"), "--pretrained", str(checkpoint),
                  "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "no shard tars found" in err and str(tmp_path / "empty") in err
+    assert not (tmp_path / "o").exists()
+    assert main(["--shards", str(ingested_shards), "--pretrained", str(checkpoint),
+                 "--output", str(tmp_path / "o"), "--beam", "0"]) == 2
+    assert "--beam must be >= 1" in capsys.readouterr().err
 
 
 def test_rerank_hits_rescores_and_sorts(ingested_shards, checkpoint):
@@ -170,8 +205,6 @@ def test_rerank_hits_rescores_and_sorts(ingested_shards, checkpoint):
 
 def test_checkpoint_sampling_follows_training(tmp_path, checkpoint):
     """Captioning and scoring sample frames as the captioner was trained (jobs.train records it)."""
-    from jobs.caption import checkpoint_sampling
-
     model, _, _ = create_model("swinbert-tiny", pretrained=checkpoint)
     assert checkpoint_sampling(checkpoint, model.num_frames) == caption_sampling(4)  # nothing recorded
     trained = {"num_clips": 1, "frames_per_clip": 4, "fps": 4.0, "mode": "eval"}

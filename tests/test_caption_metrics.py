@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
+import random
 
 import pytest
 
@@ -108,3 +111,68 @@ def test_evaluate_captions_reports_all_metrics():
     out = evaluate_captions(["a red circle moves left"], refs)
     assert set(out) == {"BLEU-4", "CIDEr-D", "ROUGE-L", "METEOR-exact"}
     assert out["BLEU-4"] == pytest.approx(1.0) and out["ROUGE-L"] == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------- against pycocoevalcap (coco-caption)
+def _coco(hypotheses, references):
+    """pycocoevalcap's Bleu(4) and Cider (CIDEr-D, sigma 6) on our tokenisation joined by spaces (its
+    PTBTokenizer needs Java): corpus BLEU-4, corpus CIDEr-D and per-item CIDEr-D."""
+    bleu_mod = pytest.importorskip("pycocoevalcap.bleu.bleu")
+    cider_mod = pytest.importorskip("pycocoevalcap.cider.cider")
+    rouge_mod = pytest.importorskip("pycocoevalcap.rouge.rouge")
+    gts = {i: [" ".join(tokenize(r)) for r in refs] for i, refs in enumerate(references)}
+    res = {i: [" ".join(tokenize(h))] for i, h in enumerate(hypotheses)}
+    with contextlib.redirect_stdout(io.StringIO()):
+        bleu, _ = bleu_mod.Bleu(4).compute_score(gts, res)
+    cider, cider_items = cider_mod.Cider().compute_score(gts, res)
+    rouge, _ = rouge_mod.Rouge().compute_score(gts, res)
+    return bleu[3], float(cider), [float(x) for x in cider_items], float(rouge)
+
+
+def _random_sets():
+    rng = random.Random(0)
+    words = "a the red blue green circle square wedge moves slides left right up down we see that one".split()
+
+    def sentence():
+        return " ".join(rng.choice(words) for _ in range(rng.randint(1, 9)))
+
+    for _ in range(8):
+        n = rng.randint(2, 10)
+        refs = [[sentence() for _ in range(rng.randint(1, 4))] for _ in range(n)]
+        yield [sentence() for _ in range(n)], refs
+
+
+CAPTION_SETS = [
+    (["a red circle moves left", "the blue square", "we"],
+     [["a red circle moves left", "red circle going left"], ["the blue square slides up"], ["we see"]]),
+    (["We see that a crimson wedge moves left.", "one golden square travels up", "a a a a"],
+     [["we see that a scarlet wedge travels to the left", "the red triangle moves left"],
+      ["a yellow square slides upwards", "one golden box moves up", "the yellow square goes up"],
+      ["a b", "a"]]),
+    (["", "a b c"], [["a b c"], ["a b"]]),  # an empty hypothesis
+    *_random_sets(),
+]
+
+
+@pytest.mark.parametrize("hypotheses,references", CAPTION_SETS)
+def test_bleu_cider_rouge_match_pycocoevalcap(hypotheses, references):
+    """Same numbers as coco-caption's scorers. BLEU-4 differs by < 1e-9: coco-caption's brevity penalty uses
+    (hyp_len + 1e-15) / (ref_len + 1e-9). CIDEr-D's length penalty counts words here and bigrams there; the
+    two differ only for an empty caption, whose similarity is 0 either way."""
+    bleu, cider, cider_items, rouge = _coco(hypotheses, references)
+    assert corpus_bleu(hypotheses, references)[0] == pytest.approx(bleu, abs=1e-9)
+    ours, ours_items = corpus_cider_d(hypotheses, references)
+    assert ours == pytest.approx(cider, abs=1e-9)
+    assert ours_items == pytest.approx(cider_items, abs=1e-9)
+    assert corpus_rouge_l(hypotheses, references)[0] == pytest.approx(rouge, abs=1e-9)
+
+
+def test_cider_d_document_frequency_comes_from_the_scored_corpus():
+    """The same item scores differently in a different corpus (idf from the corpus' references), in both."""
+    hyp, refs = ["a red circle moves up"], [["a red circle moves left"]]
+    extra_h, extra_r = ["a red square moves up"], [["a red square moves up"]]
+    alone = corpus_cider_d(hyp + extra_h, refs + extra_r)[1][0]
+    crowd = corpus_cider_d(hyp + extra_h * 3, refs + extra_r * 3)[1][0]
+    assert alone != pytest.approx(crowd)
+    assert alone == pytest.approx(_coco(hyp + extra_h, refs + extra_r)[2][0], abs=1e-9)
+    assert crowd == pytest.approx(_coco(hyp + extra_h * 3, refs + extra_r * 3)[2][0], abs=1e-9)

@@ -11,14 +11,19 @@ import pytest
 import torch
 from test_decode import make_video
 
+from pipeline import datasets as datasets_module
 from pipeline.datasets import (
+    BadSample,
+    BadTar,
     DecodeClipsStage,
     ShardClipDataset,
+    _SplitFilter,
     collate_clips,
     list_shards,
     read_shards_ray,
 )
 from pipeline.sampling import SamplingConfig
+from runtime.errors import InputError, InvalidMetadata, NotAVideo
 
 SAMPLING = SamplingConfig(num_clips=2, frames_per_clip=2, stride=2, mode="train")
 
@@ -171,8 +176,6 @@ def test_ray_stage_records_corrupt_rows(handmade_shards, ray_local):
 
 
 def test_ray_split_filter_keeps_unreadable_rows():
-    from pipeline.datasets import _SplitFilter
-
     keep_test = _SplitFilter("test")
     assert keep_test({"json": b'{"split": "test"}'}) and not keep_test({"json": b'{"split": "train"}'})
     assert keep_test({"json": b"{broken"})  # kept so that the decode stage records it as an error
@@ -196,3 +199,63 @@ def test_ray_read_and_decode_stage(ingested_shards, ray_local):
     train = read_shards_ray(ingested_shards, split="train").count()
     assert train == sum(json.loads(r["json"]).get("split") == "train" for r in rows)
     assert 0 < train < len(rows)
+
+
+# ------------------------------------------------------------------------------------------- error policy
+def _bad_batch():
+    good = make_video(num_frames=30, fps=10, gop=10, size=(32, 48))
+    meta = {"video_id": "a", "key": "a", "duration": 3.0, "fps": 10.0, "captions": ["x"]}
+    return {
+        "key": np.array(["a", "b", "c"], dtype=object),
+        "mp4": np.array([good, b"not a video at all", good], dtype=object),
+        "json": np.array([json.dumps(meta).encode(), json.dumps({"key": "b"}).encode(), b"{broken"],
+                         dtype=object),
+    }
+
+
+def test_decode_stage_raise_policy_raises_named_input_failures():
+    sampling = SamplingConfig(num_clips=1, frames_per_clip=2, mode="eval")
+    batch = _bad_batch()
+    strict = DecodeClipsStage(sampling=sampling, size=8, on_error="raise")
+    with pytest.raises(NotAVideo, match="not_a_video"):
+        strict({k: v[:2] for k, v in batch.items()})
+    with pytest.raises(BadSample, match="Expecting property name") as info:
+        strict({k: v[2:] for k, v in batch.items()})
+    assert isinstance(info.value, InvalidMetadata) and info.value.reason == "bad_json"
+    assert list(strict({k: v[:1] for k, v in batch.items()})["error"]) == [""]
+    with pytest.raises(ValueError, match="error policy"):
+        DecodeClipsStage(sampling=sampling, size=8, on_error="skip")
+
+
+@pytest.mark.parametrize("bug", [RuntimeError("boom"), KeyError("frames"), ValueError("bad config")])
+def test_a_bug_in_decoding_raises_instead_of_becoming_an_error_row(monkeypatch, handmade_shards, bug):
+    def broken(*args, **kwargs):
+        raise bug
+
+    monkeypatch.setattr(datasets_module, "sample_clips", broken)
+    stage = DecodeClipsStage(sampling=SamplingConfig(num_clips=1, frames_per_clip=2, mode="eval"), size=8)
+    with pytest.raises(type(bug)):
+        stage(_bad_batch())
+    with pytest.raises(type(bug)):
+        list(ShardClipDataset(handmade_shards, sampling=SAMPLING, size=8, shuffle_shards=False))
+
+
+def test_dataset_raise_policy_stops_at_the_first_bad_sample(handmade_shards):
+    ds = ShardClipDataset(handmade_shards, sampling=SAMPLING, size=8, shuffle_shards=False, on_error="raise")
+    with pytest.raises(InputError) as info:
+        list(ds)
+    assert info.value.reason in ("not_a_video", "decode_error")  # vid-005 comes before vid-009
+    skipped = []
+    ds = ShardClipDataset(handmade_shards, sampling=SAMPLING, size=8, shuffle_shards=False,
+                          on_skip=skipped.append)
+    assert len(list(ds)) == 10 and {r["key"] for r in skipped} == {"vid-005", "vid-009"}
+
+
+def test_a_corrupt_tar_is_recorded_or_raised(handmade_shards, tmp_path):
+    torn = tmp_path / "000000.tar"
+    torn.write_bytes((handmade_shards / "shards" / "000000.tar").read_bytes()[:700])
+    ds = ShardClipDataset([str(torn)], sampling=SAMPLING, size=8, shuffle_shards=False)
+    assert list(ds) == [] and ds.error_counts["bad_tar"] >= 1 and set(ds.error_counts) == {"bad_tar"}
+    strict = ShardClipDataset([str(torn)], sampling=SAMPLING, size=8, shuffle_shards=False, on_error="raise")
+    with pytest.raises(BadTar):
+        list(strict)

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import io
+import json
+import pickle
 from fractions import Fraction
 
 import av
 import numpy as np
 import pytest
 
+import pipeline.clips
+import pipeline.decode
+from pipeline.clips import sample_clips
 from pipeline.decode import (
     VideoDecodeError,
     available_backends,
@@ -18,8 +23,12 @@ from pipeline.decode import (
     decode_frames,
     decode_keyframes,
     estimate_frames_decoded,
+    keyframe_meta,
     probe_video,
 )
+from pipeline.probe import probe_video as ingest_probe
+from pipeline.sampling import SamplingConfig
+from runtime.errors import DecodeFailure, NotAVideo, UnreadableInput, should_record
 
 BACKENDS = available_backends()
 
@@ -228,6 +237,24 @@ def test_corrupt_and_missing_inputs_raise_named_errors(tmp_path, backend):
         probe_video(b"\x00" * 100)
 
 
+def test_decode_errors_are_named_input_failures(tmp_path):
+    """Each reason is the matching runtime.errors kind (the error policy records it); still a RuntimeError,
+    and it survives pickling (Ray ships it across processes)."""
+    kinds = {"missing": UnreadableInput, "not_a_video": NotAVideo, "no_video_stream": NotAVideo,
+             "zero_duration": NotAVideo, "decode_error": DecodeFailure}
+    for reason, kind in kinds.items():
+        err = VideoDecodeError(reason, "clip.mp4: details")
+        assert isinstance(err, kind) and isinstance(err, RuntimeError) and should_record(err, "record")
+        assert err.reason == reason and err.message == "clip.mp4: details"
+        again = pickle.loads(pickle.dumps(err))
+        assert type(again) is type(err) and (again.reason, again.message) == (reason, err.message)
+    assert not should_record(VideoDecodeError("decode_error", "x"), "raise")
+    with pytest.raises(UnreadableInput, match="nope.mp4"):
+        probe_video(tmp_path / "nope.mp4")
+    with pytest.raises(NotAVideo):
+        probe_video(b"this is not a video" * 10)
+
+
 def test_keyframes_only_probe_matches_full_probe():
     data = make_video(num_frames=50, fps=10, gop=10, bframes=2)
     full, light = probe_video(data), probe_video(data, keyframes_only=True)
@@ -245,15 +272,6 @@ def test_keyframes_only_probe_matches_full_probe():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_keyframe_mode_from_shard_json_needs_no_probe(monkeypatch, backend, bframes):
     """Ingest records the keyframe timeline in the sample json; keyframe mode then seeks without a probe."""
-    import json
-
-    import pipeline.clips
-    import pipeline.decode
-    from pipeline.clips import sample_clips
-    from pipeline.decode import keyframe_meta
-    from pipeline.probe import probe_video as ingest_probe
-    from pipeline.sampling import SamplingConfig
-
     data = make_video(num_frames=50, fps=10, gop=10, bframes=bframes)
     record = json.loads(json.dumps(ingest_probe(data)))  # as read back from the shard's .json member
     light = probe_video(data, keyframes_only=True)

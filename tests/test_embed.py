@@ -14,16 +14,17 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from jobs.embed import run_embed
+from models import create_model
 from pipeline.embedding import (
     VIDEO_ROW,
     EncodeClipsStage,
-    build_encoder,
     model_partition,
     read_embeddings,
     shard_label,
     stable_id,
 )
+from runtime.errors import DecodeFailure
+from workflows.embed import embed_captions, run_embed
 
 MODEL = "clip4clip-meanP-tiny"
 SAMPLING = {"num_clips": 2, "frames_per_clip": 2, "mode": "eval"}
@@ -148,7 +149,7 @@ def test_embeddings_equal_direct_model_call(embedded, ingested_shards):
         members = {m.name: tar.extractfile(m).read() for m in tar}
     key = sorted(n.split(".")[0] for n in members if n.endswith(".mp4"))[0]
     record = json.loads(members[f"{key}.json"])
-    model, transform, _ = build_encoder(MODEL)
+    model, transform, _ = create_model(MODEL, seed=0)  # the seeded init every encoder actor builds
     model.eval()
     clip = sample_clips(members[f"{key}.mp4"], SamplingConfig(**SAMPLING), size=transform.image_size,
                         meta=record)
@@ -183,6 +184,33 @@ def test_encode_stage_runs_on_a_hand_made_batch():
     assert out["embedding"].shape[0] == 4
 
 
+def test_encode_stage_error_policy():
+    """on_error="raise" turns the failed input into an exception naming it; an unknown policy is refused;
+    a fault of the model itself raises under the default policy too (it never becomes an error row)."""
+    strict = EncodeClipsStage(MODEL, on_error="raise")
+    size = strict.transform.image_size
+    mask = np.zeros((1, 1, 2), dtype=bool)
+    batch = {"key": np.array(["b"], dtype=object), "video_id": np.array(["vb"], dtype=object),
+             "shard": np.array(["s"], dtype=object), "frames": np.zeros((1, 1, 2, size, size, 3), np.uint8),
+             "mask": mask, "times": np.zeros((1, 1, 2)), "captions": np.array(['["y"]'], dtype=object),
+             "json": np.array(["{}"], dtype=object), "error": np.array(["decode_error"], dtype=object),
+             "error_message": np.array(["boom"], dtype=object)}
+    with pytest.raises(DecodeFailure, match="b .*decode_error: boom"):
+        strict(batch)
+    with pytest.raises(ValueError, match="unknown error policy"):
+        EncodeClipsStage(MODEL, on_error="ignore")
+    lenient = EncodeClipsStage(MODEL)
+
+    def broken_model(frames, mask):
+        raise RuntimeError("a bug in the encoder")
+
+    lenient.embed = broken_model
+    good = dict(batch, mask=np.ones((1, 1, 2), dtype=bool), error=np.array([""], dtype=object),
+                error_message=np.array([""], dtype=object))
+    with pytest.raises(RuntimeError, match="a bug in the encoder"):
+        lenient(good)
+
+
 def test_partition_name_is_path_safe():
     assert model_partition("clip4clip-meanP-tiny@abc123") == "model_id=clip4clip-meanP-tiny@abc123"
     assert "/" not in model_partition("../../etc/passwd@x")
@@ -192,13 +220,12 @@ def test_index_builds_from_embed_output_with_caption_embeddings(embedded, tmp_pa
     """The index reads the embed job's output as is: video/clip parts only, caption embeddings ignored,
     and text queries go through the model named in _model.json."""
     from index import VideoIndex, build_index
-    from jobs.embed import embed_captions
 
     out, summary = embedded
     copy = tmp_path / "emb"
     shutil.copytree(out, copy)
     partition = _partition(copy)
-    assert embed_captions(partition, MODEL, None, torch) > 0
+    assert embed_captions(partition, MODEL, None) > 0
     assert list(partition.glob("text-*.parquet"))
     meta = build_index(copy, tmp_path / "idx", progress=False)
     assert meta["count"] == len(read_embeddings(partition)) and meta["model_id"] == summary["model_id"]
@@ -208,13 +235,13 @@ def test_index_builds_from_embed_output_with_caption_embeddings(embedded, tmp_pa
 
 def test_progress_steady_rate_excludes_startup(monkeypatch):
     """Videos/s after the first output: a slow start-up must not drag the steady-state figure down."""
-    import pipeline.embedding as emb
+    import runtime.progress as rp
 
     clock = iter([0.0, 10.0, 12.0, 14.0])  # start, first output (10 s of start-up), then 2 s per 20 videos
-    monkeypatch.setattr(emb.time, "monotonic", lambda: next(clock))
-    progress = emb.Progress(total=60, every_s=1e9)
+    monkeypatch.setattr(rp.time, "monotonic", lambda: next(clock))
+    progress = rp.Progress("embed", total=60, unit="videos", every_s=1e9, enabled=False)  # no clock reads
     for done in (20, 40, 60):
-        progress.update(done)
+        progress.set_done(done)
     assert progress.startup_s() == 10.0
     assert progress.steady_rate() == 10.0  # (60 - 20) videos / (14 - 10) s
 

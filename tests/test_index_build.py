@@ -20,6 +20,7 @@ from index import (
     delete_videos,
     make_index,
     needs_retrain,
+    sharded,
     store,
 )
 from index.factory import parse_memory
@@ -203,10 +204,14 @@ def test_publish_is_atomic_and_errors_are_clear(tmp_path):
         build_index(tmp_path / "nope", tmp_path / "idx2", progress=False)
 
 
-def test_sharded_build_with_ray_matches_exact(tmp_path, ray_local):
+def test_sharded_build_with_ray_matches_exact(tmp_path, ray_local, monkeypatch):
+    calls = []  # Ray comes from runtime.ray_connect.connect_ray (the cluster under `ray job submit`)
+    real_connect = sharded.connect_ray
+    monkeypatch.setattr(sharded, "connect_ray", lambda *a, **kw: calls.append(a) or real_connect(*a, **kw))
     vecs = clustered_vectors(1200, DIM, seed=9)
     emb = write_embeddings(tmp_path / "emb", vecs, clips_per_video=3, model_id="toy@abc", rows_per_file=300)
     meta = build_index(emb, tmp_path / "idx", factory="Flat", shards=3, num_probes=32, progress=False)
+    assert len(calls) == 1
     vdir = tmp_path / "idx" / "versions" / meta["version"]
     assert meta["num_shards"] == 3 and {f"shard-0000{i}.faiss" for i in range(3)} <= set(os.listdir(vdir))
     assert sum(s["count"] for s in meta["shards"]) == 1200 and all(s["count"] > 0 for s in meta["shards"])

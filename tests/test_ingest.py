@@ -10,9 +10,33 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import ray
+import webdataset as wds
 
-from pipeline.ingest import CRASH_ENV, IngestConfig, IngestIncompleteError, IngestShardStage, run_ingest
+from pipeline.ingest import (
+    CRASH_ENV,
+    DuplicateId,
+    IngestConfig,
+    IngestIncompleteError,
+    IngestRequest,
+    IngestShardStage,
+    plan_inputs,
+    run_ingest,
+)
+from pipeline.ingest import shard as ingest_shard
+from pipeline.ingest.run import (
+    plan_run,
+    prepare_output,
+    report,
+    run_shard_tasks,
+    summarize,
+    write_error_table,
+    write_run_manifest,
+)
+from pipeline.inputs import BadManifestRow
 from pipeline.keys import assign_keys, is_safe_key, sanitize_key
+from pipeline.probe import ProbeError
+from runtime.errors import InvalidMetadata, NotAVideo, UnreadableInput
 
 JSON_FIELDS = {
     "video_id",
@@ -76,9 +100,6 @@ def test_shard_layout_and_metadata(ingested_shards, synthetic_corpus):
 
 
 def test_shards_load_with_webdataset_and_ray_data(ingested_shards, ray_local):
-    import ray
-    import webdataset as wds
-
     urls = [str(p) for p in sorted((ingested_shards / "shards").glob("*.tar"))]
     samples = list(wds.WebDataset(urls, shardshuffle=False))
     assert len(samples) == 24
@@ -243,3 +264,92 @@ def test_keys_are_safe_stable_and_unique():
     crafted = sanitize_key("a.b")
     both = assign_keys(["a.b", crafted])
     assert len(set(both.values())) == 2
+
+
+# ------------------------------------------------------------------------------------ steps and error policy
+def _rows(synthetic_corpus, tmp_path) -> list[dict]:
+    sources = [synthetic_corpus / "videos" / "synth-000003.mp4", tmp_path / "gone.mp4"]
+    return [
+        {"input_index": i, "video_id": vid, "key": vid, "captions": [], "source": str(src)}
+        for i, (vid, src) in enumerate(zip(["a", "gone"], sources))
+    ]
+
+
+def test_stage_records_named_input_failures_or_raises_them(synthetic_corpus, tmp_path):
+    rows = _rows(synthetic_corpus, tmp_path)
+    stage = IngestShardStage(str(tmp_path / "rec"), {"samples_per_shard": 2})
+    result = stage({"shard": [0], "rows": [rows]})["result"][0]
+    assert result["samples"] == 1 and [e["reason"] for e in result["error_rows"]] == ["missing"]
+    strict = IngestShardStage(str(tmp_path / "strict"), {"samples_per_shard": 2}, on_error="raise")
+    with pytest.raises(ProbeError, match="gone.mp4") as info:
+        strict({"shard": [0], "rows": [rows]})
+    assert isinstance(info.value, UnreadableInput) and info.value.reason == "missing"
+    with pytest.raises(ValueError, match="error policy"):
+        IngestShardStage(str(tmp_path / "x"), {}, on_error="skip")
+
+
+@pytest.mark.parametrize("bug", [RuntimeError("boom"), KeyError("duration")])
+def test_a_bug_in_a_sample_raises_instead_of_becoming_an_error_row(
+    synthetic_corpus, tmp_path, monkeypatch, bug
+):
+    def broken(row, config):
+        raise bug
+
+    monkeypatch.setattr(ingest_shard, "process_sample", broken)
+    stage = IngestShardStage(str(tmp_path), {"samples_per_shard": 2})
+    with pytest.raises(type(bug)):
+        stage({"shard": [0], "rows": [_rows(synthetic_corpus, tmp_path)]})
+    assert not (tmp_path / "shards" / "000000.parquet").exists()  # no index: the shard is not complete
+
+
+def test_steps_run_alone_without_ray(tmp_path):
+    """A manifest whose every row fails on the driver: every step runs without a cluster."""
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"video_id": "a", "path": "nosuchscheme://x/a.mp4"},
+        {"video_id": "b", "path": "b.mp4", "captions": 5},
+    ]))
+    config = IngestConfig(samples_per_shard=2)
+    state = plan_run(IngestRequest(input=str(manifest), output=tmp_path / "out", config=config))
+    assert state.shards == []
+    assert [e["reason"] for e in state.driver_errors] == ["bad_uri", "invalid_metadata"]
+    prepare_output(state)
+    assert state.todo == [] and state.results == {}
+    run_shard_tasks(state)
+    assert not state.started_ray and state.workers is None
+    write_error_table(state)
+    summarize(state)
+    assert state.summary["errors"] == 2 and state.summary["accounted"] and state.summary["complete"]
+    write_run_manifest(state)
+    report(state)
+    errors = pd.read_parquet(tmp_path / "out" / "errors.parquet")
+    assert list(errors["reason"]) == ["bad_uri", "invalid_metadata"] and "captions" in errors["message"][1]
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["summary"] == state.summary
+    state.failed[0] = "WorkerCrashedError: killed"
+    with pytest.raises(IngestIncompleteError, match="killed"):
+        report(state)
+    with pytest.raises(BadManifestRow, match="row 1"):
+        plan_run(IngestRequest(input=str(manifest), output=tmp_path / "o2", on_error="raise"))
+    with pytest.raises(ValueError, match="error policy"):
+        IngestRequest(input=str(manifest), output=tmp_path / "o3", on_error="ignore")
+
+
+def test_duplicate_ids_raise_under_the_raise_policy():
+    rows = [{"input_index": i, "video_id": "same", "source": f"/v/{i}.mp4"} for i in range(2)]
+    candidates, errors = plan_inputs([dict(r) for r in rows])
+    assert len(candidates) == 1 and [e["reason"] for e in errors] == ["duplicate_id"]
+    with pytest.raises(DuplicateId, match="row 0") as info:
+        plan_inputs([dict(r) for r in rows], on_error="raise")
+    assert isinstance(info.value, InvalidMetadata) and isinstance(info.value, ValueError)
+
+
+def test_ingest_on_error_raise_stops_at_the_first_bad_video(synthetic_corpus, ray_local, tmp_path):
+    (tmp_path / "noise.mp4").write_bytes(b"this is not a video\n" * 50)
+    good = synthetic_corpus / "videos" / "synth-000003.mp4"
+    pd.DataFrame({"video_id": ["good", "noise"], "path": [str(good), str(tmp_path / "noise.mp4")]}).to_csv(
+        tmp_path / "m.csv", index=False)
+    summary = run_ingest(str(tmp_path / "m.csv"), tmp_path / "rec", samples_per_shard=2, progress=False)
+    assert summary["samples"] == 1 and summary["errors_by_reason"] == {"not_a_video": 1}
+    with pytest.raises(NotAVideo, match="noise"):
+        run_ingest(str(tmp_path / "m.csv"), tmp_path / "strict", samples_per_shard=2, progress=False,
+                   on_error="raise")

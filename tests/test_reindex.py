@@ -21,7 +21,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import reindex as rx
+from workflows import reindex as rx
+from workflows.reindex import run as run_module
+from workflows.reindex import scan as rx_scan
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
@@ -318,8 +320,8 @@ def test_scan_hashes_once_and_detects_content_changes(tmp_path, monkeypatch):
     for name, data in (("a", b"aaa"), ("b", b"bbb"), ("c", b"ccc")):
         (videos / f"{name}.mp4").write_bytes(data)
     calls = []
-    real_hash = rx.hash_file
-    monkeypatch.setattr(rx, "hash_file", lambda uri: calls.append(uri) or real_hash(uri))
+    real_hash = rx_scan.hash_file
+    monkeypatch.setattr(rx_scan, "hash_file", lambda uri: calls.append(uri) or real_hash(uri))
     found, problems, cache = rx.scan_source(str(videos / "*.mp4"), {}, progress=False)
     assert sorted(found) == ["a", "b", "c"] and not problems and len(calls) == 3
     import hashlib
@@ -365,3 +367,54 @@ def test_bad_workdir_and_config_are_clear_errors(tmp_path):
         rx.load_config(cfg)
     loaded = rx.load_config(ROOT / "configs" / "reindex.yaml")
     assert loaded["index"]["keep"] >= 1 and loaded["model"]
+
+
+# ------------------------------------------------------------------------------------- unit: run steps
+def _run(tmp_path: Path, **fields) -> rx.ReindexRun:
+    """A prepared run without building a model (fast tier): state and delta are given."""
+    base = dict(source="src.csv", wd=rx.Workdir(tmp_path / "wd"), cfg=rx.load_config(None), model="m",
+                pretrained=None, seq=2, model_id="m@0", full=False, progress=False,
+                state={"format": "vidsift-reindex-1", "seq": 1, "videos": {}, "failed": {}})
+    return rx.ReindexRun(**{**base, **fields})
+
+
+def test_steps_are_skipped_when_there_is_nothing_to_do(tmp_path):
+    run = _run(tmp_path, delta=rx.Delta(unchanged=["a"]))
+    assert [s for s in rx.STEPS if run_module.step_wanted(run, s)] == ["scan", "index"]
+    run.delta.new.append("b")
+    run.mode = "incremental"
+    assert [s for s in rx.STEPS if run_module.step_wanted(run, s)] == list(rx.STEPS)
+
+
+def test_live_set_keeps_unchanged_videos_and_records_failures(tmp_path):
+    state = {"format": "vidsift-reindex-1", "seq": 1,
+             "videos": {"a": {"source": "a.mp4", "source_sha256": "1", "sha256": "x", "rows": 3},
+                        "gone": {"source": "g.mp4", "source_sha256": "2", "sha256": "y", "rows": 3}},
+             "failed": {"old": {"source": "o.mp4", "source_sha256": "5", "stage": "ingest"}}}
+    videos = {v: {"source": f"{v}.mp4", "source_sha256": s} for v, s in
+              (("a", "1"), ("new", "3"), ("lost", "4"), ("old", "5"))}
+    run = _run(tmp_path, state=state, videos=videos,
+               delta=rx.Delta(new=["lost", "new"], deleted=["gone"], unchanged=["a"]),
+               failed={"new": {"stage": "embed", "reason": "decode_failure", "message": "m"}})
+    run_module.collect_live_set(run)
+    assert set(run.live_records) == {"a"} and run.remove == ["gone"]
+    assert run.failed["lost"]["reason"] == "missing_from_shards"
+    assert set(run.failed_records) == {"new", "lost", "old"}  # an old failure that was not retried stays
+    assert (run.summary["rows_added"], run.summary["rows_removed"]) == (0, 3)
+    assert run.summary["failed_ids"] == ["lost", "new"]
+    run.remove = []  # nothing to add or remove: the index stays as it is
+    run_module.update_scratch_index(run)
+    assert run.mode == "none" and run.summary["index_mode"] == "none" and run.live_rows is None
+    run.live_records = {}
+    with pytest.raises(rx.ReindexError, match="nothing to index"):
+        run_module.update_scratch_index(run)
+
+
+def test_commit_state_advances_the_state_only_at_the_end(tmp_path):
+    run = _run(tmp_path, live_records={"a": {"sha256": "x", "rows": 3}}, current="v1")
+    run.wd.staging.mkdir(parents=True)
+    run_module.commit_state(run)
+    state = json.loads(run.wd.state.read_text())
+    assert state["seq"] == 2 and state["index_version"] == "v1" and state["videos"] == run.live_records
+    assert run.summary["live_rows"] == 3 and not run.wd.staging.exists()
+    assert run.wd.read_state()["seq"] == 2

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.retrieval_eval import (
+    attribute_accuracy,
     evaluate_embeddings,
     flatten_captions,
     format_metrics,
@@ -176,8 +177,6 @@ def test_flatten_captions_and_summaries():
 
 
 def test_attribute_accuracy_scores_each_field_of_the_nearest_class():
-    from pipeline.retrieval_eval import attribute_accuracy
-
     # Four classes colour|direction; the "model" sees colour but confuses left and right.
     classes = ["red|left", "red|right", "blue|left", "blue|right"]
     text = np.eye(4)

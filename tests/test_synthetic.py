@@ -407,7 +407,32 @@ def test_cli_as_module(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "done: 2 videos" in result.stdout
     rows = read_manifest_csv(tmp_path / "manifest.csv")
-    assert len(rows) == 2 and all(json.dumps(c) for c in rows["captions"])
+    assert len(rows) == 2
+    check_csv_captions(rows, pd.read_parquet(tmp_path / "manifest.parquet"))
+
+
+def check_csv_captions(csv_rows: pd.DataFrame, parquet_rows: pd.DataFrame) -> None:
+    """The CSV manifest's JSON captions decode to the same non-empty lists of distinct, non-empty strings
+    as the Parquet manifest's."""
+    for captions, expected in zip(csv_rows["captions"], parquet_rows["captions"]):
+        assert isinstance(captions, list) and 2 <= len(captions) <= 5, captions
+        assert all(isinstance(c, str) and c.strip() for c in captions), captions
+        assert len(set(captions)) == len(captions), captions
+        assert captions == list(expected)
+
+
+def test_csv_caption_check_can_fail(tmp_path):
+    """The check above rejects what a broken CSV writer would produce."""
+    manifest = make_manifest(2, seed=0, size=64, fps=10, max_duration=2.0)
+    check_csv_captions(manifest, manifest)
+    for broken in (
+        manifest.assign(captions=[json.dumps(c) for c in manifest["captions"]]),  # still JSON-encoded
+        manifest.assign(captions=[[] for _ in range(2)]),  # lost
+        manifest.assign(captions=[list(c)[:1] + [""] for c in manifest["captions"]]),  # an empty caption
+        manifest.assign(captions=[list(c)[::-1] for c in manifest["captions"]]),  # reordered
+    ):
+        with pytest.raises(AssertionError):
+            check_csv_captions(broken, manifest)
 
 
 def test_unwritable_video_fails_naming_it_and_leaves_no_temp_file(tmp_path):

@@ -12,22 +12,28 @@ import numpy as np
 import pytest
 import torch
 
+from jobs.train import main as train_main
+from models import create_model, save_checkpoint
+from pipeline.retrieval_eval import retrieval_metrics
 from pipeline.training import (
     TrainConfig,
     build_optimizer,
     checkpoint_dirs,
+    collate,
     distinct_batches,
-    evaluate_model,
+    embed_split,
     load_state_file,
     load_train_config,
+    make_dataset,
     optimizer_digest,
     rng_state,
-    run_training,
     set_rng_state,
     shard_inventory,
+    shards_with,
     split_count,
     warmup_cosine,
 )
+from workflows.train import evaluate_model, run_training
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,8 +87,6 @@ def test_distinct_batches_avoid_class_collisions():
 
 
 def test_param_groups_split_backbone_and_new_modules():
-    from models import create_model
-
     model, _, _ = create_model("clip4clip-seqTransf-tiny")
     cfg = TrainConfig(model="clip4clip-seqTransf-tiny", lr=1e-4, backbone_lr_scale=1e-3, weight_decay=0.2)
     optimizer, scheduler = build_optimizer(model, cfg, total_steps=50)
@@ -99,8 +103,6 @@ def test_param_groups_split_backbone_and_new_modules():
 def test_backbone_freeze_holds_only_the_backbone(tmp_path):
     """backbone_freeze_fraction: backbone lr 0 for that share of the steps, then the normal schedule;
     the new modules follow warmup + cosine from step 0."""
-    from models import create_model
-
     model, _, _ = create_model("swinbert-tiny", image_size=32, num_frames=4)
     cfg = TrainConfig(model="swinbert-tiny", task="caption", lr=1e-3, backbone_lr_scale=0.5,
                       backbone_freeze_fraction=0.4, warmup_fraction=0.1)
@@ -193,8 +195,6 @@ def test_two_worker_run_stops_and_resumes(ingested_shards, ray_local, tmp_path):
     assert test_eval[0]["equivalence"] == "caption_class"
 
     # the exported model loads through the registry and holds the final weights
-    from models import create_model
-
     final = load_state_file(checkpoint_dirs(out / "ray" / "train")[-1] / "state.pt")
     assert final["step"] == steps_per_epoch
     assert all(int(s["step"]) == steps_per_epoch for s in final["optimizer"]["state"].values())
@@ -224,7 +224,88 @@ def test_caption_task_trains_swinbert(ingested_shards, ray_local, tmp_path):
     assert "CIDEr-D" in test and "BLEU-4" in test
     losses = [h["loss"] for h in _read_jsonl(out / "metrics.jsonl") if h["type"] == "train"]
     assert losses and all(math.isfinite(v) for v in losses)
-    from models import create_model
-
     model, _, _ = create_model("swinbert-tiny", pretrained=str(out / "model.pt"))
     assert hasattr(model, "generate")
+
+
+def _tiny_eval_config(**overrides) -> TrainConfig:
+    return TrainConfig(
+        model="clip4clip-meanP-tiny",
+        size=32,
+        eval_batch_size=4,
+        eval_sampling={"num_clips": 2, "frames_per_clip": 2, "mode": "eval"},
+        **overrides,
+    )
+
+
+def test_embed_split_matches_a_direct_model_call(ingested_shards, tmp_path):
+    """embed_split (what the trainer's evaluation sees) = the model called directly on the same clips:
+    one row per test video sorted by video_id, every caption of it, its caption class."""
+    model, transform, _ = create_model("clip4clip-meanP-tiny", seed=0)
+    weights = save_checkpoint(model, tmp_path / "untrained.pt")
+    cfg = _tiny_eval_config()
+    video_emb, text_emb, owners, classes = embed_split(ingested_shards, cfg, weights, "test")
+
+    inventory = shard_inventory(ingested_shards)
+    dataset = make_dataset(shards_with(inventory, "test"), "test", cfg.eval_sampling, cfg.size, cfg.seed,
+                           False, 0, 0, 1)
+    samples = sorted(dataset, key=lambda s: s["video_id"])
+    n_videos = split_count(inventory, "test")
+    assert len(samples) == n_videos and len({s["video_id"] for s in samples}) == n_videos
+    batch = collate(samples, transform)
+    model.eval()
+    with torch.no_grad():
+        direct_video = model.encode_video(batch["frames"], batch["mask"]).numpy()
+        direct_text = model.encode_text([c for caps in batch["captions"] for c in caps]).numpy()
+    direct_owners = np.concatenate([np.full(len(c), j) for j, c in enumerate(batch["captions"])])
+
+    dim = model.encode_text(["x"]).shape[-1]
+    assert video_emb.shape == (n_videos, dim) and text_emb.shape == (len(direct_owners), dim)
+    assert video_emb.dtype == np.float32 and text_emb.dtype == np.float32
+    np.testing.assert_array_equal(owners, direct_owners)
+    np.testing.assert_allclose(video_emb, direct_video, atol=1e-5)
+    np.testing.assert_allclose(text_emb, direct_text, atol=1e-5)
+    assert classes == [s["meta"]["caption_class"] for s in samples]
+    assert np.allclose(np.linalg.norm(video_emb, axis=1), 1.0, atol=1e-4)
+    # without an equivalence field there are no classes; the embeddings stay the same
+    _, _, _, none = embed_split(ingested_shards, _tiny_eval_config(equivalence=None), weights, "test")
+    assert none is None
+
+
+def test_eval_only_job_reports_and_writes_the_metrics(ingested_shards, tmp_path, capsys):
+    """`jobs.train --eval-only` on an untrained tiny checkpoint: the metrics it prints and writes are those
+    of evaluate_model and of retrieval_metrics over embed_split (the same evaluation, three ways)."""
+    run = tmp_path / "run"
+    model, _, _ = create_model("clip4clip-meanP-tiny", seed=0)
+    save_checkpoint(model, run / "model.pt")
+    argv = ["--eval-only", "--shards", str(ingested_shards), "--model", "clip4clip-meanP-tiny",
+            "--output", str(run), "--size", "32", "--eval-clips", "2", "--eval-frames", "2",
+            "--eval-batch-size", "4"]
+    assert train_main(argv) == 0
+    out = capsys.readouterr().out
+    path = run / "eval-test-2x2.json"
+    assert "[eval] clip4clip-meanP-tiny test 2x2 clips: t2v R@1 " in out and str(path) in out
+    written = json.loads(path.read_text())
+    assert written["split"] == "test" and written["model"] == "clip4clip-meanP-tiny"
+    assert written["pretrained"] == str(run / "model.pt")
+    assert written["eval_sampling"] == {"num_clips": 2, "frames_per_clip": 2, "mode": "eval"}
+    assert written["num_videos"] == split_count(shard_inventory(ingested_shards), "test")
+    assert written["equivalence"] == "caption_class"
+
+    cfg = _tiny_eval_config()
+    direct = evaluate_model(ingested_shards, cfg, run / "model.pt")
+    video_emb, text_emb, owners, classes = embed_split(ingested_shards, cfg, run / "model.pt")
+    recomputed = retrieval_metrics(text_emb.astype(np.float64) @ video_emb.astype(np.float64).T, owners,
+                                   equivalence=classes)
+    for key in ("t2v_R@1", "t2v_R@5", "t2v_R@10", "t2v_MdR", "t2v_MnR", "v2t_R@1", "v2t_MnR", "num_texts"):
+        assert written[key] == pytest.approx(direct[key]) == pytest.approx(recomputed[key]), key
+
+    # another split and --pretrained; missing weights are a clear error (exit 2)
+    other = tmp_path / "other"
+    assert train_main([*argv[:5], "--output", str(other), "--pretrained", str(run / "model.pt"),
+                       "--size", "32", "--eval-clips", "1", "--eval-frames", "2", "--split", "val"]) == 0
+    assert json.loads((other / "eval-val-1x2.json").read_text())["split"] == "val"
+    capsys.readouterr()
+    assert train_main([*argv[:5], "--output", str(tmp_path / "empty")]) == 2
+    assert "no weights" in capsys.readouterr().err
+

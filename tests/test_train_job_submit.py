@@ -8,6 +8,9 @@ import time
 import pytest
 from conftest import ray_job_submit
 
+from jobs.train import main
+from models import create_model
+
 
 def submit(head: dict, entrypoint: list[str]):
     """``ray_job_submit``, retried while the head's job agent is still starting ("try again later")."""
@@ -43,16 +46,12 @@ def test_train_job_submit(ray_head, ingested_shards, tmp_path):
     assert 0.0 <= summary["test"]["t2v_R@1"] <= 1.0
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history if h["type"] == "train"] == list(range(1, summary["steps"] + 1))
-    from models import create_model
-
     model, _, _ = create_model("clip4clip-meanP-tiny", pretrained=str(out / "model.pt"))
     assert model.model_id.startswith("clip4clip-meanP-tiny@")
 
 
 def test_train_job_rejects_bad_input(tmp_path, capsys):
     """Bad input is a clear error naming the input, exit code 2 (no Ray needed)."""
-    from jobs.train import main
-
     assert main(["--shards", str(tmp_path / "missing"), "--model", "clip4clip-meanP-tiny",
                  "--output", str(tmp_path / "o")]) == 2
     assert "missing" in capsys.readouterr().err

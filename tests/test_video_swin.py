@@ -407,7 +407,7 @@ def test_builder_pretrained_errors(tmp_path):
     )  # needs a full unpickle
     with pytest.raises(ValueError, match="could not be read safely"):
         models.create_model("video-swin-tiny", pretrained=unsafe, pretrained_source="vidsift")
-    with pytest.raises(TypeError, match="unknown Video Swin options"):
+    with pytest.raises(ValueError, match="unknown option.*'windw_size'.*'video-swin-tiny'"):
         models.create_model("video-swin-tiny", windw_size=(2, 2, 2))
 
 

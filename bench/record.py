@@ -1,0 +1,172 @@
+"""The result envelope every bench script writes, and the only way figures reach docs/.
+
+A bench run builds a :class:`BenchRecord` when it starts (date, load average, git commit), adds one or more
+tables (raw rows plus how to show them: column labels and formats, and what every figure needs next to
+it: its sample size, its baseline and any filtering), and writes the envelope as JSON, atomically, to
+``--json PATH`` (default ``docs/data/<script>.json``). ``python -m bench.render_docs`` renders the tables
+into the docs between ``<!-- table:NAME -->`` markers; no figure in a rendered table is typed by hand.
+
+    record = BenchRecord.start("decode", argv)
+    record.table("ratios", columns=[col("video", "video"), col("exact_full", "exact/full", "{:.3f}")],
+                 rows=[...], sample_size="8 cells x 5 repeats", baseline="full decode, same run",
+                 filtering="none")
+    record.write(args.json)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = REPO / "docs" / "data"
+SCHEMA = 1
+
+
+def col(key: str, label: str, fmt: str | None = None) -> dict[str, str | None]:
+    """A column: ``key`` of the row dicts, its header ``label``, and a ``str.format`` spec (``"{:.2f}x"``)."""
+    return {"key": key, "label": label, "fmt": fmt}
+
+
+def format_cell(value: Any, fmt: str | None = None) -> str:
+    """One table cell: ``fmt.format(value)`` for numbers, ``–`` for a missing or NaN value."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    if fmt and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return fmt.format(value)
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def span(values: list[float], fmt: str = "{:.2f}") -> str:
+    """``min–max`` of ``values`` in ``fmt`` (one value when they are all equal)."""
+    lo, hi = fmt.format(min(values)), fmt.format(max(values))
+    return lo if lo == hi else f"{lo}–{hi}"
+
+
+def default_json(script: str) -> Path:
+    return DATA_DIR / f"{script}.json"
+
+
+def add_record_args(parser: argparse.ArgumentParser, script: str) -> None:
+    """``--json PATH`` (default ``docs/data/<script>.json``) and ``--note TEXT`` (stored in the envelope)."""
+    parser.add_argument("--json", type=Path, default=default_json(script),
+                        help=f"write the result envelope here (default: docs/data/{script}.json)")
+    parser.add_argument("--note", default="", help="free text stored with the result (e.g. what else ran)")
+
+
+def git_state(repo: Path = REPO) -> dict[str, Any]:
+    """Commit of the tree the bench ran from and whether it had uncommitted changes."""
+    def run(*cmd: str) -> str:
+        try:
+            return subprocess.run(["git", *cmd], cwd=repo, capture_output=True, text=True, timeout=30,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    commit = run("rev-parse", "HEAD")
+    return {"commit": commit or None, "dirty": bool(run("status", "--porcelain")) if commit else None}
+
+
+def machine() -> dict[str, Any]:
+    ram = None
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        pass
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"nproc": os.cpu_count(), "ram_gib": round(ram, 1) if ram else None, "cpu": cpu,
+            "python": platform.python_version(), "platform": platform.platform(terse=True)}
+
+
+def _load() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def _utc() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe values: NaN/inf become None, numpy scalars and tuples become plain Python."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+@dataclass
+class BenchRecord:
+    script: str
+    argv: list[str]
+    started: str
+    load_start: list[float]
+    t0: float
+    tables: dict[str, dict[str, Any]] = field(default_factory=dict)
+    headline: list[dict[str, Any]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def start(cls, script: str, argv: list[str] | None) -> BenchRecord:
+        return cls(script=script, argv=list(argv or []), started=_utc(), load_start=_load(),
+                   t0=time.perf_counter())
+
+    def table(self, name: str, *, columns: list[dict], rows: list[dict], sample_size: str, baseline: str,
+              filtering: str = "none", title: str = "") -> None:
+        """Add a table. ``sample_size``, ``baseline`` and ``filtering`` are printed under it in the docs."""
+        keys = {c["key"] for c in columns}
+        missing = sorted(k for k in keys if not any(k in r for r in rows))
+        if missing:
+            raise ValueError(f"table {name!r}: no row has the column(s) {missing}")
+        self.tables[name] = {"title": title, "columns": columns, "rows": rows, "sample_size": sample_size,
+                             "baseline": baseline, "filtering": filtering}
+
+    def add_headline(self, stage: str, floor: str, measured: str, met: str) -> None:
+        """One row of the overview table in docs/benchmarks.md (rendered from every envelope)."""
+        self.headline.append({"stage": stage, "floor": floor, "measured": measured, "met": met})
+
+    def envelope(self, note: str = "") -> dict[str, Any]:
+        command = f"python -m bench.{self.script}" + (f" {shlex.join(self.argv)}" if self.argv else "")
+        return _clean({
+            "schema": SCHEMA, "script": f"bench/{self.script}.py", "argv": self.argv, "command": command,
+            "git": git_state(), "date_start": self.started, "date_end": _utc(),
+            "duration_s": round(time.perf_counter() - self.t0, 1), "machine": machine(),
+            "load_avg": {"start": self.load_start, "end": _load()}, "note": note,
+            "tables": self.tables, "headline": self.headline, "extra": self.extra,
+        })
+
+    def write(self, path: str | Path | None, note: str = "") -> Path | None:
+        """Write the envelope to ``path`` (tmp file + rename, so readers never see half a file)."""
+        if path is None:
+            return None
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.envelope(note), indent=1, sort_keys=False) + "\n")
+        os.replace(tmp, path)
+        print(f"[bench] wrote {path}")
+        return path

@@ -1,0 +1,189 @@
+"""Build the FAISS index of one shard of an embeddings source (no publishing): the unit of work of a
+single-shard build (:mod:`index.build`) and of each Ray task of a sharded one (:mod:`index.sharded`).
+
+Pass 1 samples training + held-out probe vectors, the index is trained on the sample, pass 2 adds every row
+in chunks while the exact top-``PROBE_DEPTH`` neighbours of each probe are accumulated, then the search
+parameters are tuned to the recall target.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import pyarrow as pa
+
+from index import store
+from index.embeddings import IDS_SCHEMA, EmbeddingSource, iter_batches
+from index.factory import (
+    choose_factory,
+    make_index,
+    parse_memory,
+    to_cpu,
+    to_gpu_if_available,
+    training_size,
+)
+from index.tuning import ExactTopK, tune
+from runtime.progress import Progress
+
+DEFAULT_MEMORY = "4GB"
+DEFAULT_RECALL = 0.95
+DEFAULT_K = 10
+PROBE_DEPTH = 50  # exact neighbours kept per probe, so deletes still leave >= k of them
+DEFAULT_PROBES = 256
+DEFAULT_GROWTH_FACTOR = 2.0
+
+
+def row_progress(label: str, total: int, enabled: bool) -> Progress:
+    """A rows/s + ETA reporter on stderr (stdout carries the jobs' JSON output)."""
+    return Progress(f"index {label}", max(total, 1), unit="rows", enabled=enabled, stream=sys.stderr)
+
+
+def finish_progress(bar: Progress) -> float:
+    """Print the final ``N rows in S s`` line; returns the elapsed seconds."""
+    elapsed = bar.elapsed()
+    if bar.enabled:
+        print(f"[{bar.label}] {bar.done} rows in {elapsed:.1f}s", file=sys.stderr, flush=True)
+    return elapsed
+
+
+def build_part(
+    source: EmbeddingSource,
+    shard: tuple[int, int] = (0, 1),
+    factory: str | None = None,
+    memory_budget: int | str = DEFAULT_MEMORY,
+    recall_target: float = DEFAULT_RECALL,
+    k: int = DEFAULT_K,
+    num_probes: int = DEFAULT_PROBES,
+    batch_size: int = 65536,
+    seed: int = 0,
+    progress: bool = True,
+    write_to: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Build the index of one shard of ``source`` (no publishing).
+
+    Returns ``{"index", "ids" (pa.Table), "errors" (list), "probe" (dict of arrays), "info" (dict)}``;
+    with ``write_to`` (a staging dir) the index is written there and ``"index"`` is None.
+    """
+    t0 = time.perf_counter()
+    shard_index, num_shards = shard
+    n_est = max(1, int(np.ceil(source.num_rows / num_shards)))
+    factory = factory or choose_factory(n_est, source.dim, parse_memory(memory_budget), recall_target)
+    index = make_index(factory, source.dim)
+    n_train = training_size(index, n_est)
+    rng = np.random.default_rng(seed + shard_index)
+    # Sample positions over the whole stream; a shard keeps ~1/num_shards of them, so oversample.
+    want = min(source.num_rows, (n_train + num_probes) * num_shards)
+    sampled = np.sort(rng.choice(source.num_rows, size=want, replace=False)) if want else np.zeros(0, int)
+    train_vecs, probe_vecs = _sample(source, shard, sampled, n_train, num_probes, rng, batch_size)
+    t_train = time.perf_counter()
+    index, on_gpu = _train(index, train_vecs, factory, shard_index)
+    train_s = time.perf_counter() - t_train
+    bar = row_progress(f"add shard {shard_index}/{num_shards}", n_est, progress)
+    index, ids_table, errors, exact = _add_stream(index, source, shard, probe_vecs, batch_size, bar)
+    add_s = finish_progress(bar)
+    index = to_cpu(index, on_gpu)
+    if index.ntotal == 0:
+        raise ValueError(
+            f"shard {shard_index}: no valid embeddings in {source.root} ({len(errors)} rows rejected)"
+        )
+    gt_d, gt_i = exact.result()
+    params, recall, met, curve = tune(index, probe_vecs, gt_i, k, recall_target)
+    if progress:
+        print(
+            f"[index] shard {shard_index}: {factory} n={index.ntotal} params={params} "
+            f"recall@{k}={recall:.4f} (target {recall_target}, met={met})",
+            file=sys.stderr,
+            flush=True,
+        )
+    info = {
+        "file": store.shard_file(shard_index, num_shards),
+        "shard": shard_index,
+        "factory": factory,
+        "count": int(index.ntotal),
+        "trained_on_count": int(index.ntotal),
+        "training_size": int(len(train_vecs)),
+        "search_params": params,
+        "recall": recall,
+        "recall_target_met": bool(met),
+        "tuning_curve": curve,
+        "train_s": round(train_s, 3),
+        "add_s": round(add_s, 3),
+        "build_s": round(time.perf_counter() - t0, 3),
+        "gpu": bool(on_gpu),
+        "num_probes": int(len(probe_vecs)),
+        "errors": len(errors),
+    }
+    probe = {"queries": probe_vecs, "gt_d": gt_d.astype(np.float32), "gt_i": gt_i.astype(np.int64)}
+    if write_to is not None:
+        faiss.write_index(index, str(Path(write_to) / info["file"]))
+        index = None
+    return {"index": index, "ids": ids_table, "errors": errors, "probe": probe, "info": info}
+
+
+def _train(
+    index: faiss.Index, train_vecs: np.ndarray, factory: str, shard_index: int
+) -> tuple[faiss.Index, bool]:
+    """Move ``index`` to the GPUs when there are any and train it (when its structure needs training)."""
+    if not index.is_trained:
+        if len(train_vecs) == 0:
+            raise ValueError(f"shard {shard_index}: no valid vectors to train {factory!r} on")
+        index, on_gpu = to_gpu_if_available(index)
+        index.train(train_vecs)
+        return index, on_gpu
+    return to_gpu_if_available(index)
+
+
+def _add_stream(
+    index: faiss.Index,
+    source: EmbeddingSource,
+    shard: tuple[int, int],
+    probe_vecs: np.ndarray,
+    batch_size: int,
+    bar: Progress,
+) -> tuple[faiss.Index, pa.Table, list[dict[str, Any]], ExactTopK]:
+    """Pass 2: add every valid row of ``shard`` while accumulating the probes' exact neighbours."""
+    exact = ExactTopK(probe_vecs, PROBE_DEPTH)
+    seen: set[int] = set()
+    metas, errors = [], []
+    for batch in iter_batches(source, batch_size=batch_size, shard=shard, seen_ids=seen):
+        errors.extend(batch.errors)
+        if len(batch.ids):
+            index.add_with_ids(batch.vectors, batch.ids)
+            exact.add(batch.vectors, batch.ids)
+            metas.append(batch.meta)
+        bar.update(len(batch.ids) + len(batch.errors))
+    ids_table = pa.concat_tables(metas) if metas else IDS_SCHEMA.empty_table()
+    return index, ids_table, errors, exact
+
+
+def _sample(
+    source: EmbeddingSource,
+    shard: tuple[int, int],
+    positions: np.ndarray,
+    n_train: int,
+    num_probes: int,
+    rng: np.random.Generator,
+    batch_size: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pass 1: vectors at ``positions`` (valid rows of this shard), split into train / held-out probes."""
+    if len(positions) == 0:
+        return np.zeros((0, source.dim), np.float32), np.zeros((0, source.dim), np.float32)
+    picked = []
+    for batch in iter_batches(source, batch_size=batch_size, shard=shard):
+        sel = np.isin(batch.positions, positions, assume_unique=True)
+        if sel.any():
+            picked.append(batch.vectors[sel])
+    vecs = np.concatenate(picked) if picked else np.zeros((0, source.dim), np.float32)
+    vecs = vecs[rng.permutation(len(vecs))]
+    probes = vecs[:num_probes]
+    if len(vecs) >= n_train + num_probes:
+        train = vecs[num_probes : num_probes + n_train]
+    else:  # tiny data: the probes may also be training vectors
+        train = vecs[len(vecs) - min(n_train, len(vecs)) :] if n_train else vecs[:0]
+    return np.ascontiguousarray(train), np.ascontiguousarray(probes)

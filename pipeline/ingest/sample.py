@@ -1,0 +1,64 @@
+"""One sample of an ingest: read the source bytes, hash, probe, optionally transcode, build its json."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import fsspec
+
+from pipeline.ingest.layout import IngestConfig
+from pipeline.probe import ProbeError, probe_video, transcode_video
+
+
+def read_source(source: str, max_bytes: int | None) -> bytes:
+    """Bytes of ``source`` through fsspec; ProbeError(missing/unreadable/too_large/bad_uri) on failure."""
+    try:
+        fs, path = fsspec.core.url_to_fs(source)
+    except (ValueError, ImportError) as exc:
+        raise ProbeError("bad_uri", f"cannot open URI {source!r}: {exc}") from exc
+    try:
+        if max_bytes is not None:
+            size = fs.size(path)
+            if size is not None and size > max_bytes:
+                raise ProbeError("too_large", f"{size} bytes > max_bytes={max_bytes}")
+        with fs.open(path, "rb") as f:
+            data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+    except FileNotFoundError as exc:
+        raise ProbeError("missing", f"file not found: {source}") from exc
+    except (IsADirectoryError, PermissionError, OSError) as exc:
+        raise ProbeError("unreadable", f"cannot read {source}: {type(exc).__name__}: {exc}") from exc
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ProbeError("too_large", f"more than max_bytes={max_bytes} bytes")
+    return data
+
+
+def process_sample(row: dict[str, Any], config: IngestConfig) -> tuple[bytes, dict[str, Any]]:
+    """(mp4 bytes, json metadata) for one input row; raises ProbeError with the reason class."""
+    data = read_source(row["source"], config.max_bytes)
+    source_sha = hashlib.sha256(data).hexdigest()
+    meta = probe_video(data, max_pixels=config.max_pixels, decode_check=config.decode_check)
+    video, transcoded = data, False
+    if config.transcode:
+        video = transcode_video(
+            data, short_side=config.short_side, fps=config.fps, keyframe_interval=config.keyframe_interval
+        )
+        meta = probe_video(video)
+        transcoded = True
+    record = {
+        "video_id": row["video_id"],
+        "key": row["key"],
+        "source": row["source"],
+        "sha256": hashlib.sha256(video).hexdigest() if transcoded else source_sha,
+        "bytes": len(video),
+        **meta,
+        "captions": list(row.get("captions") or []),
+        "split": row.get("split"),
+        "transcoded": transcoded,
+        "source_sha256": source_sha,
+        "source_bytes": len(data),
+    }
+    for column in ("caption_class", "hard_group"):
+        if column in row:
+            record[column] = row[column]
+    return video, record

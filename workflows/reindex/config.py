@@ -1,0 +1,62 @@
+"""The reindex config (``configs/reindex.yaml`` merged over :data:`DEFAULT_CONFIG`) and its errors."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_CONFIG: dict[str, Any] = {
+    "model": "clip4clip-meanP-tiny",
+    "pretrained": None,
+    "ingest": {"samples_per_shard": 64, "workers": None},
+    "embed": {"batch_size": 16, "encoders": 1, "sampling": {"num_clips": 4, "frames_per_clip": 4}},
+    "index": {
+        "factory": None,
+        "memory_budget": "4GB",
+        "recall_target": 0.95,
+        "k": 10,
+        "keep": 3,
+        "growth_factor": 2.0,
+    },
+    "validate": {"min_recall": 0.9, "known_queries": 5},
+    "lock": {"ttl_s": 3600.0, "heartbeat_s": 30.0},
+    "hash_workers": 4,
+}
+
+
+class ReindexError(RuntimeError):
+    """The reindex cannot proceed (bad source, bad workdir, failed validation)."""
+
+
+class ReindexInputError(ReindexError):
+    """Bad arguments: an unusable workdir or config."""
+
+
+def merge_config(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge of nested dicts (``override`` wins); unknown top-level keys are an error."""
+    out = json.loads(json.dumps(base))
+    for key, value in (override or {}).items():
+        if key not in base:
+            raise ReindexInputError(f"unknown reindex config key {key!r} (known: {sorted(base)})")
+        if isinstance(base[key], dict) and isinstance(value, dict):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: str | os.PathLike | None) -> dict[str, Any]:
+    """``DEFAULT_CONFIG`` merged with the YAML file at ``path`` (if any)."""
+    if path is None:
+        return merge_config(DEFAULT_CONFIG, {})
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError as exc:
+        raise ReindexInputError(f"reindex config not found: {path}") from exc
+    if not isinstance(data, dict):
+        raise ReindexInputError(f"reindex config {path} must be a mapping, got {type(data).__name__}")
+    return merge_config(DEFAULT_CONFIG, data)

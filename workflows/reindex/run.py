@@ -1,0 +1,460 @@
+"""One reindex run as named steps over a typed state (:class:`ReindexRun`).
+
+lock → :func:`step_scan` (read + hash the source, delta vs the last successful run) → :func:`step_ingest`
+(the delta into ``WORKDIR/ingest/run-<seq>/``) → :func:`step_embed` (into
+``WORKDIR/embeddings/model_id=<id>/``) → :func:`step_index` (the live set; ``delete_videos`` +
+``add_embeddings`` on a scratch copy of the CURRENT index, or a full rebuild from the live rows when there is
+no index yet, the model changed or ``needs_retrain`` says so) → :func:`step_validate` → :func:`step_publish`
+(atomic ``CURRENT`` swap) → :func:`commit_state` (``WORKDIR/state/state.json``, atomic).
+
+State only advances after publish, and every step is idempotent (ingest skips finished shards, embed skips
+finished parts, index work happens in a scratch copy), so a run killed at any point leaves the current
+index serving and the next run finishes the work.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from index import add_embeddings, build_index, delete_videos, needs_retrain, store
+from models import create_model
+from pipeline.datasets import list_shards
+from pipeline.embedding import model_partition, plan_shards
+from pipeline.ingest import run_ingest
+from runtime.ray_connect import connect_ray
+from workflows.embed import run_embed
+from workflows.reindex.config import DEFAULT_CONFIG, ReindexError, merge_config
+from workflows.reindex.delta import Delta, compute_delta, delta_manifest
+from workflows.reindex.lock import RunLock
+from workflows.reindex.scan import scan_source
+from workflows.reindex.tables import (
+    collect_rows,
+    copy_current,
+    embed_errors,
+    stamp_meta,
+    write_embeddings_dir,
+)
+from workflows.reindex.validate import validate_index
+from workflows.reindex.workdir import STATE_FORMAT, Workdir, read_json, write_json_atomic
+
+CRASH_ENV = "VIDSIFT_REINDEX_CRASH_AFTER"  # test hook: step name after which the run dies
+STEPS = ("scan", "ingest", "embed", "index", "validate", "publish")
+
+
+class SimulatedCrash(RuntimeError):
+    """Raised by the crash test hook (in-process runs) to stop a run right after a step."""
+
+
+def crash_hook(step: str, mode: str = "raise") -> None:
+    """Test hook: when ``$VIDSIFT_REINDEX_CRASH_AFTER == step`` die right after ``step``.
+
+    ``mode="exit"`` is a hard kill (``os._exit(1)``: no cleanup, the lock stays behind); ``"raise"`` raises
+    :class:`SimulatedCrash` for in-process tests."""
+    if os.environ.get(CRASH_ENV) == step:
+        print(
+            f"[reindex] {CRASH_ENV}={step}: simulated crash after step {step!r}", file=sys.stderr, flush=True
+        )
+        if mode == "exit":
+            os._exit(1)
+        raise SimulatedCrash(f"simulated crash after step {step!r}")
+
+
+def _log(message: str) -> None:
+    print(f"[reindex] {message}", flush=True)
+
+
+@dataclass
+class ReindexRun:
+    """Everything one run knows: its inputs, then what each step found or made (filled in step order)."""
+
+    source: str
+    wd: Workdir
+    cfg: dict[str, Any]
+    model: str
+    pretrained: str | None
+    seq: int  # this run's number (the last successful run's + 1; a rerun after a crash reuses it)
+    model_id: str
+    full: bool  # full build: no index yet or the model changed
+    state: dict[str, Any]  # the last successful run's state (videos/failed emptied for a full build)
+    retry_failed: bool = False
+    crash_mode: str = "raise"
+    progress: bool = True
+    lock_taken_over: dict[str, Any] | None = None
+    t_start: float = field(default_factory=time.perf_counter)
+    timings: dict[str, float] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+    started_ray: bool = False
+    # scan
+    videos: dict[str, dict[str, Any]] = field(default_factory=dict)
+    problems: list[dict[str, Any]] = field(default_factory=list)
+    delta: Delta = field(default_factory=Delta)
+    # ingest / embed
+    ingested: dict[str, dict[str, Any]] = field(default_factory=dict)  # video id -> its shard row
+    failed: dict[str, dict[str, Any]] = field(default_factory=dict)  # video id -> stage/reason/message
+    # index
+    live_records: dict[str, dict[str, Any]] = field(default_factory=dict)
+    failed_records: dict[str, dict[str, Any]] = field(default_factory=dict)
+    delta_rows: pa.Table | None = None
+    remove: list[str] = field(default_factory=list)  # indexed videos whose rows go (deleted / changed)
+    current: str | None = None  # the CURRENT version before this run
+    parent: str | None = None  # the version the scratch index was derived from
+    mode: str = "none"  # none / incremental / build / rebuild
+    live_rows: pa.Table | None = None
+    published: str | None = None
+
+    @property
+    def partition(self) -> Path:
+        return self.wd.embeddings / model_partition(self.model_id)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.wd.run_ingest_dir(self.seq)
+
+    @property
+    def scratch(self) -> Path:
+        return self.wd.run_staging(self.seq) / "index"
+
+    def connect_ray(self) -> None:
+        """Join the cluster (``RAY_ADDRESS``) or start a local Ray, once; a Ray started here is shut down."""
+        self.started_ray = connect_ray()[0] or self.started_ray
+
+
+def model_id_of(model: str, pretrained: str | None) -> str:
+    """The id of the vectors ``model`` makes: built as the embed run builds it (seeded init, no weights)."""
+    encoder, _, _ = create_model(model, pretrained=pretrained, seed=0)
+    return encoder.model_id
+
+
+def prepare_run(source: str, wd: Workdir, cfg: dict[str, Any], model: str, pretrained: str | None,
+                **options: Any) -> ReindexRun:
+    """The run's number, model id and whether it is a full build, from the state of the last run."""
+    t_start = time.perf_counter()
+    state = wd.read_state()
+    model_id = model_id_of(model, pretrained)
+    have_index = store.read_current(wd.index, missing_ok=True) is not None
+    full = not have_index or state.get("model_id") != model_id
+    if full and state.get("videos") and state.get("model_id") != model_id:
+        _log(f"model changed ({state.get('model_id')} -> {model_id}): full rebuild")
+    if full:
+        state = {**state, "videos": {}, "failed": {}}  # every live video counts as new
+    return ReindexRun(source=source, wd=wd, cfg=cfg, model=model, pretrained=pretrained,
+                      seq=int(state["seq"]) + 1, model_id=model_id, full=full, state=state,
+                      t_start=t_start, **options)
+
+
+# ------------------------------------------------------------------------------------------------ steps
+def step_scan(run: ReindexRun) -> None:
+    """Read + hash the source (the hash cache is kept even if the run dies), diff it against the state."""
+    wd = run.wd
+    cache = read_json(wd.hash_cache, default={}) or {}
+    run.videos, run.problems, new_cache = scan_source(
+        run.source, cache, workers=run.cfg["hash_workers"], progress=run.progress
+    )
+    write_json_atomic(wd.hash_cache, new_cache)  # a cache, not state: safe to keep even if the run dies
+    run.delta = compute_delta(run.videos, run.problems, run.state, retry_failed=run.retry_failed)
+    if run.progress:
+        full = ", full build" if run.full else ""
+        _log(f"run {run.seq}: delta {run.delta.counts()} (model {run.model_id}{full})")
+    run.summary = {
+        "run": run.seq,
+        "source": run.source,
+        "workdir": str(wd.root),
+        "model_id": run.model_id,
+        "full_build": run.full,
+        **run.delta.counts(),
+        "source_problems": run.problems,
+        "lock_taken_over": run.lock_taken_over,
+    }
+
+
+def step_ingest(run: ReindexRun) -> None:
+    """Ingest the delta into its own run dir (same seq after a crash -> its finished shards are reused)."""
+    wd, ids = run.wd, run.delta.to_ingest
+    fp_path = wd.staging / f"run-{run.seq:06d}.delta.json"
+    manifest_path = wd.staging / f"run-{run.seq:06d}.delta.parquet"
+    old_fp = read_json(fp_path, default={}).get("fingerprint")
+    fp = delta_manifest(run.videos, ids, manifest_path)
+    if old_fp is not None and old_fp != fp:
+        _log(f"the source changed since the interrupted run {run.seq}: redoing its ingest/embed")
+        wd.reset_run(run.seq, run.partition)
+    write_json_atomic(fp_path, {"fingerprint": fp, "videos": len(ids)})
+    finished = read_json(run.run_dir / "manifest.json", default={}) or {}
+    if not (finished.get("summary") or {}).get("complete"):  # a rerun skips Ray start-up when done
+        run.connect_ray()
+    options = {k: v for k, v in run.cfg["ingest"].items() if v is not None}
+    run.summary["ingest"] = run_ingest(str(manifest_path), str(run.run_dir), **options, progress=run.progress)
+    for shard in sorted((run.run_dir / "shards").glob("*.parquet")):
+        columns = ["video_id", "sha256", "source_sha256", "source"]
+        for rec in pq.read_table(shard, columns=columns).to_pylist():
+            run.ingested[rec["video_id"]] = rec
+    for err in pq.read_table(run.run_dir / "errors.parquet").to_pylist():
+        run.failed[err["video_id"]] = {"stage": "ingest", "reason": err["reason"], "message": err["message"]}
+
+
+def step_embed(run: ReindexRun) -> None:
+    """Embed the run's shards (done parts are skipped; content already embedded is reused)."""
+    if not run.ingested:
+        return
+    ec = run.cfg["embed"]
+    if any(w.todo_keys for w in plan_shards(list_shards(str(run.run_dir)), run.partition)):
+        run.connect_ray()
+    run.summary["embed"] = run_embed(
+        str(run.run_dir),
+        run.model,
+        str(run.wd.embeddings),
+        pretrained=run.pretrained,
+        sampling=dict(ec.get("sampling") or {}),
+        batch_size=int(ec.get("batch_size", 16)),
+        encoders=int(ec.get("encoders", 1)),
+    )
+    for vid, err in embed_errors(run.partition, f"{run.run_dir.name}-").items():
+        run.failed[vid] = {"stage": "embed", **err}
+
+
+def step_index(run: ReindexRun) -> None:
+    """The live set, then the scratch index that holds exactly it (incremental update or full build)."""
+    collect_live_set(run)
+    update_scratch_index(run)
+
+
+def collect_live_set(run: ReindexRun) -> None:
+    """The live set: unchanged indexed videos + the delta videos that were ingested and embedded."""
+    delta, ingested, failed = run.delta, run.ingested, run.failed
+    run.live_records = {vid: run.state["videos"][vid] for vid in delta.unchanged + delta.unavailable}
+    delta_pairs = {
+        (vid, ingested[vid]["sha256"]) for vid in delta.to_ingest if vid in ingested and vid not in failed
+    }
+    run.delta_rows = collect_rows(run.partition, delta_pairs) if delta_pairs else None
+    rows_per_video: dict[str, int] = {}
+    if run.delta_rows is not None:
+        for vid in run.delta_rows.column("video_id").to_pylist():
+            rows_per_video[vid] = rows_per_video.get(vid, 0) + 1
+    for vid, sha in sorted(delta_pairs):
+        if vid not in rows_per_video:  # ingested but no vectors: the embed error went elsewhere
+            message = "no embedding rows were written for this video"
+            failed.setdefault(vid, {"stage": "embed", "reason": "no_rows", "message": message})
+            continue
+        rec = ingested[vid]
+        run.live_records[vid] = {
+            "source": rec["source"],
+            "source_sha256": rec["source_sha256"],
+            "sha256": sha,
+            "rows": rows_per_video[vid],
+        }
+    run.failed_records = failure_records(run)
+    old_indexed = set(run.state.get("videos", {}))
+    run.remove = sorted((set(delta.deleted) | set(delta.changed)) & old_indexed)
+    run.summary.update(
+        rows_added=int(run.delta_rows.num_rows) if run.delta_rows is not None else 0,
+        rows_removed=int(sum(run.state["videos"][v].get("rows", 0) for v in run.remove)),
+        failed=len(failed),
+        failed_ids=sorted(failed),
+    )
+
+
+def failure_records(run: ReindexRun) -> dict[str, dict[str, Any]]:
+    """This run's failures (plus delta videos that vanished without an error row) and the earlier failures
+    of videos still in the source that were not retried."""
+    ingest_ids = run.delta.to_ingest
+    for vid in ingest_ids:
+        if vid not in run.ingested and vid not in run.failed:
+            run.failed[vid] = {
+                "stage": "ingest",
+                "reason": "missing_from_shards",
+                "message": "ingest finished without a shard row or an error for this video",
+            }
+    records = {
+        vid: {"source": run.videos[vid]["source"], "source_sha256": run.videos[vid]["source_sha256"], **info}
+        for vid, info in run.failed.items()
+    }
+    for vid, rec in run.state.get("failed", {}).items():
+        if vid in run.videos and vid not in ingest_ids and vid not in run.live_records:
+            records[vid] = rec
+    return records
+
+
+def update_scratch_index(run: ReindexRun) -> None:
+    """Bring a scratch copy of the index to the live set: nothing to do, incremental, or a (re)build."""
+    run.current = store.read_current(run.wd.index, missing_ok=True)
+    if not run.live_records:
+        raise ReindexError(
+            f"no video of {run.source} could be ingested and embedded "
+            f"({len(run.failed)} failed, {len(run.problems)} source problems); nothing to index"
+        )
+    if run.full:
+        run.mode = "build"
+    elif run.remove or run.delta_rows is not None:
+        run.mode = "incremental"
+        update_incrementally(run)
+    if run.mode != "none":
+        live_pairs = {(vid, r["sha256"]) for vid, r in run.live_records.items()}
+        run.live_rows = collect_rows(run.partition, live_pairs)
+    if run.mode in ("build", "rebuild"):
+        rebuild_from_live_rows(run)
+    run.summary["index_mode"] = run.mode
+
+
+def update_incrementally(run: ReindexRun) -> None:
+    """Copy CURRENT into the scratch dir, delete the removed videos, add the delta rows; switch to a
+    rebuild when ``needs_retrain`` says the updated index has drifted too far."""
+    staging = run.wd.run_staging(run.seq)
+    run.parent = copy_current(run.wd.index, run.scratch)
+    if run.remove:
+        delete_videos(run.scratch, run.remove, keep=2)
+    if run.delta_rows is not None:
+        delta_dir = write_embeddings_dir(run.delta_rows, run.partition, staging / "delta", "delta")
+        add_embeddings(run.scratch, delta_dir, keep=2, progress=run.progress)
+    retrain, reasons = needs_retrain(run.scratch, growth_factor=run.cfg["index"]["growth_factor"])
+    if retrain:
+        _log(f"needs_retrain: {'; '.join(reasons)} -> rebuilding from the live rows")
+        run.summary["retrain_reasons"] = reasons
+        run.mode = "rebuild"
+
+
+def rebuild_from_live_rows(run: ReindexRun) -> None:
+    """A fresh scratch index built from exactly the live rows (old parts may hold stale rows)."""
+    icfg = run.cfg["index"]
+    shutil.rmtree(run.scratch, ignore_errors=True)
+    staging = run.wd.run_staging(run.seq)
+    live_dir = write_embeddings_dir(run.live_rows, run.partition, staging / "live", "live")
+    build_index(live_dir, run.scratch, keep=1, factory=icfg["factory"], memory_budget=icfg["memory_budget"],
+                recall_target=icfg["recall_target"], k=icfg["k"], progress=run.progress)
+    run.parent = run.current
+
+
+def step_validate(run: ReindexRun) -> None:
+    """Check the scratch version against the live rows (raises :class:`ReindexError`: nothing published)."""
+    vc = run.cfg["validate"]
+    run.summary["validation"] = validate_index(
+        run.scratch, run.live_rows, vc["min_recall"], int(vc["known_queries"])
+    )
+
+
+def step_publish(run: ReindexRun) -> None:
+    """Stamp the scratch version with this run and publish it into ``WORKDIR/index`` (atomic CURRENT swap)."""
+    staged = store.version_dir(run.scratch)
+    stamp_meta(staged, {"run": run.seq, "parent_version": run.parent, "mode": run.mode,
+                        **run.delta.counts(), "source": run.source})
+    run.wd.index.mkdir(parents=True, exist_ok=True)
+    (run.wd.index / store.VERSIONS_DIR).mkdir(exist_ok=True)
+    run.published = store.publish(run.wd.index, staged, keep=int(run.cfg["index"]["keep"]))
+
+
+def commit_state(run: ReindexRun) -> None:
+    """Advance ``state.json`` (only now: a run that died earlier is redone by the next one)."""
+    published = run.published if run.mode != "none" else run.current
+    write_json_atomic(run.wd.state, {
+        "format": STATE_FORMAT,
+        "seq": run.seq,
+        "model_id": run.model_id,
+        "model": run.model,
+        "pretrained": run.pretrained,
+        "source": run.source,
+        "index_version": published,
+        "updated": time.time(),
+        "videos": dict(sorted(run.live_records.items())),
+        "failed": dict(sorted(run.failed_records.items())),
+    })
+    run.summary.update(
+        version=published,
+        live_videos=len(run.live_records),
+        live_rows=int(sum(r.get("rows", 0) for r in run.live_records.values())),
+    )
+    shutil.rmtree(run.wd.staging, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------- driver
+STEP_FUNCTIONS: dict[str, Callable[[ReindexRun], None]] = {
+    "scan": step_scan,
+    "ingest": step_ingest,
+    "embed": step_embed,
+    "index": step_index,
+    "validate": step_validate,
+    "publish": step_publish,
+}
+
+
+def step_wanted(run: ReindexRun, step: str) -> bool:
+    """Ingest/embed only run for a non-empty delta; validate/publish only when the index changed."""
+    if step in ("ingest", "embed"):
+        return bool(run.delta.to_ingest)
+    if step in ("validate", "publish"):
+        return run.mode != "none"
+    return True
+
+
+def run_step(run: ReindexRun, step: str) -> None:
+    """Run ``step`` if it is wanted, record its time, then the crash test hook."""
+    if not step_wanted(run, step):
+        return
+    t0 = time.perf_counter()
+    STEP_FUNCTIONS[step](run)
+    run.timings[step] = round(time.perf_counter() - t0, 3)
+    if run.progress:
+        _log(f"step {step} done in {run.timings[step]:.1f}s")
+    crash_hook(step, run.crash_mode)
+
+
+def execute(run: ReindexRun, dry_run: bool = False) -> dict[str, Any]:
+    """Run :data:`STEPS` in order on a prepared run (the lock held); returns the summary."""
+    run_step(run, "scan")
+    if dry_run:
+        d = run.delta
+        run.summary.update(dry_run=True, new_ids=d.new, changed_ids=d.changed, deleted_ids=d.deleted)
+        return run.summary
+    try:
+        for step in STEPS[1:]:
+            run_step(run, step)
+        commit_state(run)
+    finally:
+        if run.started_ray:
+            ray.shutdown()
+    run.timings["total"] = round(time.perf_counter() - run.t_start, 3)
+    run.summary["timings_s"] = run.timings
+    write_json_atomic(run.wd.runs / f"run-{run.seq:06d}.json", run.summary)
+    return run.summary
+
+
+def run_reindex(
+    source: str,
+    workdir: str | os.PathLike,
+    config: dict[str, Any] | None = None,
+    model: str | None = None,
+    pretrained: str | None = None,
+    retry_failed: bool = False,
+    dry_run: bool = False,
+    crash_mode: str = "raise",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """One reindex run (see the module docstring); returns the summary dict.
+
+    Raises :class:`LockHeldError` when another live run holds the lock, :class:`ReindexError` on bad input
+    or failed validation (nothing is published then), and :class:`SimulatedCrash` from the test hook."""
+    cfg = merge_config(DEFAULT_CONFIG, config or {})
+    wd = Workdir(workdir)
+    wd.root.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(wd.lock, ttl_s=cfg["lock"]["ttl_s"], heartbeat_s=cfg["lock"]["heartbeat_s"])
+    with lock:
+        run = prepare_run(
+            source,
+            wd,
+            cfg,
+            model or cfg["model"],
+            pretrained if pretrained is not None else cfg["pretrained"],
+            retry_failed=retry_failed,
+            crash_mode=crash_mode,
+            progress=progress,
+            lock_taken_over=lock.took_over,
+        )
+        return execute(run, dry_run)

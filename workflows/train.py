@@ -1,0 +1,280 @@
+"""The Ray Train driver of a fine-tuning run (:func:`run_training`) and the single-process evaluation of a
+trained model (:func:`evaluate_model`, :func:`run_eval_only`).
+
+A run is four named steps: :func:`plan_run` (check the recipe, the output folder and the shards before Ray
+starts; fix the epoch length), :func:`build_trainer` (join or start Ray, resources, the ``TorchTrainer``
+over :func:`pipeline.training.train_loop_per_worker`), :func:`fit` and :func:`write_outputs` (export
+``model.pt``, ``metrics.jsonl`` and ``summary.json`` from the final checkpoint).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import torch
+from ray.train.torch import TorchTrainer
+
+from models import create_model, get_model_config
+from pipeline.retrieval_eval import format_metrics
+from pipeline.training import (
+    STATE_FILE,
+    TrainConfig,
+    build_objective,
+    checkpoint_dirs,
+    eval_batches,
+    evaluate_caption,
+    evaluate_retrieval,
+    export_model,
+    load_state_file,
+    shard_inventory,
+    split_count,
+    summarize_metrics,
+    train_loop_per_worker,
+)
+from runtime.ray_connect import connect_ray
+
+RUN_NAME = "train"
+
+
+@dataclasses.dataclass
+class TrainRun:
+    """A checked training run before Ray starts: where it writes, its data and the length of an epoch."""
+
+    shards: str | os.PathLike
+    output: Path
+    cfg: TrainConfig
+    workers: int
+    resume: bool
+    use_gpu: bool | None
+    max_failures: int
+    inventory: dict[str, dict[str, int]]
+    n_train: int
+    steps_per_epoch: int
+    existing: list[Path]  # checkpoint folders already in the run (a resume continues the last one)
+
+    @property
+    def storage(self) -> Path:
+        return self.output / "ray"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.storage / RUN_NAME
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _check_recipe(cfg: TrainConfig, workers: int) -> None:
+    if not cfg.model:
+        raise ValueError("no model given (--model or `model:` in the config)")
+    if workers < 1:
+        raise ValueError(f"workers={workers}: must be >= 1")
+    get_model_config(cfg.model)  # unknown names fail here, with the list of known ones
+    if cfg.backbone_pretrained and not Path(cfg.backbone_pretrained).is_file():
+        raise FileNotFoundError(f"backbone_pretrained {cfg.backbone_pretrained!r}: no such checkpoint file")
+
+
+def plan_run(
+    shards: str | os.PathLike,
+    output: str | os.PathLike,
+    cfg: TrainConfig,
+    workers: int = 1,
+    resume: bool = False,
+    use_gpu: bool | None = None,
+    max_failures: int = 0,
+) -> TrainRun:
+    """Every check that needs no Ray: the recipe, a new run (or ``resume`` of one) in ``output``, and enough
+    ``train_split`` samples for one global batch. Creates ``output``."""
+    _check_recipe(cfg, workers)
+    output = Path(output).resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    run_dir = output / "ray" / RUN_NAME
+    existing = checkpoint_dirs(run_dir)
+    if resume and not existing:
+        raise FileNotFoundError(f"--resume: no checkpoint under {str(run_dir)!r} to resume from")
+    if not resume and run_dir.exists():
+        raise FileExistsError(
+            f"{str(run_dir)!r} already holds a training run; pass --resume to continue it, "
+            "or use a new --output"
+        )
+    inventory = shard_inventory(shards)
+    n_train = split_count(inventory, cfg.train_split)
+    if n_train == 0:
+        raise ValueError(f"shards {str(shards)!r} hold no sample of split {cfg.train_split!r}")
+    steps_per_epoch = n_train // (cfg.batch_size * workers)
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"{n_train} {cfg.train_split} samples cannot fill one global batch of "
+            f"{cfg.batch_size} x {workers} "
+            "workers; lower batch_size or workers"
+        )
+    return TrainRun(shards, output, cfg, workers, resume, use_gpu, max_failures, inventory, n_train,
+                    steps_per_epoch, existing)
+
+
+def build_trainer(run: TrainRun) -> TorchTrainer:
+    """Join the job's Ray cluster or start a private one (the workers' progress lines reach this terminal),
+    settle ``use_gpu`` (auto: a GPU here or in the cluster) and wire the ``TorchTrainer``."""
+    connect_ray(log_to_driver=True)
+    if run.use_gpu is None:
+        run.use_gpu = torch.cuda.is_available() or ray.cluster_resources().get("GPU", 0) > 0
+    resources = {"CPU": run.cfg.cpus_per_worker}
+    if run.use_gpu:
+        resources["GPU"] = 1
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": run.cfg.to_dict(),
+            "inventory": run.inventory,
+            "steps_per_epoch": run.steps_per_epoch,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=run.workers, use_gpu=run.use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            storage_path=str(run.storage),
+            name=RUN_NAME,
+            failure_config=ray.train.FailureConfig(max_failures=run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=run.cfg.keep_checkpoints),
+        ),
+    )
+
+
+def fit(run: TrainRun, trainer: TorchTrainer) -> tuple[ray.train.Result, float]:
+    """Run the workers to the end; returns the result (with its final checkpoint) and the wall time."""
+    cfg = run.cfg
+    print(
+        f"[train] {cfg.model} task={cfg.task} workers={run.workers} gpu={run.use_gpu} train={run.n_train} "
+        f"videos steps/epoch={run.steps_per_epoch} epochs={cfg.epochs} batch={cfg.batch_size}x{run.workers}"
+        + (f" (resuming from {run.existing[-1].name})" if run.resume else ""),
+        flush=True,
+    )
+    started = time.perf_counter()
+    result = trainer.fit()
+    wall = time.perf_counter() - started
+    if result.error is not None:
+        raise RuntimeError(f"training failed: {result.error}") from result.error
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint")
+    return result, wall
+
+
+def write_outputs(run: TrainRun, result: ray.train.Result, wall: float) -> dict[str, Any]:
+    """``model.pt`` from the final checkpoint, its history as ``metrics.jsonl``, and ``summary.json``
+    (returned)."""
+    cfg, output = run.cfg, run.output
+    with result.checkpoint.as_directory() as ckpt_dir:
+        state = load_state_file(Path(ckpt_dir) / STATE_FILE)
+    model_path = export_model(state, output)
+    history = json.loads(state["history"])
+    _atomic_write_text(output / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    evals = [h for h in history if h.get("type") == "eval"]
+    summary = {
+        "model": cfg.model,
+        "task": cfg.task,
+        "workers": run.workers,
+        "use_gpu": bool(run.use_gpu),
+        "steps": int(state["step"]),
+        "epochs_done": int(state["epoch"]),
+        "wall_s": wall,
+        "model_path": str(model_path),
+        "checkpoint": str(result.checkpoint.path),
+        "final_val": next((h for h in reversed(evals) if h["split"] == cfg.val_split), None),
+        "test": next((h for h in reversed(evals) if h["split"] == cfg.test_split), None),
+        "config": cfg.to_dict(),
+    }
+    _atomic_write_text(output / "summary.json", json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def run_training(
+    shards: str | os.PathLike,
+    output: str | os.PathLike,
+    cfg: TrainConfig,
+    workers: int = 1,
+    resume: bool = False,
+    use_gpu: bool | None = None,
+    max_failures: int = 0,
+) -> dict[str, Any]:
+    """Fine-tune ``cfg.model`` on the shards with a Ray Train ``TorchTrainer`` and export the result.
+
+    Writes under ``output``: ``ray/train/checkpoint_*`` (Ray Train storage), ``model.pt`` (loadable with
+    ``models.create_model(cfg.model, pretrained=output/"model.pt")``), ``metrics.jsonl`` (one JSON object per
+    progress / eval / resume event) and ``summary.json``. ``resume=True`` continues the run stored in
+    ``output`` from its latest checkpoint; without it an existing run there is an error.
+    """
+    run = plan_run(shards, output, cfg, workers, resume, use_gpu, max_failures)
+    result, wall = fit(run, build_trainer(run))
+    summary = write_outputs(run, result, wall)
+    line = (
+        f"[train] done: {summary['steps']} steps, {summary['epochs_done']} epochs in {wall:.1f}s "
+        f"-> {summary['model_path']}"
+    )
+    if summary["test"] is not None:
+        line += f"\n[train] test: {summarize_metrics(summary['test'])}"
+    print(line, file=sys.stdout, flush=True)
+    return summary
+
+
+def evaluate_model(
+    shards: str | os.PathLike, cfg: TrainConfig, pretrained: str | os.PathLike, split: str | None = None
+) -> dict[str, Any]:
+    """Evaluate ``cfg.model`` loaded from ``pretrained`` (e.g. ``RUN_DIR/model.pt``) on one split of the
+    shards in this process (no Ray), with ``cfg.eval_sampling`` — e.g. to compare clip counts at test time."""
+    split = split or cfg.test_split
+    inventory = shard_inventory(shards)
+    if split_count(inventory, split) == 0:
+        raise ValueError(f"shards {str(shards)!r} hold no sample of split {split!r}")
+    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    model, transform, _ = create_model(cfg.model, pretrained=str(pretrained))
+    objective = build_objective(model, cfg)
+    batches = eval_batches(cfg, inventory, split, transform, 0, 1)
+    device = torch.device("cpu")
+    if cfg.task == "caption":
+        metrics = evaluate_caption(objective, batches, device)
+    else:
+        metrics = evaluate_retrieval(objective, batches, device, cfg.equivalence)
+    return {"split": split, "model": cfg.model, "pretrained": str(pretrained),
+            "eval_sampling": dict(cfg.eval_sampling), **metrics}
+
+
+def eval_clip_shape(sampling: dict) -> tuple[int, int]:
+    """``(clips, frames per clip)`` of an evaluation sampling (CLIP4Clip mode: one clip of ``max_frames``)."""
+    if sampling.get("mode") == "clip4clip":
+        return 1, sampling.get("max_frames", 12)
+    return sampling["num_clips"], sampling["frames_per_clip"]
+
+
+def run_eval_only(
+    shards: str | os.PathLike,
+    output: str | os.PathLike,
+    cfg: TrainConfig,
+    pretrained: str | os.PathLike | None = None,
+    split: str | None = None,
+) -> dict[str, Any]:
+    """:func:`evaluate_model` of ``pretrained`` (default ``OUTPUT/model.pt``), written to
+    ``OUTPUT/eval-<split>-<N>x<T>.json`` and printed as one ``[eval]`` line. Returns the metrics and, under
+    ``path``, the file."""
+    output = Path(output)
+    weights = Path(pretrained) if pretrained else output / "model.pt"
+    if not weights.is_file():
+        raise FileNotFoundError(f"--eval-only: no weights at {str(weights)!r} (train first, or --pretrained)")
+    metrics = evaluate_model(shards, cfg, weights, split)
+    n, t = eval_clip_shape(cfg.eval_sampling)
+    output.mkdir(parents=True, exist_ok=True)
+    path = output / f"eval-{metrics['split']}-{n}x{t}.json"
+    _atomic_write_text(path, json.dumps(metrics, indent=2))
+    line = format_metrics(metrics) if "t2v_R@1" in metrics else json.dumps(metrics)
+    print(f"[eval] {cfg.model} {metrics['split']} {n}x{t} clips: {line} -> {path}", flush=True)
+    return {**metrics, "path": str(path)}
