@@ -107,11 +107,14 @@ def render_overview(data_dir: Path) -> str:
     rows = []
     for path in sorted(data_dir.glob("*.json")):
         env = json.loads(path.read_text())
+        load = env.get("load_avg") or {}
+        shown_load = f"{(load.get('start') or ['?'])[0]} → {(load.get('end') or ['?'])[0]}"
         for h in env.get("headline", []):
-            rows.append({**h, "source": f"`{shown_path(path)}` ({env['date_start'][:10]})"})
+            source = f"`{shown_path(path)}` ({env['date_start'][:10]})"
+            rows.append({**h, "load": shown_load, "source": source})
     columns = [{"key": k, "label": label, "fmt": None} for k, label in
                [("stage", "stage"), ("floor", "floor"), ("measured", "measured"), ("met", "met?"),
-                ("source", "source")]]
+                ("load", "load average (1 min), start → end"), ("source", "source")]]
     lines = markdown_table(columns, rows)
     lines += ["", "*Each row is computed by the bench script and read from the named file; the sample size, "
                   "baseline, filtering and machine load of every figure are printed under its table on the "

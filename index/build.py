@@ -9,10 +9,8 @@ change it without retraining and publish a new version.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import faiss
@@ -41,6 +39,7 @@ from index.part import (
 )
 from index.sharded import build_parts_with_ray
 from index.tuning import ExactTopK, apply_search_params, measure_recall, merge_topk
+from runtime import storage
 from runtime.progress import Progress
 
 
@@ -113,14 +112,14 @@ def build_index(
         seed=seed,
         progress=progress,
     )
-    output = Path(output)
-    (output / store.VERSIONS_DIR).mkdir(parents=True, exist_ok=True)
-    stage = store.staging_dir(output)
+    output = storage.normalize(output)
+    version = store.check_version_name(version or store.new_version_name(output))
+    stage = store.staging_dir(output, version)
     try:
         if shards == 1:
             parts = [build_part(source, (0, 1), **kwargs)]
         else:
-            parts = build_parts_with_ray(source, shards, stage=stage, **kwargs)
+            parts = build_parts_with_ray(source, shards, target=(output, version), **kwargs)
         meta = _combine_meta(
             source, parts, factory, recall_target, k, memory_budget, time.perf_counter() - t0
         )
@@ -128,13 +127,15 @@ def build_index(
         probe = _stack_probes([p["probe"] for p in parts])
         errors = errors_table([e for p in parts for e in p["errors"]])
         store.write_version_files(stage, [p["index"] for p in parts], ids, meta, probe=probe, errors=errors)
-        meta["version"] = store.publish(output, stage, version=version, keep=keep)
+        uploaded = {p["info"]["file"]: p["record"] for p in parts if p.get("record")}
+        meta["version"] = store.publish(output, stage, meta, version, keep=keep, uploaded=uploaded)
     except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
+        store.discard_stage(output, stage, version)
         raise
     if progress:
         print(
-            f"[index] published {output}/versions/{meta['version']}: {meta['count']} vectors, "
+            f"[index] published {storage.join(output, store.VERSIONS_DIR, meta['version'])}: "
+            f"{meta['count']} vectors, "
             f"{meta['factory']}, recall@{k}={meta['recall']:.4f}, {meta['build_time_s']:.1f}s",
             file=sys.stderr,
             flush=True,
@@ -151,7 +152,7 @@ def _stack_probes(probes: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 def _open_writable(root: str | os.PathLike):
     vdir, meta, indexes, ids = store.load_version(root, mmap=False)
-    probe = store.read_probe(vdir)
+    probe = store.read_probe(vdir, meta)
     for info, ix in zip(meta["shards"], indexes):
         apply_search_params(ix, info["search_params"])
     return vdir, meta, indexes, ids, probe
@@ -209,6 +210,7 @@ def _remeasure(meta: dict[str, Any], indexes: list[faiss.Index], probe: dict[str
 def _new_version_meta(meta: dict[str, Any], operation: str, parent: str) -> dict[str, Any]:
     new = dict(meta)
     new.pop("version", None)
+    new.pop("files", None)
     new["shards"] = [dict(s) for s in meta["shards"]]
     new.update(operation=operation, parent_version=parent, created_unix=time.time())
     return new
@@ -241,7 +243,7 @@ def add_embeddings(
     finish_progress(bar)
     if probe is not None and exact is not None:
         _merge_new_truth(probe, exact, metas, len(indexes))
-    new_meta = _new_version_meta(meta, "add", vdir.name)
+    new_meta = _new_version_meta(meta, "add", storage.name(vdir))
     _remeasure(new_meta, indexes, probe)
     new_meta["sources"] = list(meta.get("sources", [])) + list(source.files)
     new_meta["last_operation"] = {
@@ -350,12 +352,14 @@ def _shard_of_ids(id_matrix: np.ndarray, metas: list[pa.Table], num_shards: int)
 
 
 def _publish_version(root, indexes, ids_table, meta, probe, errors, keep) -> dict[str, Any]:
-    stage = store.staging_dir(root)
+    root = storage.normalize(root)
+    version = store.new_version_name(root)
+    stage = store.staging_dir(root, version)
     try:
         store.write_version_files(stage, indexes, ids_table, meta, probe=probe, errors=errors_table(errors))
-        meta["version"] = store.publish(root, stage, keep=keep)
+        meta["version"] = store.publish(root, stage, meta, version, keep=keep)
     except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
+        store.discard_stage(root, stage, version)
         raise
     return meta
 
@@ -370,7 +374,7 @@ def delete_videos(root: str | os.PathLike, video_ids: list[str], keep: int = 3) 
         raise ValueError("delete needs at least one video id")
     vdir, meta, indexes, ids, probe = _open_writable(root)
     hit = _remove_videos(meta, indexes, ids, probe, set(video_ids))
-    new_meta = _new_version_meta(meta, "delete", vdir.name)
+    new_meta = _new_version_meta(meta, "delete", storage.name(vdir))
     _remeasure(new_meta, indexes, probe)
     found = set(ids.filter(pa.array(hit)).column("video_id").to_pylist())
     new_meta["last_operation"] = {
@@ -391,7 +395,7 @@ def needs_retrain(
     when recall@k on the stored probe set (vs maintained exact neighbours) is below the target.
     """
     vdir, meta, indexes, _ids = store.load_version(root)
-    probe = store.read_probe(vdir)
+    probe = store.read_probe(vdir, meta)
     target = float(recall_target if recall_target is not None else meta.get("recall_target", DEFAULT_RECALL))
     reasons = []
     if meta["count"] > growth_factor * max(1, int(meta.get("trained_on_count", meta["count"]))):

@@ -4,18 +4,17 @@ L2-normalised vectors plus their id metadata, and error records for rows that ca
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import zlib
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
-import pyarrow.parquet as pq
+
+from runtime import storage
 
 META_COLUMNS = ("id", "video_id", "key", "clip_index", "start_s", "end_s", "captions")
 ERROR_SCHEMA = pa.schema(
@@ -40,13 +39,14 @@ IDS_SCHEMA = pa.schema(
     ]
 )
 NON_DATA_FILES = {"errors.parquet"}
+MODEL_CARD = "_model.json"
 
 
 @dataclasses.dataclass
 class EmbeddingSource:
-    """A resolved embeddings directory: its part files, ``_model.json`` contents and vector dim."""
+    """A resolved embeddings folder (any store): its part files (URIs), ``_model.json`` and vector dim."""
 
-    root: Path
+    root: str
     files: list[str]
     model: dict[str, Any]
     dim: int
@@ -56,39 +56,39 @@ class EmbeddingSource:
     def model_id(self) -> str | None:
         return self.model.get("model_id")
 
+    def dataset(self) -> ds.Dataset:
+        """The part files as one pyarrow dataset, read through the store's pyarrow filesystem."""
+        fs, base = storage.arrow_filesystem(self.root)
+        if len(self.files) == 1 and self.files[0] == self.root:  # a single file was given
+            return ds.dataset([base], format="parquet", filesystem=fs)
+        paths = [f"{base.rstrip('/')}/{storage.name(f)}" for f in self.files]
+        return ds.dataset(paths, format="parquet", filesystem=fs)
+
 
 def resolve_embeddings(path: str | os.PathLike) -> EmbeddingSource:
-    """Find the part files of an embeddings output (``OUT`` with one ``model_id=*`` dir, or that dir)."""
-    root = Path(path)
-    if not root.exists():
-        raise FileNotFoundError(f"embeddings path {str(root)!r} does not exist")
-    if root.is_file():
-        data_dir, files = root.parent, [str(root)]
+    """Find the part files of an embeddings output (``OUT`` with one ``model_id=*`` folder, or that folder,
+    or one Parquet file) on any store."""
+    root = storage.normalize(path)
+    if storage.is_file(root):
+        data_dir, files = storage.parent(root), [root]
     else:
         data_dir = root
-        if not (root / "_model.json").is_file() and not _part_files(root):
-            subdirs = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("model_id="))
-            if len(subdirs) > 1:
-                raise ValueError(
-                    f"embeddings dir {str(root)!r} holds several models "
-                    f"({', '.join(p.name for p in subdirs)}); pass one model_id=... dir"
-                )
-            if not subdirs:
-                raise FileNotFoundError(
-                    f"embeddings dir {str(root)!r} has no part-*.parquet files and no model_id=* subdirectory"
-                )
-            data_dir = subdirs[0]
-        files = _part_files(data_dir)
+        if not storage.exists(root):
+            raise FileNotFoundError(f"embeddings path {root!r} does not exist")
+        files = _part_files(root)
+        if not files and not storage.exists(storage.join(root, MODEL_CARD)):
+            data_dir = _model_dir(root)
+            files = _part_files(data_dir)
     if not files:
-        raise FileNotFoundError(f"embeddings dir {str(data_dir)!r} has no Parquet part files")
-    model = {}
-    model_file = data_dir / "_model.json"
-    if model_file.is_file():
-        try:
-            model = json.loads(model_file.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{str(model_file)!r} is not valid JSON: {exc}") from exc
-    schema = pq.read_schema(files[0])
+        raise FileNotFoundError(f"embeddings dir {data_dir!r} has no Parquet part files")
+    try:
+        model = storage.read_json(storage.join(data_dir, MODEL_CARD), default={}) or {}
+    except ValueError as exc:
+        raise ValueError(f"{storage.join(data_dir, MODEL_CARD)!r} is not valid JSON: {exc}") from exc
+    source = EmbeddingSource(root=files[0] if files == [root] else data_dir, files=files, model=model, dim=0,
+                             num_rows=0)
+    dataset = source.dataset()
+    schema = dataset.schema
     for col in ("id", "video_id", "embedding"):
         if col not in schema.names:
             raise ValueError(
@@ -100,21 +100,38 @@ def resolve_embeddings(path: str | os.PathLike) -> EmbeddingSource:
     elif model.get("dim"):
         dim = int(model["dim"])
     else:
-        first = pq.ParquetFile(files[0]).read_row_group(0, columns=["embedding"]).column(0)
+        first = dataset.head(1, columns=["embedding"]).column(0)
         dim = len(first[0].as_py())
     if model.get("dim") and int(model["dim"]) != dim:
         raise ValueError(f"_model.json says dim {model['dim']} but {files[0]!r} holds vectors of dim {dim}")
-    num_rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-    return EmbeddingSource(root=data_dir, files=files, model=model, dim=int(dim), num_rows=int(num_rows))
+    source.dim, source.num_rows = int(dim), int(dataset.count_rows())
+    return source
 
 
-def _part_files(directory: Path) -> list[str]:
-    # jobs.embed writes part-<shard>.parquet (+ text-<shard>.parquet caption embeddings, which are not
-    # video rows); other writers may use any name.
-    parts = sorted(str(p) for p in directory.glob("part-*.parquet"))
-    if parts:
-        return parts
-    return sorted(str(p) for p in directory.glob("*.parquet") if p.name not in NON_DATA_FILES)
+def _model_dir(root: str) -> str:
+    """The single ``model_id=*`` folder under an embeddings output ``root``."""
+    subdirs = [d for d in storage.list_dirs(root) if storage.name(d).startswith("model_id=")]
+    if len(subdirs) > 1:
+        raise ValueError(
+            f"embeddings dir {root!r} holds several models "
+            f"({', '.join(storage.name(d) for d in subdirs)}); pass one model_id=... dir"
+        )
+    if not subdirs:
+        raise FileNotFoundError(
+            f"embeddings dir {root!r} has no part-*.parquet files and no model_id=* subdirectory"
+        )
+    return subdirs[0]
+
+
+def _part_files(directory: str) -> list[str]:
+    """The data files of an embeddings folder: ``part-*.parquet`` (jobs.embed; ``text-*.parquet`` caption
+    embeddings are not video rows). Other writers may use any ``*.parquet`` name; names starting with
+    ``_`` or ``.`` (``_errors.parquet``, temp files) and the legacy ``errors.parquet`` are never data."""
+    names = [storage.name(f) for f in storage.list_files(directory, ".parquet")]
+    names = [n for n in names if not n.startswith(("_", "."))]
+    parts = [n for n in names if n.startswith("part-")]
+    chosen = parts or [n for n in names if n not in NON_DATA_FILES]
+    return [storage.join(directory, n) for n in sorted(chosen)]
 
 
 def shard_of(video_ids: np.ndarray, num_shards: int) -> np.ndarray:
@@ -151,7 +168,7 @@ def iter_batches(
     a duplicate id (tracked in ``seen_ids``) become error records, so every input row is accounted for.
     """
     shard_index, num_shards = shard
-    dataset = ds.dataset(source.files, format="parquet")
+    dataset = source.dataset()
     wanted = [c for c in (*META_COLUMNS, "model_id", "embedding") if c in dataset.schema.names]
     if columns_only_meta:
         wanted = [c for c in wanted if c != "embedding"]

@@ -8,8 +8,8 @@ parameters are tuned to the recall target.
 
 from __future__ import annotations
 
-import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -63,12 +63,14 @@ def build_part(
     batch_size: int = 65536,
     seed: int = 0,
     progress: bool = True,
-    write_to: str | os.PathLike | None = None,
+    write_to: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
     """Build the index of one shard of ``source`` (no publishing).
 
-    Returns ``{"index", "ids" (pa.Table), "errors" (list), "probe" (dict of arrays), "info" (dict)}``;
-    with ``write_to`` (a staging dir) the index is written there and ``"index"`` is None.
+    Returns ``{"index", "ids" (pa.Table), "errors" (list), "probe" (dict of arrays), "info" (dict),
+    "record"}``; with ``write_to`` = ``(root, version)`` the index is put straight into that version's folder
+    (any store: a Ray task on any node writes its own shard), ``"index"`` is None and ``"record"`` holds the
+    file's sha256/size.
     """
     t0 = time.perf_counter()
     shard_index, num_shards = shard
@@ -120,10 +122,22 @@ def build_part(
         "errors": len(errors),
     }
     probe = {"queries": probe_vecs, "gt_d": gt_d.astype(np.float32), "gt_i": gt_i.astype(np.int64)}
+    record = None
     if write_to is not None:
-        faiss.write_index(index, str(Path(write_to) / info["file"]))
+        record = _upload_index(index, write_to, info["file"])
         index = None
-    return {"index": index, "ids": ids_table, "errors": errors, "probe": probe, "info": info}
+    return {"index": index, "ids": ids_table, "errors": errors, "probe": probe, "info": info,
+            "record": record}
+
+
+def _upload_index(index: faiss.Index, target: tuple[str, str], name: str) -> dict[str, Any]:
+    """Write ``index`` to a local temp file (FAISS writes files) and put it under ``root/versions/VERSION``
+    as one complete object; returns its sha256/size record for index.json."""
+    root, version = target
+    with tempfile.TemporaryDirectory(prefix="vidsift-shard-") as tmp:
+        local = Path(tmp) / name
+        faiss.write_index(index, str(local))
+        return store.upload_file(local, root, version, name)
 
 
 def _train(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,6 +12,7 @@ import numpy as np
 from index import store
 from index.sharded import merge_shard_results
 from index.tuning import apply_search_params
+from runtime import storage
 
 Reranker = Callable[[str | None, list["Hit"]], list["Hit"]]
 
@@ -38,23 +38,29 @@ class VideoIndex:
     """A published index version opened for search (all its shards), optionally with a text encoder.
 
     Use :meth:`open`. Query vectors are L2-normalised; text is encoded with the model named by the
-    index's ``model_id`` (built from index.json's ``model_name``/``pretrained`` on first text query, or
-    the ``encoder`` passed in, whose ``model_id`` must match).
+    index's ``model_id``: built from index.json's ``model_name`` and trained weights (``pretrained``, else
+    the checkpoint index.json records) on the first text query, or the ``encoder`` passed in, whose
+    ``model_id`` must match. Without weights a text query refuses (:class:`models.MissingWeightsError`)
+    unless ``allow_random_init`` (a seeded random encoder, as tests use).
     """
 
     def __init__(
         self,
-        root: Path,
-        version_dir: Path,
+        root: str,
+        version_dir: str,
         meta: dict[str, Any],
         indexes: list,
         ids,
         encoder=None,
         tokenizer=None,
+        pretrained: str | None = None,
+        allow_random_init: bool = False,
     ):
         self.root, self.version_dir, self.meta, self.indexes = root, version_dir, meta, indexes
         self.dim = int(meta["dim"])
         self.model_id = meta.get("model_id")
+        self.pretrained = pretrained
+        self.allow_random_init = bool(allow_random_init)
         all_ids = ids.column("id").to_numpy()
         self._all_ids = all_ids
         self._order = np.argsort(all_ids, kind="stable")
@@ -80,19 +86,27 @@ class VideoIndex:
         tokenizer=None,
         version: str | None = None,
         mmap: bool | None = None,
+        pretrained: str | None = None,
+        allow_random_init: bool = False,
+        verify: bool | None = None,
     ) -> VideoIndex:
-        """Open the CURRENT (or given) version of the index at ``path``.
+        """Open the CURRENT (or given) version of the index at ``path`` (a folder or ``s3://``/``gs://``...).
 
-        ``mmap=None`` memory-maps FAISS files larger than ``store.MMAP_THRESHOLD_BYTES``. Missing or
-        corrupt indexes raise :class:`store.IndexNotFoundError` / :class:`store.CorruptIndexError`.
+        The version's files are read from local copies (remote ones cached under ``$VIDSIFT_CACHE`` and
+        verified against the sha256 in index.json; ``verify`` forces / skips that check), so queries run at
+        local speed. ``mmap=None`` memory-maps FAISS files larger than ``store.MMAP_THRESHOLD_BYTES``.
+        ``pretrained`` overrides the text encoder's checkpoint recorded in index.json;
+        ``allow_random_init`` permits a seeded random text encoder when there is none. Missing or corrupt
+        indexes raise :class:`store.IndexNotFoundError` / :class:`store.CorruptIndexError`.
         """
-        root = Path(path)
-        vdir, meta, indexes, ids = store.load_version(root, version=version, mmap=mmap)
-        return cls(root, vdir, meta, indexes, ids, encoder=encoder, tokenizer=tokenizer)
+        root = storage.normalize(path)
+        vdir, meta, indexes, ids = store.load_version(root, version=version, mmap=mmap, verify=verify)
+        return cls(root, vdir, meta, indexes, ids, encoder=encoder, tokenizer=tokenizer,
+                   pretrained=pretrained, allow_random_init=allow_random_init)
 
     @property
     def version(self) -> str:
-        return self.version_dir.name
+        return storage.name(self.version_dir)
 
     def __len__(self) -> int:
         return int(self.meta["count"])
@@ -125,10 +139,11 @@ class VideoIndex:
             # Lazy: models pulls in torch, an optional heavy dependency FAISS-only (vector query) users skip.
             import models
 
-            # Same construction as the embedding job (seeded init when there are no weights), so the
-            # model_id check below compares like with like.
-            model, _transform, tokenizer = models.create_model(
-                name, pretrained=self.meta.get("pretrained"), seed=0
+            # Same construction as the embedding job (trained weights; a seeded random init only when
+            # allowed), so the model_id check below compares like with like.
+            model, _transform, tokenizer = models.create_inference_model(
+                name, pretrained=self.pretrained or self.meta.get("pretrained"),
+                allow_random_init=self.allow_random_init, seed=0,
             )
             model.eval()
             self.set_encoder(model, tokenizer)

@@ -3,7 +3,6 @@ together and merged by score (see :class:`index.query.VideoIndex`)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,17 +12,21 @@ from index.embeddings import EmbeddingSource
 from index.factory import parse_memory
 from index.part import DEFAULT_MEMORY, build_part
 from runtime.ray_connect import connect_ray
+from runtime.storage import storage_env
 
 
-def _build_shard_task(source: EmbeddingSource, shard: tuple[int, int], stage: str, kwargs: dict[str, Any]):
-    return build_part(source, shard, write_to=stage, **kwargs)
+def _build_shard_task(
+    source: EmbeddingSource, shard: tuple[int, int], target: tuple[str, str], kwargs: dict[str, Any]
+):
+    return build_part(source, shard, write_to=target, **kwargs)
 
 
 def build_parts_with_ray(
-    source: EmbeddingSource, num_shards: int, stage: Path, num_cpus: float = 1, **kwargs: Any
+    source: EmbeddingSource, num_shards: int, target: tuple[str, str], num_cpus: float = 1, **kwargs: Any
 ) -> list[dict[str, Any]]:
-    """Build ``num_shards`` shards as parallel Ray tasks; each writes its ``shard-NNNNN.faiss`` into
-    ``stage`` and returns its ids / probes / info.
+    """Build ``num_shards`` shards as parallel Ray tasks; each puts its ``shard-NNNNN.faiss`` under
+    ``target`` = ``(index root URI, version)`` itself and returns its ids / probes / info / file record.
+    The tasks get this process's store configuration (:func:`runtime.storage.storage_env`).
 
     Ray comes from :func:`runtime.ray_connect.connect_ray`: the running Ray, the cluster of ``RAY_ADDRESS``
     (``ray job submit`` sets it), or a private local Ray that is shut down again afterwards."""
@@ -33,8 +36,10 @@ def build_parts_with_ray(
         # Each shard gets its share of the memory budget.
         budget = parse_memory(kwargs.get("memory_budget", DEFAULT_MEMORY))
         kwargs["memory_budget"] = max(1, budget // num_shards)
-        task = ray.remote(num_cpus=num_cpus)(_build_shard_task)
-        refs = [task.remote(source, (i, num_shards), str(stage), kwargs) for i in range(num_shards)]
+        task = ray.remote(num_cpus=num_cpus)(_build_shard_task).options(
+            runtime_env={"env_vars": storage_env()}
+        )
+        refs = [task.remote(source, (i, num_shards), target, kwargs) for i in range(num_shards)]
         parts = ray.get(refs)
     finally:
         if started_here:

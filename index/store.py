@@ -1,16 +1,24 @@
-"""Versioned on-disk layout: ``NAME/versions/VERSION/{index.faiss, ids.parquet, index.json, probe.npz}``
-plus ``NAME/CURRENT`` naming the live version.
+"""Versioned index layout on any store (a local folder, ``s3://``, ``gs://``: :mod:`runtime.storage`):
+``NAME/versions/VERSION/{index.faiss | shard-NNNNN.faiss, ids.parquet, probe.npz, errors.parquet,
+index.json}`` plus ``NAME/CURRENT`` naming the live version.
 
-Publishing is atomic: a version is written under ``versions/.tmp-*``, renamed into place, and only then
-``CURRENT`` is swapped (``CURRENT.tmp`` + ``os.replace``), so readers never see a half-written version.
+Publishing (docs/index.md, "Storage"): a version's files are written (FAISS writes local files) into a
+staging folder, then each is put under ``versions/VERSION/`` as one complete object; ``index.json``, which
+records every file's sha256 and size, is written after them, and the single ``CURRENT`` object LAST. A
+version is complete when its ``index.json`` exists; readers only follow ``CURRENT``, so they never see a
+partial version. For a local index the staging folder *is* the version folder (nothing is copied).
+
+Readers (:func:`load_version`) read ``CURRENT`` and ``index.json``, then take local copies of the files
+(:func:`runtime.storage.cached_copy`, verified against the recorded sha256 for remote stores), so FAISS
+reads or memory-maps local files.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -20,6 +28,8 @@ import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from runtime import storage
 
 INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.parquet"
@@ -38,31 +48,49 @@ class IndexNotFoundError(FileNotFoundError):
 
 
 class CorruptIndexError(ValueError):
-    """A version exists but one of its files cannot be read or is inconsistent."""
+    """A version exists but one of its files cannot be read, fails its checksum or is inconsistent."""
 
 
 def shard_file(i: int, num_shards: int) -> str:
     return INDEX_FILE if num_shards == 1 else f"shard-{i:05d}.faiss"
 
 
+def _seq(name: str) -> int:
+    head = name.split("-", 1)[0]
+    return int(head) if head.isdigit() else -1
+
+
 def new_version_name(root: str | os.PathLike) -> str:
     """Next version name: a sequence number (so names sort by age) + UTC timestamp + random suffix."""
-    seqs = [int(v.split("-", 1)[0]) for v in list_versions(root) if v.split("-", 1)[0].isdigit()]
+    seqs = [_seq(v) for v in list_versions(root)]
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
     return f"{max(seqs, default=0) + 1:06d}-{stamp}-{uuid.uuid4().hex[:4]}"
 
 
-def staging_dir(root: str | os.PathLike) -> Path:
-    """A fresh hidden directory under ``root/versions`` to write a version into before publishing."""
-    path = Path(root) / VERSIONS_DIR / f".tmp-{uuid.uuid4().hex}"
-    path.mkdir(parents=True)
-    return path
+def check_version_name(version: str) -> str:
+    if not _VERSION_RE.match(version) or version.startswith("."):
+        raise ValueError(f"version name {version!r} must match [A-Za-z0-9_.-]+ and not start with '.'")
+    return version
 
 
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=_json_default))
-    os.replace(tmp, path)
+def version_uri(root: str | os.PathLike, version: str) -> str:
+    return storage.join(storage.normalize(root), VERSIONS_DIR, version)
+
+
+def staging_dir(root: str | os.PathLike, version: str) -> Path:
+    """The local folder a new ``version`` is written into before :func:`publish`.
+
+    A local index stages in the version folder itself (big FAISS files are never copied; the folder stays
+    invisible until its index.json and CURRENT are written); an object store stages in a local temp folder.
+    """
+    target = version_uri(root, check_version_name(version))
+    if storage.is_local(target):
+        path = storage.local_path(target)
+        if (path / META_FILE).exists():
+            raise FileExistsError(f"index version {str(path)!r} already exists")
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    return Path(tempfile.mkdtemp(prefix=f"vidsift-index-{version}-"))
 
 
 def _json_default(value: Any) -> Any:
@@ -73,6 +101,29 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+def _clean(payload: Any) -> Any:
+    """``payload`` with numpy scalars / paths turned into JSON types (storage.write_json sorts keys)."""
+    if isinstance(payload, dict):
+        return {k: _clean(v) for k, v in payload.items()}
+    if isinstance(payload, (list, tuple)):
+        return [_clean(v) for v in payload]
+    if isinstance(payload, (np.generic, Path)):
+        return _json_default(payload)
+    return payload
+
+
+def write_json(uri: str | os.PathLike, payload: dict[str, Any]) -> None:
+    storage.write_json(uri, _clean(payload))
+
+
+write_json_atomic = write_json  # the pre-URI name
+
+
+def file_record(path: str | os.PathLike) -> dict[str, Any]:
+    """``{"sha256", "size"}`` of a finished local file (recorded in index.json)."""
+    return {"sha256": storage.sha256_file(path), "size": os.path.getsize(path)}
+
+
 def write_version_files(
     stage: Path,
     indexes: list[faiss.Index | None],
@@ -81,9 +132,10 @@ def write_version_files(
     probe: dict[str, np.ndarray] | None = None,
     errors: pa.Table | None = None,
 ) -> None:
-    """Write a complete version into the staging dir ``stage`` (not yet visible to readers)."""
+    """Write the data files of a version into the local staging folder ``stage`` (not index.json: the
+    metadata is written by :func:`publish`, after the files it describes)."""
     for i, index in enumerate(indexes):
-        if index is None:  # already written into the staging dir by a (Ray) shard builder
+        if index is None:  # already uploaded by a (Ray) shard builder
             continue
         faiss.write_index(index, str(stage / shard_file(i, len(indexes))))
     pq.write_table(ids_table, stage / IDS_FILE)
@@ -92,96 +144,172 @@ def write_version_files(
             np.savez(fh, **probe)
     if errors is not None and errors.num_rows:
         pq.write_table(errors, stage / ERRORS_FILE)
-    write_json_atomic(stage / META_FILE, {"format": FORMAT, **meta})
+    meta["format"] = FORMAT
 
 
-def publish(root: str | os.PathLike, stage: Path, version: str | None = None, keep: int = 3) -> str:
-    """Rename ``stage`` to ``versions/VERSION``, swap CURRENT to it, prune to ``keep`` versions."""
-    root = Path(root)
-    version = version or new_version_name(root)
-    if not _VERSION_RE.match(version) or version.startswith("."):
-        raise ValueError(f"version name {version!r} must match [A-Za-z0-9_.-]+ and not start with '.'")
-    final = root / VERSIONS_DIR / version
-    if final.exists():
-        raise FileExistsError(f"index version {str(final)!r} already exists")
-    os.replace(stage, final)
-    tmp = root / (CURRENT_FILE + f".tmp{os.getpid()}")
-    tmp.write_text(version + "\n")
-    os.replace(tmp, root / CURRENT_FILE)
+def upload_file(local: str | os.PathLike, root: str | os.PathLike, version: str, name: str) -> dict:
+    """Put one finished local file into ``versions/VERSION/NAME`` (a complete object); returns its record.
+
+    Nothing is copied when ``local`` already is that file (a local index stages in place)."""
+    record = file_record(local)
+    if not _is_version_dir(Path(local).parent, storage.normalize(root), version):
+        storage.upload(local, storage.join(version_uri(root, version), name))
+    return record
+
+
+def publish(
+    root: str | os.PathLike,
+    stage: Path,
+    meta: dict[str, Any],
+    version: str,
+    keep: int = 3,
+    uploaded: dict[str, dict[str, Any]] | None = None,
+) -> str:
+    """Publish the staged ``version``: every file of ``stage`` → ``versions/VERSION/``, then index.json
+    (``meta`` + each file's sha256/size, with ``uploaded`` = files already put there by shard tasks), then
+    ``CURRENT``; finally prune to ``keep`` versions. Returns the version name."""
+    root = storage.normalize(root)
+    check_version_name(version)
+    files = dict(uploaded or {})
+    for path in sorted(Path(stage).iterdir()):
+        if path.is_file() and path.name not in files and path.name != META_FILE and path.name[0] != ".":
+            files[path.name] = upload_file(path, root, version, path.name)
+    meta = {k: v for k, v in meta.items() if k != "version"}
+    meta_uri = storage.join(version_uri(root, version), META_FILE)
+    write_json(meta_uri, {**meta, "format": FORMAT, "files": files})
+    storage.write_text(storage.join(root, CURRENT_FILE), version + "\n", fsync=True)
+    if not _is_version_dir(stage, root, version):
+        shutil.rmtree(stage, ignore_errors=True)
     prune(root, keep=keep)
     return version
 
 
-def list_versions(root: str | os.PathLike) -> list[str]:
-    """Published versions, oldest first (names sort by creation time)."""
-    vdir = Path(root) / VERSIONS_DIR
-    if not vdir.is_dir():
-        return []
-    names = [p.name for p in vdir.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    return sorted(names, key=lambda n: (int(n.split("-", 1)[0]) if n.split("-", 1)[0].isdigit() else -1, n))
+def publish_copy(src_vdir: str, meta: dict[str, Any], root: str | os.PathLike, keep: int = 3) -> str:
+    """Publish the files of an existing version ``src_vdir`` (any store) with ``meta`` as a new version of
+    ``root`` (the reindex publishes its validated scratch version this way)."""
+    root = storage.normalize(root)
+    version = new_version_name(root)
+    stage = staging_dir(root, version)
+    try:
+        uploaded = {
+            name: upload_file(local_file(src_vdir, meta, name), root, version, name)
+            for name in version_files(src_vdir, meta)
+        }
+        return publish(root, stage, meta, version, keep=keep, uploaded=uploaded)
+    except BaseException:
+        discard_stage(root, stage, version)
+        raise
+
+
+def version_files(vdir: str, meta: dict[str, Any]) -> list[str]:
+    """The data files of a version: those index.json records (older local versions: those listed)."""
+    if meta.get("files") is not None:
+        return sorted(meta["files"])
+    names = [storage.name(u) for u in storage.list_files(vdir)]
+    return sorted(n for n in names if n != META_FILE and not n.startswith("."))
+
+
+def _is_version_dir(stage: Path, root: str, version: str) -> bool:
+    target = version_uri(root, version)
+    return storage.is_local(target) and Path(stage).resolve() == storage.local_path(target).resolve()
+
+
+def discard_stage(root: str | os.PathLike, stage: Path, version: str) -> None:
+    """Remove a failed publish's staging folder and whatever it already put under ``versions/VERSION``."""
+    shutil.rmtree(stage, ignore_errors=True)
+    if not storage.exists(storage.join(version_uri(root, version), META_FILE)):
+        storage.remove(version_uri(root, version), recursive=True)
+
+
+def list_versions(root: str | os.PathLike, complete: bool = True) -> list[str]:
+    """Published versions (those with an index.json; all folders with ``complete=False``), oldest first."""
+    base = storage.join(storage.normalize(root), VERSIONS_DIR)
+    names = [storage.name(d) for d in storage.list_dirs(base)]
+    names = [n for n in names if not n.startswith(".")]
+    if complete:
+        names = [n for n in names if storage.exists(storage.join(base, n, META_FILE))]
+    return sorted(names, key=lambda n: (_seq(n), n))
 
 
 def prune(root: str | os.PathLike, keep: int = 3) -> list[str]:
-    """Delete the oldest versions beyond ``keep`` (never CURRENT) and stale staging dirs over an hour old."""
-    root = Path(root)
+    """Delete the oldest versions beyond ``keep`` (never CURRENT), and unfinished versions (no index.json)
+    older than CURRENT: leftovers of a publish that died."""
+    root = storage.normalize(root)
     keep = max(1, int(keep))
     current = read_current(root, missing_ok=True)
     removed = []
     versions = list_versions(root)
     for name in versions[: max(0, len(versions) - keep)]:
         if name != current:
-            shutil.rmtree(root / VERSIONS_DIR / name, ignore_errors=True)
+            storage.remove(version_uri(root, name), recursive=True)
             removed.append(name)
-    for stale in (root / VERSIONS_DIR).glob(".tmp-*"):
-        if time.time() - stale.stat().st_mtime > 3600:
-            shutil.rmtree(stale, ignore_errors=True)
+    if current is not None:
+        for name in set(list_versions(root, complete=False)) - set(versions):
+            if _seq(name) < _seq(current):
+                storage.remove(version_uri(root, name), recursive=True)
     return removed
 
 
 def read_current(root: str | os.PathLike, missing_ok: bool = False) -> str | None:
     """The version name in ``root/CURRENT``."""
-    path = Path(root) / CURRENT_FILE
-    if not path.is_file():
+    root = storage.normalize(root)
+    try:
+        version = storage.read_text(storage.join(root, CURRENT_FILE)).strip()
+    except FileNotFoundError:
         if missing_ok:
             return None
-        if not Path(root).exists():
-            raise IndexNotFoundError(f"index directory {str(root)!r} does not exist")
-        raise IndexNotFoundError(f"{str(root)!r} is not a vidsift index: no {CURRENT_FILE} file")
-    version = path.read_text().strip()
+        if not storage.exists(root):
+            raise IndexNotFoundError(f"index directory {root!r} does not exist") from None
+        raise IndexNotFoundError(f"{root!r} is not a vidsift index: no {CURRENT_FILE} file") from None
     if not _VERSION_RE.match(version) or version.startswith("."):
-        raise CorruptIndexError(f"{str(path)!r} holds an invalid version name {version!r}")
+        pointer = storage.join(root, CURRENT_FILE)
+        raise CorruptIndexError(f"{pointer!r} holds an invalid version name {version!r}")
     return version
 
 
-def version_dir(root: str | os.PathLike, version: str | None = None) -> Path:
-    """Directory of ``version`` (CURRENT when None); a clear error when it is missing."""
+def version_dir(root: str | os.PathLike, version: str | None = None) -> str:
+    """URI of ``version`` (CURRENT when None); a clear error when it does not exist."""
     version = version or read_current(root)
-    path = Path(root) / VERSIONS_DIR / version
-    if not path.is_dir():
-        raise IndexNotFoundError(f"index version {version!r} named by {str(root)!r} does not exist at {path}")
-    return path
+    uri = version_uri(root, version)
+    if not storage.exists(uri):
+        raise IndexNotFoundError(f"index version {version!r} named by {str(root)!r} does not exist at {uri}")
+    return uri
 
 
 def describe(root: str | os.PathLike) -> dict[str, Any]:
     """The CURRENT version's name, the list of retained versions and its index.json (``jobs.index info``)."""
     vdir = version_dir(root)
-    return {"version": vdir.name, "versions": list_versions(root), **read_meta(vdir)}
+    return {"version": storage.name(vdir), "versions": list_versions(root), **read_meta(vdir)}
 
 
-def read_meta(vdir: Path) -> dict[str, Any]:
-    path = vdir / META_FILE
+def read_meta(vdir: str | os.PathLike) -> dict[str, Any]:
+    uri = storage.join(vdir, META_FILE)
     try:
-        meta = json.loads(path.read_text())
+        meta = storage.read_json(uri)
     except FileNotFoundError as exc:
         raise CorruptIndexError(f"index version {str(vdir)!r} has no {META_FILE}") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CorruptIndexError(f"{str(path)!r} is not valid JSON: {exc}") from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptIndexError(f"{uri!r} is not valid JSON: {exc}") from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CorruptIndexError(f"{str(path)!r} is not a {FORMAT} index description")
+        raise CorruptIndexError(f"{uri!r} is not a {FORMAT} index description")
     for field in ("dim", "count", "shards"):
         if field not in meta:
-            raise CorruptIndexError(f"{str(path)!r} lacks the field {field!r}")
+            raise CorruptIndexError(f"{uri!r} lacks the field {field!r}")
     return meta
+
+
+def local_file(vdir: str, meta: dict[str, Any], name: str, verify: bool | None = None) -> Path:
+    """A local path holding the version's file ``name``: the file itself for a local index, else a cached
+    copy verified against the sha256 in index.json (``verify``: None = remote copies only)."""
+    uri = storage.join(vdir, name)
+    record = (meta.get("files") or {}).get(name) or {}
+    check = (not storage.is_local(uri)) if verify is None else verify
+    try:
+        return storage.cached_copy(uri, sha256=record.get("sha256") if check else None)
+    except FileNotFoundError as exc:
+        raise CorruptIndexError(f"index file {uri!r} is missing") from exc
+    except ValueError as exc:  # sha256 mismatch
+        raise CorruptIndexError(f"index file {uri!r} is corrupt: {exc}") from exc
 
 
 def read_faiss(path: Path, mmap: bool | None = None) -> faiss.Index:
@@ -196,8 +324,8 @@ def read_faiss(path: Path, mmap: bool | None = None) -> faiss.Index:
         raise CorruptIndexError(f"index file {str(path)!r} could not be read: {exc}") from exc
 
 
-def read_ids(vdir: Path) -> pa.Table:
-    path = vdir / IDS_FILE
+def read_ids(vdir: str, meta: dict[str, Any] | None = None, verify: bool | None = None) -> pa.Table:
+    path = local_file(vdir, meta or {}, IDS_FILE, verify)
     try:
         return pq.read_table(path)
     except FileNotFoundError as exc:
@@ -206,30 +334,36 @@ def read_ids(vdir: Path) -> pa.Table:
         raise CorruptIndexError(f"{str(path)!r} could not be read: {exc}") from exc
 
 
-def read_probe(vdir: Path) -> dict[str, np.ndarray] | None:
-    path = vdir / PROBE_FILE
-    if not path.is_file():
+def read_probe(
+    vdir: str, meta: dict[str, Any] | None = None, verify: bool | None = None
+) -> dict[str, np.ndarray] | None:
+    files = (meta or {}).get("files")
+    if files is not None and PROBE_FILE not in files:
         return None
-    with np.load(path, allow_pickle=False) as data:
+    if files is None and not storage.exists(storage.join(vdir, PROBE_FILE)):
+        return None
+    with np.load(local_file(vdir, meta or {}, PROBE_FILE, verify), allow_pickle=False) as data:
         return {k: data[k] for k in data.files}
 
 
-def load_version(root: str | os.PathLike, version: str | None = None, mmap: bool | None = None):
-    """``(version_dir, meta, [faiss indexes], ids table)`` of a published version, validated."""
+def load_version(
+    root: str | os.PathLike, version: str | None = None, mmap: bool | None = None, verify: bool | None = None
+):
+    """``(version URI, meta, [faiss indexes], ids table)`` of a published version, validated; the files are
+    read from local (cached, checksum-verified) copies."""
     vdir = version_dir(root, version)
     meta = read_meta(vdir)
-    shards = meta["shards"]
-    indexes = [read_faiss(vdir / s["file"], mmap=mmap) for s in shards]
-    ids = read_ids(vdir)
+    indexes = [read_faiss(local_file(vdir, meta, s["file"], verify), mmap=mmap) for s in meta["shards"]]
+    ids = read_ids(vdir, meta, verify)
     total = sum(int(ix.ntotal) for ix in indexes)
     if total != int(meta["count"]) or ids.num_rows != total:
         raise CorruptIndexError(
-            f"index version {str(vdir)!r} is inconsistent: index.json count "
+            f"index version {vdir!r} is inconsistent: index.json count "
             f"{meta['count']}, faiss holds {total}, ids.parquet has {ids.num_rows} rows"
         )
     for ix in indexes:
         if ix.d != int(meta["dim"]):
             raise CorruptIndexError(
-                f"index version {str(vdir)!r}: faiss dim {ix.d} != index.json dim {meta['dim']}"
+                f"index version {vdir!r}: faiss dim {ix.d} != index.json dim {meta['dim']}"
             )
     return vdir, meta, indexes, ids

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
+
+from runtime import storage
 
 
 def embedding_schema(dim: int, dtype=pa.float32()) -> pa.Schema:
@@ -35,7 +36,7 @@ def clustered_vectors(n: int, dim: int, seed: int = 0, clusters: int = 16, noise
 
 
 def write_embeddings(
-    out: Path,
+    out: Path | str,
     vectors: np.ndarray,
     clips_per_video: int = 1,
     model_id: str = "toy@000000",
@@ -46,10 +47,11 @@ def write_embeddings(
     rows_per_file: int = 1000,
     captions=None,
 ) -> Path:
-    """Write ``vectors`` as ``out/model_id=<id>/part-*.parquet`` + ``_model.json``; returns ``out``."""
+    """Write ``vectors`` as ``out/model_id=<id>/part-*.parquet`` + ``_model.json`` (``out``: any store's
+    URI); returns ``out``."""
     dim = vectors.shape[1]
-    sub = Path(out) / f"model_id={model_id.replace('@', '_')}"
-    sub.mkdir(parents=True, exist_ok=True)
+    sub = storage.join(out, f"model_id={model_id.replace('@', '_')}")
+    storage.makedirs(sub)
     rows = []
     for j, vec in enumerate(vectors):
         v, c = divmod(j, clips_per_video)
@@ -71,8 +73,9 @@ def write_embeddings(
     schema = embedding_schema(dim)
     for f, start in enumerate(range(0, len(rows), rows_per_file)):
         table = pa.Table.from_pylist(rows[start : start + rows_per_file], schema=schema)
-        pq.write_table(table, sub / f"part-{start_id:08d}-{f:04d}.parquet")
-    (sub / "_model.json").write_text(
-        json.dumps({"model_id": model_id, "model_name": model_name, "pretrained": pretrained, "dim": dim})
+        storage.write_parquet(table, storage.join(sub, f"part-{start_id:08d}-{f:04d}.parquet"))
+    storage.write_text(
+        storage.join(sub, "_model.json"),
+        json.dumps({"model_id": model_id, "model_name": model_name, "pretrained": pretrained, "dim": dim}),
     )
-    return Path(out)
+    return out if isinstance(out, str) else Path(out)

@@ -1,6 +1,6 @@
 """Caption a shard corpus with a SwinBERT checkpoint (Ray Data), optionally scoring the ingest captions.
 
-    python -m jobs.caption --shards DIR --pretrained CKPT --output DIR [--score-captions] [--beam N]
+    python -m jobs.caption --shards DIR|URI --pretrained CKPT --output DIR|URI [--score-captions] [--beam N]
 
 read shards → decode + sparse sample (``DecodeClipsStage``, CPU) → ``CaptionStage`` (an actor holding the
 model) → ``OUTPUT/captions.parquet`` (``video_id``, ``key``, ``caption``, ``score``, ``model_id``) and, with
@@ -8,7 +8,10 @@ model) → ``OUTPUT/captions.parquet`` (``video_id``, ``key``, ``caption``, ``sc
 one row per ingest caption). Samples that cannot be decoded go to ``OUTPUT/errors.parquet`` (``key``,
 ``video_id``, ``reason``, ``message``): every input sample ends in exactly one of the two; a failure of
 the model itself is a bug and stops the run.
-Outputs are written atomically and rewritten whole, so reruns give the same files.
+Outputs are written atomically (each one complete object, on any store: a path, ``s3://``, ``gs://``) and
+rewritten whole, so reruns give the same files. Trained weights are required: without ``--pretrained`` the
+job exits 2 naming it, unless ``--allow-random-init`` (``--model``, default ``swinbert-tiny``, from a seeded
+random init: tests, benchmarks).
 
 The run is ``workflows.caption.run_caption`` (stages in ``pipeline.captioning``); ``workflows.rerank``
 turns the captioner into a ``VideoIndex.search(..., rerank=...)`` hook.
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from models import PretrainedWeightsError
 from runtime.progress import print_summary
 from workflows.caption import run_caption
 
@@ -26,8 +30,14 @@ from workflows.caption import run_caption
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vidsift caption", description=__doc__.split("\n\n")[0])
     p.add_argument("--shards", required=True, help="shard dir (or its shards/ folder), glob or brace pattern")
-    p.add_argument("--pretrained", required=True, help="SwinBERT vidsift checkpoint (models.save_checkpoint)")
-    p.add_argument("--output", required=True, help="output folder for captions.parquet / errors.parquet")
+    p.add_argument("--pretrained", default=None,
+                   help="SwinBERT vidsift checkpoint (models.save_checkpoint), path or URI on any store; "
+                        "required unless --allow-random-init")
+    p.add_argument("--allow-random-init", action="store_true",
+                   help="without --pretrained, caption with a seeded random --model (tests, benchmarks)")
+    p.add_argument("--model", default=None, help="captioner to build without a checkpoint (swinbert-tiny)")
+    p.add_argument("--output", required=True,
+                   help="output folder (path or URI) for captions.parquet / errors.parquet")
     p.add_argument(
         "--score-captions",
         action="store_true",
@@ -60,8 +70,10 @@ def main(argv: list[str] | None = None) -> int:
             num_clips=args.num_clips,
             decoders=args.decoders,
             backend=args.backend,
+            model_name=args.model,
+            allow_random_init=args.allow_random_init,
         )
-    except (FileNotFoundError, KeyError, ValueError) as exc:
+    except (FileNotFoundError, KeyError, ValueError, PretrainedWeightsError) as exc:
         print(f"vidsift caption: error: {exc}", file=sys.stderr)
         return 2
     print_summary("caption", summary)

@@ -1,11 +1,14 @@
 """Batch-embed a shard corpus into Parquet with Ray Data (incremental, idempotent).
 
-    python -m jobs.embed --shards DIR --model NAME [--pretrained CKPT] --output DIR
+    python -m jobs.embed --shards DIR|URI --model NAME --pretrained CKPT_URI --output DIR|URI
 
 read shards → skip already-embedded keys → decode + sparse sample (CPU actors) → encoder actor pool
-(``num_gpus=1`` per actor when the cluster has GPUs) → one ``part-<shard>.parquet`` per shard under
-``OUTPUT/model_id=<id>/``. Rerunning with the same shards and model embeds nothing. The run itself is
-``workflows.embed.run_embed``; this module only parses flags and prints the summary.
+(``num_gpus=1`` per actor when the cluster has GPUs) → the workers write one ``part-<shard>.parquet`` per
+shard under ``OUTPUT/model_id=<id>/`` (any store: a path, ``s3://``, ``gs://``). Rerunning with the same
+shards and model embeds nothing. Trained weights are required (``--pretrained``, a checkpoint on any store);
+``--allow-random-init`` embeds with a seeded random init on purpose (tests, benchmarks). Exit 2 on a usage
+error (no weights, no shards). The run itself is ``workflows.embed.run_embed``; this module only parses
+flags and prints the summary.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from models import PretrainedWeightsError
 from runtime.progress import print_summary
 from workflows.embed import run_embed
 
@@ -21,8 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vidsift embed", description=__doc__.split("\n\n")[0])
     p.add_argument("--shards", required=True, help="shard dir (or its shards/ folder), glob or brace pattern")
     p.add_argument("--model", required=True, help="registered model name (see models.list_models())")
-    p.add_argument("--pretrained", default=None, help="checkpoint / open_clip tag for the model")
-    p.add_argument("--output", required=True, help="embeddings output folder")
+    p.add_argument("--pretrained", default=None,
+                   help="trained checkpoint (path or URI on any store) / weights tag; required unless "
+                        "--allow-random-init")
+    p.add_argument("--allow-random-init", action="store_true",
+                   help="without --pretrained, embed with a seeded random init (tests, benchmarks)")
+    p.add_argument("--output", required=True, help="embeddings output folder (path or s3:// / gs:// URI)")
     p.add_argument("--batch-size", type=int, default=16, help="videos per encoder batch")
     p.add_argument("--encoders", type=int, default=1, help="encoder actors (one GPU each when GPUs exist)")
     p.add_argument("--decoders", type=int, default=None, help="decode actors (CPU)")
@@ -46,8 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         summary = run_embed(args.shards, args.model, args.output, pretrained=args.pretrained,
                             sampling=overrides, batch_size=args.batch_size, encoders=args.encoders,
                             decoders=args.decoders, backend=args.backend, dtype=args.dtype,
-                            with_text=args.with_text, encoder_threads=args.encoder_threads)
-    except (FileNotFoundError, KeyError, ValueError) as exc:
+                            with_text=args.with_text, encoder_threads=args.encoder_threads,
+                            allow_random_init=args.allow_random_init)
+    except (FileNotFoundError, KeyError, ValueError, PretrainedWeightsError) as exc:
         print(f"vidsift embed: error: {exc}", file=sys.stderr)
         return 2
     print_summary("embed", summary)

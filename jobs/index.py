@@ -1,13 +1,11 @@
 """``python -m jobs.index {build,add,delete,query,info,check}``: build and maintain vidsift FAISS indexes.
 
-Examples::
-
+Examples (every path may be a URI: s3://, gs://, file://)::
     python -m jobs.index build --embeddings OUT/embeddings --output OUT/index --memory 4GB --recall 0.95
     python -m jobs.index add --embeddings OUT/new_embeddings --output OUT/index
     python -m jobs.index delete --output OUT/index --video-ids synth-000001 synth-000002
-    python -m jobs.index query --index OUT/index --text "a red ball moving left" -k 10
-    python -m jobs.index info --index OUT/index
-"""
+    python -m jobs.index query --index s3://bucket/index --text "a red ball moving left" -k 10
+    python -m jobs.index info --index OUT/index"""
 
 from __future__ import annotations
 
@@ -55,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--text", action="append", required=True, help="query text (repeatable)")
     q.add_argument("-k", type=int, default=10)
     q.add_argument("--aggregate", choices=("max", "mean"), default="max")
-    q.add_argument("--pretrained", default=None, help="override the checkpoint recorded in index.json")
+    q.add_argument("--pretrained", default=None, help="text encoder checkpoint URI (default: index.json's)")
+    q.add_argument("--allow-random-init", action="store_true", help="permit a seeded random text encoder")
 
     i = sub.add_parser("info", help="print the CURRENT version's index.json and the version list")
     i.add_argument("--index", "--output", dest="index", required=True)
@@ -83,11 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "delete":
             _print(index_build.delete_videos(args.output, args.video_ids, keep=args.keep))
         elif args.command == "query":
-            vi = VideoIndex.open(args.index)
-            if args.pretrained:
-                vi.meta["pretrained"] = args.pretrained
-            for text, hits in zip(args.text, vi.search(list(args.text), k=args.k, aggregate=args.aggregate)):
-                print(json.dumps({"query": text, "hits": [h.to_dict() for h in hits]}))
+            return _query(args)
         elif args.command == "info":
             print(json.dumps(store.describe(args.index), indent=2, default=str))
         elif args.command == "check":
@@ -96,6 +91,19 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"needs_retrain": needed, "reasons": reasons}))
             return 3 if needed else 0
     except (FileNotFoundError, ValueError, TypeError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _query(args: argparse.Namespace) -> int:
+    from models import PretrainedWeightsError  # lazy: only text queries need torch (build/info do not)
+
+    try:
+        vi = VideoIndex.open(args.index, pretrained=args.pretrained, allow_random_init=args.allow_random_init)
+        for text, hits in zip(args.text, vi.search(list(args.text), k=args.k, aggregate=args.aggregate)):
+            print(json.dumps({"query": text, "hits": [h.to_dict() for h in hits]}))
+    except PretrainedWeightsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

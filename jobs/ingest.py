@@ -1,8 +1,9 @@
-"""`python -m jobs.ingest --input MANIFEST_OR_GLOB --output DIR ...`: raw videos -> WebDataset shards (Ray).
+"""`python -m jobs.ingest --input MANIFEST_OR_GLOB --output DIR_OR_URI ...`: raw videos -> WebDataset shards.
 
-Thin wrapper over ``pipeline.ingest.run_ingest``. Exit 0 when the job finished (bad inputs are recorded in
-``OUT/errors.parquet``), 2 when the input cannot be read (or, with ``--on-error raise``, at the first bad
-input), 1 when shard tasks died (rerun to finish).
+Thin wrapper over ``pipeline.ingest.run_ingest``; input and output are paths or URIs (``s3://bucket/prefix``;
+endpoint and credentials from the standard ``AWS_*`` configuration). Exit 0 when the job finished (bad
+inputs are recorded in ``OUT/errors.parquet``), 2 when the input cannot be read (or, with ``--on-error
+raise``, at the first bad input), 1 when shard tasks died (rerun to finish).
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--input", required=True, help="manifest (csv/tsv/jsonl/parquet), directory or glob; fsspec URI"
     )
-    p.add_argument("--output", required=True, help="output folder (shards/, errors.parquet, manifest.json)")
+    p.add_argument(
+        "--output", required=True,
+        help="output folder or URI, e.g. s3://bucket/vidsift/ingest (shards/, errors.parquet, manifest.json)",
+    )
     p.add_argument("--workers", type=int, default=None, help="concurrent shard tasks (default: cluster CPUs)")
     p.add_argument("--samples-per-shard", type=int, default=64)
     p.add_argument(
@@ -45,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--task-retries", type=int, default=2, help="Ray retries of a shard task whose worker died"
     )
-    p.add_argument("--no-fsync", action="store_true", help="skip fsync of each tar before its rename")
+    p.add_argument("--no-fsync", action="store_true", help="skip fsync of local files before their rename")
     p.add_argument(
         "--on-error", choices=ERROR_POLICIES, default="record",
         help="bad inputs: record them in errors.parquet and go on (default), or stop at the first",

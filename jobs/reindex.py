@@ -1,7 +1,7 @@
 """Nightly incremental reindex: ingest + embed only what changed in a source, update the index, publish.
 
-    python -m jobs.reindex --source MANIFEST_OR_GLOB --workdir DIR [--config YAML] [--model NAME]
-                           [--pretrained CKPT] [--retry-failed] [--dry-run]
+    python -m jobs.reindex --source MANIFEST_OR_GLOB --workdir DIR_OR_URI [--config YAML] [--model NAME]
+                           [--pretrained CKPT_URI | --allow-random-init] [--retry-failed] [--dry-run]
 
 Exit codes: 0 published (or nothing to do), 1 failed (validation, a step died), 2 bad input,
 3 another run holds the lock. See docs/ops.md.
@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 
+from models import PretrainedWeightsError
 from runtime.errors import InputError
 from runtime.progress import print_summary
 from workflows.reindex import LockHeldError, ReindexError, ReindexInputError, load_config, run_reindex
@@ -26,11 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--workdir",
         required=True,
-        help="working dir (POSIX path) holding state/, ingest/, embeddings/, index/ and the lock",
+        help="working dir (path or s3://, gs:// URI) holding state/, ingest/, embeddings/, index/, the lock",
     )
     p.add_argument("--config", default=None, help="YAML config (see configs/reindex.yaml)")
     p.add_argument("--model", default=None, help="registered model name (overrides the config)")
-    p.add_argument("--pretrained", default=None, help="checkpoint for the model (overrides the config)")
+    p.add_argument("--pretrained", default=None, help="trained checkpoint URI (overrides the config's)")
+    p.add_argument("--allow-random-init", action="store_true",
+                   help="build with a seeded random model when no checkpoint is set (tests only)")
     p.add_argument(
         "--retry-failed",
         action="store_true",
@@ -53,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             config=config,
             model=args.model,
             pretrained=args.pretrained,
+            allow_random_init=args.allow_random_init,
             retry_failed=args.retry_failed,
             dry_run=args.dry_run,
             crash_mode="exit",
@@ -61,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     except LockHeldError as exc:
         print(f"vidsift reindex: {exc}", file=sys.stderr)
         return 3
-    except (InputError, ReindexInputError, FileNotFoundError, KeyError, ValueError) as exc:
+    except (InputError, ReindexInputError, PretrainedWeightsError, FileNotFoundError, KeyError,
+            ValueError) as exc:
         print(f"vidsift reindex: error: {exc}", file=sys.stderr)
         return 2
     except ReindexError as exc:

@@ -5,6 +5,8 @@
 The recipe comes from ``--config YAML`` (see ``configs/train/``); flags given on the command line override it.
 Writes ``OUTPUT/model.pt`` (load with ``models.create_model(NAME, pretrained="OUTPUT/model.pt")``),
 ``OUTPUT/metrics.jsonl``, ``OUTPUT/summary.json`` and the Ray Train run (checkpoints) under ``OUTPUT/ray/``.
+``--shards``, ``--output``, ``--pretrained`` and ``--backbone-pretrained`` take paths or URIs on any store
+(``s3://bucket/runs/x``: checkpoints, resume and ``model.pt`` all on S3; credentials from ``AWS_*``).
 """
 
 from __future__ import annotations
@@ -19,13 +21,13 @@ from workflows.train import run_eval_only, run_training
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__)
-    p.add_argument("--shards", required=True, help="ingest output folder or its shards/")
+    p.add_argument("--shards", required=True, help="ingest output (folder or URI) or its shards/")
     p.add_argument("--model", default=None, help="registered model name (overrides `model:` in the config)")
-    p.add_argument("--output", required=True, help="run folder: model.pt, metrics.jsonl, ray/ checkpoints")
+    p.add_argument("--output", required=True, help="run folder/URI: model.pt, metrics.jsonl, ray/")
     p.add_argument("--config", default=None, help="training recipe YAML (configs/train/*.yaml)")
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers (data-parallel ranks)")
     p.add_argument("--task", choices=TASKS, default=None)
-    p.add_argument("--pretrained", default=None, help="initial weights (open_clip tag or checkpoint path)")
+    p.add_argument("--pretrained", default=None, help="initial weights (open_clip tag or checkpoint URI)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--max-steps", type=int, default=None, help="stop with a checkpoint after this many steps")
     p.add_argument("--batch-size", type=int, default=None, help="per worker")
@@ -33,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--backbone-lr-scale", type=float, default=None, help="backbone lr = lr * this")
     p.add_argument("--backbone-pretrained", default=None,
-                   help="initialise only the video backbone from this checkpoint (SwinBERT: a Video Swin or "
+                   help="init only the video backbone from this checkpoint URI (SwinBERT: a Video Swin or "
                         "VidSwin dual-encoder model.pt)")
     p.add_argument("--backbone-freeze-fraction", type=float, default=None,
                    help="hold the backbone lr at 0 for this fraction of the steps")

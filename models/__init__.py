@@ -13,13 +13,21 @@ from models.checkpoint import (
     recorded_eval_sampling,
     save_checkpoint,
 )
-from models.factory import create_model
-from models.pretrained import PretrainedWeightsError
+from models.factory import (
+    MissingWeightsError,
+    RandomInitWarning,
+    create_inference_model,
+    create_model,
+)
+from models.pretrained import PretrainedWeightsError, resolve_weights
 from models.registry import get_model_config, get_model_entry, list_models
 from models.transforms import VideoTransform
 
 __all__ = [
+    "MissingWeightsError",
     "PretrainedWeightsError",
+    "RandomInitWarning",
+    "create_inference_model",
     "RetrievalModel",
     "VideoTransform",
     "create_model",
@@ -30,5 +38,6 @@ __all__ = [
     "load_checkpoint",
     "model_id_for",
     "recorded_eval_sampling",
+    "resolve_weights",
     "save_checkpoint",
 ]

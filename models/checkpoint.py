@@ -1,10 +1,13 @@
 """vidsift checkpoints and model identity: one file format for every family.
 
 A checkpoint is ``{"format", "model_name", "config", "state_dict", "extra"}`` written with ``torch.save``
-(atomically) and read with ``torch.load(weights_only=True)``. ``model_id = name@digest`` (a sha256 over the
-state dict) identifies every embedding a model produces. The family builders read ``pretrained=`` files
-through :func:`read_pretrained_checkpoint` / :func:`load_state_strict`, which turn every failure into a
-:class:`models.pretrained.PretrainedWeightsError`.
+(atomically: a complete object or none, through ``runtime.storage``) and read with
+``torch.load(weights_only=True)``. Checkpoints live on any store: every path here may be a URI (``s3://``,
+``gs://``, ``file://`` or a plain path); readers get a local copy from
+:func:`models.pretrained.resolve_weights` (the download cache for remote ones). ``model_id = name@digest``
+(a sha256 over the state dict) identifies every embedding a model produces. The family builders read
+``pretrained=`` files through :func:`read_pretrained_checkpoint` / :func:`load_state_strict`, which turn
+every failure into a :class:`models.pretrained.PretrainedWeightsError`.
 """
 
 from __future__ import annotations
@@ -17,8 +20,14 @@ from typing import Any
 
 import torch
 
-from models.pretrained import PretrainedWeightsError, PretrainedWeightsMismatch, PretrainedWeightsNotFound
+from models.pretrained import (
+    PretrainedWeightsError,
+    PretrainedWeightsMismatch,
+    PretrainedWeightsNotFound,
+    resolve_weights,
+)
 from models.registry import get_model_config
+from runtime import storage
 
 CHECKPOINT_FORMAT = "vidsift-checkpoint-v1"
 
@@ -45,13 +54,12 @@ def model_id_for(name: str, model: torch.nn.Module) -> str:
 
 def save_checkpoint(
     model: torch.nn.Module, path: str | os.PathLike, extra: dict[str, Any] | None = None
-) -> Path:
-    """Save a vidsift checkpoint (model name, config, state dict) atomically (tmp + rename)."""
+) -> Path | str:
+    """Save a vidsift checkpoint (model name, config, state dict) to ``path`` on any store, atomically
+    (local: temp + rename; remote: one complete object). Returns the local ``Path``, or the URI."""
     name = getattr(model, "model_name", None)
     if not name:
         raise ValueError("model has no model_name; build it with models.create_model")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     built_config = getattr(model, "config", None)
     payload = {
         "format": CHECKPOINT_FORMAT,
@@ -61,28 +69,32 @@ def save_checkpoint(
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "extra": dict(extra or {}),
     }
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-    return path
+    text = os.fspath(path)
+    with storage.open_output(text) as fh:
+        torch.save(payload, fh)
+    return storage.local_path(text) if storage.is_local(text) else text
 
 
 def is_vidsift_checkpoint(path: str | os.PathLike) -> bool:
-    """True when ``path`` is a file written by :func:`save_checkpoint`."""
+    """True when ``path`` (any store) is a file written by :func:`save_checkpoint`."""
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(resolve_weights(path), map_location="cpu", weights_only=True)
     except Exception:
         return False
     return isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a vidsift checkpoint safely (``weights_only=True``); clear errors for missing or foreign files."""
-    path = Path(path)
-    if not path.is_file():
+    """Load a vidsift checkpoint (a path or URI on any store) safely (``weights_only=True``); clear errors for
+    missing or foreign files."""
+    try:
+        local = resolve_weights(path)
+    except FileNotFoundError:
+        local = None
+    if local is None or not local.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(local, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ValueError(f"checkpoint {str(path)!r} could not be read safely: {exc}") from exc
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
@@ -103,11 +115,16 @@ def read_pretrained_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def require_file(path: str | os.PathLike, hint: str = "") -> str:
-    """``str(path)`` when it is a file, else :class:`PretrainedWeightsNotFound` (``hint`` appended)."""
+    """The local file (``str``) holding ``path`` (any store: see :func:`resolve_weights`), else
+    :class:`PretrainedWeightsNotFound` (``hint`` appended)."""
     text = str(path)
-    if not os.path.isfile(text):
+    try:
+        local = resolve_weights(path)
+    except FileNotFoundError:
+        local = None
+    if local is None or not local.is_file():
         raise PretrainedWeightsNotFound(f"pretrained weights file {text!r} does not exist{hint}")
-    return text
+    return str(local)
 
 
 def load_state_strict(
@@ -125,11 +142,14 @@ def load_state_strict(
 
 def recorded_eval_sampling(path: str | os.PathLike | None) -> dict[str, Any] | None:
     """The eval sampling a ``jobs.train`` run recorded in its checkpoint (``extra.eval_sampling``, else the
-    saved train config's), or ``None`` when ``path`` is not a vidsift checkpoint or records none."""
-    if not path or not Path(path).is_file():
+    saved train config's), or ``None`` when ``path`` (any store) is not a vidsift checkpoint or records
+    none."""
+    if not path:
         return None
     try:
         extra = load_checkpoint(path).get("extra", {})
+    except FileNotFoundError:  # an open_clip tag, or no file: nothing recorded
+        return None
     except ValueError:  # an open_clip / TorchScript file: nothing recorded
         return None
     config = extra.get("train_config") or {}

@@ -38,6 +38,7 @@ from models.pretrained import (
     load_clip_state_dict,
     read_state_dict_file,
     resolve_clip_weights,
+    resolve_weights,
 )
 from models.registry import merge_config
 from models.transforms import CLIP_MEAN, CLIP_STD, VideoTransform, build_tokenizer
@@ -330,7 +331,10 @@ class CLIP4Clip(RetrievalModel):
 
 def _vidsift_payload(pretrained: str | os.PathLike | None) -> dict[str, Any] | None:
     """The payload when ``pretrained`` is a vidsift checkpoint, else ``None`` (CLIP weights or a tag)."""
-    if pretrained is None or not os.path.isfile(pretrained) or is_torchscript_archive(pretrained):
+    if pretrained is None:
+        return None
+    path = resolve_weights(pretrained)  # a remote checkpoint: its local cached copy
+    if not path.is_file() or is_torchscript_archive(path):
         return None
     try:
         return load_checkpoint(pretrained)

@@ -29,6 +29,7 @@ from models.pretrained import (
     PretrainedWeightsNotFound,
     read_state_dict_file,
     resolve_clip_weights,
+    resolve_weights,
 )
 from models.registry import get_model_entry, merge_config
 from models.transforms import IMAGENET_MEAN, IMAGENET_STD, VideoTransform, build_tokenizer
@@ -127,7 +128,7 @@ def _checkpoint_payload(pretrained: str | os.PathLike | None, cfg: dict[str, Any
     """The vidsift checkpoint ``pretrained`` (its activation flag copied into ``cfg``), or ``None``."""
     if pretrained is None:
         return None
-    if not os.path.isfile(pretrained):
+    if not resolve_weights(pretrained).is_file():  # any store: a remote checkpoint's local cached copy
         raise PretrainedWeightsNotFound(
             f"pretrained {str(pretrained)!r} is not a file; the dual encoder takes a vidsift checkpoint "
             "pretrained= (use text_pretrained= / video_pretrained= to initialise one tower)"

@@ -14,6 +14,7 @@ its builder (a plain dict, no string imports). Every builder has the signature
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +23,7 @@ import torch
 from models.checkpoint import model_id_for
 from models.clip4clip import build_clip4clip
 from models.dual_encoder import build_vidswin_dual_encoder
+from models.pretrained import PretrainedWeightsError
 from models.registry import get_model_entry
 from models.swinbert import build_swinbert
 from models.video_swin import build_video_swin
@@ -39,12 +41,13 @@ def create_model(
 ):
     """Build a registered model: returns ``(model, transform, tokenizer)``.
 
-    ``pretrained`` is whatever the family understands (an open_clip tag, a local checkpoint, a vidsift
-    checkpoint); a falsy value means none. Without it, ``seed`` makes the random init reproducible (every
-    process that builds it holds the same weights and ``model_id``: the embed job's actors, its driver and
-    the index's text encoder agree). ``tokenizer`` is ``None`` for video-only backbones. The model carries
-    ``model.model_name`` and ``model.model_id`` (name + weights digest), which identifies every embedding it
-    produces.
+    ``pretrained`` is whatever the family understands (an open_clip tag, a weights file, a vidsift
+    checkpoint); files may be URIs on any store (``s3://...``: fetched once into the local cache, see
+    :func:`models.pretrained.resolve_weights`); a falsy value means none. Without it, ``seed`` makes the
+    random init reproducible (every process that builds it holds the same weights and ``model_id``: the
+    embed job's actors, its driver and the index's text encoder agree). ``tokenizer`` is ``None`` for
+    video-only backbones. The model carries ``model.model_name`` and ``model.model_id`` (name + weights
+    digest), which identifies every embedding it produces.
     """
     entry = get_model_entry(name)
     builder = BUILDERS.get(entry.family)
@@ -64,3 +67,39 @@ def create_model(
         model.model_id = model_id_for(name, model)
     model.model_name = name
     return model, transform, tokenizer
+
+
+class MissingWeightsError(PretrainedWeightsError):
+    """An inference stage was asked to run without trained weights and without ``allow_random_init``."""
+
+
+class RandomInitWarning(UserWarning):
+    """An inference model was built from a seeded random init (``--allow-random-init``)."""
+
+
+def create_inference_model(
+    name: str,
+    pretrained: str | os.PathLike | None = None,
+    allow_random_init: bool = False,
+    seed: int = 0,
+):
+    """:func:`create_model` for inference and production stages (embed, the index's text encoder, caption,
+    reindex, serve): trained weights are required.
+
+    ``pretrained`` is a checkpoint path or URI on any store (e.g. ``s3://bucket/run/model.pt``).
+    Without it, it refuses with :class:`MissingWeightsError`, unless ``allow_random_init`` is
+    given; then the init is seeded (every process agrees on the weights) and a :class:`RandomInitWarning`
+    names it, so a random model never serves silently.
+    """
+    if pretrained:
+        return create_model(name, pretrained=pretrained)
+    if not allow_random_init:
+        raise MissingWeightsError(
+            f"model {name!r}: no trained weights given (--pretrained URI, e.g. a jobs.train model.pt on any "
+            "store). Inference stages refuse a random init; pass --allow-random-init to use a seeded random "
+            "model on purpose (tests, benchmarks)."
+        )
+    message = f"model {name!r}: using a SEEDED RANDOM INIT (seed={seed}), not trained weights"
+    warnings.warn(message, RandomInitWarning, stacklevel=2)
+    print(f"[models] WARNING: {message}", flush=True)
+    return create_model(name, pretrained=None, seed=seed)

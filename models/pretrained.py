@@ -12,6 +12,10 @@
   the zip's ``data.pkl`` with a restricted unpickler that only rebuilds tensors (every ``__torch__`` module
   becomes an inert attribute bag) and reads the raw storages from ``data/<n>``;
 * a **vidsift checkpoint** (``models.save_checkpoint``) — handled by the model builders.
+
+Every weights file may live on any store (``s3://``, ``gs://``, a local path): :func:`resolve_weights` is the
+one place that turns a URI into a local file (``runtime.storage.cached_copy``: a remote object is downloaded
+once into the local cache); every loader of every family goes through it.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ import torch
 from open_clip.factory import convert_state_dict
 from open_clip.model import resize_pos_embed, resize_text_pos_embed
 from open_clip.pretrained import download_pretrained, get_pretrained_cfg, list_pretrained_tags_by_model
+
+from runtime import storage
 
 OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 
@@ -171,14 +177,26 @@ def read_torchscript_state_dict(path: str | os.PathLike) -> dict[str, torch.Tens
     return state
 
 
+def resolve_weights(uri: str | os.PathLike) -> Path:
+    """The local file holding the weights at ``uri``: a local path as it is (the caller says what is missing
+    or not a file; an open_clip tag stays a bare name), a remote URI (``s3://``, ``gs://``...) through
+    ``runtime.storage.cached_copy`` (downloaded once into ``VIDSIFT_CACHE``). A remote object that does not
+    exist raises :class:`PretrainedWeightsNotFound` naming the URI."""
+    text = os.fspath(uri)
+    try:
+        return storage.cached_copy(text)
+    except FileNotFoundError as exc:
+        raise PretrainedWeightsNotFound(f"pretrained weights file {text!r} does not exist") from exc
+
+
 # ------------------------------------------------------------------------------------------- state dicts
 
 
 def read_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A CLIP state dict from a local file: TorchScript archive or a weights_only state dict."""
-    path = Path(path)
+    """A CLIP state dict from a file on any store: TorchScript archive or a weights_only state dict."""
+    text, path = str(path), resolve_weights(path)
     if not path.is_file():
-        raise PretrainedWeightsNotFound(f"pretrained weights file {str(path)!r} does not exist")
+        raise PretrainedWeightsNotFound(f"pretrained weights file {text!r} does not exist")
     if is_torchscript_archive(path):
         state = read_torchscript_state_dict(path)
     elif path.suffix == ".safetensors":
@@ -190,12 +208,12 @@ def read_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise PretrainedWeightsError(
-                f"weights file {str(path)!r} could not be read safely: {exc}"
+                f"weights file {text!r} could not be read safely: {exc}"
             ) from exc
         if isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict):
             payload = payload["state_dict"]
         if not isinstance(payload, dict) or not payload:
-            raise PretrainedWeightsError(f"weights file {str(path)!r} does not hold a state dict")
+            raise PretrainedWeightsError(f"weights file {text!r} does not hold a state dict")
         state = payload
     state = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
@@ -271,7 +289,7 @@ def resolve_clip_weights(
 
     Tags are checked and fetched *before* any model is built, so a bad tag or an unreachable hub fails fast.
     """
-    path = Path(pretrained)
+    path = resolve_weights(pretrained)
     if path.is_file():
         return path, {}
     text = str(pretrained)

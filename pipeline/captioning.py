@@ -1,5 +1,9 @@
 """Captioning data pieces: the SwinBERT caption stage for Ray Data, the captioner's sampling, and the
-caption tables (``captions.parquet``, ``caption_scores.parquet``, ``errors.parquet``).
+caption tables (``captions.parquet``, ``caption_scores.parquet``, ``errors.parquet``) on any store
+(:mod:`runtime.storage`: each one complete object).
+
+The caption output folder is a folder of named tables, not one dataset: readers open a table by its name,
+so the errors keep their plain ``errors.parquet`` name (as ingest's do).
 
 The run that wires them (resources included) is ``workflows/caption.py``.
 """
@@ -9,16 +13,17 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
-from models import create_model, load_checkpoint, recorded_eval_sampling
+from models import create_inference_model, load_checkpoint, recorded_eval_sampling
+from runtime import storage
 from runtime.errors import DecodeFailure, ErrorPolicy, check_policy
+
+DEFAULT_CAPTIONER = "swinbert-tiny"  # the model a run without a checkpoint builds (--allow-random-init)
 
 CAPTION_COLUMNS = ("video_id", "key", "caption", "score", "model_id")
 SCORE_COLUMNS = ("video_id", "caption", "score", "model_id")
@@ -26,8 +31,14 @@ ERROR_COLUMNS = ("key", "video_id", "reason", "message")
 
 
 def checkpoint_model_name(pretrained: str | os.PathLike) -> str:
-    """The registered model name a vidsift checkpoint was saved from."""
+    """The registered model name a vidsift checkpoint (a path or URI on any store) was saved from."""
     return str(load_checkpoint(pretrained)["model_name"])
+
+
+def caption_model_name(pretrained: str | os.PathLike | None, model_name: str | None = None) -> str:
+    """The captioner to build: the checkpoint's own model when there is one, else ``model_name`` (default
+    :data:`DEFAULT_CAPTIONER`, which only a run that allows a random init can use)."""
+    return checkpoint_model_name(pretrained) if pretrained else (model_name or DEFAULT_CAPTIONER)
 
 
 def checkpoint_sampling(pretrained: str | os.PathLike, num_frames: int) -> dict[str, Any]:
@@ -66,21 +77,28 @@ class CaptionStage:
     ``"record"`` (the default) it is carried on with an empty caption, under ``"raise"`` it raises
     :class:`runtime.errors.DecodeFailure` naming the key. A failure of the model itself (generation,
     scoring) is a bug and always raises: it never turns into error rows.
+
+    The model comes from :func:`models.create_inference_model`: ``pretrained`` (a vidsift checkpoint, path
+    or URI) is required unless ``allow_random_init`` (then ``model_name``, seeded random init).
     """
 
     def __init__(
         self,
-        pretrained: str,
+        pretrained: str | None,
         beam_size: int = 1,
         max_length: int | None = None,
         score_captions: bool = False,
         device: str | None = None,
         min_length: int = 3,
         on_error: ErrorPolicy = "record",
+        model_name: str | None = None,
+        allow_random_init: bool = False,
     ):
         self.on_error = check_policy(on_error)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model, self.transform, _ = create_model(checkpoint_model_name(pretrained), pretrained=pretrained)
+        self.model, self.transform, _ = create_inference_model(
+            caption_model_name(pretrained, model_name), pretrained, allow_random_init
+        )
         self.model.to(self.device).eval()
         self.model_id = self.model.model_id
         self.beam_size = int(beam_size)
@@ -134,14 +152,13 @@ class CaptionStage:
 
 
 def write_parquet(
-    rows: list[dict[str, Any]], columns: Sequence[str], path: Path, types: dict[str, Any]
+    rows: list[dict[str, Any]], columns: Sequence[str], uri: str | os.PathLike, types: dict[str, Any]
 ) -> None:
-    """``rows`` as a Parquet file of ``columns`` (strings unless ``types`` says otherwise), atomically."""
+    """``rows`` as a Parquet file of ``columns`` (strings unless ``types`` says otherwise): one complete
+    object on any store."""
     schema = pa.schema([(c, types.get(c, pa.string())) for c in columns])
     table = pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in rows], schema=schema)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    storage.write_parquet(table, uri)
 
 
 class CaptionTables:
@@ -174,13 +191,14 @@ class CaptionTables:
                 self.scores.append({"video_id": video_id, "caption": cap, "score": float(s),
                                     "model_id": self.model_id})
 
-    def write(self, out: Path, score_captions: bool) -> None:
-        """``captions.parquet``, ``errors.parquet`` and (``score_captions``) ``caption_scores.parquet``."""
+    def write(self, out: str | os.PathLike, score_captions: bool) -> None:
+        """``captions.parquet``, ``errors.parquet`` and (``score_captions``) ``caption_scores.parquet``
+        under ``out`` (a path or URI)."""
         self.captions.sort(key=lambda r: r["key"])
         self.scores.sort(key=lambda r: (r["video_id"], r["caption"]))
         self.errors.sort(key=lambda r: r["key"])
         types = {"score": pa.float64()}
-        write_parquet(self.captions, CAPTION_COLUMNS, out / "captions.parquet", types)
+        write_parquet(self.captions, CAPTION_COLUMNS, storage.join(out, "captions.parquet"), types)
         if score_captions:
-            write_parquet(self.scores, SCORE_COLUMNS, out / "caption_scores.parquet", types)
-        write_parquet(self.errors, ERROR_COLUMNS, out / "errors.parquet", {})
+            write_parquet(self.scores, SCORE_COLUMNS, storage.join(out, "caption_scores.parquet"), types)
+        write_parquet(self.errors, ERROR_COLUMNS, storage.join(out, "errors.parquet"), {})

@@ -8,6 +8,10 @@ through a buffer, and sparse-samples clips from each video (:func:`pipeline.clip
 ``DecodeClipsStage`` does the same per row inside ``ray.data.Dataset.map_batches``.
 :func:`read_shards_ray` reads shards into a Ray Dataset with the columns the stage expects.
 
+Shards are URIs on any store (a folder, ``s3://``, ``gs://``...): listings and tar streams go through
+:mod:`runtime.storage` (:func:`open_shard_streams` feeds webdataset's tar reader), Ray Data reads them with
+the store's pyarrow filesystem.
+
 Error policy (``on_error``, see :mod:`runtime.errors`): only *named input failures* -- a corrupt tar
 (:class:`BadTar`), a sample without its mp4 or with bad json (:class:`BadSample`), a video that does not
 decode (:class:`pipeline.decode.VideoDecodeError`) -- are recorded. Under ``"record"`` (default) the dataset
@@ -19,13 +23,14 @@ they raise. Any other exception is a bug and raises under either policy.
 from __future__ import annotations
 
 import collections
+import contextlib
 import glob
 import json
 import logging
 import os
 import tarfile
 import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -35,6 +40,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from pipeline.clips import sample_clips
 from pipeline.decode import Size
 from pipeline.sampling import SamplingConfig
+from runtime import storage
 from runtime.errors import (
     ErrorPolicy,
     InputError,
@@ -73,24 +79,71 @@ class BadTar(UnreadableInput):
 
 
 def list_shards(shards: str | os.PathLike | Sequence[str]) -> list[str]:
-    """Shard tar paths from a list, a ``{000000..000009}`` brace pattern, a glob, or a directory (its
-    ``shards/*.tar`` when present, else ``*.tar``). Sorted, so every consumer sees the same list."""
+    """Shard tar paths/URIs from a list, a ``{000000..000009}`` brace pattern, a glob, or a folder (its
+    ``shards/*.tar`` when present, else ``*.tar``), on any store. Sorted, so every consumer sees the same
+    list. In a folder of ingest shards only tars with their index (``NNNNNN.parquet``, written last: the
+    shard's completion marker) count; a tar without one is a shard still being (re)written."""
     if isinstance(shards, (list, tuple)):
         out = [os.fspath(s) for s in shards]
     else:
         spec = os.fspath(shards)
-        if os.path.isdir(spec):
-            sub = os.path.join(spec, "shards")
-            out = sorted(glob.glob(os.path.join(sub if os.path.isdir(sub) else spec, "*.tar")))
+        fs, path = storage.filesystem(spec)
+        if "{" not in spec and not any(ch in spec for ch in "*?[") and fs.isdir(path):
+            out = _folder_shards(spec)
         elif "{" in spec:
-            import braceexpand
+            import braceexpand  # why: only brace patterns need it
 
             out = list(braceexpand.braceexpand(spec))
-        else:
+        elif storage.is_local(spec):
             out = sorted(glob.glob(spec))
+        else:
+            out = sorted(fs.unstrip_protocol(p) for p in fs.glob(path))
     if not out:
         raise FileNotFoundError(f"no shard tars found for {shards!r}")
     return out
+
+
+def _folder_shards(folder: str) -> list[str]:
+    """The tars of an ingest output (``shards/``) or of a folder of tars, complete shards only."""
+    sub = storage.join(folder, "shards")
+    tars = storage.list_files(sub, ".tar")
+    if tars:
+        folder = sub
+    else:
+        tars = storage.list_files(folder, ".tar")
+    markers = {storage.name(u) for u in storage.list_files(folder, ".parquet")}
+    if not markers:  # a hand-made folder of tars: no index files at all
+        return tars
+    complete = [t for t in tars if storage.name(t)[: -len(".tar")] + ".parquet" in markers]
+    if len(complete) < len(tars):
+        log.warning("%s: %d shard tar(s) without their index (incomplete) left out",
+                    folder, len(tars) - len(complete))
+    return complete
+
+
+def open_shard_streams(
+    sources: Iterable[str | Mapping[str, Any]],
+    handler: Callable[[Exception], bool] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """``{"url", "stream"}`` for each shard URI (or ``{"url": ...}`` dict), opened through
+    :mod:`runtime.storage`, for webdataset's ``tar_file_expander``: it reads tars on any store (webdataset's
+    own opener knows local files, ``pipe:`` and http only). Each stream is closed when the next is asked
+    for. A shard that cannot be opened goes to ``handler`` (True: skip it; False: stop); without one it
+    raises. Usable as a stage: ``wds.DataPipeline(wds.SimpleShardList(urls), open_shard_streams,
+    tar_file_expander, group_by_keys)``."""
+    for source in sources:
+        url = os.fspath(source["url"] if isinstance(source, Mapping) else source)
+        with contextlib.ExitStack() as stack:
+            try:
+                stream = stack.enter_context(storage.open_input(url))
+            except Exception as exn:  # what the handler does with it is its call (webdataset's contract)
+                exn.args = exn.args + (url,)
+                if handler is None:
+                    raise
+                if handler(exn):
+                    continue
+                return
+            yield {"url": url, "stream": stream}
 
 
 def distributed_rank_world(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
@@ -244,14 +297,15 @@ class ShardClipDataset(IterableDataset):
 
     def raw_samples(self) -> Iterator[dict[str, Any]]:
         """This consumer's ``{"__key__", "__url__", "mp4", "json"}`` samples, before decoding/shuffling."""
-        from webdataset.tariterators import tarfile_samples
+        from webdataset.tariterators import group_by_keys, tar_file_expander
 
         index, count = self.consumer()
         order = self.shard_order()
         by_shard = self.split_by == "shard" or (self.split_by == "auto" and len(order) >= count)
         mine = order[index::count] if by_shard else order
         position = -1
-        for sample in tarfile_samples(({"url": url} for url in mine), handler=self._tar_error):
+        files = tar_file_expander(open_shard_streams(mine, self._tar_error), handler=self._tar_error)
+        for sample in group_by_keys(files, handler=self._tar_error):
             if not by_shard:
                 position += 1
                 if position % count != index:
@@ -439,13 +493,20 @@ class DecodeClipsStage:
 
 
 def read_shards_ray(shards: str | os.PathLike | Sequence[str], split: str | None = None, **read_kwargs):
-    """Shards as a Ray Dataset with columns ``key``, ``mp4`` (bytes) and ``json`` (bytes), ready for
-    :class:`DecodeClipsStage`. ``split`` keeps only samples whose json ``split`` matches; samples whose json
-    cannot be parsed are kept (the stage records them as errors) so nothing disappears silently."""
-    import ray.data
+    """Shards (on any store) as a Ray Dataset with columns ``key``, ``mp4`` (bytes) and ``json`` (bytes),
+    ready for :class:`DecodeClipsStage`. ``split`` keeps only samples whose json ``split`` matches; samples
+    whose json cannot be parsed are kept (the stage records them as errors) so nothing disappears silently.
+    The read tasks get the store's pyarrow filesystem and this process's store configuration
+    (:func:`runtime.storage.storage_env`)."""
+    import ray.data  # why: Ray Data is imported only by the callers that build datasets
 
     paths = list_shards(shards)
-    ds = ray.data.read_webdataset(paths, decoder=None, **read_kwargs)
+    filesystem, _ = storage.arrow_filesystem(paths[0])
+    arrow_paths = [storage.arrow_filesystem(p)[1] for p in paths]
+    env = storage.storage_env()
+    if env and "runtime_env" not in read_kwargs:
+        read_kwargs["runtime_env"] = {"env_vars": env}
+    ds = ray.data.read_webdataset(arrow_paths, filesystem=filesystem, decoder=None, **read_kwargs)
     ds = ds.rename_columns({"__key__": "key"})
     if split is not None:
         ds = ds.filter(_SplitFilter(split))

@@ -1,12 +1,31 @@
-"""Batch embedding of shards into Parquet: the encoder stage, the per-shard writer, and the incremental plan.
+"""Batch embedding of shards into Parquet: the encoder stage, the workers' part writers, the incremental plan.
 
 Data flow (wired, with every resource, in ``workflows/embed.py``): shards → skip keys that are already
 embedded → :class:`DecodeShardClipsStage` (:class:`pipeline.datasets.DecodeClipsStage` plus the shard
-column) → :class:`EncodeClipsStage` (an actor pool, GPUs when there are any) → :class:`ShardPartWriter` on
-the driver, which writes one Parquet file per input shard once every sample of that shard has come back.
-A shard's file is written atomically, so after a crash the next run sees each shard either complete or
-absent, and redoes only the absent ones: no duplicate rows, no missing rows. Rows are keyed by a stable
-``id`` (int64 hash of video id + clip index).
+column) → :class:`EncodeClipsStage` (an actor pool, GPUs when there are any) → :func:`write_shard_fragments`
+(Ray tasks: each encoded block goes to storage as one fragment object per shard, and only bookkeeping rows
+— shard, key, rows, error, fragment URI — travel on to the driver) → :func:`finalize_shard` (a Ray task the
+driver launches once every key of a shard is accounted for: merges the shard's fragments, drops duplicate
+ids left by retried tasks, writes the shard's error part and then ``part-<shard>.parquet``, one complete
+object each). The driver never holds a vector.
+
+Layout of an embeddings output ``OUT`` (every path a URI, see :mod:`runtime.storage`)::
+
+    OUT/model_id=<id>/part-<shard>.parquet         the embedding rows: a clean Parquet dataset
+    OUT/model_id=<id>/_model.json                  the model card (not Parquet; readers skip ``_`` names)
+    OUT/_errors/model_id=<id>/part-<shard>.parquet error rows per shard (itself a clean dataset)
+    OUT/_text/model_id=<id>/part-<shard>.parquet   caption text embeddings (``--with-text``)
+    OUT/_staging/model_id=<id>/<shard>/frag-*.parquet  in-flight fragments, removed once the part exists
+
+Error tables, text embeddings and fragments live *beside* the partition, not inside it, so that every
+reader — ``pyarrow.dataset``, ``pandas.read_parquet``, ``ray.data.read_parquet``, DuckDB (whose directory
+and glob readers do not skip ``_`` names) and autofaiss — gets exactly the embedding table from the
+partition folder. Other code finds these files through :func:`list_parts`, :func:`read_embed_errors`,
+:func:`errors_dir`, :func:`remove_shard_outputs` and :func:`read_model_card`, never by name.
+
+A shard's part is written last and in one put, so after a crash the next run sees each shard either
+complete or absent, and redoes only the absent ones: no duplicate rows, no missing rows. Rows are keyed by a
+stable ``id`` (int64 hash of video id + clip index).
 """
 
 from __future__ import annotations
@@ -18,24 +37,31 @@ import os
 import re
 import tarfile
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
+from pathlib import PurePosixPath
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 
-from models import create_model
+from models import create_inference_model
 from pipeline.datasets import DecodeClipsStage
+from runtime import storage
 from runtime.errors import DecodeFailure, ErrorPolicy, check_policy
 
 VIDEO_ROW = -1  # clip_index of the video-level row
+ERROR_ROW = -2  # clip_index of the one row an input failure leaves (never in a part file)
 
 EMBEDDING_COLUMNS = ("id", "video_id", "key", "shard", "clip_index", "start_s", "end_s", "model_id",
                      "sha256", "captions", "embedding")
 ERROR_COLUMNS = ("key", "shard", "video_id", "reason", "message")
+
+PART_PREFIX = "part-"  # the only data files of a partition: part-<shard>.parquet
+MODEL_CARD = "_model.json"
+ERRORS_ROOT = "_errors"  # OUT/_errors/model_id=<id>/part-<shard>.parquet
+TEXT_ROOT = "_text"  # OUT/_text/model_id=<id>/part-<shard>.parquet
+STAGING_ROOT = "_staging"  # OUT/_staging/model_id=<id>/<shard>/frag-<digest>.parquet
 
 
 # ----------------------------------------------------------------------------------------------- naming
@@ -57,11 +83,50 @@ def shard_label(tar_path: str | os.PathLike) -> str:
     """Stable name of a shard for file names: ``<ingest dir>-<tar stem>`` (``ingest-000003``).
 
     The ingest output folder's name is part of it so shards of several ingest runs (a nightly reindex
-    writes one per run) never share a label."""
-    path = Path(tar_path)
-    parent = path.parent.parent if path.parent.name == "shards" else path.parent
-    label = f"{parent.name}-{path.stem}" if parent.name else path.stem
+    writes one per run) never share a label. Works on any URI (``s3://b/ingest/shards/000003.tar``)."""
+    folder = storage.parent(tar_path)
+    if storage.name(folder) == "shards":
+        folder = storage.parent(folder)
+    stem = PurePosixPath(storage.name(tar_path)).stem
+    parent_name = storage.name(folder)
+    parent_name = "" if parent_name in (".", "..") else parent_name
+    label = f"{parent_name}-{stem}" if parent_name else stem
     return re.sub(r"[^A-Za-z0-9_-]", "_", label)
+
+
+def _sidecar(partition: str | os.PathLike, root: str) -> str:
+    """``OUT/<root>/model_id=<id>``: a folder beside the partition (never inside it)."""
+    return storage.join(storage.parent(partition), root, storage.name(partition))
+
+
+def errors_dir(partition: str | os.PathLike) -> str:
+    """Where a partition's per-shard error tables live (``OUT/_errors/model_id=<id>/``)."""
+    return _sidecar(partition, ERRORS_ROOT)
+
+
+def text_dir(partition: str | os.PathLike) -> str:
+    """Where ``--with-text`` writes the caption text embeddings (``OUT/_text/model_id=<id>/``)."""
+    return _sidecar(partition, TEXT_ROOT)
+
+
+def staging_dir(partition: str | os.PathLike, label: str | None = None) -> str:
+    """In-flight fragments of a partition (or of one shard of it)."""
+    root = _sidecar(partition, STAGING_ROOT)
+    return storage.join(root, label) if label else root
+
+
+def part_uri(partition: str | os.PathLike, label: str) -> str:
+    return storage.join(partition, f"{PART_PREFIX}{label}.parquet")
+
+
+def list_parts(partition: str | os.PathLike) -> list[str]:
+    """URIs of a partition's data files (``part-*.parquet``), sorted; ``[]`` when there are none."""
+    return [u for u in storage.list_files(partition, ".parquet") if storage.name(u).startswith(PART_PREFIX)]
+
+
+def read_model_card(partition: str | os.PathLike) -> dict[str, Any]:
+    """The partition's ``_model.json`` (``{}`` when absent)."""
+    return storage.read_json(storage.join(partition, MODEL_CARD), default={}) or {}
 
 
 # ------------------------------------------------------------------------------------------------ plan
@@ -77,13 +142,19 @@ class ShardWork:
     todo_keys: list[str]
 
 
-def shard_keys(tar_path: str) -> list[str]:
+def shard_index_uri(tar_path: str | os.PathLike) -> str:
+    """Ingest's per-shard Parquet index beside a shard tar (``NNNNNN.tar`` → ``NNNNNN.parquet``)."""
+    text = os.fspath(tar_path)
+    return (text[: -len(".tar")] if text.endswith(".tar") else text) + ".parquet"
+
+
+def shard_keys(tar_path: str | os.PathLike) -> list[str]:
     """Keys of a shard, from ingest's per-shard Parquet index when present, else from the tar itself."""
-    index = Path(tar_path).with_suffix(".parquet")
-    if index.exists():
-        return [str(k) for k in pq.read_table(index, columns=["key"]).column("key").to_pylist()]
+    index = shard_index_uri(tar_path)
+    if storage.exists(index):
+        return [str(k) for k in storage.read_parquet(index, columns=["key"]).column("key").to_pylist()]
     keys: list[str] = []
-    with tarfile.open(tar_path) as tar:
+    with storage.open_input(tar_path) as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
         for member in tar:
             stem, _, ext = member.name.partition(".")
             if ext == "mp4":
@@ -91,11 +162,11 @@ def shard_keys(tar_path: str) -> list[str]:
     return keys
 
 
-def existing_video_ids(partition_dir: Path) -> set[tuple[str, str]]:
+def existing_video_ids(partition: str | os.PathLike) -> set[tuple[str, str]]:
     """(video_id, sha256) pairs already embedded in a model partition (video-level rows)."""
     done: set[tuple[str, str]] = set()
-    for part in sorted(partition_dir.glob("part-*.parquet")):
-        table = pq.read_table(part, columns=["video_id", "sha256", "clip_index"])
+    for part in list_parts(partition):
+        table = storage.read_parquet(part, columns=["video_id", "sha256", "clip_index"])
         columns = (table.column(c).to_pylist() for c in ("video_id", "sha256", "clip_index"))
         for vid, sha, clip in zip(*columns):
             if clip == VIDEO_ROW:
@@ -103,24 +174,24 @@ def existing_video_ids(partition_dir: Path) -> set[tuple[str, str]]:
     return done
 
 
-def plan_shards(tar_paths: Sequence[str], partition_dir: Path) -> list[ShardWork]:
+def plan_shards(tar_paths: Sequence[str], partition: str | os.PathLike) -> list[ShardWork]:
     """Which shards still need work: a shard with a finished part file is done; in a new shard, videos
     already embedded from another shard (same video id and content hash) are skipped."""
     labels = [shard_label(p) for p in tar_paths]
     if len(set(labels)) != len(labels):
         raise ValueError("two input shards map to the same label; give shard dirs with distinct names")
-    done_ids = existing_video_ids(partition_dir) if partition_dir.exists() else set()
+    finished = {storage.name(u) for u in list_parts(partition)}  # one listing, not a HEAD per shard
+    done_ids = existing_video_ids(partition) if finished else set()
     work = []
     for path, label in zip(tar_paths, labels):
-        if (partition_dir / f"part-{label}.parquet").exists():
+        if storage.name(part_uri(partition, label)) in finished:
             continue
         keys = shard_keys(path)
         todo = keys
-        if done_ids:
-            index = Path(path).with_suffix(".parquet")
-            if index.exists():
-                meta = pq.read_table(index, columns=["key", "video_id", "sha256"]).to_pylist()
-                todo = [m["key"] for m in meta if (m["video_id"], m["sha256"]) not in done_ids]
+        index = shard_index_uri(path)
+        if done_ids and storage.exists(index):
+            meta = storage.read_parquet(index, columns=["key", "video_id", "sha256"]).to_pylist()
+            todo = [m["key"] for m in meta if (m["video_id"], m["sha256"]) not in done_ids]
         work.append(ShardWork(path=str(path), label=label, keys=keys, todo_keys=list(todo)))
     return work
 
@@ -145,23 +216,25 @@ class EncodeClipsStage:
     Input: the columns of :class:`pipeline.datasets.DecodeClipsStage` plus ``shard``. Output: flat rows with
     the embedding schema (``embedding`` as ``[R, D]``). A row that arrives with a decode error, or without a
     single valid frame, is an input failure: under ``on_error="record"`` (the default) it comes out as one
-    row with ``error`` set and an empty embedding, so the driver can record it and nothing is lost; under
+    row with ``error`` set and an empty embedding, so the writer can record it and nothing is lost; under
     ``"raise"`` it raises :class:`runtime.errors.DecodeFailure` naming the key. Anything that goes wrong in
     the model itself is a bug and always raises.
 
     ``threads``: torch threads of this process (the workflow passes it; default every core of the node).
-    Without ``pretrained`` the random init is seeded (seed 0), so the driver and every encoder actor hold
-    the same weights and reruns keep the same model id.
+    The model comes from :func:`models.create_inference_model`: trained weights (``pretrained``, a URI on
+    any store) are required unless ``allow_random_init``, and then the init is seeded (seed 0), so the
+    driver and every encoder actor hold the same weights and reruns keep the same model id.
     """
 
     def __init__(self, model_name: str, pretrained: str | None = None, device: str | None = None,
-                 dtype: str = "float32", threads: int | None = None, on_error: ErrorPolicy = "record"):
+                 dtype: str = "float32", threads: int | None = None, on_error: ErrorPolicy = "record",
+                 allow_random_init: bool = False):
         self.on_error = check_policy(on_error)
         # Ray pins actor threads to the CPUs they asked for; an encoder that owns the node's compute
         # should use every core (decode actors ask for fractions and mostly wait on I/O).
         torch.set_num_threads(int(threads or os.cpu_count() or 1))
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model, transform, _ = create_model(model_name, pretrained=pretrained, seed=0)
+        model, transform, _ = create_inference_model(model_name, pretrained, allow_random_init, seed=0)
         self.model = model.to(self.device).eval()
         self.transform = transform
         self.model_id = model.model_id
@@ -202,7 +275,7 @@ class EncodeClipsStage:
                 message = str(batch["error_message"][i]) or "no frame of this video could be decoded"
                 if self.on_error == "raise":
                     raise DecodeFailure(f"{key} (shard {common['shard']}): {reason}: {message}")
-                self._append(rows, common, -2, 0.0, 0.0, np.zeros(dim, np.float32), reason, message)
+                self._append(rows, common, ERROR_ROW, 0.0, 0.0, np.zeros(dim, np.float32), reason, message)
                 continue
             valid_clips = mask[i].any(axis=1)
             for c in np.flatnonzero(valid_clips):
@@ -238,13 +311,7 @@ def _clip_span(times: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
     return float(valid.min()), float(valid.max())
 
 
-# ---------------------------------------------------------------------------------------------- writer
-
-
-def _atomic_write_table(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+# ---------------------------------------------------------------------------------------------- writers
 
 
 def embedding_schema(dim: int, dtype: str = "float32") -> pa.Schema:
@@ -259,114 +326,167 @@ def embedding_schema(dim: int, dtype: str = "float32") -> pa.Schema:
 
 
 ERROR_SCHEMA = pa.schema([(c, pa.string()) for c in ERROR_COLUMNS])
+BOOKKEEPING_COLUMNS = ("shard", "key", "rows", "error", "fragment")
 
 
-class ShardPartWriter:
-    """Collects encoded rows per shard on the driver and writes ``part-<shard>.parquet`` (and the shard's
-    error rows) atomically as soon as every pending key of that shard has come back."""
+def fragment_schema(dim: int, dtype: str = "float32") -> pa.Schema:
+    """A staged fragment: the embedding schema plus the input failure (``error``, ``error_message``)."""
+    return embedding_schema(dim, dtype).append(pa.field("error", pa.string())).append(
+        pa.field("error_message", pa.string()))
 
-    def __init__(
-        self, partition_dir: Path, work: Sequence[ShardWork], dim: int | None, dtype: str = "float32"
-    ):
-        self.partition_dir = partition_dir
-        self.errors_dir = partition_dir / "errors"
-        self.errors_dir.mkdir(parents=True, exist_ok=True)
-        self.pending = {w.label: set(w.todo_keys) for w in work}
-        self.rows: dict[str, list[dict]] = {w.label: [] for w in work}
-        self.errors: dict[str, list[dict]] = {w.label: [] for w in work}
-        self.dim = dim
-        self.dtype = dtype
-        self.videos = self.clips = self.error_count = 0
-        for w in work:
-            if not w.todo_keys:
-                self._flush(w.label)
 
-    def add_batch(self, batch: Mapping[str, Any]) -> None:
-        """Take one output batch of :class:`EncodeClipsStage`; flush shards that are now complete."""
-        touched = set()
-        emb = np.asarray(batch["embedding"])
-        for r in range(len(batch["key"])):
-            shard, key = str(batch["shard"][r]), str(batch["key"][r])
-            touched.add(shard)
-            if batch["error"][r]:
-                self.errors[shard].append({"key": key, "shard": shard, "video_id": str(batch["video_id"][r]),
-                                           "reason": str(batch["error"][r]),
-                                           "message": str(batch["error_message"][r])})
-                self.pending[shard].discard(key)
-                self.error_count += 1
-                continue
-            clip_index = int(batch["clip_index"][r])
-            if self.dim is None:
-                self.dim = int(emb.shape[1])
-            self.rows[shard].append({
-                "id": int(batch["id"][r]), "video_id": str(batch["video_id"][r]), "key": key, "shard": shard,
-                "clip_index": clip_index, "start_s": float(batch["start_s"][r]),
-                "end_s": float(batch["end_s"][r]), "model_id": str(batch["model_id"][r]),
-                "sha256": str(batch["sha256"][r]), "captions": list(json.loads(batch["captions"][r] or "[]")),
-                "embedding": emb[r],
-            })
-            if clip_index == VIDEO_ROW:
-                self.pending[shard].discard(key)
-                self.videos += 1
+def encoded_table(batch: Mapping[str, Any], dim: int, dtype: str = "float32") -> pa.Table:
+    """One :class:`EncodeClipsStage` output batch as an Arrow table of :func:`fragment_schema`."""
+    schema = fragment_schema(dim, dtype)
+    n = len(batch["key"])
+    errors = [str(e) for e in batch["error"]]
+    emb = np.asarray(batch["embedding"])
+    if emb.ndim != 2 or emb.shape[1] != dim:
+        if not all(errors):  # an actor that has seen only failed inputs emits zero-width vectors for them
+            raise ValueError(f"encoded batch has vectors of shape {emb.shape}, expected [{n}, {dim}]")
+        emb = np.zeros((n, dim), np.float32)
+    value_type = schema.field("embedding").type.value_type
+    flat = pa.array(emb.astype(value_type.to_pandas_dtype()).reshape(-1), type=value_type)
+    columns = {
+        "id": pa.array(np.asarray(batch["id"], dtype=np.int64)),
+        "clip_index": pa.array(np.asarray(batch["clip_index"], dtype=np.int64)),
+        "start_s": pa.array(np.asarray(batch["start_s"], dtype=np.float64)),
+        "end_s": pa.array(np.asarray(batch["end_s"], dtype=np.float64)),
+        "captions": pa.array([list(json.loads(c or "[]")) for c in batch["captions"]], pa.list_(pa.string())),
+        "embedding": pa.FixedSizeListArray.from_arrays(flat, dim),
+        "error": pa.array(errors, pa.string()),
+    }
+    for name in ("video_id", "key", "shard", "model_id", "sha256", "error_message"):
+        columns[name] = pa.array([str(v) for v in batch[name]], pa.string())
+    return pa.Table.from_arrays([columns[name] for name in schema.names], schema=schema)
+
+
+def write_shard_fragments(batch: Mapping[str, Any], partition: str, dim: int,
+                          dtype: str = "float32") -> dict[str, np.ndarray]:
+    """Ray Data ``map_batches`` function (runs on the workers): write one encoded batch to storage as one
+    fragment object per shard it holds, and return only bookkeeping — one row per input key with its
+    ``shard``, ``key``, ``rows`` (embedding rows written), ``error`` (reason, "" when fine) and the
+    ``fragment`` URI. Fragment names are a digest of their (key, clip) rows: a retried task rewrites the
+    same object, and :func:`finalize_shard` drops duplicate ids in any case."""
+    table = encoded_table(batch, dim, dtype)
+    out: dict[str, list] = {c: [] for c in BOOKKEEPING_COLUMNS}
+    for shard in sorted(set(table.column("shard").to_pylist())):
+        sub = table.filter(pc.equal(table.column("shard"), shard))
+        keys, clips, errors = (sub.column(c).to_pylist() for c in ("key", "clip_index", "error"))
+        rows_id = "\n".join(sorted(f"{k}\x00{c}" for k, c in zip(keys, clips)))
+        digest = hashlib.blake2b(rows_id.encode(), digest_size=10).hexdigest()
+        uri = storage.join(staging_dir(partition, shard), f"frag-{digest}.parquet")
+        storage.write_parquet(sub, uri)
+        per_key: dict[str, list] = {}
+        for key, error in zip(keys, errors):
+            entry = per_key.setdefault(key, [0, ""])
+            if error:
+                entry[1] = error
             else:
-                self.clips += 1
-        for shard in touched:
-            if not self.pending[shard]:
-                self._flush(shard)
-
-    def _flush(self, shard: str) -> None:
-        rows = sorted(self.rows.pop(shard, []), key=lambda r: (r["video_id"], r["clip_index"]))
-        errors = self.errors.pop(shard, [])
-        self.pending.pop(shard, None)
-        dim = self.dim or 0
-        schema = embedding_schema(dim, self.dtype)
-        columns = {name: [r[name] for r in rows] for name in schema.names if name != "embedding"}
-        value_type = schema.field("embedding").type.value_type
-        flat = (np.stack([r["embedding"] for r in rows]).reshape(-1) if rows else np.zeros(0, np.float32))
-        values = pa.array(flat.astype(value_type.to_pandas_dtype()))
-        emb_array = pa.FixedSizeListArray.from_arrays(values, dim)
-        arrays = [pa.array(columns[n], type=schema.field(n).type) for n in schema.names if n != "embedding"]
-        table = pa.Table.from_arrays([*arrays, emb_array], schema=schema)
-        # Errors first: a part file marks the shard done, so its errors must already be on disk.
-        _atomic_write_table(pa.Table.from_pylist(errors, schema=ERROR_SCHEMA),
-                            self.errors_dir / f"part-{shard}.parquet")
-        _atomic_write_table(table, self.partition_dir / f"part-{shard}.parquet")
-
-    @property
-    def unfinished(self) -> list[str]:
-        """Shards still waiting for rows (non-empty only if the pipeline lost rows — a bug)."""
-        return sorted(s for s, keys in self.pending.items() if keys)
+                entry[0] += 1
+        for key, (rows, error) in per_key.items():
+            for column, value in zip(BOOKKEEPING_COLUMNS, (shard, key, rows, error, uri)):
+                out[column].append(value)
+    result = {c: np.array(out[c], dtype=object) for c in BOOKKEEPING_COLUMNS}
+    result["rows"] = np.array(out["rows"], dtype=np.int64)
+    return result
 
 
-def consolidate_errors(partition_dir: Path) -> int:
-    """Merge per-shard error parts into ``errors.parquet`` beside the parts; returns the error count."""
-    parts = sorted((partition_dir / "errors").glob("part-*.parquet"))
-    tables = [pq.read_table(p) for p in parts] or [ERROR_SCHEMA.empty_table()]
-    table = pa.concat_tables([t.cast(ERROR_SCHEMA) for t in tables])
-    _atomic_write_table(table, partition_dir / "errors.parquet")
-    return table.num_rows
+def merge_fragments(partition: str | os.PathLike, label: str, dim: int, dtype: str = "float32") -> pa.Table:
+    """A shard's staged fragments as one table, sorted by (video, clip), each ``id`` once (a retried task
+    may have left a second copy of a fragment)."""
+    schema = fragment_schema(dim, dtype)
+    fragments = storage.list_files(staging_dir(partition, label), ".parquet")
+    tables = [storage.read_parquet(f).cast(schema) for f in fragments] or [schema.empty_table()]
+    table = pa.concat_tables(tables).sort_by([("video_id", "ascending"), ("clip_index", "ascending")])
+    _, first = np.unique(table.column("id").to_numpy(), return_index=True)
+    return table.take(pa.array(np.sort(first)))
 
 
-def write_model_card(partition_dir: Path, card: Mapping[str, Any]) -> None:
+def _shard_summary(label: str, clip_index: pa.ChunkedArray, errors: int, part: str) -> dict[str, Any]:
+    videos = int(pc.sum(pc.equal(clip_index, VIDEO_ROW)).as_py() or 0)
+    return {"shard": label, "videos": videos, "clips": len(clip_index) - videos, "errors": int(errors),
+            "path": part}
+
+
+def finalize_shard(partition: str, label: str, dim: int, dtype: str = "float32",
+                   expected_keys: Sequence[str] = ()) -> dict[str, Any]:
+    """Write a shard's outputs from its fragments (a Ray task; idempotent): its error table, then
+    ``part-<shard>.parquet`` — each one complete object, the part last because it marks the shard done —
+    then drop the fragments. Returns bookkeeping: ``shard``, ``videos``, ``clips``, ``errors``, ``path``.
+
+    Every key in ``expected_keys`` must have a row (an embedding or an error): a shard is never marked
+    done with rows missing."""
+    part = part_uri(partition, label)
+    error_part = storage.join(errors_dir(partition), f"{PART_PREFIX}{label}.parquet")
+    if storage.exists(part):  # a retry of a task that got as far as the part: the shard is done
+        errors = storage.read_parquet(error_part).num_rows if storage.exists(error_part) else 0
+        clip_index = storage.read_parquet(part, columns=["clip_index"]).column(0)
+        return _shard_summary(label, clip_index, errors, part)
+    table = merge_fragments(partition, label, dim, dtype)
+    missing = set(expected_keys) - set(table.column("key").to_pylist())
+    if missing:
+        raise RuntimeError(f"shard {label}: no rows for {len(missing)} keys (e.g. {sorted(missing)[:3]}); "
+                           f"fragments under {staging_dir(partition, label)} are missing")
+    failed = pc.not_equal(table.column("error"), "")
+    bad = table.filter(failed)
+    sources = ("key", "shard", "video_id", "error", "error_message")  # → ERROR_COLUMNS
+    errors = pa.Table.from_arrays([bad.column(c) for c in sources], schema=ERROR_SCHEMA)
+    data = table.filter(pc.invert(failed)).select(list(EMBEDDING_COLUMNS))
+    storage.write_parquet(errors, error_part)  # errors first: the part marks the shard done
+    storage.write_parquet(data, part)
+    storage.remove(staging_dir(partition, label), recursive=True)
+    return _shard_summary(label, data.column("clip_index"), errors.num_rows, part)
+
+
+def clear_staging(partition: str | os.PathLike) -> None:
+    """Drop fragments an interrupted run left behind (its unfinished shards are redone whole)."""
+    storage.remove(staging_dir(partition), recursive=True)
+
+
+def write_model_card(partition: str | os.PathLike, card: Mapping[str, Any]) -> None:
     """``_model.json``: which model (name, checkpoint, id) and sampling produced this partition."""
-    path = partition_dir / "_model.json"
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(dict(card), indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    storage.write_json(storage.join(partition, MODEL_CARD), dict(card))
 
 
-def read_embeddings(partition_dir: str | os.PathLike, video_level: bool | None = None) -> pa.Table:
+# ---------------------------------------------------------------------------------------------- readers
+
+
+def read_embeddings(partition: str | os.PathLike, video_level: bool | None = None) -> pa.Table:
     """All embedding rows of a model partition (optionally only video-level or only clip rows)."""
-    parts = sorted(Path(partition_dir).glob("part-*.parquet"))
+    parts = list_parts(partition)
     if not parts:
-        raise FileNotFoundError(f"no embedding parts under {os.fspath(partition_dir)!r}")
-    table = pa.concat_tables([pq.read_table(p) for p in parts])
+        raise FileNotFoundError(f"no embedding parts under {os.fspath(partition)!r}")
+    table = pa.concat_tables([storage.read_parquet(p) for p in parts])
     if video_level is None:
         return table
     is_video = pc.equal(table.column("clip_index"), VIDEO_ROW)
     return table.filter(is_video if video_level else pc.invert(is_video))
 
 
-def iter_partition_dirs(output: str | os.PathLike) -> Iterable[Path]:
-    """Model partitions under an embeddings output folder."""
-    return sorted(p for p in Path(output).glob("model_id=*") if p.is_dir())
+def read_embed_errors(partition: str | os.PathLike, label_prefix: str = "") -> pa.Table:
+    """The embed error rows (:data:`ERROR_SCHEMA`) of a partition, or of its shards whose label starts
+    with ``label_prefix``; an empty table when there are none."""
+    prefix = f"{PART_PREFIX}{label_prefix}"
+    parts = [u for u in storage.list_files(errors_dir(partition), ".parquet")
+             if storage.name(u).startswith(prefix)]
+    tables = [storage.read_parquet(u).cast(ERROR_SCHEMA) for u in parts]
+    return pa.concat_tables(tables) if tables else ERROR_SCHEMA.empty_table()
+
+
+def remove_shard_outputs(partition: str | os.PathLike, label_prefix: str) -> None:
+    """Delete every output of the shards whose label starts with ``label_prefix`` (parts, error and text
+    tables, fragments), so the next run redoes them."""
+    prefix = f"{PART_PREFIX}{label_prefix}"
+    for folder in (partition, errors_dir(partition), text_dir(partition)):
+        for uri in storage.list_files(folder, ".parquet"):
+            if storage.name(uri).startswith(prefix):
+                storage.remove(uri)
+    for folder in storage.list_dirs(staging_dir(partition)):
+        if storage.name(folder).startswith(label_prefix):
+            storage.remove(folder, recursive=True)
+
+
+def iter_partition_dirs(output: str | os.PathLike) -> Iterable[str]:
+    """Model partitions (URIs) under an embeddings output folder."""
+    return [u for u in storage.list_dirs(output) if storage.name(u).startswith("model_id=")]

@@ -20,6 +20,7 @@ from typing import Any
 import fsspec
 import pyarrow as pa
 
+from runtime import storage
 from runtime.errors import ErrorPolicy, InvalidMetadata, UnreadableInput, check_policy, should_record
 
 PATH_COLUMNS = ("path", "uri", "url", "source")
@@ -80,12 +81,11 @@ def resolve_uri(value: str, base_dir: str | None) -> str:
 
 
 def declared_size(uri: str) -> int | None:
-    """File size for local files (cheap stat), None when unknown or missing."""
-    protocol, path = split_protocol(uri)
-    if protocol not in ("file", "local"):
+    """File size for local files (cheap stat), None when unknown or missing (no request per remote row)."""
+    if not storage.is_local(uri):
         return None
     try:
-        return os.stat(path).st_size
+        return os.stat(storage.local_path(uri)).st_size
     except OSError:
         return None
 
@@ -124,7 +124,7 @@ def _read_table(uri: str):
     import pandas as pd
 
     lower = uri.lower()
-    with fsspec.open(uri, "rb") as f:
+    with storage.open_input(uri) as f:
         if lower.endswith((".parquet", ".pq")):
             return pd.read_parquet(f)
         if lower.endswith((".jsonl", ".ndjson")):
@@ -186,8 +186,7 @@ def rows_from_manifest(uri: str, on_error: ErrorPolicy = "record") -> list[dict[
     A malformed row becomes a row with ``error=("invalid_metadata", message)`` under ``on_error="record"``
     and raises :class:`BadManifestRow` under ``"raise"``.
     """
-    protocol, path = split_protocol(uri)
-    if protocol in ("file", "local") and not os.path.exists(path):
+    if storage.is_local(uri) and not storage.local_path(uri).exists():
         raise InputError(f"input manifest not found: {uri}")
     try:
         table = _read_table(uri)
@@ -204,7 +203,7 @@ def rows_from_manifest(uri: str, on_error: ErrorPolicy = "record") -> list[dict[
         path=path_col,
         id=next((c for c in ID_COLUMNS if c in columns), None),
         size=next((c for c in SIZE_COLUMNS if c in columns), None),
-        base_dir=os.path.dirname(path) if protocol in ("file", "local") else uri.rsplit("/", 1)[0],
+        base_dir=storage.parent(uri),
     )
     records = table.to_dict(orient="records")
     return [_manifest_row(index, record, cols, on_error) for index, record in enumerate(records)]
@@ -212,8 +211,8 @@ def rows_from_manifest(uri: str, on_error: ErrorPolicy = "record") -> list[dict[
 
 def rows_from_files(pattern: str) -> list[dict[str, Any]]:
     """Input rows for a directory (its video files, recursively) or a glob (every match)."""
-    protocol, path = split_protocol(pattern)
-    if protocol in ("file", "local"):
+    if storage.is_local(pattern):
+        path = str(storage.local_path(pattern))
         if os.path.isdir(path):
             matches = [
                 os.path.join(root, name)
@@ -225,7 +224,7 @@ def rows_from_files(pattern: str) -> list[dict[str, Any]]:
             matches = [m for m in glob.glob(path, recursive=True) if os.path.isfile(m)]
         sources = sorted(matches)
     else:
-        fs, root = fsspec.core.url_to_fs(pattern)
+        fs, root = storage.filesystem(pattern)
         found = fs.find(root) if fs.isdir(root) else fs.glob(root)
         sources = sorted(
             fs.unstrip_protocol(p)
@@ -257,8 +256,7 @@ def read_inputs(input: str | os.PathLike, on_error: ErrorPolicy = "record") -> l
     if uri.lower().endswith(MANIFEST_SUFFIXES) and not any(ch in uri for ch in "*?["):
         rows = rows_from_manifest(uri, on_error)
     else:
-        protocol, path = split_protocol(uri)
-        if protocol in ("file", "local") and not any(ch in path for ch in "*?[") and not os.path.exists(path):
+        if storage.is_local(uri) and not any(ch in uri for ch in "*?[") and not storage.exists(uri):
             raise InputError(f"input not found: {uri}")
         rows = rows_from_files(uri)
     for row in rows:

@@ -3,6 +3,7 @@ and one small synthetic corpus + its ingested shards that every stage's tests re
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -29,10 +31,74 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_http(url: str, proc: subprocess.Popen, what: str, timeout_s: float = 120) -> None:
+    """Poll ``url`` until it answers; kill ``proc``'s process group and fail the test if it never does."""
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except urllib.error.HTTPError:  # any HTTP answer means the server is up
+            return
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"{what} did not start (exit={proc.poll()})")
+        time.sleep(0.5)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """End exactly the process group this fixture started."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 @pytest.fixture(scope="session")
-def ray_local():
-    """A private local Ray (2 CPUs), started once per session: ray.init costs ~7 s."""
+def s3_server():
+    """moto's S3 server (the real S3 HTTP API) on 127.0.0.1, once per session.
+
+    Yields the environment a client needs: only the standard ``AWS_ENDPOINT_URL`` and ``AWS_*`` variables.
+    """
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    _wait_http(endpoint, proc, "moto S3 server")
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
+    yield env
+    _stop_group(proc)
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch, request):
+    """A fresh bucket on the session's S3 server, with this process's AWS_* variables pointing at it.
+
+    Yields ``s3://<bucket>``."""
+    for key, value in s3_server.items():
+        monkeypatch.setenv(key, value)
+    import boto3  # test-only client; vidsift itself reaches S3 through runtime.storage
+
+    bucket = "vs-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:40].strip("-")
+    bucket = f"{bucket}-{free_port()}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    yield f"s3://{bucket}"
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server):
+    """A private local Ray (2 CPUs), started once per session: ray.init costs ~7 s.
+
+    The session's S3 server configuration is in this process's environment before Ray starts, so every Ray
+    process inherits it: Ray Train's controller actor gets only Ray's own environment, never a job's
+    ``worker_runtime_env`` (on a real cluster the store configuration comes from the nodes: IAM roles)."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.update(s3_server)
     if not ray.is_initialized():
         # address="local" never attaches to some other cluster started with `ray start` on this machine.
         ray.init(

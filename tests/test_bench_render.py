@@ -85,7 +85,7 @@ def test_render_check_and_idempotence(tmp_path):
     assert "| ours | 1.5 | 2.00x |" in text and "| base | 0.8 | – |" in text
     assert "*Sample: 3 videos. Baseline: base, same run. Filtering: none." in text
     assert "`python -m bench.demo --n 3`" in text and "test run" in text
-    assert "| demo | >= 1.5x base | 2.0x | yes |" in text  # the overview row
+    assert "| demo | >= 1.5x base | 2.0x | yes | " in text  # the overview row
     assert text.startswith("# Demo\n\nBefore.\n") and text.endswith("After.\n") and "stale" not in text
     assert render_docs.main(["--check", *argv]) == 0
     assert render_text(text, data) == text  # idempotent
@@ -122,3 +122,9 @@ def test_measured_docs_hold_no_hand_typed_tables():
             elif line.lstrip().startswith("|") and inside is None:
                 offenders.append(f"{doc.relative_to(REPO)}:{n}")
     assert offenders == []
+
+
+def test_shown_command_leaves_out_the_note():
+    argv = ["--repeats", "3", "--note", "busy box", "--note=x", "--k", "a b"]
+    env = {"script": "bench/decode.py", "argv": argv}
+    assert render_docs.shown_command(env) == "python -m bench.decode --repeats 3 --k 'a b'"

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from jobs.caption import main
-from models import create_model, save_checkpoint
+from models import MissingWeightsError, RandomInitWarning, create_model, save_checkpoint
 from models.swinbert import checkpoint_extra, train_captioner
 from pipeline.captioning import CaptionStage, caption_sampling, checkpoint_sampling
 from pipeline.datasets import DecodeClipsStage, ShardClipDataset, list_shards
@@ -171,6 +171,24 @@ def test_caption_job_bad_inputs(tmp_path, ingested_shards, checkpoint, capsys):
     assert main(["--shards", str(ingested_shards), "--pretrained", str(checkpoint),
                  "--output", str(tmp_path / "o"), "--beam", "0"]) == 2
     assert "--beam must be >= 1" in capsys.readouterr().err
+
+
+def test_caption_job_refuses_a_random_captioner(ingested_shards, tmp_path, capsys):
+    """Without --pretrained (and without --allow-random-init) the job is a usage error naming the flag,
+    before Ray starts or anything is written."""
+    assert main(["--shards", str(ingested_shards), "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "--pretrained" in err and "--allow-random-init" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_caption_stage_random_init_only_on_request():
+    """The stage builds a seeded random captioner only when asked to, and says so."""
+    with pytest.raises(MissingWeightsError, match="--pretrained"):
+        CaptionStage(None, model_name="swinbert-tiny")
+    with pytest.warns(RandomInitWarning, match="SEEDED RANDOM INIT"):
+        stage = CaptionStage(None, model_name="swinbert-tiny", allow_random_init=True)
+    assert stage.model_id.startswith("swinbert-tiny@")
 
 
 def test_rerank_hits_rescores_and_sorts(ingested_shards, checkpoint):

@@ -29,7 +29,8 @@ def test_demo_pipeline_via_ray_job_submit(ray_head, tmp_path):
     report = (work / "report.html").read_text()
     assert report.count("data:image/png;base64,") >= 2 * 3  # 2 queries × top-3 thumbnails
     # the published index answers text queries from Python
-    hits = VideoIndex.open(work / "index").search("a red circle moves to the left", k=3)
+    index = VideoIndex.open(work / "index", pretrained=str(work / "train" / "model.pt"))
+    hits = index.search("a red circle moves to the left", k=3)
     assert len(hits) == 3 and all(h.end_s >= h.start_s for h in hits)
 
 

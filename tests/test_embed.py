@@ -14,14 +14,23 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from jobs.embed import main as embed_main
 from models import create_model
 from pipeline.embedding import (
+    EMBEDDING_COLUMNS,
     VIDEO_ROW,
     EncodeClipsStage,
+    errors_dir,
+    finalize_shard,
+    list_parts,
     model_partition,
+    read_embed_errors,
     read_embeddings,
     shard_label,
     stable_id,
+    staging_dir,
+    text_dir,
+    write_shard_fragments,
 )
 from runtime.errors import DecodeFailure
 from workflows.embed import embed_captions, run_embed
@@ -33,7 +42,8 @@ SAMPLING = {"num_clips": 2, "frames_per_clip": 2, "mode": "eval"}
 @pytest.fixture(scope="module")
 def embedded(ingested_shards, ray_local, tmp_path_factory):
     out = tmp_path_factory.mktemp("emb")
-    summary = run_embed(str(ingested_shards), MODEL, str(out), sampling=SAMPLING, batch_size=4)
+    summary = run_embed(str(ingested_shards), MODEL, str(out), sampling=SAMPLING, batch_size=4,
+                        allow_random_init=True)
     return out, summary
 
 
@@ -72,7 +82,8 @@ def test_rerun_embeds_nothing_and_changes_nothing(embedded, ingested_shards):
     out, _ = embedded
     parts = sorted(_partition(out).glob("part-*.parquet"))
     before = {p.name: p.read_bytes() for p in parts}
-    summary = run_embed(str(ingested_shards), MODEL, str(out), sampling=SAMPLING, batch_size=4)
+    summary = run_embed(str(ingested_shards), MODEL, str(out), sampling=SAMPLING, batch_size=4,
+                        allow_random_init=True)
     assert summary["videos"] == 0 and summary["shards_embedded"] == 0
     assert {p.name: p.read_bytes() for p in sorted(_partition(out).glob("part-*.parquet"))} == before
 
@@ -85,7 +96,8 @@ def test_crash_and_rerun_redoes_only_the_missing_shard(embedded, ingested_shards
     victim = sorted(partition.glob("part-*.parquet"))[0]
     before = read_embeddings(partition)
     victim.unlink()  # as if the run died before this shard's file was renamed into place
-    summary = run_embed(str(ingested_shards), MODEL, str(copy), sampling=SAMPLING, batch_size=4)
+    summary = run_embed(str(ingested_shards), MODEL, str(copy), sampling=SAMPLING, batch_size=4,
+                        allow_random_init=True)
     assert summary["shards_embedded"] == 1
     after = read_embeddings(partition)
     assert sorted(after.column("id").to_pylist()) == sorted(before.column("id").to_pylist())
@@ -112,10 +124,11 @@ def test_corrupt_sample_is_recorded_not_fatal(ingested_shards, ray_local, tmp_pa
     src = sorted((ingested_shards / "shards").glob("*.tar"))[0]
     shard = _corrupt_shard(src, tmp_path / "bad" / "shards")
     out = tmp_path / "emb"
-    summary = run_embed(str(shard.parent), MODEL, str(out), sampling=SAMPLING, batch_size=4)
+    summary = run_embed(str(shard.parent), MODEL, str(out), sampling=SAMPLING, batch_size=4,
+                        allow_random_init=True)
     partition = _partition(out)
-    errors = pq.read_table(partition / "errors.parquet").to_pylist()
-    assert summary["errors"] == len(errors) == 1
+    errors = read_embed_errors(partition).to_pylist()
+    assert summary["errors"] == summary["errors_total"] == len(errors) == 1
     assert errors[0]["reason"] and errors[0]["message"] and errors[0]["shard"] == shard_label(shard)
     with tarfile.open(shard) as tar:
         n_videos = sum(1 for m in tar if m.name.endswith(".mp4"))
@@ -131,7 +144,7 @@ def test_new_shard_dir_embeds_only_new_videos(embedded, ingested_shards, tmp_pat
     shutil.copytree(ingested_shards, again)
     summary = run_embed([str(p) for p in sorted((ingested_shards / "shards").glob("*.tar"))]
                         + [str(p) for p in sorted((again / "shards").glob("*.tar"))],
-                        MODEL, str(copy), sampling=SAMPLING, batch_size=4)
+                        MODEL, str(copy), sampling=SAMPLING, batch_size=4, allow_random_init=True)
     assert summary["videos"] == 0
     assert len(read_embeddings(_partition(copy), video_level=True)) == len(
         read_embeddings(_partition(out), video_level=True))
@@ -166,7 +179,7 @@ def test_embeddings_equal_direct_model_call(embedded, ingested_shards):
 
 def test_encode_stage_runs_on_a_hand_made_batch():
     """The encoder stage works without a cluster; failed decodes come out as one error row."""
-    stage = EncodeClipsStage(MODEL)
+    stage = EncodeClipsStage(MODEL, allow_random_init=True)
     size = stage.transform.image_size
     frames = np.random.default_rng(0).integers(0, 255, (2, 2, 2, size, size, 3), dtype=np.uint8)
     mask = np.ones((2, 2, 2), dtype=bool)
@@ -187,7 +200,7 @@ def test_encode_stage_runs_on_a_hand_made_batch():
 def test_encode_stage_error_policy():
     """on_error="raise" turns the failed input into an exception naming it; an unknown policy is refused;
     a fault of the model itself raises under the default policy too (it never becomes an error row)."""
-    strict = EncodeClipsStage(MODEL, on_error="raise")
+    strict = EncodeClipsStage(MODEL, on_error="raise", allow_random_init=True)
     size = strict.transform.image_size
     mask = np.zeros((1, 1, 2), dtype=bool)
     batch = {"key": np.array(["b"], dtype=object), "video_id": np.array(["vb"], dtype=object),
@@ -198,8 +211,8 @@ def test_encode_stage_error_policy():
     with pytest.raises(DecodeFailure, match="b .*decode_error: boom"):
         strict(batch)
     with pytest.raises(ValueError, match="unknown error policy"):
-        EncodeClipsStage(MODEL, on_error="ignore")
-    lenient = EncodeClipsStage(MODEL)
+        EncodeClipsStage(MODEL, on_error="ignore", allow_random_init=True)
+    lenient = EncodeClipsStage(MODEL, allow_random_init=True)
 
     def broken_model(frames, mask):
         raise RuntimeError("a bug in the encoder")
@@ -225,11 +238,13 @@ def test_index_builds_from_embed_output_with_caption_embeddings(embedded, tmp_pa
     copy = tmp_path / "emb"
     shutil.copytree(out, copy)
     partition = _partition(copy)
-    assert embed_captions(partition, MODEL, None) > 0
-    assert list(partition.glob("text-*.parquet"))
+    assert embed_captions(str(partition), MODEL, None, allow_random_init=True) > 0
+    assert len(list(Path(text_dir(partition)).glob("part-*.parquet"))) == len(list_parts(partition))
+    assert [p.name for p in partition.iterdir() if not p.name.startswith("part-")] == ["_model.json"]
     meta = build_index(copy, tmp_path / "idx", progress=False)
     assert meta["count"] == len(read_embeddings(partition)) and meta["model_id"] == summary["model_id"]
-    hits = VideoIndex.open(tmp_path / "idx").search("a red circle moves to the left", k=3)
+    index = VideoIndex.open(tmp_path / "idx", allow_random_init=True)  # the tests' seeded random encoder
+    hits = index.search("a red circle moves to the left", k=3)
     assert len(hits) == 3
 
 
@@ -245,3 +260,75 @@ def test_progress_steady_rate_excludes_startup(monkeypatch):
     assert progress.startup_s() == 10.0
     assert progress.steady_rate() == 10.0  # (60 - 20) videos / (14 - 10) s
 
+
+
+def test_partition_is_a_clean_parquet_dataset(embedded, ray_local):
+    """The partition folder holds only part files (+ the card): every common reader gets the embedding
+    table, all rows of it, and never the error table (which lives beside it, under OUT/_errors/)."""
+    import pandas as pd
+    import pyarrow.dataset as pads
+
+    out, _ = embedded
+    partition = _partition(out)
+    expected = read_embeddings(partition)
+    assert set(Path(errors_dir(partition)).glob("part-*.parquet"))  # error tables exist, elsewhere
+    table = pads.dataset(str(partition), format="parquet").to_table()
+    assert table.schema.names == list(EMBEDDING_COLUMNS) and table.num_rows == expected.num_rows
+    frame = pd.read_parquet(partition)
+    assert list(frame.columns) == list(EMBEDDING_COLUMNS) and len(frame) == expected.num_rows
+    ds = ray_local.data.read_parquet(str(partition))
+    assert set(ds.schema().names) == set(EMBEDDING_COLUMNS) and ds.count() == expected.num_rows
+    duckdb = pytest.importorskip("duckdb")
+    for source in (f"{partition}", f"{partition}/*.parquet"):
+        query = f"select count(*), count(embedding) from read_parquet('{source}')"
+        ((rows, cols),) = duckdb.sql(query).fetchall()
+        assert rows == cols == expected.num_rows
+
+
+def _encoded_batch(keys: list[str], shard: str, dim: int = 4) -> dict:
+    """An EncodeClipsStage-shaped output batch: two clip rows + one video row per key, or an error row
+    for keys starting with "bad"."""
+    rows: dict[str, list] = {c: [] for c in ("id", "video_id", "key", "shard", "clip_index", "start_s",
+                                             "end_s", "model_id", "sha256", "captions", "embedding",
+                                             "error", "error_message")}
+    for key in keys:
+        clips = [-2] if key.startswith("bad") else [0, 1, VIDEO_ROW]
+        for c in clips:
+            error = ("decode_error", "x") if c == -2 else ("", "")
+            values = (stable_id(f"v{key}", c), f"v{key}", key, shard, c, 0.0, 1.0, "m@1", "h", '["cap"]',
+                      np.full(dim, 0.5, np.float32), *error)
+            for column, value in zip(rows, values):
+                rows[column].append(value)
+    out = {k: np.array(v, dtype=object) for k, v in rows.items() if k != "embedding"}
+    out["embedding"] = np.stack(rows["embedding"])
+    return out
+
+
+def test_fragments_of_a_retried_task_leave_no_duplicates(tmp_path):
+    """Workers write fragments; a retried task (same rows, another split) leaves extra fragments, and the
+    shard's part still holds every id once. Finalize is idempotent and refuses a shard with rows missing."""
+    partition = str(tmp_path / "emb" / "model_id=m@1")
+    first = write_shard_fragments(_encoded_batch(["a", "b", "bad1"], "s0"), partition, dim=4)
+    assert sorted(first) == ["error", "fragment", "key", "rows", "shard"]  # bookkeeping only
+    assert list(first["rows"]) == [3, 3, 0] and list(first["error"]) == ["", "", "decode_error"]
+    write_shard_fragments(_encoded_batch(["b"], "s0"), partition, dim=4)  # the retry's duplicate
+    assert len(list(Path(staging_dir(partition, "s0")).glob("frag-*.parquet"))) == 2
+    with pytest.raises(RuntimeError, match="no rows for 1 keys"):
+        finalize_shard(partition, "s0", 4, expected_keys=["a", "b", "bad1", "c"])
+    summary = finalize_shard(partition, "s0", 4, expected_keys=["a", "b", "bad1"])
+    assert summary == {"shard": "s0", "videos": 2, "clips": 4, "errors": 1,
+                       "path": str(Path(partition) / "part-s0.parquet")}
+    table = read_embeddings(partition)
+    assert table.num_rows == 6 and len(set(table.column("id").to_pylist())) == 6
+    assert read_embed_errors(partition).column("key").to_pylist() == ["bad1"]
+    assert not Path(staging_dir(partition, "s0")).exists()
+    assert finalize_shard(partition, "s0", 4, expected_keys=["a", "b", "bad1"]) == summary  # a retry
+
+
+def test_embed_job_without_weights_is_a_usage_error(ingested_shards, tmp_path, capsys):
+    """No --pretrained and no --allow-random-init: exit 2 naming --pretrained, nothing written."""
+    argv = ["--shards", str(ingested_shards), "--model", MODEL, "--output", str(tmp_path / "o")]
+    assert embed_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--pretrained" in err and "--allow-random-init" in err
+    assert not (tmp_path / "o").exists()

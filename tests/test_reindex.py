@@ -84,7 +84,7 @@ def scenario(corpora, ray_local, tmp_path_factory):
 
     # Night 1: ten videos, full build.
     source = write_source(src, corpus_a, ids[:10])
-    rec["run1"] = rx.run_reindex(source, wd, config=TINY)
+    rec["run1"] = rx.run_reindex(source, wd, config=TINY, allow_random_init=True)
     rec["v1"] = store.read_current(wd / "index")
     rec["snap1"] = index_snapshot(wd / "index")
 
@@ -104,7 +104,7 @@ def scenario(corpora, ray_local, tmp_path_factory):
         os.environ[rx.CRASH_ENV] = step
         try:
             with pytest.raises(rx.SimulatedCrash):
-                rx.run_reindex(source, wd, config=TINY)
+                rx.run_reindex(source, wd, config=TINY, allow_random_init=True)
         finally:
             os.environ.pop(rx.CRASH_ENV, None)
         vx = VideoIndex.open(wd / "index")
@@ -113,13 +113,14 @@ def scenario(corpora, ray_local, tmp_path_factory):
             "state_seq": json.loads((wd / "state" / "state.json").read_text())["seq"],
             "lock_exists": (wd / "reindex.lock").exists(),
         }
-    rec["run2"] = rx.run_reindex(source, wd, config=TINY)
+    rec["run2"] = rx.run_reindex(source, wd, config=TINY, allow_random_init=True)
     rec["snap2"] = index_snapshot(wd / "index")
 
     # Reference: a from-scratch run over a copy of the new source in a fresh workdir.
     src_copy = base / "src_copy"
     shutil.copytree(src, src_copy)
-    rec["scratch"] = rx.run_reindex(str(src_copy / "manifest.parquet"), base / "wd_scratch", config=TINY)
+    rec["scratch"] = rx.run_reindex(str(src_copy / "manifest.parquet"), base / "wd_scratch", config=TINY,
+                                    allow_random_init=True)
     rec["scratch_root"] = base / "wd_scratch" / "index"
     rec["source"] = source
     return rec
@@ -191,7 +192,7 @@ def test_rebuild_when_needs_retrain_uses_only_live_rows(scenario, tmp_path):
     smaller = src / "manifest_without_10.parquet"
     manifest[manifest.video_id != "synth-000010"].to_parquet(smaller)
     cfg = {**TINY, "index": {"growth_factor": 0.5}}  # any index > half its build size gets rebuilt
-    run = rx.run_reindex(str(smaller), wd, config=cfg)
+    run = rx.run_reindex(str(smaller), wd, config=cfg, allow_random_init=True)
     assert run["index_mode"] == "rebuild" and run["retrain_reasons"]
     assert (run["deleted"], run["rows_removed"]) == (1, 3) and "ingest" not in run
     snap = index_snapshot(wd / "index")
@@ -201,7 +202,7 @@ def test_rebuild_when_needs_retrain_uses_only_live_rows(scenario, tmp_path):
         np.testing.assert_allclose(snap[key], vec, atol=1e-5)
     from index import store
 
-    meta = json.loads((store.version_dir(wd / "index") / "index.json").read_text())
+    meta = json.loads((Path(store.version_dir(wd / "index")) / "index.json").read_text())
     assert meta["operation"] == "build" and meta["reindex"]["mode"] == "rebuild"
 
 
@@ -209,7 +210,7 @@ def test_rebuild_when_needs_retrain_uses_only_live_rows(scenario, tmp_path):
 def test_unchanged_source_is_a_noop_and_failed_videos_are_not_retried(scenario):
     wd = scenario["wd"]
     before = (wd / "index" / "CURRENT").read_text()
-    run3 = rx.run_reindex(scenario["source"], wd, config=TINY)
+    run3 = rx.run_reindex(scenario["source"], wd, config=TINY, allow_random_init=True)
     assert run3["index_mode"] == "none" and run3["version"] == before.strip()
     assert (run3["new"], run3["changed"], run3["deleted"]) == (0, 0, 0)
     assert "ingest" not in run3 and "embed" not in run3
@@ -227,14 +228,14 @@ def test_hard_killed_cli_run_leaves_a_stale_lock_that_the_next_run_takes_over(sc
     env[rx.CRASH_ENV] = "scan"
     proc = subprocess.run(
         [sys.executable, "-m", "jobs.reindex", "--source", scenario["source"], "--workdir", str(wd),
-         "--model", "clip4clip-meanP-tiny", "--quiet"],
+         "--model", "clip4clip-meanP-tiny", "--allow-random-init", "--quiet"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "simulated crash after step 'scan'" in proc.stderr
     lock = json.loads((wd / "reindex.lock").read_text())
     assert lock["hostname"] == socket.gethostname() and lock["pid"] != os.getpid()
-    run = rx.run_reindex(scenario["source"], wd, config=TINY)
+    run = rx.run_reindex(scenario["source"], wd, config=TINY, allow_random_init=True)
     assert run["lock_taken_over"]["pid"] == lock["pid"]
     assert "not running" in run["lock_taken_over"]["reason"]
     assert (wd / "index" / "CURRENT").read_text() == before
@@ -275,15 +276,24 @@ def test_lock_held_makes_the_cli_exit_nonzero(tmp_path):
     _write_lock(tmp_path / "reindex.lock")  # our own live pid on this host
     proc = subprocess.run(
         [sys.executable, "-m", "jobs.reindex", "--source", str(tmp_path / "none.csv"), "--workdir",
-         str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120,
+         str(tmp_path), "--allow-random-init"], cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 3
     assert "another reindex is running" in proc.stderr and str(os.getpid()) in proc.stderr
-    proc = subprocess.run(
-        [sys.executable, "-m", "jobs.reindex", "--source", str(tmp_path / "none.csv"), "--workdir",
-         "s3://bucket/reindex"], cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 2 and "POSIX filesystem" in proc.stderr
+
+
+def test_shipped_config_refuses_until_a_trained_model_is_set(tmp_path):
+    """configs/reindex.yaml names a placeholder checkpoint URI: the nightly job fails clearly (exit 2, the
+    config key named) and never builds the production index with a random model."""
+    base = [sys.executable, "-m", "jobs.reindex", "--source", str(tmp_path / "none.csv"), "--workdir",
+            str(tmp_path / "wd")]
+    proc = subprocess.run([*base, "--config", str(ROOT / "configs" / "reindex.yaml")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "placeholder" in proc.stderr and "`pretrained`" in proc.stderr and "--pretrained" in proc.stderr
+    proc = subprocess.run(base, cwd=ROOT, capture_output=True, text=True, timeout=120)  # no config at all
+    assert proc.returncode == 2 and "--allow-random-init" in proc.stderr
+    assert not (tmp_path / "wd" / "index").exists()
 
 
 @pytest.mark.parametrize("stale", ["dead_pid", "old_heartbeat"])
@@ -359,8 +369,13 @@ def test_delta_keeps_unreadable_known_videos_and_skips_old_failures(tmp_path):
 
 
 def test_bad_workdir_and_config_are_clear_errors(tmp_path):
-    with pytest.raises(rx.ReindexInputError, match="POSIX filesystem"):
-        rx.Workdir("s3://bucket/reindex")
+    wd = rx.Workdir("s3://bucket/reindex")  # any store: state, lock and index are URIs on it
+    assert wd.lock == "s3://bucket/reindex/reindex.lock" and wd.index == "s3://bucket/reindex/index"
+    with pytest.raises(rx.ReindexInputError, match="placeholder"):
+        rx.check_pretrained(rx.load_config(ROOT / "configs" / "reindex.yaml")["pretrained"])
+    with pytest.raises(rx.ReindexInputError, match="set `pretrained:`"):
+        rx.check_pretrained(None)
+    rx.check_pretrained(None, allow_random_init=True)
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("modle: x\n")
     with pytest.raises(rx.ReindexInputError, match="unknown reindex config key 'modle'"):
@@ -412,9 +427,9 @@ def test_live_set_keeps_unchanged_videos_and_records_failures(tmp_path):
 
 def test_commit_state_advances_the_state_only_at_the_end(tmp_path):
     run = _run(tmp_path, live_records={"a": {"sha256": "x", "rows": 3}}, current="v1")
-    run.wd.staging.mkdir(parents=True)
+    Path(run.wd.staging).mkdir(parents=True)
     run_module.commit_state(run)
-    state = json.loads(run.wd.state.read_text())
+    state = json.loads(Path(run.wd.state).read_text())
     assert state["seq"] == 2 and state["index_version"] == "v1" and state["videos"] == run.live_records
-    assert run.summary["live_rows"] == 3 and not run.wd.staging.exists()
+    assert run.summary["live_rows"] == 3 and not Path(run.wd.staging).exists()
     assert run.wd.read_state()["seq"] == 2

@@ -168,7 +168,7 @@ def test_two_worker_run_stops_and_resumes(ingested_shards, ray_local, tmp_path):
     assert first["steps"] == 2 and first["epochs_done"] == 0
     ckpts = checkpoint_dirs(out / "ray" / "train")
     assert ckpts, "no checkpoint written"
-    saved = load_state_file(ckpts[-1] / "state.pt")
+    saved = load_state_file(Path(ckpts[-1]) / "state.pt")
     assert saved["step"] == 2 and saved["epoch"] == 0 and saved["step_in_epoch"] == 2
     assert len(saved["rng"]) == 2  # both ranks' RNG states
     assert saved["scheduler"]["last_epoch"] == 2
@@ -195,7 +195,7 @@ def test_two_worker_run_stops_and_resumes(ingested_shards, ray_local, tmp_path):
     assert test_eval[0]["equivalence"] == "caption_class"
 
     # the exported model loads through the registry and holds the final weights
-    final = load_state_file(checkpoint_dirs(out / "ray" / "train")[-1] / "state.pt")
+    final = load_state_file(Path(checkpoint_dirs(out / "ray" / "train")[-1]) / "state.pt")
     assert final["step"] == steps_per_epoch
     assert all(int(s["step"]) == steps_per_epoch for s in final["optimizer"]["state"].values())
     model, _, _ = create_model("clip4clip-meanP-tiny", pretrained=str(out / "model.pt"))

@@ -3,8 +3,10 @@ ingest captions.
 
 read shards → decode + sparse sample (``DecodeClipsStage``, CPU actors) → ``CaptionStage`` (an actor
 holding the model, a GPU when the cluster has one) → ``OUTPUT/captions.parquet``, ``errors.parquet`` and,
-with ``score_captions``, ``caption_scores.parquet`` (``pipeline.captioning.CaptionTables``). Resources are
-set here, where the stages are wired.
+with ``score_captions``, ``caption_scores.parquet`` (``pipeline.captioning.CaptionTables``), on any store
+(``OUTPUT`` a path or URI; each table one complete object). Captions are a few bytes a video, so the
+driver collects them and writes the tables once. Resources are set here, where the stages are wired; the
+stages that touch storage get this process's store configuration (``runtime.storage.storage_env``).
 
 :func:`run_caption` is a sequence of named steps over one :class:`CaptionRun` state:
 :func:`prepare_caption` (checks, model probe, sampling, shards) → :func:`plan_resources` (Ray, CPUs per
@@ -14,24 +16,22 @@ actor) → :func:`build_caption_dataset` → :func:`collect_captions` → :func:
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import ray
 
-from models import create_model
+from models import create_inference_model
 from pipeline.captioning import (
     CaptionStage,
     CaptionTables,
+    caption_model_name,
     caption_sampling,
-    checkpoint_model_name,
     checkpoint_sampling,
 )
 from pipeline.datasets import DecodeClipsStage, list_shards, read_shards_ray
+from runtime import storage
 from runtime.ray_connect import connect_ray
 
 
@@ -40,8 +40,8 @@ class CaptionRun:
     """One caption run: its arguments, then what each step decides."""
 
     shards: str | Sequence[str]
-    pretrained: str
-    out: Path
+    pretrained: str | None
+    out: str
     score_captions: bool
     beam_size: int
     max_length: int | None
@@ -51,6 +51,8 @@ class CaptionRun:
     decoders: int
     backend: str | None
     progress_every: float
+    model_name: str | None = None
+    allow_random_init: bool = False
     model_id: str = ""
     image_size: int = 0
     sampling: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -64,19 +66,21 @@ class CaptionRun:
 
 def prepare_caption(run: CaptionRun, num_clips: int) -> None:
     """Step 1: check the arguments, read the model's id, frame count and input size, pick the sampling and
-    list the shards; creates the output folder."""
+    list the shards; creates the output folder (local stores). Without a checkpoint it stops here
+    (``models.MissingWeightsError``) unless ``allow_random_init``."""
     if run.beam_size < 1:
         raise ValueError(f"--beam must be >= 1, got {run.beam_size}")
-    if not Path(run.pretrained).is_file():
+    if run.pretrained and not storage.is_file(run.pretrained):
         raise FileNotFoundError(f"checkpoint {run.pretrained!r} does not exist")
-    probe, transform, _ = create_model(checkpoint_model_name(run.pretrained), pretrained=run.pretrained)
-    run.model_id, run.image_size = probe.model_id, transform.image_size
-    if num_clips == 1:
+    name = caption_model_name(run.pretrained, run.model_name)
+    probe, transform, _ = create_inference_model(name, run.pretrained, run.allow_random_init)
+    run.model_name, run.model_id, run.image_size = name, probe.model_id, transform.image_size
+    if num_clips == 1 and run.pretrained:
         run.sampling = checkpoint_sampling(run.pretrained, probe.num_frames)
     else:
         run.sampling = caption_sampling(probe.num_frames, num_clips)
     run.tar_paths = list_shards(run.shards)
-    run.out.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(run.out)
     print(f"[caption] model {run.model_id}: {len(run.tar_paths)} shards, sampling {run.sampling}, "
           f"beam {run.beam_size}")
 
@@ -101,18 +105,22 @@ def plan_resources(run: CaptionRun) -> None:
 
 def build_caption_dataset(run: CaptionRun) -> ray.data.Dataset:
     """Step 3: read → decode actors → the caption actor, with the resources of :func:`plan_resources`."""
-    ds = read_shards_ray(run.tar_paths, split=run.split)
+    env = {"env_vars": storage.storage_env()}  # shards and the checkpoint may live on an object store
+    ds = read_shards_ray(run.tar_paths, split=run.split, runtime_env=env)
     ds = ds.map_batches(
         DecodeClipsStage,
         fn_constructor_kwargs={"sampling": run.sampling, "size": run.image_size, "backend": run.backend},
         batch_size=run.batch_size,
         concurrency=run.decoders,
         num_cpus=run.decode_cpus,
+        runtime_env=env,
     )
     return ds.map_batches(
         CaptionStage,
         fn_constructor_kwargs={
-            "pretrained": str(run.pretrained),
+            "pretrained": run.pretrained,
+            "model_name": run.model_name,
+            "allow_random_init": run.allow_random_init,
             "beam_size": run.beam_size,
             "max_length": run.max_length,
             "min_length": run.min_length,
@@ -122,6 +130,7 @@ def build_caption_dataset(run: CaptionRun) -> ray.data.Dataset:
         concurrency=1,
         num_gpus=1 if run.use_gpu else 0,
         num_cpus=run.caption_cpus,
+        runtime_env=env,
     )
 
 
@@ -140,7 +149,7 @@ def collect_captions(run: CaptionRun, ds: ray.data.Dataset) -> None:
 
 
 def write_caption_outputs(run: CaptionRun) -> dict[str, Any]:
-    """Step 5: the caption tables and ``_summary.json`` (all atomic); returns the summary."""
+    """Step 5: the caption tables and ``_summary.json`` (each one complete object); returns the summary."""
     tables = run.tables
     tables.write(run.out, run.score_captions)
     elapsed = run.seconds
@@ -153,17 +162,15 @@ def write_caption_outputs(run: CaptionRun) -> dict[str, Any]:
         "beam": run.beam_size,
         "seconds": round(elapsed, 2),
         "videos_per_s": round(len(tables.captions) / elapsed, 3) if elapsed > 0 else 0.0,
-        "output": str(run.out),
+        "output": run.out,
     }
-    tmp = run.out / f"._summary.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, run.out / "_summary.json")
+    storage.write_json(storage.join(run.out, "_summary.json"), summary)
     return summary
 
 
 def run_caption(
     shards: str | Sequence[str],
-    pretrained: str,
+    pretrained: str | None,
     output: str,
     score_captions: bool = False,
     beam_size: int = 1,
@@ -175,12 +182,16 @@ def run_caption(
     decoders: int = 1,
     backend: str | None = None,
     progress_every: float = 5.0,
+    model_name: str | None = None,
+    allow_random_init: bool = False,
 ) -> dict[str, Any]:
-    """Caption every sample of ``shards``; returns the run summary (counts, files, throughput)."""
-    run = CaptionRun(pretrained=pretrained, out=Path(output), score_captions=score_captions,
+    """Caption every sample of ``shards`` into ``output`` (a path or URI); returns the run summary (counts,
+    files, throughput). ``pretrained`` (a SwinBERT checkpoint, path or URI) is required unless
+    ``allow_random_init`` (then ``model_name``, default ``swinbert-tiny``, from a seeded random init)."""
+    run = CaptionRun(pretrained=pretrained, out=storage.normalize(output), score_captions=score_captions,
                      beam_size=beam_size, max_length=max_length, min_length=min_length, split=split,
                      batch_size=batch_size, decoders=decoders, backend=backend, progress_every=progress_every,
-                     shards=shards)
+                     shards=shards, model_name=model_name, allow_random_init=allow_random_init)
     prepare_caption(run, num_clips)
     plan_resources(run)
     collect_captions(run, build_caption_dataset(run))

@@ -6,7 +6,8 @@ the test split → query. ``configs/demo.yaml`` trains ``configs/train/tiny-mean
 with 3-D tube patches) and ``configs/demo-tiny.yaml`` trains ``configs/train/tiny-meanP.yaml``. Prints
 example queries with their top hits, the retrieval and caption metrics, and writes ``WORKDIR/report.html``
 (``workflows.report``) and ``WORKDIR/metrics.json``. Every stage is idempotent, so a rerun over the same
-workdir only redoes what is missing.
+workdir only redoes what is missing. Every inference stage (embed, the index's text encoder, caption) is
+given the checkpoint the demo trained, explicitly: nothing runs on a random init.
 
 :func:`run_demo` runs the named steps of :data:`STEPS` in order over one :class:`DemoState`.
 """
@@ -169,8 +170,8 @@ def caption(s: DemoState) -> None:
 
 
 def query(s: DemoState) -> None:
-    """Search the index with one test caption per caption class."""
-    index = VideoIndex.open(s.path("index"))
+    """Search the index with one test caption per caption class (text encoder: the trained checkpoint)."""
+    index = VideoIndex.open(s.path("index"), pretrained=str(s.path("train") / "model.pt"))
     queries = pick_queries(s.manifest, s.cfg["queries"])
 
     def query_all():

@@ -1,41 +1,48 @@
-"""The embed run: shards → Parquet embeddings with Ray Data (incremental, idempotent).
+"""The embed run: shards → Parquet embeddings with Ray Data (incremental, idempotent, any store).
 
 read shards → skip already-embedded keys → decode + sparse sample (``DecodeShardClipsStage``, CPU actors) →
-encoder actor pool (``EncodeClipsStage``, ``num_gpus=1`` per actor when the cluster has GPUs) → one
-``part-<shard>.parquet`` per shard under ``OUTPUT/model_id=<id>/``. Rerunning with the same shards and model
-embeds nothing. Every resource (CPUs, GPUs, concurrency, batch sizes, block size) is set here, where the
-stages are wired; the stages themselves (``pipeline/embedding.py``) are plain classes.
+encoder actor pool (``EncodeClipsStage``, ``num_gpus=1`` per actor when the cluster has GPUs) → fragment
+writer tasks (``write_shard_fragments``: the workers put the vectors on storage) → per shard, once all its
+keys are accounted for, a ``finalize_shard`` task writes ``OUTPUT/model_id=<id>/part-<shard>.parquet``.
+The driver only sees bookkeeping rows (shard, key, rows, error, fragment URI), never a vector. Rerunning
+with the same shards and model embeds nothing. Every resource (CPUs, GPUs, concurrency, batch sizes, block
+size, retries) is set here, where the stages are wired; the stages themselves (``pipeline/embedding.py``)
+are plain classes and functions. Every stage that touches storage gets this process's store configuration
+(``runtime.storage.storage_env``) as its Ray ``runtime_env``.
 
 :func:`run_embed` is a sequence of named steps over one :class:`EmbedRun` state:
 :func:`prepare_embed` (sampling, model probe, partition, plan) → :func:`stream_embeddings` (the Ray Data
-pipeline, when there is work) → :func:`finish_embed` (errors, caption embeddings, summary).
+pipeline and the finalize tasks, when there is work) → :func:`finish_embed` (caption embeddings, summary).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 import torch
 
-from models import create_model, recorded_eval_sampling
+from models import create_inference_model, recorded_eval_sampling
 from pipeline.datasets import list_shards
 from pipeline.embedding import (
     DecodeShardClipsStage,
     EncodeClipsStage,
-    ShardPartWriter,
     ShardWork,
-    consolidate_errors,
+    clear_staging,
+    finalize_shard,
+    list_parts,
     model_partition,
     plan_shards,
+    read_embed_errors,
+    text_dir,
     write_model_card,
+    write_shard_fragments,
 )
 from pipeline.sampling import SamplingConfig
+from runtime import storage
 from runtime.progress import Progress
 from runtime.ray_connect import connect_ray
 
@@ -54,8 +61,9 @@ def resolve_sampling(pretrained: str | None, overrides: dict[str, Any]) -> dict[
 
 def add_shard_and_skip_done(batch: dict[str, Any], labels: dict[str, str],
                             todo: set[tuple[str, str]]) -> dict[str, Any]:
-    """Adds the shard label (from the tar path) and drops samples that are already embedded."""
-    shards = [labels[str(Path(str(p)).resolve())] for p in batch["path"]]
+    """Adds the shard label (from the tar path, as the reader reports it) and drops samples that are
+    already embedded."""
+    shards = [labels[str(p)] for p in batch["path"]]
     keys = batch["__key__"] if "__key__" in batch else batch["key"]
     keep = np.array([(s, str(k)) in todo for s, k in zip(shards, keys)], dtype=bool)
     out = {("key" if k == "__key__" else k): np.asarray(v, dtype=object)[keep]
@@ -78,6 +86,7 @@ class EmbedRun:
 
     model: str
     pretrained: str | None
+    allow_random_init: bool
     sampling: dict[str, Any]
     batch_size: int
     encoders: int
@@ -88,104 +97,163 @@ class EmbedRun:
     tar_paths: list[str]
     model_id: str
     image_size: int
-    partition: Path
+    dim: int
+    partition: str
     work: list[ShardWork]
-    writer: ShardPartWriter
     progress: Progress
+    results: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # finalize_shard bookkeeping
+    driver_columns: set[str] = dataclasses.field(default_factory=set)  # what reached the driver loop
+    errors: int = 0
 
     @property
     def todo_total(self) -> int:
         return sum(len(w.todo_keys) for w in self.work)
 
 
-def probe_model(model: str, pretrained: str | None) -> tuple[str, int, int]:
-    """``(model_id, image_size, dim)`` of the model, from one instance built on the driver."""
-    probe, transform, _ = create_model(model, pretrained=pretrained, seed=0)
+def probe_model(model: str, pretrained: str | None, allow_random_init: bool = False) -> tuple[str, int, int]:
+    """``(model_id, image_size, dim)`` of the model, from one instance built on the driver (this is where
+    a run without trained weights stops, before Ray starts, unless ``allow_random_init``)."""
+    probe, transform, _ = create_inference_model(model, pretrained, allow_random_init, seed=0)
     with torch.inference_mode():
         dim = int(probe.encode_text(["probe"]).shape[-1])
     return probe.model_id, transform.image_size, dim
 
 
+def card_pretrained(pretrained: str | None) -> str | None:
+    """The checkpoint as the card records it: an absolute path / URI when it is a file, else as given (a
+    named weights tag)."""
+    if not pretrained:
+        return None
+    try:
+        return storage.normalize(pretrained) if storage.exists(pretrained) else str(pretrained)
+    except (ValueError, ImportError):  # a tag such as "hf-hub:org/name" is no store URI
+        return str(pretrained)
+
+
+def storage_options() -> dict[str, Any]:
+    """Ray options of every stage that touches storage: this process's store configuration."""
+    return {"runtime_env": {"env_vars": storage.storage_env()}}
+
+
 def prepare_embed(shards: str | list[str], model: str, output: str, pretrained: str | None,
                   sampling: dict[str, Any], dtype: str, progress_every: float, **options: Any) -> EmbedRun:
-    """Step 1: sampling, model id, the partition with its model card, and the plan of shards still to do."""
-    tar_paths = [str(Path(p).resolve()) for p in list_shards(shards)]
-    model_id, image_size, dim = probe_model(model, pretrained)
-    partition = Path(output) / model_partition(model_id)
-    partition.mkdir(parents=True, exist_ok=True)
+    """Step 1: sampling, model id, the partition with its model card, and the plan of shards still to do
+    (shards with nothing left to embed get their empty part here, without Ray)."""
+    tar_paths = [storage.normalize(p) for p in list_shards(shards)]
+    model_id, image_size, dim = probe_model(model, pretrained, options.get("allow_random_init", False))
+    partition = storage.join(storage.normalize(output), model_partition(model_id))
+    storage.makedirs(partition)
     write_model_card(partition, {"model_id": model_id, "model_name": model,
-                                 "pretrained": str(Path(pretrained).resolve()) if pretrained else None,
+                                 "pretrained": card_pretrained(pretrained), "random_init": not pretrained,
                                  "sampling": sampling, "image_size": image_size, "dtype": dtype,
                                  "dim": dim})
     work = plan_shards(tar_paths, partition)
+    clear_staging(partition)  # fragments of an interrupted run: its unfinished shards are redone whole
     todo_total = sum(len(w.todo_keys) for w in work)
     print(f"[embed] model {model_id}: {len(tar_paths)} shards, {len(work)} to do, {todo_total} videos")
-    return EmbedRun(model=model, pretrained=pretrained, sampling=sampling, dtype=dtype,
-                    tar_paths=tar_paths, model_id=model_id, image_size=image_size, partition=partition,
-                    work=work, writer=ShardPartWriter(partition, work, dim=dim, dtype=dtype),
-                    progress=Progress("embed", todo_total, unit="videos", every_s=progress_every), **options)
+    run = EmbedRun(model=model, pretrained=pretrained, sampling=sampling, dtype=dtype, tar_paths=tar_paths,
+                   model_id=model_id, image_size=image_size, dim=dim, partition=partition, work=work,
+                   progress=Progress("embed", todo_total, unit="videos", every_s=progress_every), **options)
+    run.results += [finalize_shard(partition, w.label, dim, dtype) for w in work if not w.todo_keys]
+    return run
 
 
 def build_embed_dataset(run: EmbedRun, use_gpu: bool) -> ray.data.Dataset:
-    """Step 2a: the Ray Data pipeline over the shards with work left, with every stage's resources."""
-    labels = {w.path: w.label for w in run.work}
-    todo = {(w.label, k) for w in run.work for k in w.todo_keys}
+    """Step 2a: the Ray Data pipeline over the shards with work left, with every stage's resources. Its
+    output is bookkeeping only: the fragment writers put the vectors on storage."""
+    todo_work = [w for w in run.work if w.todo_keys]
+    if len({storage.scheme(w.path) for w in todo_work}) > 1:
+        raise ValueError("the shards of one embed run must live on one store")
+    fs, _ = storage.arrow_filesystem(todo_work[0].path)
+    labels: dict[str, str] = {}
+    read_paths = []
+    for w in todo_work:  # labels by URI and by the store path the reader reports (include_paths)
+        read_paths.append(storage.filesystem(w.path)[1])
+        labels[w.path] = labels[read_paths[-1]] = w.label
+    todo = {(w.label, k) for w in todo_work for k in w.todo_keys}
+    env = storage_options()
     # Reading is I/O and decode actors are light next to the encoder: fractional CPUs keep a 2-core
-    # machine from deadlocking (actors hold their CPUs for the whole run).
-    ds = ray.data.read_webdataset([w.path for w in run.work if w.todo_keys], decoder=None, include_paths=True,
-                                  num_cpus=0.25)
+    # machine from deadlocking (actors hold their CPUs for the whole run). The read is wired here, not
+    # through pipeline.datasets.read_shards_ray, whose column rename is a separate 1-CPU step.
+    ds = ray.data.read_webdataset(read_paths, filesystem=fs, decoder=None, include_paths=True, num_cpus=0.25,
+                                  **env)
     ds = ds.map_batches(add_shard_and_skip_done, fn_kwargs={"labels": labels, "todo": todo},
-                        batch_size=64, num_cpus=0.25)
+                        batch_size=64, num_cpus=0.25, **env)
     ds = ds.map_batches(
         DecodeShardClipsStage,
         fn_constructor_kwargs={"sampling": run.sampling, "size": run.image_size, "backend": run.backend},
-        batch_size=run.batch_size, concurrency=run.decoders or 1, num_cpus=0.5,
+        batch_size=run.batch_size, concurrency=run.decoders or 1, num_cpus=0.5, **env,
     )
-    return ds.map_batches(
+    ds = ds.map_batches(
         EncodeClipsStage,
         fn_constructor_kwargs={"model_name": run.model, "pretrained": run.pretrained, "dtype": run.dtype,
-                               "threads": run.encoder_threads},
+                               "threads": run.encoder_threads, "allow_random_init": run.allow_random_init},
         batch_size=run.batch_size, concurrency=run.encoders, num_gpus=1 if use_gpu else 0,
-        num_cpus=0.25 if use_gpu else 1,
+        num_cpus=0.25 if use_gpu else 1, **env,
     )
+    # One encoded block → one fragment object per shard, written by a light task next to the encoder.
+    return ds.map_batches(write_shard_fragments,
+                          fn_kwargs={"partition": run.partition, "dim": run.dim, "dtype": run.dtype},
+                          batch_size=None, num_cpus=0.25, **env)
+
+
+def account_batch(run: EmbedRun, pending: dict[str, set[str]], batch: dict[str, Any]) -> list[str]:
+    """Mark the keys of one bookkeeping batch done; returns the shards that are now complete."""
+    run.driver_columns.update(batch)
+    touched = set()
+    for shard, key, error in zip(batch["shard"], batch["key"], batch["error"]):
+        pending[str(shard)].discard(str(key))
+        touched.add(str(shard))
+        run.errors += bool(error)
+    complete = sorted(s for s in touched if not pending[s])
+    for shard in complete:
+        del pending[shard]
+    return complete
 
 
 def stream_embeddings(run: EmbedRun) -> None:
-    """Step 2: run the pipeline and hand every output batch to the per-shard writer (progress as it goes)."""
+    """Step 2: run the pipeline; as each shard's keys are all accounted for, launch its finalize task
+    (which writes the shard's part from the workers' fragments). The driver holds only key sets."""
     connect_ray()
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    # Light I/O tasks, retried when their node dies (finalize_shard is idempotent).
+    finalize = ray.remote(finalize_shard).options(num_cpus=0.25, max_retries=3, **storage_options())
     # Ray Data packs map outputs into blocks of up to target_max_block_size (128 MiB) before passing
     # them on; a batch of decoded frames is a few MB, so the encoder would wait for ~10 decoded
-    # batches and the writer for the whole run. One decoded batch per block keeps every stage
+    # batches and the writers for the whole run. One decoded batch per block keeps every stage
     # streaming (measured: the first embeddings came out after 114 of 116 s without this).
     frame_bytes = 3 * run.image_size ** 2 * frames_per_video(run.sampling)
     ctx = ray.data.DataContext.get_current()
     previous_block_size = ctx.target_max_block_size
     ctx.target_max_block_size = max(1 << 20, int(1.5 * run.batch_size * frame_bytes))
     todo_total = run.todo_total
+    pending = {w.label: set(w.todo_keys) for w in run.work if w.todo_keys}
+    expected = {w.label: w.todo_keys for w in run.work}
+    futures = []
     try:
         ds = build_embed_dataset(run, use_gpu)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
-            run.writer.add_batch(batch)
-            done = todo_total - sum(len(k) for k in run.writer.pending.values())
-            run.progress.set_done(done, f"errors {run.writer.error_count}")
+            for shard in account_batch(run, pending, batch):
+                futures.append(finalize.remote(run.partition, shard, run.dim, run.dtype, expected[shard]))
+            run.progress.set_done(todo_total - sum(len(k) for k in pending.values()), f"errors {run.errors}")
     finally:
         ctx.target_max_block_size = previous_block_size  # later pipelines in this driver: Ray's default
-    if run.writer.unfinished:
-        raise RuntimeError(f"embedding pipeline lost rows of shards {run.writer.unfinished}")
+    if pending:
+        raise RuntimeError(f"embedding pipeline lost rows of shards {sorted(pending)}")
+    run.results += ray.get(futures)
 
 
 def finish_embed(run: EmbedRun, with_text: bool) -> dict[str, Any]:
-    """Step 3: merged error table, caption embeddings (``with_text``), and the run summary."""
-    errors = consolidate_errors(run.partition)
-    text_rows = embed_captions(run.partition, run.model, run.pretrained) if with_text else 0
+    """Step 3: caption embeddings (``with_text``) and the run summary (from the finalize bookkeeping)."""
+    text_rows = (embed_captions(run.partition, run.model, run.pretrained, run.allow_random_init)
+                 if with_text else 0)
     elapsed = run.progress.elapsed()
-    writer = run.writer
-    return {"model_id": run.model_id, "partition": str(run.partition), "shards": len(run.tar_paths),
-            "shards_embedded": len(run.work), "videos": writer.videos, "clips": writer.clips,
-            "errors": writer.error_count, "errors_total": errors, "text_rows": text_rows,
-            "seconds": round(elapsed, 2),
-            "videos_per_s": round(writer.videos / elapsed, 3) if elapsed > 0 and writer.videos else 0.0,
+    videos, clips, errors = (sum(r[k] for r in run.results) for k in ("videos", "clips", "errors"))
+    return {"model_id": run.model_id, "partition": run.partition, "shards": len(run.tar_paths),
+            "shards_embedded": len(run.work), "videos": videos, "clips": clips,
+            "errors": errors, "errors_total": read_embed_errors(run.partition).num_rows,
+            "text_rows": text_rows, "seconds": round(elapsed, 2),
+            "videos_per_s": round(videos / elapsed, 3) if elapsed > 0 and videos else 0.0,
             "startup_s": round(run.progress.startup_s(), 2),
             "steady_videos_per_s": round(run.progress.steady_rate(), 3)}
 
@@ -194,27 +262,32 @@ def run_embed(shards: str | list[str], model: str, output: str, pretrained: str 
               sampling: dict[str, Any] | None = None, batch_size: int = 16, encoders: int = 1,
               decoders: int | None = None, backend: str | None = None, dtype: str = "float32",
               with_text: bool = False, progress_every: float = 5.0,
-              encoder_threads: int | None = None) -> dict[str, Any]:
-    """Embed every not-yet-embedded video of ``shards`` with ``model``; returns the run summary."""
+              encoder_threads: int | None = None, allow_random_init: bool = False) -> dict[str, Any]:
+    """Embed every not-yet-embedded video of ``shards`` (any store) with ``model`` into ``output`` (any
+    store); returns the run summary. ``pretrained`` (a checkpoint URI) is required unless
+    ``allow_random_init`` (then a seeded random init, with a warning)."""
     run = prepare_embed(shards, model, output, pretrained, resolve_sampling(pretrained, sampling or {}),
                         dtype, progress_every, batch_size=batch_size, encoders=encoders, decoders=decoders,
-                        backend=backend, encoder_threads=encoder_threads)
+                        backend=backend, encoder_threads=encoder_threads, allow_random_init=allow_random_init)
     if run.todo_total:
         stream_embeddings(run)
     return finish_embed(run, with_text)
 
 
-def embed_captions(partition: Path, model: str, pretrained: str | None) -> int:
-    """Text embeddings of the ingest captions (for evaluation): ``text-<shard>.parquet`` beside the parts."""
-    encoder, _, _ = create_model(model, pretrained=pretrained, seed=0)
+def embed_captions(partition: str, model: str, pretrained: str | None,
+                   allow_random_init: bool = False) -> int:
+    """Text embeddings of the ingest captions (for evaluation): one ``part-<shard>.parquet`` per embedding
+    part under ``OUT/_text/model_id=<id>/``, beside the partition (:func:`pipeline.embedding.text_dir`)."""
+    encoder, _, _ = create_inference_model(model, pretrained, allow_random_init, seed=0)
     encoder.eval()
+    target_dir = text_dir(partition)
+    done = {storage.name(u) for u in storage.list_files(target_dir, ".parquet")}
     written = 0
-    for part in sorted(partition.glob("part-*.parquet")):
-        target = partition / part.name.replace("part-", "text-", 1)
-        if target.exists():
+    for part in list_parts(partition):
+        if storage.name(part) in done:
             continue
-        table = pq.read_table(part, columns=["video_id", "clip_index", "captions"]).to_pylist()
-        pairs = [(r["video_id"], c) for r in table if r["clip_index"] == -1 for c in r["captions"]]
+        rows = storage.read_parquet(part, columns=["video_id", "clip_index", "captions"]).to_pylist()
+        pairs = [(r["video_id"], c) for r in rows if r["clip_index"] == -1 for c in r["captions"]]
         embs = []
         with torch.inference_mode():
             for i in range(0, len(pairs), 256):
@@ -223,8 +296,6 @@ def embed_captions(partition: Path, model: str, pretrained: str | None) -> int:
         flat = np.concatenate(embs).reshape(-1) if embs else np.zeros(0, np.float32)
         out = pa.table({"video_id": [v for v, _ in pairs], "caption": [c for _, c in pairs],
                         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), dim)})
-        tmp = target.with_name(f".{target.name}.tmp")
-        pq.write_table(out, tmp)
-        tmp.replace(target)
+        storage.write_parquet(out, storage.join(target_dir, storage.name(part)))
         written += len(pairs)
     return written

@@ -3,8 +3,12 @@ trained model (:func:`evaluate_model`, :func:`run_eval_only`).
 
 A run is four named steps: :func:`plan_run` (check the recipe, the output folder and the shards before Ray
 starts; fix the epoch length), :func:`build_trainer` (join or start Ray, resources, the ``TorchTrainer``
-over :func:`pipeline.training.train_loop_per_worker`), :func:`fit` and :func:`write_outputs` (export
-``model.pt``, ``metrics.jsonl`` and ``summary.json`` from the final checkpoint).
+over :func:`pipeline.training.train_loop_per_worker`), :func:`fit` and :func:`write_outputs` (write
+``metrics.jsonl``, ``summary.json`` and, last, ``model.pt`` from the final checkpoint).
+
+The output, the shards and every weights file are URIs on any store (``runtime.storage``): with
+``--output s3://bucket/run`` the Ray Train checkpoints (``storage_path`` on the store's pyarrow filesystem),
+the exported files and a resume all live on S3, and nothing is written to local disk outside caches and temp.
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -39,6 +42,7 @@ from pipeline.training import (
     summarize_metrics,
     train_loop_per_worker,
 )
+from runtime import storage
 from runtime.ray_connect import connect_ray
 
 RUN_NAME = "train"
@@ -49,7 +53,7 @@ class TrainRun:
     """A checked training run before Ray starts: where it writes, its data and the length of an epoch."""
 
     shards: str | os.PathLike
-    output: Path
+    output: str  # a normalised URI (an absolute local path, or s3://...)
     cfg: TrainConfig
     workers: int
     resume: bool
@@ -58,21 +62,15 @@ class TrainRun:
     inventory: dict[str, dict[str, int]]
     n_train: int
     steps_per_epoch: int
-    existing: list[Path]  # checkpoint folders already in the run (a resume continues the last one)
+    existing: list[str]  # checkpoint folders already in the run (a resume continues the last one)
 
     @property
-    def storage(self) -> Path:
-        return self.output / "ray"
+    def storage(self) -> str:
+        return storage.join(self.output, "ray")
 
     @property
-    def run_dir(self) -> Path:
-        return self.storage / RUN_NAME
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    def run_dir(self) -> str:
+        return storage.join(self.storage, RUN_NAME)
 
 
 def _check_recipe(cfg: TrainConfig, workers: int) -> None:
@@ -81,7 +79,7 @@ def _check_recipe(cfg: TrainConfig, workers: int) -> None:
     if workers < 1:
         raise ValueError(f"workers={workers}: must be >= 1")
     get_model_config(cfg.model)  # unknown names fail here, with the list of known ones
-    if cfg.backbone_pretrained and not Path(cfg.backbone_pretrained).is_file():
+    if cfg.backbone_pretrained and not storage.is_file(cfg.backbone_pretrained):
         raise FileNotFoundError(f"backbone_pretrained {cfg.backbone_pretrained!r}: no such checkpoint file")
 
 
@@ -95,15 +93,15 @@ def plan_run(
     max_failures: int = 0,
 ) -> TrainRun:
     """Every check that needs no Ray: the recipe, a new run (or ``resume`` of one) in ``output``, and enough
-    ``train_split`` samples for one global batch. Creates ``output``."""
+    ``train_split`` samples for one global batch. Creates ``output`` (a local folder; nothing on a store)."""
     _check_recipe(cfg, workers)
-    output = Path(output).resolve()
-    output.mkdir(parents=True, exist_ok=True)
-    run_dir = output / "ray" / RUN_NAME
+    output = storage.normalize(output)
+    storage.makedirs(output)
+    run_dir = storage.join(output, "ray", RUN_NAME)
     existing = checkpoint_dirs(run_dir)
     if resume and not existing:
         raise FileNotFoundError(f"--resume: no checkpoint under {str(run_dir)!r} to resume from")
-    if not resume and run_dir.exists():
+    if not resume and storage.exists(run_dir):
         raise FileExistsError(
             f"{str(run_dir)!r} already holds a training run; pass --resume to continue it, "
             "or use a new --output"
@@ -125,13 +123,16 @@ def plan_run(
 
 def build_trainer(run: TrainRun) -> TorchTrainer:
     """Join the job's Ray cluster or start a private one (the workers' progress lines reach this terminal),
-    settle ``use_gpu`` (auto: a GPU here or in the cluster) and wire the ``TorchTrainer``."""
+    settle ``use_gpu`` (auto: a GPU here or in the cluster) and wire the ``TorchTrainer``: checkpoints go to
+    ``OUTPUT/ray`` through the store's pyarrow filesystem, and the workers get this process's store
+    configuration (``runtime.storage.storage_env``) to read shards and weights from the same store."""
     connect_ray(log_to_driver=True)
     if run.use_gpu is None:
         run.use_gpu = torch.cuda.is_available() or ray.cluster_resources().get("GPU", 0) > 0
     resources = {"CPU": run.cfg.cpus_per_worker}
     if run.use_gpu:
         resources["GPU"] = 1
+    filesystem, storage_path = storage.arrow_filesystem(run.storage)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -143,8 +144,10 @@ def build_trainer(run: TrainRun) -> TorchTrainer:
             num_workers=run.workers, use_gpu=run.use_gpu, resources_per_worker=resources
         ),
         run_config=ray.train.RunConfig(
-            storage_path=str(run.storage),
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
             name=RUN_NAME,
+            worker_runtime_env={"env_vars": storage.storage_env()},
             failure_config=ray.train.FailureConfig(max_failures=run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=run.cfg.keep_checkpoints),
         ),
@@ -157,7 +160,7 @@ def fit(run: TrainRun, trainer: TorchTrainer) -> tuple[ray.train.Result, float]:
     print(
         f"[train] {cfg.model} task={cfg.task} workers={run.workers} gpu={run.use_gpu} train={run.n_train} "
         f"videos steps/epoch={run.steps_per_epoch} epochs={cfg.epochs} batch={cfg.batch_size}x{run.workers}"
-        + (f" (resuming from {run.existing[-1].name})" if run.resume else ""),
+        + (f" (resuming from {storage.name(run.existing[-1])})" if run.resume else ""),
         flush=True,
     )
     started = time.perf_counter()
@@ -171,14 +174,15 @@ def fit(run: TrainRun, trainer: TorchTrainer) -> tuple[ray.train.Result, float]:
 
 
 def write_outputs(run: TrainRun, result: ray.train.Result, wall: float) -> dict[str, Any]:
-    """``model.pt`` from the final checkpoint, its history as ``metrics.jsonl``, and ``summary.json``
-    (returned)."""
+    """The final checkpoint's history as ``metrics.jsonl``, ``summary.json`` (returned) and its model as
+    ``model.pt``, each a complete file / object on the output's store; ``model.pt`` comes last: it marks a
+    finished run."""
     cfg, output = run.cfg, run.output
     with result.checkpoint.as_directory() as ckpt_dir:
-        state = load_state_file(Path(ckpt_dir) / STATE_FILE)
-    model_path = export_model(state, output)
+        state = load_state_file(storage.join(ckpt_dir, STATE_FILE))
+    model_path = storage.join(output, "model.pt")
     history = json.loads(state["history"])
-    _atomic_write_text(output / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    storage.write_text(storage.join(output, "metrics.jsonl"), "".join(json.dumps(h) + "\n" for h in history))
     evals = [h for h in history if h.get("type") == "eval"]
     summary = {
         "model": cfg.model,
@@ -188,13 +192,14 @@ def write_outputs(run: TrainRun, result: ray.train.Result, wall: float) -> dict[
         "steps": int(state["step"]),
         "epochs_done": int(state["epoch"]),
         "wall_s": wall,
-        "model_path": str(model_path),
-        "checkpoint": str(result.checkpoint.path),
+        "model_path": model_path,
+        "checkpoint": storage.join(run.run_dir, storage.name(result.checkpoint.path)),  # a URI, scheme kept
         "final_val": next((h for h in reversed(evals) if h["split"] == cfg.val_split), None),
         "test": next((h for h in reversed(evals) if h["split"] == cfg.test_split), None),
         "config": cfg.to_dict(),
     }
-    _atomic_write_text(output / "summary.json", json.dumps(summary, indent=2, default=str))
+    storage.write_text(storage.join(output, "summary.json"), json.dumps(summary, indent=2, default=str))
+    export_model(state, output)  # model.pt last: the marker that training finished
     return summary
 
 
@@ -209,10 +214,11 @@ def run_training(
 ) -> dict[str, Any]:
     """Fine-tune ``cfg.model`` on the shards with a Ray Train ``TorchTrainer`` and export the result.
 
-    Writes under ``output``: ``ray/train/checkpoint_*`` (Ray Train storage), ``model.pt`` (loadable with
-    ``models.create_model(cfg.model, pretrained=output/"model.pt")``), ``metrics.jsonl`` (one JSON object per
-    progress / eval / resume event) and ``summary.json``. ``resume=True`` continues the run stored in
-    ``output`` from its latest checkpoint; without it an existing run there is an error.
+    Writes under ``output`` (a folder or a URI on any store, e.g. ``s3://bucket/runs/x``):
+    ``ray/train/checkpoint_*`` (Ray Train storage), ``metrics.jsonl`` (one JSON object per progress / eval /
+    resume event), ``summary.json`` and, last, ``model.pt`` (loadable with
+    ``models.create_model(cfg.model, pretrained=output + "/model.pt")``). ``resume=True`` continues the
+    run stored in ``output`` from its latest checkpoint; without it an existing run there is an error.
     """
     run = plan_run(shards, output, cfg, workers, resume, use_gpu, max_failures)
     result, wall = fit(run, build_trainer(run))
@@ -265,16 +271,14 @@ def run_eval_only(
 ) -> dict[str, Any]:
     """:func:`evaluate_model` of ``pretrained`` (default ``OUTPUT/model.pt``), written to
     ``OUTPUT/eval-<split>-<N>x<T>.json`` and printed as one ``[eval]`` line. Returns the metrics and, under
-    ``path``, the file."""
-    output = Path(output)
-    weights = Path(pretrained) if pretrained else output / "model.pt"
-    if not weights.is_file():
-        raise FileNotFoundError(f"--eval-only: no weights at {str(weights)!r} (train first, or --pretrained)")
+    ``path``, the file. ``output`` and ``pretrained`` are paths or URIs on any store."""
+    weights = str(pretrained) if pretrained else storage.join(output, "model.pt")
+    if not storage.is_file(weights):
+        raise FileNotFoundError(f"--eval-only: no weights at {weights!r} (train first, or --pretrained)")
     metrics = evaluate_model(shards, cfg, weights, split)
     n, t = eval_clip_shape(cfg.eval_sampling)
-    output.mkdir(parents=True, exist_ok=True)
-    path = output / f"eval-{metrics['split']}-{n}x{t}.json"
-    _atomic_write_text(path, json.dumps(metrics, indent=2))
+    path = storage.join(output, f"eval-{metrics['split']}-{n}x{t}.json")
+    storage.write_text(path, json.dumps(metrics, indent=2))
     line = format_metrics(metrics) if "t2v_R@1" in metrics else json.dumps(metrics)
     print(f"[eval] {cfg.model} {metrics['split']} {n}x{t} clips: {line} -> {path}", flush=True)
     return {**metrics, "path": str(path)}

@@ -2,13 +2,15 @@
 
 Plan (driver, deterministic): read the input rows, flag bad URIs and duplicate ids, sort by id, assign
 sanitised keys, cut shards by count and declared bytes. Work (Ray, one task per shard): ``IngestShardStage``
-writes one whole shard -- ``shards/NNNNNN.tar`` (``{key}.mp4`` + ``{key}.json``),
+writes one whole shard straight to the output URI (a folder, ``s3://``, ``gs://``... through
+:mod:`runtime.storage`) -- ``shards/NNNNNN.tar`` (``{key}.mp4`` + ``{key}.json``),
 ``shard_errors/NNNNNN.parquet`` and, last, the index ``shards/NNNNNN.parquet`` whose metadata carries the
-shard fingerprint. Every file goes to a temp name and is ``os.replace``d, so a killed task leaves no half
-shard. A rerun skips shards whose index + tar match the plan's fingerprint and redoes the rest. Finally
-``errors.parquet`` and ``manifest.json`` are written and ``samples + errors == inputs`` is checked.
+shard fingerprint (the shard's completion marker). Each file/object appears complete or not at all (local:
+temp + rename; object stores: one complete PUT), so a killed task leaves no half shard. A rerun skips shards
+whose index + tar match the plan's fingerprint and redoes the rest. Finally ``errors.parquet`` and, last,
+``manifest.json`` are written and ``samples + errors == inputs`` is checked.
 
-Modules: :mod:`~pipeline.ingest.layout` (format, schemas, config, atomic writes),
+Modules: :mod:`~pipeline.ingest.layout` (format, schemas, config, shard URIs, listings),
 :mod:`~pipeline.ingest.plan` (rows -> shards), :mod:`~pipeline.ingest.sample` (one video),
 :mod:`~pipeline.ingest.tarwriter` (deterministic tar), :mod:`~pipeline.ingest.shard` (one shard task),
 :mod:`~pipeline.ingest.run` (``run_ingest`` as named steps over :class:`IngestState`).

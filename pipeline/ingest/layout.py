@@ -1,5 +1,8 @@
-"""What an ingest writes and how: format version, reason classes, Parquet schemas, the shard-shaping config,
-shard names, deterministic JSON, atomic writes and the error row."""
+"""What an ingest writes and where: format version, reason classes, Parquet schemas, the shard-shaping config,
+shard names and URIs, deterministic JSON, folder listings and the error row.
+
+Every output location is a URI (a local path, ``file://``, ``s3://``, ``gs://``); all reads and writes go
+through :mod:`runtime.storage`, which makes each file/object appear complete or not at all."""
 
 from __future__ import annotations
 
@@ -7,11 +10,11 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
+
+from runtime import storage
 
 FORMAT_VERSION = "vidsift-ingest-1"
 REASONS = (
@@ -28,6 +31,7 @@ REASONS = (
 )
 CRASH_ENV = "VIDSIFT_INGEST_CRASH_ONCE"  # test hook: "<shard>:<marker file>" -> os._exit mid-shard, once
 SHARD_DIGITS = 6
+SHARD_FOLDERS = ("shards", "shard_errors")
 
 SAMPLE_SCHEMA = pa.schema(
     [
@@ -98,19 +102,24 @@ def dumps_json(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def shard_uri(output: str | os.PathLike, folder: str, shard: int, suffix: str) -> str:
+    """``OUTPUT/<folder>/NNNNNN<suffix>``, e.g. ``s3://b/ingest/shards/000003.tar``."""
+    return storage.join(output, folder, f"{shard_name(shard)}{suffix}")
 
 
-def atomic_write_parquet(path: Path, table: pa.Table) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+def folder_sizes(uri: str | os.PathLike) -> dict[str, int]:
+    """``{file name: size}`` of the files directly under ``uri`` (one listing; ``{}`` when absent)."""
+    fs, path = storage.filesystem(uri)
+    try:
+        entries = fs.ls(path, detail=True)
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    return {storage.name(e["name"]): int(e.get("size") or 0) for e in entries if e["type"] == "file"}
+
+
+def is_temp_name(name: str) -> bool:
+    """A temp file a killed writer left behind (local stores only: objects are never half written)."""
+    return ".tmp-" in name or name.endswith(".tmp")
 
 
 def error_row(row: dict[str, Any], reason: str, message: str, shard: int = -1) -> dict[str, Any]:

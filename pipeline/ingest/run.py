@@ -4,6 +4,10 @@ plan (read inputs, plan rows and shards, fingerprints) -> prepare the output (dr
 finished shards) -> run the shard tasks on Ray with progress -> write the error table -> summarise -> write
 the run manifest -> report (print, raise when shard tasks died). Each step takes the :class:`IngestState`
 and fills in its part, so each can be run and checked on its own.
+
+The output is a URI on any store (:mod:`runtime.storage`). Shard tasks write their shards themselves; the
+driver gets back only counts, digests and error rows, and writes ``errors.parquet`` and, last,
+``manifest.json``.
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -25,16 +28,18 @@ from pipeline.ingest.layout import (
     ERROR_SCHEMA,
     FORMAT_VERSION,
     SHARD_DIGITS,
+    SHARD_FOLDERS,
     IngestConfig,
     IngestIncompleteError,
-    atomic_write_bytes,
-    atomic_write_parquet,
     dumps_json,
+    folder_sizes,
+    is_temp_name,
     shard_name,
 )
 from pipeline.ingest.plan import plan_inputs, plan_shards, shard_fingerprint
 from pipeline.ingest.shard import completed_shard, ingest_shard_task
 from pipeline.inputs import read_inputs
+from runtime import storage
 from runtime.errors import ErrorPolicy, check_policy
 from runtime.progress import Progress
 from runtime.ray_connect import connect_ray
@@ -45,7 +50,7 @@ class IngestRequest:
     """One ingest run: what to read, where to write, the shard-shaping config and how to run the tasks."""
 
     input: str | os.PathLike
-    output: Path
+    output: str | os.PathLike  # a folder or URI prefix (s3://bucket/vidsift/ingest); normalised to str
     config: IngestConfig = field(default_factory=IngestConfig)
     workers: int | None = None  # concurrent shard tasks (None: the cluster's CPUs)
     task_retries: int = 2
@@ -55,6 +60,8 @@ class IngestRequest:
 
     def __post_init__(self) -> None:
         check_policy(self.on_error)
+        # Local paths absolute (Ray workers resolve them as the driver meant), URIs as they are.
+        object.__setattr__(self, "output", storage.normalize(self.output))
 
 
 @dataclass
@@ -127,29 +134,35 @@ def plan_run(request: IngestRequest, t_start: float | None = None) -> IngestStat
     )
 
 
-def remove_stale(output: Path, n_shards: int) -> None:
-    """Drop temp files of killed tasks and shard files beyond the current plan (from an older, larger run)."""
-    for folder in (output / "shards", output / "shard_errors"):
-        for path in folder.iterdir():
-            stem = path.name.split(".", 1)[0]
-            if ".tmp-" in path.name or (
-                stem.isdigit() and len(stem) == SHARD_DIGITS and int(stem) >= n_shards
-            ):
-                path.unlink(missing_ok=True)
+def remove_stale(output: str, n_shards: int, listing: dict[str, dict[str, int]]) -> None:
+    """Drop temp files of killed tasks (local stores) and shard files beyond the current plan (from an
+    older, larger run); ``listing`` (``{folder: {name: size}}``) forgets them too."""
+    for folder in SHARD_FOLDERS:
+        files = listing[folder]
+        for name in list(files):
+            stem = name.split(".", 1)[0]
+            if is_temp_name(name) or (stem.isdigit() and len(stem) == SHARD_DIGITS and int(stem) >= n_shards):
+                storage.remove(storage.join(output, folder, name))
+                del files[name]
 
 
 def prepare_output(state: IngestState) -> None:
-    """Create the folders, clean stale files, and sort shards into finished (``results``) and ``todo``."""
+    """Create the folders (local stores), clean stale files, and sort shards into finished (``results``) and
+    ``todo``. When there is work to do, the old run's ``manifest.json`` goes first: it names this run's
+    shards only once they are all written."""
     output = state.request.output
-    for folder in ("shards", "shard_errors"):
-        (output / folder).mkdir(parents=True, exist_ok=True)
-    remove_stale(output, len(state.shards))
+    for folder in SHARD_FOLDERS:
+        storage.makedirs(storage.join(output, folder))
+    listing = {folder: folder_sizes(storage.join(output, folder)) for folder in SHARD_FOLDERS}
+    remove_stale(output, len(state.shards), listing)
     for i, fp in enumerate(state.fingerprints):
-        done = completed_shard(output, i, fp)
+        done = completed_shard(output, i, fp, listing)
         if done is not None:
             state.results[i] = done
         else:
             state.todo.append(i)
+    if state.todo:
+        storage.remove(storage.join(output, "manifest.json"))
 
 
 def run_shard_tasks(state: IngestState) -> None:
@@ -170,8 +183,12 @@ def _run_tasks(state: IngestState) -> None:
     request = state.request
     if state.workers is None:
         state.workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    task = ray.remote(num_cpus=1, max_retries=request.task_retries)(ingest_shard_task)
-    args = (str(request.output), asdict(request.config), os.environ.get(CRASH_ENV), request.fsync,
+    # max_retries: a task whose worker (or node) died runs again; it rewrites the same shard objects.
+    options: dict[str, Any] = {"num_cpus": 1, "max_retries": request.task_retries}
+    if env := storage.storage_env():  # the store's endpoint/credentials, also for workers started earlier
+        options["runtime_env"] = {"env_vars": env}
+    task = ray.remote(**options)(ingest_shard_task)
+    args = (request.output, asdict(request.config), os.environ.get(CRASH_ENV), request.fsync,
             request.on_error)
     total = sum(len(state.shards[i]) for i in state.todo)
     progress = Progress("ingest", total, unit="videos", every_s=0.0, enabled=request.progress)
@@ -229,7 +246,7 @@ def write_error_table(state: IngestState) -> None:
         key=lambda e: (e["input_index"] if e["input_index"] is not None else -1, e["source"]),
     )
     table = pa.Table.from_pylist(state.errors, schema=ERROR_SCHEMA)
-    atomic_write_parquet(state.request.output / "errors.parquet", table)
+    storage.write_parquet(table, storage.join(state.request.output, "errors.parquet"))
 
 
 def summarize(state: IngestState) -> None:
@@ -247,7 +264,7 @@ def summarize(state: IngestState) -> None:
     busy = bool(written) and work_s > 0
     state.summary = {
         "input": os.fspath(state.request.input),
-        "output": str(state.request.output),
+        "output": state.request.output,
         "inputs": len(state.rows),
         "samples": n_samples,
         "errors": len(errors),
@@ -301,7 +318,8 @@ def write_run_manifest(state: IngestState) -> None:
         "summary": state.summary,
     }
     text = json.dumps(run_manifest, indent=2, sort_keys=True).encode()
-    atomic_write_bytes(state.request.output / "manifest.json", text)
+    # Written last: the run's marker (readers that want "the finished ingest" check it exists).
+    storage.write_bytes(storage.join(state.request.output, "manifest.json"), text, fsync=state.request.fsync)
 
 
 def report(state: IngestState) -> None:
@@ -351,7 +369,8 @@ def run_ingest(
     progress: bool = True,
     on_error: ErrorPolicy = "record",
 ) -> dict[str, Any]:
-    """Ingest ``input`` (manifest, directory or glob) into ``output``; returns the run summary.
+    """Ingest ``input`` (manifest, directory or glob) into ``output`` (a folder or a URI such as
+    ``s3://bucket/vidsift/ingest``); returns the run summary.
 
     ``transcode=None`` transcodes only when ``short_side``, ``fps`` or ``keyframe_interval`` is given.
     ``workers`` = concurrent shard tasks (default: the cluster's CPUs). Raises ``InputError`` when the input
@@ -366,7 +385,7 @@ def run_ingest(
         decode_check=decode_check,
     )
     request = IngestRequest(
-        input=input, output=Path(output), config=config, workers=workers, task_retries=task_retries,
+        input=input, output=output, config=config, workers=workers, task_retries=task_retries,
         fsync=fsync, progress=progress, on_error=on_error,
     )
     return ingest(request, t_start)

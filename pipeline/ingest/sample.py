@@ -5,16 +5,15 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-import fsspec
-
 from pipeline.ingest.layout import IngestConfig
 from pipeline.probe import ProbeError, probe_video, transcode_video
+from runtime import storage
 
 
 def read_source(source: str, max_bytes: int | None) -> bytes:
-    """Bytes of ``source`` through fsspec; ProbeError(missing/unreadable/too_large/bad_uri) on failure."""
+    """Bytes of ``source`` (any store); ProbeError(missing/unreadable/too_large/bad_uri) on failure."""
     try:
-        fs, path = fsspec.core.url_to_fs(source)
+        fs, path = storage.filesystem(source)
     except (ValueError, ImportError) as exc:
         raise ProbeError("bad_uri", f"cannot open URI {source!r}: {exc}") from exc
     try:

@@ -1,8 +1,10 @@
 """Writing one whole shard (``IngestShardStage``, a Ray task per shard) and recognising a finished one.
 
-``shards/NNNNNN.tar`` (``{key}.mp4`` + ``{key}.json``), ``shard_errors/NNNNNN.parquet`` and, last, the index
-``shards/NNNNNN.parquet`` whose metadata carries the shard fingerprint. Every file goes to a temp name and is
-``os.replace``d, so a killed task leaves no half shard.
+The task writes straight to the output URI (any store, see :mod:`runtime.storage`):
+``shards/NNNNNN.tar`` (``{key}.mp4`` + ``{key}.json``, built in a local temp file and stored as one complete
+object), ``shard_errors/NNNNNN.parquet`` and, LAST, the index ``shards/NNNNNN.parquet`` whose metadata
+carries the shard fingerprint: the index is the shard's completion marker. Each file/object appears whole
+or not at all, so a killed task leaves no half shard, only a shard without its marker (redone on rerun).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -19,16 +21,19 @@ import pyarrow.parquet as pq
 from pipeline.ingest.layout import (
     ERROR_SCHEMA,
     SAMPLE_SCHEMA,
+    SHARD_FOLDERS,
     IngestConfig,
-    atomic_write_parquet,
     dumps_json,
     error_row,
+    folder_sizes,
     shard_name,
+    shard_uri,
 )
 from pipeline.ingest.plan import shard_fingerprint
 from pipeline.ingest.sample import process_sample
 from pipeline.ingest.tarwriter import TarShardWriter
 from pipeline.probe import ProbeError
+from runtime import storage
 from runtime.errors import ErrorPolicy, check_policy, should_record
 
 
@@ -49,14 +54,16 @@ class IngestShardStage:
         fsync: bool = True,
         on_error: ErrorPolicy = "record",
     ):
-        self.output = Path(output)
-        self.fsync = fsync  # durability against power loss; a killed process is covered by temp + rename
+        self.output = storage.normalize(output)
+        # fsync: durability of local files against power loss (a killed process is covered by temp + rename;
+        # an object store acknowledges a PUT only once the object is durable)
+        self.fsync = fsync
         self.config = IngestConfig(**config)
         self.config_fingerprint = self.config.fingerprint()
         self.crash_once = crash_once
         self.on_error = check_policy(on_error)
-        (self.output / "shards").mkdir(parents=True, exist_ok=True)
-        (self.output / "shard_errors").mkdir(parents=True, exist_ok=True)
+        for folder in SHARD_FOLDERS:
+            storage.makedirs(storage.join(self.output, folder))  # local stores only; objects need none
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         results = [self.write_shard(int(i), list(rows)) for i, rows in zip(batch["shard"], batch["rows"])]
@@ -70,46 +77,43 @@ class IngestShardStage:
             Path(marker).write_text(f"crashed pid {os.getpid()}\n")
             os._exit(17)  # simulate a killed worker: no cleanup, half-written temp tar left behind
 
-    def _write_tar(self, shard: int, rows: list[dict[str, Any]], tmp_tar: Path) -> dict[str, Any]:
-        """Process every row into ``tmp_tar``: index records, error rows, input bytes, tar sha256/size."""
+    def _write_tar(self, shard: int, rows: list[dict[str, Any]], raw: IO[bytes]) -> dict[str, Any]:
+        """Process every row into the open tar file ``raw``: index records, error rows, input bytes, tar
+        sha256/size."""
         records, errors, bytes_in = [], [], 0
-        with open(tmp_tar, "wb") as raw:
-            writer = TarShardWriter(raw)
-            for i, row in enumerate(rows):
-                if i == len(rows) // 2:
-                    raw.flush()
-                    self._maybe_crash(shard)
-                try:
-                    video, record = process_sample(row, self.config)
-                except ProbeError as exc:
-                    if not should_record(exc, self.on_error):  # name the input: the row is not recorded
-                        named = f"{row['source']} (video_id {row['video_id']!r}): {exc.message}"
-                        raise type(exc)(exc.reason, named) from exc
-                    errors.append(error_row(row, exc.reason, exc.message, shard))
-                    continue
-                bytes_in += record["source_bytes"]
-                writer.add(f"{row['key']}.mp4", video)
-                writer.add(f"{row['key']}.json", dumps_json(record))
-                records.append({**{f: record.get(f) for f in SAMPLE_SCHEMA.names}, "shard": shard})
-            writer.close()
-            raw.flush()
-            if self.fsync:
-                os.fsync(raw.fileno())
+        writer = TarShardWriter(raw)
+        for i, row in enumerate(rows):
+            if i == len(rows) // 2:
+                raw.flush()
+                self._maybe_crash(shard)
+            try:
+                video, record = process_sample(row, self.config)
+            except ProbeError as exc:
+                if not should_record(exc, self.on_error):  # name the input: the row is not recorded
+                    named = f"{row['source']} (video_id {row['video_id']!r}): {exc.message}"
+                    raise type(exc)(exc.reason, named) from exc
+                errors.append(error_row(row, exc.reason, exc.message, shard))
+                continue
+            bytes_in += record["source_bytes"]
+            writer.add(f"{row['key']}.mp4", video)
+            writer.add(f"{row['key']}.json", dumps_json(record))
+            records.append({**{f: record.get(f) for f in SAMPLE_SCHEMA.names}, "shard": shard})
+        writer.close()
         return {"records": records, "errors": errors, "bytes_in": bytes_in,
                 "tar_sha256": writer.sha.hexdigest(), "tar_bytes": writer.size}
 
     def write_shard(self, shard: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        """Process and write one shard atomically; returns counts, tar digest and error rows."""
+        """Process and write one shard (tar, error table, then its index); returns counts, tar digest and
+        error rows. Nothing of the samples goes back to the caller but these counts and error rows."""
         t0 = time.perf_counter()
-        name = shard_name(shard)
-        tar_path = self.output / "shards" / f"{name}.tar"
-        tmp_tar = tar_path.with_name(f"{tar_path.name}.tmp-{os.getpid()}")
-        written = self._write_tar(shard, rows, tmp_tar)
+        tar_uri = shard_uri(self.output, "shards", shard, ".tar")
+        # A local temp file becomes the tar (rename, or ONE upload of the complete object) only on success.
+        with storage.open_output(tar_uri, fsync=self.fsync and storage.is_local(tar_uri)) as raw:
+            written = self._write_tar(shard, rows, raw)
         records, errors = written["records"], written["errors"]
-        os.replace(tmp_tar, tar_path)
-        atomic_write_parquet(
-            self.output / "shard_errors" / f"{name}.parquet",
+        storage.write_parquet(
             pa.Table.from_pylist(errors, schema=ERROR_SCHEMA),
+            shard_uri(self.output, "shard_errors", shard, ".parquet"),
         )
         shard_meta = {
             "fingerprint": shard_fingerprint(self.config_fingerprint, rows),
@@ -124,7 +128,7 @@ class IngestShardStage:
             {b"vidsift_shard": dumps_json(shard_meta)}
         )
         # The index is written last: its presence (with a matching fingerprint) marks the shard complete.
-        atomic_write_parquet(self.output / "shards" / f"{name}.parquet", index)
+        storage.write_parquet(index, shard_uri(self.output, "shards", shard, ".parquet"))
         return {
             "shard": shard,
             **shard_meta,
@@ -134,20 +138,34 @@ class IngestShardStage:
         }
 
 
-def completed_shard(output: Path, shard: int, fingerprint: str) -> dict[str, Any] | None:
-    """The shard's recorded summary when its index, error file and tar exist and match ``fingerprint``."""
+def completed_shard(
+    output: str | os.PathLike,
+    shard: int,
+    fingerprint: str,
+    listing: dict[str, dict[str, int]] | None = None,
+) -> dict[str, Any] | None:
+    """The shard's recorded summary when its index, error file and tar exist and match ``fingerprint``.
+
+    ``listing``: ``{"shards": {name: size}, "shard_errors": {...}}`` from one listing of each folder
+    (:func:`pipeline.ingest.layout.folder_sizes`), so a rerun over many shards on an object store does not
+    ask for every object on its own; listed here when not given.
+    """
+    if listing is None:
+        listing = {f: folder_sizes(storage.join(output, f)) for f in SHARD_FOLDERS}
+    index_uri = shard_uri(output, "shards", shard, ".parquet")
+    errors_uri = shard_uri(output, "shard_errors", shard, ".parquet")
     name = shard_name(shard)
-    index_path = output / "shards" / f"{name}.parquet"
-    tar_path = output / "shards" / f"{name}.tar"
-    errors_path = output / "shard_errors" / f"{name}.parquet"
-    if not (index_path.exists() and tar_path.exists() and errors_path.exists()):
+    shards, shard_errors = listing.get("shards", {}), listing.get("shard_errors", {})
+    present = f"{name}.parquet" in shards and f"{name}.tar" in shards and f"{name}.parquet" in shard_errors
+    if not present:
         return None
     try:
-        metadata = pq.read_schema(index_path).metadata or {}
+        fs, path = storage.arrow_filesystem(index_uri)
+        metadata = pq.read_schema(path, filesystem=fs).metadata or {}
         shard_meta = json.loads(metadata[b"vidsift_shard"])
-        if shard_meta["fingerprint"] != fingerprint or tar_path.stat().st_size != shard_meta["tar_bytes"]:
+        if shard_meta["fingerprint"] != fingerprint or shards[f"{name}.tar"] != shard_meta["tar_bytes"]:
             return None
-        errors = pq.read_table(errors_path, schema=ERROR_SCHEMA).to_pylist()
+        errors = storage.read_parquet(errors_uri).cast(ERROR_SCHEMA).to_pylist()
     except (OSError, KeyError, ValueError, pa.ArrowException):
         return None
     if len(errors) != shard_meta["errors"]:

@@ -1,45 +1,44 @@
 """Shard inventory: which samples of which split live in which shard (``OUT/shards/NNNNNN.tar`` and its
-``.parquet`` sidecar). It fixes the number of steps of an epoch so every data-parallel worker runs the same
-number of steps (an uneven last batch would hang DDP's all-reduce)."""
+``.parquet`` index, on any store: a folder, ``s3://``, ``gs://``...). It fixes the number of steps of an
+epoch so every data-parallel worker runs the same number of steps (an uneven last batch would hang DDP's
+all-reduce)."""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-import pyarrow.parquet as pq
+from runtime import storage
 
 
-def shards_folder(shards: str | os.PathLike) -> Path:
-    """Accept the ingest output folder (with ``shards/``) or the ``shards/`` folder itself."""
-    root = Path(shards)
-    if (root / "shards").is_dir():
-        root = root / "shards"
-    if not root.is_dir():
-        raise FileNotFoundError(f"shard folder {str(shards)!r} does not exist")
-    if not sorted(root.glob("*.tar")):
-        raise FileNotFoundError(f"shard folder {str(root)!r} holds no .tar shards (run jobs.ingest first)")
+def shards_folder(shards: str | os.PathLike) -> str:
+    """Accept the ingest output folder/URI (with ``shards/``) or the ``shards/`` folder itself."""
+    root = os.fspath(shards)
+    if storage.list_files(storage.join(root, "shards"), ".tar"):
+        return storage.join(root, "shards")
+    if not storage.exists(root):
+        raise FileNotFoundError(f"shard folder {root!r} does not exist")
+    if not storage.list_files(root, ".tar"):
+        raise FileNotFoundError(f"shard folder {root!r} holds no .tar shards (run jobs.ingest first)")
     return root
 
 
 def shard_inventory(shards: str | os.PathLike) -> dict[str, dict[str, int]]:
-    """``{tar path: {split: count}}`` from the per-shard parquet sidecars written by ingest."""
+    """``{tar path/URI: {split: count}}`` from the per-shard parquet index files written by ingest."""
     root = shards_folder(shards)
+    indexes = set(storage.list_files(root, ".parquet"))
     inventory: dict[str, dict[str, int]] = {}
-    for tar in sorted(root.glob("*.tar")):
-        sidecar = tar.with_suffix(".parquet")
-        if not sidecar.is_file():
-            raise FileNotFoundError(f"shard {str(tar)!r} has no parquet sidecar {sidecar.name!r}")
-        table = (
-            pq.read_table(sidecar, columns=["split"]) if "split" in pq.read_schema(sidecar).names else None
-        )
+    for tar in storage.list_files(root, ".tar"):
+        sidecar = tar[: -len(".tar")] + ".parquet"
+        if sidecar not in indexes:
+            raise FileNotFoundError(f"shard {tar!r} has no parquet sidecar {storage.name(sidecar)!r}")
+        table = storage.read_parquet(sidecar)
         counts: dict[str, int] = {}
-        if table is None:
-            counts["None"] = pq.read_metadata(sidecar).num_rows
+        if "split" not in table.column_names:
+            counts["None"] = table.num_rows
         else:
             for split in table.column("split").to_pylist():
                 counts[str(split)] = counts.get(str(split), 0) + 1
-        inventory[str(tar)] = counts
+        inventory[tar] = counts
     return inventory
 
 

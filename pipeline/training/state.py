@@ -1,10 +1,12 @@
 """Checkpoint state: every rank's RNG (python, numpy, torch, CUDA), the ``state.pt`` file format
 (model + optimizer + scheduler + scaler + step + epoch + RNG + history in one file, loaded with
-``weights_only=True``), the checkpoint folders of a run and the export of the final ``model.pt``."""
+``weights_only=True``), the checkpoint folders of a run and the export of the final ``model.pt``. Paths are
+URIs on any store (``runtime.storage``): a run's checkpoints and ``model.pt`` may live on S3."""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import random
@@ -16,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from models import create_model, save_checkpoint
+from runtime import storage
 
 STATE_FILE = "state.pt"
 STATE_FORMAT = "vidsift-train-state-v1"
@@ -78,11 +81,11 @@ def optimizer_digest(optimizer_state: dict[str, Any]) -> str:
 
 
 def load_state_file(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a training ``state.pt`` safely (``weights_only=True``) and check its format."""
-    path = Path(path)
-    if not path.is_file():
+    """Load a training ``state.pt`` (a path or URI on any store) safely (``weights_only=True``) and check its
+    format."""
+    if not storage.is_file(path):
         raise FileNotFoundError(f"training state {str(path)!r} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise ValueError(f"{str(path)!r} is not a vidsift training state ({STATE_FORMAT})")
     return state
@@ -97,19 +100,17 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def checkpoint_dirs(run_dir: str | os.PathLike) -> list[Path]:
-    """Checkpoint folders of a Ray Train run folder holding a ``state.pt``, oldest first (by step)."""
-    run_dir = Path(run_dir)
-    found = []
-    for d in run_dir.glob("checkpoint_*"):
-        if (d / STATE_FILE).is_file():
-            found.append(d)
-    return sorted(found, key=lambda d: (d.stat().st_mtime, d.name))
+def checkpoint_dirs(run_dir: str | os.PathLike) -> list[str]:
+    """Checkpoint folders (URIs) of a Ray Train run folder on any store that hold a ``state.pt``, oldest
+    first: Ray Train names them ``checkpoint_<timestamp>``, so their names sort by time."""
+    found = [d for d in storage.list_dirs(run_dir) if storage.name(d).startswith("checkpoint_")]
+    return sorted((d for d in found if storage.is_file(storage.join(d, STATE_FILE))), key=storage.name)
 
 
-def export_model(state: dict[str, Any], output: Path) -> Path:
-    """Write ``OUTPUT/model.pt`` (a :func:`models.save_checkpoint` file) from a training state."""
+def export_model(state: dict[str, Any], output: str | os.PathLike) -> Path | str:
+    """Write ``OUTPUT/model.pt`` (a :func:`models.save_checkpoint` file; ``OUTPUT`` on any store) from a
+    training state. Returns its local ``Path`` or URI."""
     model, _, _ = create_model(state["model_name"])
     model.load_state_dict(state["model"])
     extra = {"step": int(state["step"]), "epoch": int(state["epoch"]), "train_config": state["config"]}
-    return save_checkpoint(model, output / "model.pt", extra=extra)
+    return save_checkpoint(model, storage.join(output, "model.pt"), extra=extra)

@@ -11,11 +11,12 @@ from workflows.reindex.config import (
     DEFAULT_CONFIG,
     ReindexError,
     ReindexInputError,
+    check_pretrained,
     load_config,
     merge_config,
 )
 from workflows.reindex.delta import Delta, compute_delta
-from workflows.reindex.lock import LockHeldError, RunLock
+from workflows.reindex.lock import LockHeldError, LockLostError, RunLock
 from workflows.reindex.run import (
     CRASH_ENV,
     STEPS,
@@ -36,11 +37,13 @@ __all__ = [
     "STEPS",
     "Delta",
     "LockHeldError",
+    "LockLostError",
     "ReindexError",
     "ReindexInputError",
     "ReindexRun",
     "RunLock",
     "SimulatedCrash",
+    "check_pretrained",
     "Workdir",
     "collect_rows",
     "compute_delta",

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import yaml
+
+from runtime import storage
 
 DEFAULT_CONFIG: dict[str, Any] = {
     "model": "clip4clip-meanP-tiny",
@@ -36,6 +37,26 @@ class ReindexInputError(ReindexError):
     """Bad arguments: an unusable workdir or config."""
 
 
+PLACEHOLDER_MARK = "YOUR-BUCKET"  # configs/reindex.yaml ships `pretrained: s3://YOUR-BUCKET/...`
+
+
+def check_pretrained(pretrained: str | None, allow_random_init: bool = False) -> None:
+    """The nightly job never builds with a random model silently: a trained checkpoint URI is required
+    (the shipped config's placeholder fails here) unless ``allow_random_init``."""
+    if pretrained and PLACEHOLDER_MARK in str(pretrained):
+        raise ReindexInputError(
+            f"the reindex model checkpoint (config key `pretrained`, or --pretrained) is still the "
+            f"placeholder {pretrained!r}: set `pretrained:` in the reindex config (configs/reindex.yaml) or "
+            "--pretrained URI to your trained checkpoint (a jobs.train model.pt on any store)"
+        )
+    if not pretrained and not allow_random_init:
+        raise ReindexInputError(
+            "no trained model for the reindex: set `pretrained:` in the reindex config "
+            "(configs/reindex.yaml) or pass --pretrained URI; --allow-random-init builds with a seeded "
+            "random model on purpose (tests only)"
+        )
+
+
 def merge_config(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     """Deep merge of nested dicts (``override`` wins); unknown top-level keys are an error."""
     out = json.loads(json.dumps(base))
@@ -50,11 +71,11 @@ def merge_config(base: dict[str, Any], override: dict[str, Any]) -> dict[str, An
 
 
 def load_config(path: str | os.PathLike | None) -> dict[str, Any]:
-    """``DEFAULT_CONFIG`` merged with the YAML file at ``path`` (if any)."""
+    """``DEFAULT_CONFIG`` merged with the YAML file at ``path`` (if any; any store)."""
     if path is None:
         return merge_config(DEFAULT_CONFIG, {})
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = yaml.safe_load(storage.read_text(path)) or {}
     except FileNotFoundError as exc:
         raise ReindexInputError(f"reindex config not found: {path}") from exc
     if not isinstance(data, dict):

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
+
+from runtime import storage
 
 
 @dataclass
@@ -66,8 +65,9 @@ def compute_delta(
     return delta
 
 
-def delta_manifest(videos: dict[str, dict[str, Any]], ids: list[str], path: Path) -> str:
-    """Write the ingest manifest of the delta (absolute sources); returns its content fingerprint."""
+def delta_manifest(videos: dict[str, dict[str, Any]], ids: list[str], path: str) -> str:
+    """Write the ingest manifest of the delta (absolute sources) to ``path`` (any store); returns its
+    content fingerprint."""
     columns = ["video_id", "path", "captions", "split", "caption_class", "hard_group"]
     rows = [
         {
@@ -95,8 +95,5 @@ def delta_manifest(videos: dict[str, dict[str, Any]], ids: list[str], path: Path
             [[r["video_id"], r["path"], videos[r["video_id"]]["source_sha256"]] for r in rows]
         ).encode()
     ).hexdigest()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    storage.write_parquet(table, path)
     return fingerprint

@@ -1,4 +1,5 @@
-"""The run lock ``WORKDIR/reindex.lock``: one reindex at a time per workdir, stale locks taken over."""
+"""The run lock ``WORKDIR/reindex.lock`` (any store): one reindex at a time per workdir, stale locks taken
+over."""
 
 from __future__ import annotations
 
@@ -9,11 +10,10 @@ import sys
 import threading
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
+from runtime import storage
 from workflows.reindex.config import ReindexError
-from workflows.reindex.workdir import write_json_atomic
 
 
 class LockHeldError(ReindexError):
@@ -34,15 +34,22 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-class RunLock:
-    """``WORKDIR/reindex.lock`` created with ``O_EXCL``: pid, hostname, start time, heartbeat.
+class LockLostError(ReindexError):
+    """This run's lock was taken over by another run (it stalled past ``ttl_s``): stop before publishing."""
 
-    A background thread refreshes the heartbeat (atomic rewrite, the file never disappears). A lock whose
-    pid is gone on this host, or whose heartbeat is older than ``ttl_s``, is stale and is taken over
-    (renamed away atomically first, so two runs can never both take it over)."""
+
+class RunLock:
+    """``WORKDIR/reindex.lock`` on any store, created with :func:`runtime.storage.create_exclusive` (local
+    ``O_EXCL``; S3 ``If-None-Match: *``; GCS generation match): pid, hostname, start time, heartbeat, token.
+
+    A background thread refreshes the heartbeat by rewriting the lock (one complete write: it never
+    disappears). A lock whose pid is gone on this host, or whose heartbeat is older than ``ttl_s``, is stale
+    and is taken over: deleted only if it still holds the record judged stale, then created exclusively
+    again. Object stores have no compare-and-delete, so that check-then-delete is a small race (docs/ops.md,
+    "The lock on object stores"); :meth:`check_held` before publishing makes a run that lost it stop."""
 
     def __init__(self, path: str | os.PathLike, ttl_s: float = 3600.0, heartbeat_s: float = 30.0):
-        self.path = Path(path)
+        self.path = storage.normalize(path)
         self.ttl_s, self.heartbeat_s = float(ttl_s), float(heartbeat_s)
         self.token = uuid.uuid4().hex
         self.record: dict[str, Any] | None = None
@@ -51,7 +58,7 @@ class RunLock:
         self._thread: threading.Thread | None = None
 
     def read(self) -> dict[str, Any] | None:
-        """The lock file's contents (None when absent; ``{}`` when unreadable, e.g. half-written)."""
+        """The lock's contents (None when absent; ``{}`` when unreadable, e.g. half-written)."""
         return _read_lock_file(self.path)
 
     def stale_reason(self, info: dict[str, Any]) -> str | None:
@@ -59,7 +66,7 @@ class RunLock:
         now = time.time()
         heartbeat = float(info.get("heartbeat") or info.get("started") or 0)
         if not info:
-            age = now - self.path.stat().st_mtime if self.path.exists() else float("inf")
+            age = now - _modified(self.path)
             return f"unreadable lock file, {age:.0f}s old" if age > self.ttl_s else None
         if info.get("hostname") == socket.gethostname() and not _pid_alive(int(info.get("pid", -1))):
             return f"pid {info.get('pid')} is not running on {info.get('hostname')}"
@@ -69,20 +76,14 @@ class RunLock:
 
     def acquire(self) -> None:
         """Take the lock or raise :class:`LockHeldError` naming the live holder."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        storage.makedirs(storage.parent(self.path))
         for _ in range(5):
             now = time.time()
             record = {"pid": os.getpid(), "hostname": socket.gethostname(), "started": now, "heartbeat": now,
                       "token": self.token, "argv": sys.argv}
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
+            if not storage.create_exclusive(self.path, json.dumps(record).encode()):
                 self._take_over_if_stale()
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(record, f)
-                f.flush()
-                os.fsync(f.fileno())
             self.record = record
             self._thread = threading.Thread(target=self._beat, name="reindex-lock-heartbeat", daemon=True)
             self._thread.start()
@@ -90,10 +91,11 @@ class RunLock:
         raise LockHeldError(f"could not acquire {self.path}: it keeps changing hands")
 
     def _take_over_if_stale(self) -> None:
-        """Move a stale lock out of the way (atomic rename); raise :class:`LockHeldError` for a live one."""
+        """Remove a stale lock (if it is still the one judged stale); raise :class:`LockHeldError` for a live
+        one. The re-read + delete is not atomic on object stores: see the class docstring."""
         info = self.read()
         if info is None:
-            return  # released between our open and read: race again
+            return  # released between our create and read: race again
         reason = self.stale_reason(info)
         if reason is None:
             raise LockHeldError(
@@ -101,23 +103,11 @@ class RunLock:
                 f"{info.get('hostname')} since {_iso(info.get('started'))} (heartbeat "
                 f"{time.time() - float(info.get('heartbeat', 0)):.0f}s ago); exiting"
             )
-        graveyard = self.path.with_name(f"{self.path.name}.stale-{uuid.uuid4().hex[:8]}")
-        try:
-            os.rename(self.path, graveyard)
-        except FileNotFoundError:
-            return  # someone else moved it first; race again for the fresh lock
-        if _read_lock_file(graveyard) != info:
-            # Between our read and rename another run took the stale lock over and wrote its own: put that
-            # one back (link fails if yet another lock appeared meanwhile) and back off.
-            try:
-                os.link(graveyard, self.path)
-            except FileExistsError:
-                pass
-            graveyard.unlink(missing_ok=True)
+        if self.read() != info:
             raise LockHeldError(f"{self.path} changed hands while taking over a stale lock; exiting")
+        storage.remove(self.path)
         _log(f"taking over stale lock ({reason}): {info}")
         self.took_over = {**info, "reason": reason}
-        graveyard.unlink(missing_ok=True)
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
@@ -129,7 +119,14 @@ class RunLock:
         if not info or info.get("token") != self.token or self.record is None:
             return
         self.record["heartbeat"] = time.time()
-        write_json_atomic(self.path, self.record)
+        storage.write_json(self.path, self.record, fsync=True)
+
+    def check_held(self) -> None:
+        """Raise :class:`LockLostError` when the lock no longer holds our token (another run took it over)."""
+        info = self.read()
+        if self.record is not None and (not info or info.get("token") != self.token):
+            holder = f"pid {info.get('pid')} on {info.get('hostname')}" if info else "nobody"
+            raise LockLostError(f"{self.path} was taken over (now held by {holder}); not publishing")
 
     def release(self) -> None:
         self._stop.set()
@@ -137,7 +134,7 @@ class RunLock:
             self._thread.join(timeout=5)
         info = self.read()
         if info and info.get("token") == self.token:
-            self.path.unlink(missing_ok=True)
+            storage.remove(self.path)
         self.record = None
 
     def __enter__(self) -> RunLock:
@@ -148,13 +145,22 @@ class RunLock:
         self.release()
 
 
-def _read_lock_file(path: Path) -> dict[str, Any] | None:
+def _read_lock_file(uri: str) -> dict[str, Any] | None:
     try:
-        return json.loads(path.read_text())
+        return json.loads(storage.read_bytes(uri))
     except FileNotFoundError:
         return None
     except (json.JSONDecodeError, UnicodeDecodeError, OSError):
         return {}
+
+
+def _modified(uri: str) -> float:
+    """The lock's last-modified time (unix seconds); ``-inf`` when it is gone (so it counts as stale)."""
+    fs, path = storage.filesystem(uri)
+    try:
+        return fs.modified(path).timestamp()
+    except (FileNotFoundError, NotImplementedError, OSError):
+        return float("-inf")
 
 
 def _iso(ts: Any) -> str:

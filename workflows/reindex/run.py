@@ -1,7 +1,7 @@
 """One reindex run as named steps over a typed state (:class:`ReindexRun`).
 
 lock → :func:`step_scan` (read + hash the source, delta vs the last successful run) → :func:`step_ingest`
-(the delta into ``WORKDIR/ingest/run-<seq>/``) → :func:`step_embed` (into
+(the delta into ``WORKDIR/ingest/run-<seq>/``; WORKDIR on any store) → :func:`step_embed` (into
 ``WORKDIR/embeddings/model_id=<id>/``) → :func:`step_index` (the live set; ``delete_videos`` +
 ``add_embeddings`` on a scratch copy of the CURRENT index, or a full rebuild from the live rows when there is
 no index yet, the model changed or ``needs_retrain`` says so) → :func:`step_validate` → :func:`step_publish`
@@ -24,17 +24,17 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 
 from index import add_embeddings, build_index, delete_videos, needs_retrain, store
-from models import create_model
+from models import create_inference_model
 from pipeline.datasets import list_shards
 from pipeline.embedding import model_partition, plan_shards
 from pipeline.ingest import run_ingest
+from runtime import storage
 from runtime.ray_connect import connect_ray
 from workflows.embed import run_embed
-from workflows.reindex.config import DEFAULT_CONFIG, ReindexError, merge_config
+from workflows.reindex.config import DEFAULT_CONFIG, ReindexError, check_pretrained, merge_config
 from workflows.reindex.delta import Delta, compute_delta, delta_manifest
 from workflows.reindex.lock import RunLock
 from workflows.reindex.scan import scan_source
@@ -42,7 +42,7 @@ from workflows.reindex.tables import (
     collect_rows,
     copy_current,
     embed_errors,
-    stamp_meta,
+    stamped_meta,
     write_embeddings_dir,
 )
 from workflows.reindex.validate import validate_index
@@ -88,6 +88,8 @@ class ReindexRun:
     full: bool  # full build: no index yet or the model changed
     state: dict[str, Any]  # the last successful run's state (videos/failed emptied for a full build)
     retry_failed: bool = False
+    allow_random_init: bool = False
+    lock: RunLock | None = None
     crash_mode: str = "raise"
     progress: bool = True
     lock_taken_over: dict[str, Any] | None = None
@@ -114,11 +116,11 @@ class ReindexRun:
     published: str | None = None
 
     @property
-    def partition(self) -> Path:
-        return self.wd.embeddings / model_partition(self.model_id)
+    def partition(self) -> str:
+        return storage.join(self.wd.embeddings, model_partition(self.model_id))
 
     @property
-    def run_dir(self) -> Path:
+    def run_dir(self) -> str:
         return self.wd.run_ingest_dir(self.seq)
 
     @property
@@ -130,9 +132,10 @@ class ReindexRun:
         self.started_ray = connect_ray()[0] or self.started_ray
 
 
-def model_id_of(model: str, pretrained: str | None) -> str:
-    """The id of the vectors ``model`` makes: built as the embed run builds it (seeded init, no weights)."""
-    encoder, _, _ = create_model(model, pretrained=pretrained, seed=0)
+def model_id_of(model: str, pretrained: str | None, allow_random_init: bool = False) -> str:
+    """The id of the vectors ``model`` makes: built as the embed run builds it (trained weights; a seeded
+    random init only with ``allow_random_init``)."""
+    encoder, _, _ = create_inference_model(model, pretrained=pretrained, allow_random_init=allow_random_init)
     return encoder.model_id
 
 
@@ -141,7 +144,7 @@ def prepare_run(source: str, wd: Workdir, cfg: dict[str, Any], model: str, pretr
     """The run's number, model id and whether it is a full build, from the state of the last run."""
     t_start = time.perf_counter()
     state = wd.read_state()
-    model_id = model_id_of(model, pretrained)
+    model_id = model_id_of(model, pretrained, bool(options.get("allow_random_init")))
     have_index = store.read_current(wd.index, missing_ok=True) is not None
     full = not have_index or state.get("model_id") != model_id
     if full and state.get("videos") and state.get("model_id") != model_id:
@@ -169,7 +172,7 @@ def step_scan(run: ReindexRun) -> None:
     run.summary = {
         "run": run.seq,
         "source": run.source,
-        "workdir": str(wd.root),
+        "workdir": wd.root,
         "model_id": run.model_id,
         "full_build": run.full,
         **run.delta.counts(),
@@ -181,25 +184,34 @@ def step_scan(run: ReindexRun) -> None:
 def step_ingest(run: ReindexRun) -> None:
     """Ingest the delta into its own run dir (same seq after a crash -> its finished shards are reused)."""
     wd, ids = run.wd, run.delta.to_ingest
-    fp_path = wd.staging / f"run-{run.seq:06d}.delta.json"
-    manifest_path = wd.staging / f"run-{run.seq:06d}.delta.parquet"
+    fp_path = storage.join(wd.staging, f"run-{run.seq:06d}.delta.json")
+    manifest_path = storage.join(wd.staging, f"run-{run.seq:06d}.delta.parquet")
     old_fp = read_json(fp_path, default={}).get("fingerprint")
     fp = delta_manifest(run.videos, ids, manifest_path)
     if old_fp is not None and old_fp != fp:
         _log(f"the source changed since the interrupted run {run.seq}: redoing its ingest/embed")
         wd.reset_run(run.seq, run.partition)
     write_json_atomic(fp_path, {"fingerprint": fp, "videos": len(ids)})
-    finished = read_json(run.run_dir / "manifest.json", default={}) or {}
+    finished = read_json(storage.join(run.run_dir, "manifest.json"), default={}) or {}
     if not (finished.get("summary") or {}).get("complete"):  # a rerun skips Ray start-up when done
         run.connect_ray()
     options = {k: v for k, v in run.cfg["ingest"].items() if v is not None}
-    run.summary["ingest"] = run_ingest(str(manifest_path), str(run.run_dir), **options, progress=run.progress)
-    for shard in sorted((run.run_dir / "shards").glob("*.parquet")):
+    run.summary["ingest"] = run_ingest(manifest_path, run.run_dir, **options, progress=run.progress)
+    for shard in storage.list_files(storage.join(run.run_dir, "shards"), ".parquet"):
         columns = ["video_id", "sha256", "source_sha256", "source"]
-        for rec in pq.read_table(shard, columns=columns).to_pylist():
+        for rec in storage.read_parquet(shard, columns=columns).to_pylist():
             run.ingested[rec["video_id"]] = rec
-    for err in pq.read_table(run.run_dir / "errors.parquet").to_pylist():
+    for err in ingest_errors(run.run_dir):
         run.failed[err["video_id"]] = {"stage": "ingest", "reason": err["reason"], "message": err["message"]}
+
+
+def ingest_errors(run_dir: str) -> list[dict[str, Any]]:
+    """The error rows of an ingest output (``errors.parquet``, or ``_errors.parquet`` in a newer layout)."""
+    for name in ("_errors.parquet", "errors.parquet"):
+        uri = storage.join(run_dir, name)
+        if storage.exists(uri):
+            return storage.read_parquet(uri).to_pylist()
+    return []
 
 
 def step_embed(run: ReindexRun) -> None:
@@ -207,18 +219,19 @@ def step_embed(run: ReindexRun) -> None:
     if not run.ingested:
         return
     ec = run.cfg["embed"]
-    if any(w.todo_keys for w in plan_shards(list_shards(str(run.run_dir)), run.partition)):
+    if any(w.todo_keys for w in plan_shards(list_shards(run.run_dir), run.partition)):
         run.connect_ray()
     run.summary["embed"] = run_embed(
-        str(run.run_dir),
+        run.run_dir,
         run.model,
-        str(run.wd.embeddings),
+        run.wd.embeddings,
         pretrained=run.pretrained,
+        allow_random_init=run.allow_random_init,
         sampling=dict(ec.get("sampling") or {}),
         batch_size=int(ec.get("batch_size", 16)),
         encoders=int(ec.get("encoders", 1)),
     )
-    for vid, err in embed_errors(run.partition, f"{run.run_dir.name}-").items():
+    for vid, err in embed_errors(run.partition, f"{storage.name(run.run_dir)}-").items():
         run.failed[vid] = {"stage": "embed", **err}
 
 
@@ -342,13 +355,14 @@ def step_validate(run: ReindexRun) -> None:
 
 
 def step_publish(run: ReindexRun) -> None:
-    """Stamp the scratch version with this run and publish it into ``WORKDIR/index`` (atomic CURRENT swap)."""
-    staged = store.version_dir(run.scratch)
-    stamp_meta(staged, {"run": run.seq, "parent_version": run.parent, "mode": run.mode,
-                        **run.delta.counts(), "source": run.source})
-    run.wd.index.mkdir(parents=True, exist_ok=True)
-    (run.wd.index / store.VERSIONS_DIR).mkdir(exist_ok=True)
-    run.published = store.publish(run.wd.index, staged, keep=int(run.cfg["index"]["keep"]))
+    """Stamp the scratch version with this run and publish it into ``WORKDIR/index``: its files, then
+    index.json, then the single CURRENT object (readers never see a partial version). A run whose lock was
+    taken over stops here (:class:`LockLostError`) and publishes nothing."""
+    if run.lock is not None:
+        run.lock.check_held()
+    staged, meta = stamped_meta(run.scratch, {"run": run.seq, "parent_version": run.parent, "mode": run.mode,
+                                              **run.delta.counts(), "source": run.source})
+    run.published = store.publish_copy(staged, meta, run.wd.index, keep=int(run.cfg["index"]["keep"]))
 
 
 def commit_state(run: ReindexRun) -> None:
@@ -371,7 +385,8 @@ def commit_state(run: ReindexRun) -> None:
         live_videos=len(run.live_records),
         live_rows=int(sum(r.get("rows", 0) for r in run.live_records.values())),
     )
-    shutil.rmtree(run.wd.staging, ignore_errors=True)
+    storage.remove(run.wd.staging, recursive=True)
+    shutil.rmtree(run.wd.run_staging(run.seq), ignore_errors=True)  # the local scratch of a remote workdir
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -422,7 +437,7 @@ def execute(run: ReindexRun, dry_run: bool = False) -> dict[str, Any]:
             ray.shutdown()
     run.timings["total"] = round(time.perf_counter() - run.t_start, 3)
     run.summary["timings_s"] = run.timings
-    write_json_atomic(run.wd.runs / f"run-{run.seq:06d}.json", run.summary)
+    write_json_atomic(storage.join(run.wd.runs, f"run-{run.seq:06d}.json"), run.summary)
     return run.summary
 
 
@@ -436,14 +451,20 @@ def run_reindex(
     dry_run: bool = False,
     crash_mode: str = "raise",
     progress: bool = True,
+    allow_random_init: bool = False,
 ) -> dict[str, Any]:
-    """One reindex run (see the module docstring); returns the summary dict.
+    """One reindex run (see the module docstring); returns the summary dict. ``workdir`` may be on any
+    store (a local folder, ``s3://``, ``gs://``).
 
-    Raises :class:`LockHeldError` when another live run holds the lock, :class:`ReindexError` on bad input
-    or failed validation (nothing is published then), and :class:`SimulatedCrash` from the test hook."""
+    Raises :class:`ReindexInputError` without trained weights (``pretrained`` / the config's ``pretrained``,
+    still the placeholder) unless ``allow_random_init``, :class:`LockHeldError` when another live run
+    holds the lock, :class:`ReindexError` on bad input or failed validation (nothing is published then),
+    and :class:`SimulatedCrash` from the test hook."""
     cfg = merge_config(DEFAULT_CONFIG, config or {})
+    pretrained = pretrained if pretrained is not None else cfg["pretrained"]
+    check_pretrained(pretrained, allow_random_init)
     wd = Workdir(workdir)
-    wd.root.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(wd.root)
     lock = RunLock(wd.lock, ttl_s=cfg["lock"]["ttl_s"], heartbeat_s=cfg["lock"]["heartbeat_s"])
     with lock:
         run = prepare_run(
@@ -451,8 +472,10 @@ def run_reindex(
             wd,
             cfg,
             model or cfg["model"],
-            pretrained if pretrained is not None else cfg["pretrained"],
+            pretrained,
             retry_failed=retry_failed,
+            allow_random_init=allow_random_init,
+            lock=lock,
             crash_mode=crash_mode,
             progress=progress,
             lock_taken_over=lock.took_over,

@@ -11,6 +11,7 @@ from typing import Any
 import fsspec
 
 from pipeline.inputs import read_inputs, split_protocol
+from runtime import storage
 from runtime.progress import Progress
 
 HASH_CHUNK = 8 << 20
@@ -38,7 +39,7 @@ def file_signature(uri: str) -> tuple[int, str] | None:
 def hash_file(uri: str) -> str:
     """sha256 of the bytes of ``uri`` (streamed)."""
     digest = hashlib.sha256()
-    with fsspec.open(uri, "rb") as f:
+    with storage.open_input(uri) as f:
         while chunk := f.read(HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()

@@ -1,11 +1,10 @@
 """Table operations of a run: the embedding rows of (video, content) pairs gathered from the model
-partition, written as an embeddings dir for the index, embed error records, and index version copies."""
+partition (any store), written as a local embeddings dir for the index, embed error records, and index
+version copies between the published index (any store) and a run's local scratch index."""
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -13,27 +12,36 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from index import store
+from pipeline.embedding import read_embed_errors
+from runtime import storage
+
+MODEL_CARD = "_model.json"
 
 
 def _pair_keys(table: pa.Table) -> pa.Array:
     return pc.binary_join_element_wise(table.column("video_id"), table.column("sha256"), "\x00")
 
 
-def collect_rows(partition: Path, pairs: Iterable[tuple[str, str]]) -> pa.Table | None:
+def part_files(partition: str) -> list[str]:
+    """The embedding part files of ``partition``, oldest run first: reindex names them
+    ``part-run-<seq>-<shard>.parquet`` (zero-padded), so name order is run order."""
+    return [f for f in storage.list_files(partition, ".parquet") if storage.name(f).startswith("part-")]
+
+
+def collect_rows(partition: str | os.PathLike, pairs: Iterable[tuple[str, str]]) -> pa.Table | None:
     """Every embedding row (video + clip rows) of the given (video_id, sha256) pairs, from all part files
     of ``partition``, one row per id (the newest part wins). None when no part holds any of them."""
     wanted = pa.array(sorted(f"{v}\x00{s}" for v, s in pairs), pa.string())
     if len(wanted) == 0:
         return None
     tables = []
-    for part in sorted(partition.glob("part-*.parquet"), key=lambda p: p.stat().st_mtime_ns):
-        meta = pq.read_table(part, columns=["video_id", "sha256"])
+    for part in part_files(os.fspath(partition)):
+        meta = storage.read_parquet(part, columns=["video_id", "sha256"])
         mask = pc.is_in(_pair_keys(meta), value_set=wanted)
         if pc.any(mask).as_py():
-            tables.append(pq.read_table(part).filter(mask))
+            tables.append(storage.read_parquet(part).filter(mask))
     if not tables:
         return None
     table = pa.concat_tables(tables, promote_options="default")
@@ -43,39 +51,40 @@ def collect_rows(partition: Path, pairs: Iterable[tuple[str, str]]) -> pa.Table 
     return table.take(pa.array(keep))
 
 
-def write_embeddings_dir(table: pa.Table, partition: Path, out_dir: Path, name: str) -> Path:
+def write_embeddings_dir(table: pa.Table, partition: str | os.PathLike, out_dir: Path, name: str) -> Path:
     """Write ``table`` as ``out_dir/part-<name>.parquet`` beside a copy of the partition's ``_model.json``."""
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if (partition / "_model.json").exists():
-        shutil.copyfile(partition / "_model.json", out_dir / "_model.json")
-    target = out_dir / f"part-{name}.parquet"
-    tmp = target.with_name(f".{target.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, target)
+    card = storage.join(os.fspath(partition), MODEL_CARD)
+    if storage.exists(card):
+        storage.write_bytes(str(out_dir / MODEL_CARD), storage.read_bytes(card))
+    storage.write_parquet(table, str(out_dir / f"part-{name}.parquet"))
     return out_dir
 
 
-def embed_errors(partition: Path, label_prefix: str) -> dict[str, dict[str, str]]:
-    """Embed error records (by video id) of the part files whose shard label starts with ``label_prefix``."""
-    out: dict[str, dict[str, str]] = {}
-    for part in sorted((partition / "errors").glob(f"part-{label_prefix}*.parquet")):
-        for row in pq.read_table(part).to_pylist():
-            out[row["video_id"]] = {"reason": row["reason"], "message": row["message"]}
-    return out
+def embed_errors(partition: str | os.PathLike, label_prefix: str) -> dict[str, dict[str, str]]:
+    """Embed error records (by video id) of the shards whose label starts with ``label_prefix``."""
+    rows = read_embed_errors(partition, label_prefix).to_pylist()
+    return {row["video_id"]: {"reason": row["reason"], "message": row["message"]} for row in rows}
 
 
-def copy_current(live_root: Path, scratch_root: Path) -> str:
-    """Copy the CURRENT version of ``live_root`` into a fresh ``scratch_root`` (as its CURRENT)."""
+def copy_current(live_root: str, scratch_root: Path) -> str:
+    """Copy the CURRENT version of ``live_root`` (any store) into a fresh local ``scratch_root``."""
     version = store.read_current(live_root)
-    shutil.rmtree(scratch_root, ignore_errors=True)
-    (scratch_root / store.VERSIONS_DIR).mkdir(parents=True)
-    shutil.copytree(live_root / store.VERSIONS_DIR / version, scratch_root / store.VERSIONS_DIR / version)
-    (scratch_root / store.CURRENT_FILE).write_text(version + "\n")
+    vdir = store.version_dir(live_root, version)
+    meta = store.read_meta(vdir)
+    storage.remove(str(scratch_root), recursive=True)
+    stage = store.staging_dir(str(scratch_root), version)
+    for name in store.version_files(vdir, meta):
+        storage.upload(store.local_file(vdir, meta, name), str(stage / name))
+    store.write_json(str(stage / store.META_FILE), meta)
+    storage.write_text(str(scratch_root / store.CURRENT_FILE), version + "\n")
     return version
 
 
-def stamp_meta(version_dir: Path, extra: dict[str, Any]) -> None:
-    """Record the run that made a version under ``reindex`` in its index.json."""
-    meta = json.loads((version_dir / store.META_FILE).read_text())
+def stamped_meta(scratch_root: Path, extra: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The CURRENT scratch version and its index.json with the run that made it under ``reindex``."""
+    vdir = store.version_dir(str(scratch_root))
+    meta = store.read_meta(vdir)
     meta["reindex"] = extra
-    store.write_json_atomic(version_dir / store.META_FILE, meta)
+    return vdir, meta

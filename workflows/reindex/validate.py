@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from index import VideoIndex, store
+from runtime import storage
 from workflows.reindex.config import ReindexError
 
 
@@ -17,7 +18,7 @@ def index_contents(root: Path) -> dict[str, Any]:
     """(ids, video ids, count, recall) of the CURRENT version of ``root`` for validation."""
     vdir, meta, _indexes, ids = store.load_version(root)
     return {
-        "version": vdir.name,
+        "version": storage.name(vdir),
         "meta": meta,
         "ids": ids.column("id").to_numpy(),
         "video_ids": set(ids.column("video_id").to_pylist()),

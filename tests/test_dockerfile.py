@@ -1,0 +1,158 @@
+"""The Dockerfile installs what the README and `make install` install, pinned, and the deploy/ manifests run
+the image it builds (parsed, no docker needed)."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    tomllib = pytest.importorskip("tomli")
+
+ROOT = Path(__file__).resolve().parents[1]
+# apt packages the image adds for its platform, not for vidsift: each with the reason.
+IMAGE_ONLY_APT = {"wget": "KubeRay's readiness / liveness probes run wget in the container"}
+MANIFESTS = sorted((ROOT / "deploy").glob("*.yaml"))
+
+
+def canon(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def shell_commands(text: str) -> list[list[str]]:
+    """Every simple command of a shell text (``&&``, ``;``, ``||`` and ``|`` split it), as argv lists."""
+    text = text.replace("\\\n", " ")
+    commands = []
+    for line in text.splitlines():
+        for part in re.split(r"&&|\|\||;|\|", line):
+            try:
+                argv = shlex.split(part, comments=True)
+            except ValueError:
+                continue
+            if argv:
+                commands.append(argv)
+    return commands
+
+
+def apt_packages(commands: list[list[str]]) -> set[str]:
+    out = set()
+    for argv in commands:
+        if "apt-get" in argv and "install" in argv:
+            out |= {a for a in argv[argv.index("install") + 1:] if not a.startswith("-")}
+    return out
+
+
+def package_installs(commands: list[list[str]]) -> list[tuple[bool, frozenset[str]]]:
+    """``pip install`` of this package (``.`` or ``.[extras]``): (editable, extras) of each one."""
+    found = []
+    for argv in commands:
+        if "pip" not in argv or "install" not in argv:
+            continue
+        args = argv[argv.index("install") + 1:]
+        for arg in args:
+            match = re.fullmatch(r"\.(?:\[([\w,\- ]+)\])?", arg)
+            if match:
+                extras = frozenset(e.strip() for e in (match.group(1) or "").split(",") if e.strip())
+                found.append(("-e" in args or "--editable" in args, extras))
+    return found
+
+
+def makefile_install() -> list[list[str]]:
+    text = (ROOT / "Makefile").read_text()
+    recipe = re.search(r"^install:.*\n((?:\t.*\n|(?:  .*\n))+)", text, re.MULTILINE)
+    assert recipe, "Makefile has no install target"
+    return shell_commands(re.sub(r"\$\([A-Z_]+\)", "", recipe.group(1)))
+
+
+def dockerfile() -> tuple[list[str], list[list[str]], dict[str, str]]:
+    """FROM images, the RUN commands, and ENV / LABEL pairs."""
+    text = (ROOT / "Dockerfile").read_text()
+    logical = re.sub(r"\\\n\s*", " ", "\n".join(line for line in text.splitlines()
+                                                if not line.lstrip().startswith("#")))
+    froms, runs, pairs = [], [], {}
+    for line in logical.splitlines():
+        word, _, rest = line.strip().partition(" ")
+        if word.upper() == "FROM":
+            froms.append(rest.split()[0])
+        elif word.upper() == "RUN":
+            runs += shell_commands(rest)
+        elif word.upper() in ("ENV", "LABEL"):
+            for token in shlex.split(rest):
+                key, _, value = token.partition("=")
+                pairs[key] = value
+    return froms, runs, pairs
+
+
+def readme_install() -> tuple[set[str], list[tuple[bool, frozenset[str]]]]:
+    text = (ROOT / "README.md").read_text()
+    apt = set(re.findall(r"Debian's `([\w.+-]+)`", text))
+    pip = [argv for cmd in re.findall(r"`(pip install [^`]+)`", text) for argv in shell_commands(cmd)]
+    return apt, package_installs(pip)
+
+
+def test_dockerfile_installs_what_the_readme_and_makefile_install():
+    _, runs, _ = dockerfile()
+    make = makefile_install()
+    readme_apt, readme_pip = readme_install()
+    make_apt, docker_apt = apt_packages(make), apt_packages(runs)
+    assert make_apt and make_apt == readme_apt, (make_apt, readme_apt)
+    assert docker_apt - set(IMAGE_ONLY_APT) == make_apt, (docker_apt, make_apt)
+    make_pip, docker_pip = package_installs(make), package_installs(runs)
+    assert len(make_pip) == 1 and len(docker_pip) == 1, (make_pip, docker_pip)
+    assert docker_pip == make_pip == readme_pip, (docker_pip, make_pip, readme_pip)
+
+
+def test_dockerfile_is_pinned():
+    froms, runs, pairs = dockerfile()
+    assert froms, "no FROM"
+    for image in froms:  # an exact python version (3.11.7-...) or a digest, never a floating tag
+        assert "@sha256:" in image or re.fullmatch(r"[\w./-]+:\d+\.\d+\.\d+[\w.-]*", image), image
+    constraint = pairs.get("PIP_CONSTRAINT", "")
+    assert constraint.endswith("deploy/constraints.txt"), "pip installs are not constrained"
+    for argv in runs:
+        if "pip" in argv and "install" in argv:
+            args = argv[argv.index("install") + 1:]
+            files = {b for a, b in zip(args, args[1:]) if a in ("-r", "-c", "--requirement", "--constraint")}
+            named = [a for a in args if not a.startswith(("-", ".")) and a not in files]
+            assert all("==" in a for a in named), f"unpinned pip install: {argv}"
+            assert files <= {"deploy/constraints.txt"}, f"requirements other than the pins: {argv}"
+
+
+def test_constraints_pin_every_dependency_within_its_range():
+    pins = {}
+    for line in (ROOT / "deploy" / "constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, sep, version = line.partition("==")
+            assert sep and version, f"not an exact pin: {line}"
+            pins[canon(name)] = version
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for spec in project["dependencies"] + project["optional-dependencies"]["dev"]:
+        req = Requirement(spec)
+        assert canon(req.name) in pins, f"{req.name} is not pinned in deploy/constraints.txt"
+        assert req.specifier.contains(pins[canon(req.name)], prereleases=True), (spec, pins[canon(req.name)])
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_manifests_run_the_image_the_dockerfile_builds(path):
+    _, _, pairs = dockerfile()
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert pairs["org.opencontainers.image.version"] == version
+    image = f"{pairs['org.opencontainers.image.title']}:{version}"
+    ray_pin = next(line.split("==")[1] for line in (ROOT / "deploy" / "constraints.txt").read_text().split()
+                   if line.startswith("ray=="))
+    for doc in yaml.safe_load_all(path.read_text()):
+        if not doc or not str(doc.get("apiVersion", "")).startswith("ray.io/"):
+            continue
+        text = yaml.safe_dump(doc)
+        images = set(re.findall(r"image: (\S+)", text))
+        assert images == {image}, (path.name, images)
+        assert set(re.findall(r"rayVersion: '?([\d.]+)", text)) == {ray_pin}, path.name
+        assert "persistentVolumeClaim" not in text, f"{path.name} still needs a shared volume"
