@@ -4,7 +4,7 @@ PYTHON ?= python3
 LINT_IMPORTS = $(PYTHON) -c "import sys; from importlinter.cli import lint_imports; sys.exit(lint_imports())"
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install demo test test-fast lint bench
+.PHONY: install browser demo test test-fast lint bench
 
 # System FFmpeg libraries for torchcodec (PyAV bundles its own), then the package with dev tools.
 install:
@@ -16,13 +16,18 @@ install:
 demo: install
 	$(PYTHON) -m jobs.demo --workdir runs/demo
 
+# Debian's Chromium for the search page's browser test (tests only: the image and the demo don't need it).
+browser:
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium; fi
+
 # The whole test suite, slow end-to-end tests included (CI runs this via .ci/run).
-test: install
+test: install browser
 	$(PYTHON) -m ruff check .
 	$(LINT_IMPORTS)
 	$(PYTHON) -m pytest -q --timeout=900 tests
 
-test-fast: install
+test-fast: install browser
 	$(PYTHON) -m pytest -q -m "not slow" tests
 
 lint:

@@ -7,9 +7,11 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import faiss
 import numpy as np
 
 from index import store
+from index.moments import DEFAULT_MAX_GAP_S, DEFAULT_REL_THRESHOLD, WINDOW_CLIP_BASE, Moment, merge_windows
 from index.sharded import merge_shard_results
 from index.tuning import apply_search_params
 from runtime import storage
@@ -19,7 +21,12 @@ Reranker = Callable[[str | None, list["Hit"]], list["Hit"]]
 
 @dataclasses.dataclass
 class Hit:
-    """One retrieved video: its aggregated ``score`` and best-scoring clip."""
+    """One retrieved video: its aggregated ``score`` and best-scoring clip.
+
+    For a video embedded with sliding windows, ``start_s`` / ``end_s`` name its best *moment* (merged run of
+    high-scoring windows, :mod:`index.moments`) and ``moments`` lists up to ``moments_per_video`` of them,
+    best first; ``moments`` is None for videos without window rows.
+    """
 
     video_id: str
     score: float
@@ -29,6 +36,7 @@ class Hit:
     caption: str | None = None
     num_clips: int = 1
     id: int | None = None
+    moments: list[Moment] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -70,6 +78,7 @@ class VideoIndex:
         self._end = ids.column("end_s").to_numpy(zero_copy_only=False)
         self._clip = ids.column("clip_index").to_numpy(zero_copy_only=False)
         self._captions = ids.column("captions").to_pylist() if "captions" in ids.column_names else None
+        self._windows = _window_rows(self._video_id, self._clip)
         for info, ix in zip(meta["shards"], indexes):
             apply_search_params(ix, info.get("search_params", {}))
         self._encoder = None
@@ -202,7 +211,9 @@ class VideoIndex:
         return merge_shard_results([r[0] for r in results], [r[1] for r in results], int(k))
 
     def search(
-        self, query, k: int = 10, aggregate: str = "max", overfetch: int = 4, rerank: Reranker | None = None
+        self, query, k: int = 10, aggregate: str = "max", overfetch: int = 4, rerank: Reranker | None = None,
+        moments_per_video: int = 1, rel_threshold: float = DEFAULT_REL_THRESHOLD,
+        max_gap_s: float = DEFAULT_MAX_GAP_S,
     ) -> list[Hit] | list[list[Hit]]:
         """Top-``k`` videos for ``query`` (str, list of str, ``[D]`` or ``[Q, D]`` vectors).
 
@@ -210,6 +221,10 @@ class VideoIndex:
         clips); clips are over-fetched (``overfetch`` × k, doubled until k videos or the whole index)
         so k distinct videos come back. ``rerank(query_text, hits) -> hits`` may rescore each list.
         A single query (str or ``[D]``) returns one list, otherwise one list per query.
+
+        Videos with window rows get moments (``moments_per_video`` > 0; 0 turns them off): every window of
+        the hit video is scored against the query and merged by :func:`index.moments.merge_windows`
+        (``rel_threshold``, ``max_gap_s``); the hit's ``start_s`` / ``end_s`` become its best moment.
         """
         if aggregate not in ("max", "mean"):
             raise ValueError(f"aggregate must be 'max' or 'mean', got {aggregate!r}")
@@ -225,10 +240,45 @@ class VideoIndex:
                 break
             fetch = min(total, fetch * 2)
         out = []
-        for text, hits in zip(texts, per_query):
+        for vector, text, hits in zip(vectors, texts, per_query):
             hits = hits[: int(k)] if rerank is None else _apply_rerank(rerank, text, hits)[: int(k)]
+            if moments_per_video > 0:
+                self._attach_moments(vector, hits, int(moments_per_video), rel_threshold, max_gap_s)
             out.append(hits)
         return out[0] if single else out
+
+    def _attach_moments(self, vector: np.ndarray, hits: list[Hit], limit: int, rel_threshold: float,
+                        max_gap_s: float) -> None:
+        """Score every window of the hits' videos (one filtered search per shard) and set their moments."""
+        rows = {h.video_id: self._windows[h.video_id] for h in hits if h.video_id in self._windows}
+        if not rows:
+            return
+        scores = self._score_ids(vector, self._all_ids[np.concatenate(list(rows.values()))])
+        for hit in hits:
+            if hit.video_id not in rows:
+                continue
+            r = rows[hit.video_id]
+            window_scores = [scores.get(int(i), np.nan) for i in self._all_ids[r]]
+            moments = merge_windows(self._start[r], self._end[r], window_scores, rel_threshold, max_gap_s,
+                                    limit=limit)
+            if moments:
+                hit.moments = moments
+                hit.start_s, hit.end_s = moments[0].start_s, moments[0].end_s
+
+    def _score_ids(self, vector: np.ndarray, ids: np.ndarray) -> dict[int, float]:
+        """``{id: score}`` of the query against the rows ``ids`` (FAISS search restricted to them; an
+        approximate index may leave some unscored: IVF scores only the probed lists)."""
+        q = np.ascontiguousarray(vector[None, :], dtype=np.float32)
+        q = q / max(float(np.linalg.norm(q)), 1e-12)
+        selector = faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64))
+        out: dict[int, float] = {}
+        for ix in self.indexes:
+            ivf = faiss.try_extract_index_ivf(ix)
+            params = (faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nprobe) if ivf is not None
+                      else faiss.SearchParameters(sel=selector))
+            d, i = ix.search(q, int(min(len(ids), max(ix.ntotal, 1))), params=params)
+            out.update((int(a), float(b)) for a, b in zip(i[0], d[0]) if a >= 0)
+        return out
 
     def _rows(self, ids: np.ndarray) -> np.ndarray:
         pos = np.clip(np.searchsorted(self._sorted_ids, ids), 0, max(len(self._sorted_ids) - 1, 0))
@@ -268,6 +318,20 @@ class VideoIndex:
             )
         hits.sort(key=lambda h: -h.score)
         return hits
+
+
+def _window_rows(video_ids: np.ndarray, clips: np.ndarray) -> dict[str, np.ndarray]:
+    """Row positions of each video's window rows (``clip_index >= WINDOW_CLIP_BASE``); ``{}`` when none."""
+    clip = np.asarray(clips, dtype=np.float64)
+    rows = np.flatnonzero(np.nan_to_num(clip, nan=-1.0) >= WINDOW_CLIP_BASE)
+    if not len(rows):
+        return {}
+    vids = np.asarray([str(v) for v in video_ids[rows]], dtype=object)
+    order = np.argsort(vids, kind="stable")
+    vids, rows = vids[order], rows[order]
+    cuts = np.flatnonzero(vids[1:] != vids[:-1]) + 1
+    return {str(group_vids[0]): group_rows
+            for group_vids, group_rows in zip(np.split(vids, cuts), np.split(rows, cuts))}
 
 
 def _num(value) -> float | None:

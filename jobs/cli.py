@@ -18,6 +18,7 @@ STAGES = {
     "index": "build / update / query FAISS indexes",
     "caption": "caption shards and score captions with SwinBERT",
     "reindex": "nightly incremental reindex of a video source",
+    "serve": "HTTP search service + page over an index (hot-swaps new versions)",
     "demo": "run the whole pipeline on a synthetic corpus with local Ray",
 }
 

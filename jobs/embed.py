@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder-threads", type=int, default=None,
                    help="torch threads per CPU encoder actor (default: all cores of the node)")
     p.add_argument("--with-text", action="store_true", help="also embed the ingest captions (evaluation)")
+    p.add_argument("--windows", action="store_true",
+                   help="clip rows over dense sliding windows (moments; docs/moments.md)")
+    p.add_argument("--window-s", type=float, default=None, help="window seconds (implies --windows)")
+    p.add_argument("--stride-s", type=float, default=None, help="window stride seconds (implies --windows)")
     return p
 
 
@@ -55,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
                             sampling=overrides, batch_size=args.batch_size, encoders=args.encoders,
                             decoders=args.decoders, backend=args.backend, dtype=args.dtype,
                             with_text=args.with_text, encoder_threads=args.encoder_threads,
-                            allow_random_init=args.allow_random_init)
+                            allow_random_init=args.allow_random_init, windows=args.windows,
+                            window_s=args.window_s, stride_s=args.stride_s)
     except (FileNotFoundError, KeyError, ValueError, PretrainedWeightsError) as exc:
         print(f"vidsift embed: error: {exc}", file=sys.stderr)
         return 2

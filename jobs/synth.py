@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from pipeline.synthetic import PROFILES, corpus_summary, generate_corpus
+from pipeline.synthetic import LONG_DEFAULT_DURATION, PROFILES, corpus_summary, generate_corpus
 from runtime.progress import Progress, print_summary
 
 
@@ -18,15 +18,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--size", type=int, default=128, help="frame side in px (odd sizes round up to even)")
     parser.add_argument("--fps", type=float, default=25.0)
     parser.add_argument("--keyframe-interval", type=float, default=1.0, help="seconds between keyframes")
-    parser.add_argument("--min-duration", type=float, default=2.0, help="seconds")
-    parser.add_argument("--max-duration", type=float, default=10.0, help="seconds")
-    parser.add_argument("--profile", choices=PROFILES, default="full")
+    parser.add_argument("--min-duration", type=float, default=None, help="seconds (2; profile long: 20)")
+    parser.add_argument("--max-duration", type=float, default=None, help="seconds (10; profile long: 30)")
+    parser.add_argument("--profile", choices=PROFILES, default="full",
+                        help="long: 20-30 s videos with 2-3 timed events and a segments column")
     parser.add_argument("--workers", type=int, default=1, help="parallel encoder processes")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    low, high = LONG_DEFAULT_DURATION if args.profile == "long" else (2.0, 10.0)
     progress = Progress("synth", args.n, unit="videos", every_s=2.0)
     start = time.perf_counter()
     try:
@@ -34,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
             args.output,
             n=args.n,
             seed=args.seed,
-            min_duration=args.min_duration,
-            max_duration=args.max_duration,
+            min_duration=low if args.min_duration is None else args.min_duration,
+            max_duration=high if args.max_duration is None else args.max_duration,
             size=args.size,
             fps=args.fps,
             keyframe_interval=args.keyframe_interval,

@@ -46,12 +46,25 @@ import pyarrow.compute as pc
 import torch
 
 from models import create_inference_model
+from pipeline.clips import sample_clips
 from pipeline.datasets import DecodeClipsStage
+from pipeline.sampling import ClipPlan, SamplingConfig
 from runtime import storage
-from runtime.errors import DecodeFailure, ErrorPolicy, check_policy
+from runtime.errors import (
+    DecodeFailure,
+    ErrorPolicy,
+    InputError,
+    InvalidMetadata,
+    check_policy,
+    should_record,
+)
 
 VIDEO_ROW = -1  # clip_index of the video-level row
 ERROR_ROW = -2  # clip_index of the one row an input failure leaves (never in a part file)
+# clip_index of sliding-window rows = WINDOW_CLIP_BASE + window number (docs/moments.md); index/moments.py
+# reads the same constant (pipeline/ and index/ do not import each other; tests/test_moments.py checks it).
+WINDOW_CLIP_BASE = 1_000_000
+WINDOW_DECODE_GROUP = 64  # windows decoded per pass over a video (bounds the frames held at once)
 
 EMBEDDING_COLUMNS = ("id", "video_id", "key", "shard", "clip_index", "start_s", "end_s", "model_id",
                      "sha256", "captions", "embedding")
@@ -162,6 +175,16 @@ def shard_keys(tar_path: str | os.PathLike) -> list[str]:
     return keys
 
 
+def shard_durations(tar_path: str | os.PathLike, keys: Sequence[str]) -> float | None:
+    """Seconds of video of ``keys`` in a shard, from ingest's per-shard index (None when it has none)."""
+    index = shard_index_uri(tar_path)
+    if not storage.exists(index):
+        return None
+    table = storage.read_parquet(index, columns=["key", "duration"]).to_pylist()
+    wanted = set(keys)
+    return float(sum(r["duration"] or 0.0 for r in table if r["key"] in wanted))
+
+
 def existing_video_ids(partition: str | os.PathLike) -> set[tuple[str, str]]:
     """(video_id, sha256) pairs already embedded in a model partition (video-level rows)."""
     done: set[tuple[str, str]] = set()
@@ -207,6 +230,135 @@ class DecodeShardClipsStage(DecodeClipsStage):
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         out = super().__call__(batch)
         out["shard"] = np.asarray(batch["shard"], dtype=object)
+        return out
+
+
+# --------------------------------------------------------------------------------------------- windows
+
+
+def window_span(sampling: SamplingConfig | Mapping[str, Any], video_fps: float) -> float:
+    """Default window length (s): the time one clip of the recorded sampling covers, ``frames_per_clip``
+    frame steps (``1 / fps`` with a target fps, else ``stride`` source frames); ``clip4clip`` mode:
+    ``max_frames / max_fps``."""
+    cfg = sampling if isinstance(sampling, SamplingConfig) else SamplingConfig.from_dict(dict(sampling))
+    if cfg.mode == "clip4clip":
+        return cfg.max_frames / cfg.max_fps
+    step = 1.0 / cfg.fps if cfg.fps is not None else (cfg.stride or 1) / video_fps
+    return cfg.frames_per_clip * step
+
+
+def plan_windows(duration: float, window_s: float, stride_s: float) -> list[tuple[float, float]]:
+    """``[(start_s, end_s)]`` of sliding windows over ``[0, duration]``: starts ``0, stride, 2 stride...``
+    while the window fits, then one window ending at ``duration`` when the tail is not covered; a video
+    shorter than a window is one window ``(0, duration)``."""
+    if not (window_s > 0 and stride_s > 0):
+        raise ValueError(f"window_s={window_s} and stride_s={stride_s} must be > 0")
+    eps = 1e-6
+    if duration <= window_s + eps:
+        return [(0.0, float(duration))]
+    count = int(np.floor((duration - window_s) / stride_s + eps)) + 1
+    bounds = [(round(i * stride_s, 6), round(i * stride_s + window_s, 6)) for i in range(count)]
+    if bounds[-1][1] < duration - eps:
+        bounds.append((round(duration - window_s, 6), round(float(duration), 6)))
+    return bounds
+
+
+def window_clip_plan(bounds: Sequence[tuple[float, float]], frames: int, duration: float, fps: float,
+                     start_time: float = 0.0) -> ClipPlan:
+    """``[W, frames]`` sample times: each window's frames at the centres of ``frames`` equal parts of it,
+    snapped to source frame centres (so a window of ``frames`` frame steps takes them as trained)."""
+    b = np.asarray(bounds, dtype=np.float64).reshape(-1, 2)
+    part = (b[:, 1] - b[:, 0]) / frames
+    raw = b[:, :1] + (np.arange(frames)[None, :] + 0.5) * part[:, None]
+    snapped = (np.floor(raw * fps + 1e-6) + 0.5) / fps
+    times = np.clip(snapped, 0.5 / fps, max(duration - 0.5 / fps, 0.5 / fps))
+    return ClipPlan(times=times + start_time, mask=np.ones(times.shape, dtype=bool))
+
+
+class DecodeWindowsStage(DecodeShardClipsStage):
+    """:class:`DecodeShardClipsStage` for ``--windows`` runs: per input video, its usual sparse row (which
+    gives the video-level row) plus rows of ``N`` sliding windows each (``N x T`` = the sampling's shape,
+    so batches stack; the last row is padded with masked windows). Extra columns: ``window_index`` int64
+    ``[B, N]`` (-1: no window; all -1 on the sparse row), ``window_bounds`` float64 ``[B, N, 2]`` and
+    ``parts`` (decoded rows of the video, so the driver knows when all of them are written).
+
+    ``window_s`` / ``stride_s``: seconds; None = :func:`window_span` of the sampling (per video fps) and
+    half the window. A video whose windows cannot be decoded keeps its video row and gets one error row.
+    """
+
+    def __init__(self, *args: Any, window_s: float | None = None, stride_s: float | None = None,
+                 **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.window_s, self.stride_s = window_s, stride_s
+
+    def windows_of(self, record: Mapping[str, Any]) -> list[tuple[float, float]]:
+        try:
+            duration, fps = float(record["duration"]), float(record["fps"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidMetadata(f"sample json has no usable duration/fps: {exc}") from exc
+        window = self.window_s or window_span(self.sampling, fps)
+        return plan_windows(duration, window, self.stride_s or window / 2.0)
+
+    def _window_rows(self, mp4: Any, record: Mapping[str, Any]) -> dict[str, list]:
+        """The window rows of one video: ``frames``, ``mask``, ``times``, ``time_error``, ``window_index``,
+        ``window_bounds`` per row of ``N`` windows."""
+        n, t = self.sampling.shape
+        bounds = self.windows_of(record)
+        duration, fps = float(record["duration"]), float(record["fps"])
+        start_time = float(record.get("start_time") or 0.0)
+        out: dict[str, list] = {k: [] for k in ("frames", "mask", "times", "time_error", "window_index",
+                                                "window_bounds")}
+        group = max(n, WINDOW_DECODE_GROUP // n * n)
+        for g in range(0, len(bounds), group):
+            part = bounds[g:g + group]
+            plan = window_clip_plan(part, t, duration, fps, start_time)
+            clip = sample_clips(bytes(mp4), plan, size=self.size, backend=self.backend, device=self.device)
+            for c in range(0, len(part), n):
+                k = min(n, len(part) - c)
+                row = {"frames": np.zeros((n, t, *self.size, 3), np.uint8), "mask": np.zeros((n, t), bool),
+                       "times": np.zeros((n, t)), "time_error": np.zeros((n, t)),
+                       "window_index": np.full(n, -1, np.int64), "window_bounds": np.zeros((n, 2))}
+                for name in ("frames", "mask", "times", "time_error"):
+                    row[name][:k] = getattr(clip, name)[c:c + k]
+                row["window_index"][:k] = np.arange(g + c, g + c + k)
+                row["window_bounds"][:k] = np.asarray(part[c:c + k])
+                for name, value in row.items():
+                    out[name].append(value)
+        return out
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        out = super().__call__(batch)
+        n, _ = self.sampling.shape
+        b = len(out["key"])
+        out["window_index"] = np.full((b, n), -1, np.int64)
+        out["window_bounds"] = np.zeros((b, n, 2))
+        out["parts"] = np.ones(b, np.int64)  # decoded rows of the video: its sparse row + its window rows
+        extra: dict[str, list] = {k: [] for k in out}
+        for i in range(b):
+            if out["error"][i]:
+                continue  # the sparse row already carries this video's failure
+            try:
+                rows = self._window_rows(batch["mp4"][i], json.loads(out["json"][i]))
+                count, failure = len(rows["frames"]), ("", "")
+            except InputError as exc:  # no row may be lost to a bad input; a bug raises
+                if not should_record(exc, self.on_error):
+                    raise
+                rows, count, failure = {}, 1, (exc.reason, f"windows: {exc}")
+            out["parts"][i] = 1 + count
+            blank = {"error": failure[0], "error_message": failure[1], "parts": 1 + count,
+                     "window_index": np.full(n, -1, np.int64)}  # a failure row: no window, no frames
+            for name in out:
+                if name in rows:
+                    extra[name] += rows[name]
+                elif name in blank:
+                    extra[name] += [blank[name]] * count
+                elif np.ndim(out[name]) > 1:
+                    extra[name] += [np.zeros_like(out[name][i])] * count
+                else:
+                    extra[name] += [out[name][i]] * count
+        if extra["key"]:
+            for name in out:
+                out[name] = np.concatenate([out[name], np.asarray(extra[name], dtype=out[name].dtype)])
         return out
 
 
@@ -262,10 +414,13 @@ class EncodeClipsStage:
         dim = self.dim or 0
         rows: dict[str, list] = {c: [] for c in ("id", "video_id", "key", "shard", "clip_index", "start_s",
                                                  "end_s", "model_id", "sha256", "captions", "embedding",
-                                                 "error", "error_message")}
+                                                 "error", "error_message", "parts", "part_done")}
         times = np.asarray(batch["times"], dtype=np.float64)
         j = 0
+        # decoded rows per video (several on a --windows run); part_done marks each decoded row's first row
+        parts = np.asarray(batch["parts"] if "parts" in batch else np.ones(len(batch["key"])), np.int64)
         for i, key in enumerate(batch["key"]):
+            before = len(rows["id"])
             record = json.loads(batch["json"][i]) if batch["json"][i] else {}
             common = {"video_id": str(batch["video_id"][i]), "key": str(key), "shard": str(batch["shard"][i]),
                       "model_id": self.model_id, "sha256": str(record.get("sha256", "")),
@@ -276,22 +431,44 @@ class EncodeClipsStage:
                 if self.on_error == "raise":
                     raise DecodeFailure(f"{key} (shard {common['shard']}): {reason}: {message}")
                 self._append(rows, common, ERROR_ROW, 0.0, 0.0, np.zeros(dim, np.float32), reason, message)
-                continue
-            valid_clips = mask[i].any(axis=1)
-            for c in np.flatnonzero(valid_clips):
-                start, end = _clip_span(times[i, c], mask[i, c])
-                self._append(rows, common, int(c), start, end, clip_emb[j, c], "", "")
-            start, end = _clip_span(times[i].ravel(), mask[i].ravel())
-            self._append(rows, common, VIDEO_ROW, start, end, video_emb[j], "", "")
-            j += 1
+            else:
+                self._append_video(rows, common, batch, i, times[i], mask[i], clip_emb[j], video_emb[j])
+                j += 1
+            added = len(rows["id"]) - before
+            rows["parts"] += [int(parts[i])] * added
+            rows["part_done"] += [1] + [0] * (added - 1)
         out = {k: np.array(v, dtype=object) for k, v in rows.items() if k != "embedding"}
         out["id"] = np.array(rows["id"], dtype=np.int64)
         out["clip_index"] = np.array(rows["clip_index"], dtype=np.int64)
         out["start_s"] = np.array(rows["start_s"], dtype=np.float64)
         out["end_s"] = np.array(rows["end_s"], dtype=np.float64)
+        if "parts" in batch:  # a --windows run: bookkeeping of the video's decoded rows
+            out["parts"] = np.array(rows["parts"], dtype=np.int64)
+            out["part_done"] = np.array(rows["part_done"], dtype=np.int64)
+        else:
+            del out["parts"], out["part_done"]
         out["embedding"] = (np.stack(rows["embedding"]).astype(self.dtype) if rows["embedding"]
                             else np.zeros((0, dim), self.dtype))
         return out
+
+    def _append_video(self, rows, common, batch, i, times, mask, clip_emb, video_emb) -> None:
+        """The rows of one decoded input row: its clip rows and video row; on a ``--windows`` run (columns
+        ``window_index`` / ``window_bounds``) a window row gives window rows only, the sparse row only the
+        video row."""
+        windows = np.asarray(batch["window_index"][i]) if "window_index" in batch else None
+        valid_clips = mask.any(axis=1)
+        if windows is not None and windows.max() >= 0:
+            bounds = np.asarray(batch["window_bounds"][i], dtype=np.float64)
+            for c in np.flatnonzero(valid_clips & (windows >= 0)):
+                self._append(rows, common, WINDOW_CLIP_BASE + int(windows[c]), bounds[c, 0], bounds[c, 1],
+                             clip_emb[c], "", "")
+            return
+        if windows is None:
+            for c in np.flatnonzero(valid_clips):
+                start, end = _clip_span(times[c], mask[c])
+                self._append(rows, common, int(c), start, end, clip_emb[c], "", "")
+        start, end = _clip_span(times.ravel(), mask.ravel())
+        self._append(rows, common, VIDEO_ROW, start, end, video_emb, "", "")
 
     @staticmethod
     def _append(rows, common, clip_index, start, end, emb, reason, message) -> None:
@@ -327,6 +504,9 @@ def embedding_schema(dim: int, dtype: str = "float32") -> pa.Schema:
 
 ERROR_SCHEMA = pa.schema([(c, pa.string()) for c in ERROR_COLUMNS])
 BOOKKEEPING_COLUMNS = ("shard", "key", "rows", "error", "fragment")
+# --windows runs add: decoded rows of the key in all / in this fragment (a windowed video is several decoded
+# rows that may reach the writers in different batches: the driver waits for all of them)
+PARTS_COLUMNS = ("parts", "parts_done")
 
 
 def fragment_schema(dim: int, dtype: str = "float32") -> pa.Schema:
@@ -365,11 +545,13 @@ def write_shard_fragments(batch: Mapping[str, Any], partition: str, dim: int,
                           dtype: str = "float32") -> dict[str, np.ndarray]:
     """Ray Data ``map_batches`` function (runs on the workers): write one encoded batch to storage as one
     fragment object per shard it holds, and return only bookkeeping — one row per input key with its
-    ``shard``, ``key``, ``rows`` (embedding rows written), ``error`` (reason, "" when fine) and the
-    ``fragment`` URI. Fragment names are a digest of their (key, clip) rows: a retried task rewrites the
-    same object, and :func:`finalize_shard` drops duplicate ids in any case."""
+    ``shard``, ``key``, ``rows`` (embedding rows written), ``error`` (reason, "" when fine), the
+    ``fragment`` URI (+ ``parts`` / ``parts_done`` on --windows runs: the key's decoded rows in all / here,
+    :data:`PARTS_COLUMNS`). Fragment names are a digest of their (key, clip) rows: a retried task rewrites
+    the same object, and :func:`finalize_shard` drops duplicate ids in any case."""
     table = encoded_table(batch, dim, dtype)
-    out: dict[str, list] = {c: [] for c in BOOKKEEPING_COLUMNS}
+    columns = BOOKKEEPING_COLUMNS + (PARTS_COLUMNS if "parts" in batch else ())
+    out: dict[str, list] = {c: [] for c in columns}
     for shard in sorted(set(table.column("shard").to_pylist())):
         sub = table.filter(pc.equal(table.column("shard"), shard))
         keys, clips, errors = (sub.column(c).to_pylist() for c in ("key", "clip_index", "error"))
@@ -377,18 +559,23 @@ def write_shard_fragments(batch: Mapping[str, Any], partition: str, dim: int,
         digest = hashlib.blake2b(rows_id.encode(), digest_size=10).hexdigest()
         uri = storage.join(staging_dir(partition, shard), f"frag-{digest}.parquet")
         storage.write_parquet(sub, uri)
+        in_shard = [str(s) == shard for s in batch["shard"]]
+        parts, done = (np.asarray(batch[c] if c in batch else np.ones(len(in_shard)), np.int64)[in_shard]
+                       for c in ("parts", "part_done"))
         per_key: dict[str, list] = {}
-        for key, error in zip(keys, errors):
-            entry = per_key.setdefault(key, [0, ""])
+        for key, error, total, first in zip(keys, errors, parts, done):
+            entry = per_key.setdefault(key, [0, "", int(total), 0])
+            entry[3] += int(first)
             if error:
                 entry[1] = error
             else:
                 entry[0] += 1
-        for key, (rows, error) in per_key.items():
-            for column, value in zip(BOOKKEEPING_COLUMNS, (shard, key, rows, error, uri)):
+        for key, values in per_key.items():
+            for column, value in zip(columns, (shard, key, *values[:2], uri, *values[2:])):
                 out[column].append(value)
-    result = {c: np.array(out[c], dtype=object) for c in BOOKKEEPING_COLUMNS}
-    result["rows"] = np.array(out["rows"], dtype=np.int64)
+    result = {c: np.array(out[c], dtype=object) for c in columns}
+    for column in ("rows", *PARTS_COLUMNS[: len(columns) - len(BOOKKEEPING_COLUMNS)]):
+        result[column] = np.array(out[column], dtype=np.int64)
     return result
 
 

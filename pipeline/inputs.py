@@ -6,6 +6,10 @@ Every input row becomes one ``InputRow`` dict; nothing is dropped here. Under th
 ``error=("invalid_metadata", message)``, so the caller records them as errors; under ``"raise"`` they raise
 :class:`BadURI` / :class:`BadManifestRow` (named input failures, see :mod:`runtime.errors`). An input that
 cannot be read as a whole raises :class:`UnusableInput` under either policy.
+
+An optional ``segments`` column (timed captions, docs/moments.md) becomes ``row["segments"]`` (a list; JSON
+text in CSV); its items are checked one by one at ingest against the probed duration
+(:mod:`pipeline.ingest.segments`), so one bad item does not cost the video.
 """
 
 from __future__ import annotations
@@ -114,6 +118,30 @@ def _parse_captions(row: dict[str, Any]) -> list[str]:
     return [str(c) for c in items]
 
 
+def _parse_segments(value: Any) -> list[Any]:
+    """A ``segments`` cell as a list of items (checked per item at ingest, against the probed duration):
+    a list / array, or JSON text of one (CSV); empty / null is ``[]``. Anything else is a bad row."""
+    if value is None or (isinstance(value, float) and value != value):
+        return []
+    if isinstance(value, str):
+        if not value.strip():
+            return []
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise BadManifestRow(f"segments is not JSON: {exc}: {value[:200]!r}") from exc
+    if isinstance(value, (dict, bytes, int, float, bool)) or not hasattr(value, "__iter__"):
+        raise BadManifestRow(f"segments must be a list of {{start_s, end_s, caption}}, got {value!r}")
+    return [_plain(item) for item in value]
+
+
+def _plain(item: Any) -> Any:
+    """A segment item with numpy scalars as Python values (it is hashed as JSON when planning)."""
+    if isinstance(item, dict):
+        return {str(k): (v.item() if hasattr(v, "item") else v) for k, v in item.items()}
+    return item.item() if hasattr(item, "item") else item
+
+
 def _clean(value: Any) -> Any:
     if value is None or (isinstance(value, float) and value != value):
         return None
@@ -172,6 +200,8 @@ def _manifest_row(
             pass
     try:
         row["captions"] = _parse_captions(record)
+        if "segments" in cols.names:  # only then: manifests without the column behave as before
+            row["segments"] = _parse_segments(record.get("segments"))
     except BadManifestRow as exc:
         named = BadManifestRow(f"manifest row {index} ({source or video_id}): {exc}")
         if not should_record(named, on_error):

@@ -12,6 +12,11 @@ Profiles:
 - ``motion``: one shape; caption = colour x shape x direction (4 x 3 x 4 = 48 classes).
 - ``full``: one or two shapes; events move (8 directions, slowly/quickly), grow, shrink, appear, disappear;
   with two shapes the events happen one after the other and the order is part of the caption.
+- ``long`` (moments, docs/moments.md): 20-30 s videos (``min_duration >= 16``) with 2-3 events of 2-4 s at
+  random non-overlapping times, each a ``motion``-style shape (colour x shape x direction) that is visible
+  and moving only during its event; between events only the static background. The manifest gets a
+  ``segments`` column: one ``{start_s, end_s, caption}`` per event (times on the frame grid, the caption
+  names the event), and ``captions`` describe the events in order.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import pandas as pd
 # Bump when rendering or encoding changes: it is part of every video's digest, so old files get rebuilt.
 GENERATOR_VERSION = 7
 
-PROFILES = ("motion", "full")
+PROFILES = ("motion", "full", "long")
 SPLITS = ("train", "val", "test")
 
 # Saturated colours that stay distinct after yuv420p chroma subsampling at 64 px.
@@ -125,6 +130,14 @@ PAIR_TEMPLATES = [
 ]
 MIN_CAPTIONS, MAX_CAPTIONS = 2, 5
 
+# ``long`` profile: events per video, seconds per event, the least empty background before/between/after.
+LONG_EVENTS = (2, 3)
+LONG_EVENT_S = (2.0, 4.0)
+LONG_MIN_GAP_S = 1.0
+LONG_MIN_DURATION = LONG_EVENTS[1] * LONG_EVENT_S[1] + (LONG_EVENTS[1] + 1) * LONG_MIN_GAP_S  # 16 s
+LONG_DEFAULT_DURATION = (20.0, 30.0)
+LONG_PREFIXES = ["", "first ", "in this video "]
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Specs: what happens in one video (pure function of seed, index, profile, duration range and fps).
@@ -180,6 +193,8 @@ def make_spec(cfg: RenderConfig, index: int) -> dict[str, Any]:
     fps = float(cfg.fps)
     duration_req = rng.uniform(cfg.min_duration, cfg.max_duration)
     num_frames = max(1, round(duration_req * fps))
+    if cfg.profile == "long":
+        return _long_spec(cfg, index, rng, num_frames)
     if cfg.profile == "motion":
         num_shapes = 1
         colours, shapes, directions = MOTION_COLOURS, MOTION_SHAPES, MOTION_DIRECTIONS
@@ -253,11 +268,78 @@ def make_spec(cfg: RenderConfig, index: int) -> dict[str, Any]:
     }
 
 
+def _event_frames(rng: np.random.Generator, num_frames: int, fps: float) -> list[tuple[int, int]]:
+    """``[first, end)`` frame ranges of 2-3 events at random times, >= LONG_MIN_GAP_S apart and from the
+    ends of the video (``long`` profile)."""
+    count = int(rng.integers(LONG_EVENTS[0], LONG_EVENTS[1] + 1))
+    lengths = [max(1, round(rng.uniform(*LONG_EVENT_S) * fps)) for _ in range(count)]
+    gap = max(1, round(LONG_MIN_GAP_S * fps))
+    free = num_frames - sum(lengths) - (count + 1) * gap
+    if free < 0:
+        raise ValueError(f"video of {num_frames} frames is too short for {count} events (profile long)")
+    cuts = np.sort(rng.integers(0, free + 1, size=count))
+    extra = np.diff(np.concatenate([[0], cuts]))
+    frames, cursor = [], 0
+    for length, more in zip(lengths, extra):
+        cursor += gap + int(more)
+        frames.append((cursor, cursor + length))
+        cursor += length
+    return frames
+
+
+def _long_spec(cfg: RenderConfig, index: int, rng: np.random.Generator, num_frames: int) -> dict[str, Any]:
+    """Spec of a ``long`` video: one motion-style shape per event, visible only during its event."""
+    fps = float(cfg.fps)
+    events = _event_frames(rng, num_frames, fps)
+    picked: list[tuple[str, str]] = []
+    while len(picked) < len(events):
+        colour = MOTION_COLOURS[rng.integers(len(MOTION_COLOURS))]
+        pair = (colour, MOTION_SHAPES[rng.integers(len(MOTION_SHAPES))])
+        if pair not in picked:  # each event's caption names a shape the others do not show
+            picked.append(pair)
+    shape_specs = []
+    for (colour, shape), (f0, f1) in zip(picked, events):
+        direction = MOTION_DIRECTIONS[rng.integers(len(MOTION_DIRECTIONS))]
+        speed_value = rng.uniform(*MOTION_SPEED_RANGE)
+        vx, vy = DIRECTION_VECTORS[direction]
+        radius = rng.uniform(RADIUS_RANGE[0] + GROW_DELTA, RADIUS_RANGE[1] - GROW_DELTA)
+        shape_specs.append({
+            "colour": colour, "shape": shape, "event": "move", "direction": direction, "speed": None,
+            "velocity": [float(vx * speed_value), float(vy * speed_value)],
+            "anchor_xy": [float(rng.uniform()), float(rng.uniform())], "anchor_radius": float(radius),
+            "window": [f0 / num_frames, f1 / num_frames], "switch": None, "frames": [int(f0), int(f1)],
+            "visible_window": True,
+        })
+    bg_level = rng.uniform(20, 80)
+    bg_tint = rng.uniform(-10, 10, size=3)
+    return {
+        "index": index,
+        "num_frames": int(num_frames),
+        "anchor_t": float((events[0][0] + 0.5) / fps),  # the first event starts at its drawn position
+        "shapes": shape_specs,
+        "background": "plain" if rng.uniform() < 0.5 else "textured",
+        "bg_colour": [float(np.clip(bg_level + t, 0, 255)) for t in bg_tint],
+    }
+
+
+def make_segments(spec: dict[str, Any], cfg: RenderConfig) -> list[dict[str, Any]]:
+    """The timed captions of a ``long`` video: ``{start_s, end_s, caption}`` per event, in time order."""
+    fps = float(cfg.fps)
+    segments = []
+    for slot, s in enumerate(spec["shapes"]):
+        rng = random.Random(f"vidsift-segment:{cfg.seed}:{spec['index']}:{slot}")
+        template = _choice(rng, SINGLE_TEMPLATES)
+        caption = template.format(subject=_subject(s, rng), verb=_verb_phrase(s, rng, False))
+        f0, f1 = s["frames"]
+        segments.append({"start_s": round(f0 / fps, 6), "end_s": round(f1 / fps, 6), "caption": caption})
+    return segments
+
+
 def caption_class(spec: dict[str, Any], profile: str) -> str:
     """Canonical semantic key: ``red|circle|left`` (motion) or ``red|circle|move|left|slowly>...``."""
     parts = []
     for s in spec["shapes"]:
-        if profile == "motion":
+        if profile in ("motion", "long"):
             parts.append(f"{s['colour']}|{s['shape']}|{s['direction']}")
         elif s["event"] == "move":
             parts.append(f"{s['colour']}|{s['shape']}|move|{s['direction']}|{s['speed']}")
@@ -304,7 +386,10 @@ def make_captions(spec: dict[str, Any], profile: str, seed: int) -> list[str]:
     captions: list[str] = []
     for _ in range(200):  # the phrase space is in the hundreds, so this always fills up
         shapes = spec["shapes"]
-        if len(shapes) == 1:
+        if profile == "long":
+            events = [f"{_subject(sh, rng)} {_verb_phrase(sh, rng, False)}" for sh in shapes]
+            caption = _choice(rng, LONG_PREFIXES) + ", then ".join(events)
+        elif len(shapes) == 1:
             caption = _choice(rng, SINGLE_TEMPLATES).format(
                 subject=_subject(shapes[0], rng), verb=_verb_phrase(shapes[0], rng, with_speed)
             )
@@ -348,7 +433,9 @@ def shape_state(
         sign = 1.0 if s["event"] == "grow" else -1.0
         radius = radius + sign * GROW_DELTA * active_s / span
     visible = True
-    if s["event"] == "appear":
+    if s.get("visible_window"):  # long profile: only the background outside the event
+        visible = window[0] <= t_frac < window[1]
+    elif s["event"] == "appear":
         visible = t_frac >= s["switch"]
     elif s["event"] == "disappear":
         visible = t_frac < s["switch"]
@@ -562,6 +649,11 @@ def _validate(n, size, fps, keyframe_interval, min_duration, max_duration, split
         )
     if profile not in PROFILES:
         raise ValueError(f"profile must be one of {PROFILES}, got {profile!r}")
+    if profile == "long" and min_duration < LONG_MIN_DURATION:
+        raise ValueError(
+            f"profile long needs min_duration >= {LONG_MIN_DURATION:g} s (3 events + gaps), "
+            f"got {min_duration!r}"
+        )
     if not (isinstance(workers, int) and workers >= 1):
         raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
     return fractions
@@ -623,6 +715,8 @@ def make_manifest(
             "num_shapes": len(shapes),
             "background": spec["background"],
         }
+        if profile == "long":
+            row["segments"] = make_segments(spec, cfg)
         for slot, suffix in ((0, ""), (1, "2")):
             s = shapes[slot] if slot < len(shapes) else None
             for key in ("colour", "shape", "event", "direction", "speed"):
@@ -643,7 +737,9 @@ def write_manifest(manifest: pd.DataFrame, output_dir: Path) -> None:
     manifest.to_parquet(tmp_parquet, index=False)
     os.replace(tmp_parquet, output_dir / "manifest.parquet")
     csv_frame = manifest.copy()
-    csv_frame["captions"] = csv_frame["captions"].map(json.dumps)
+    for column in ("captions", "segments"):
+        if column in csv_frame.columns:
+            csv_frame[column] = csv_frame[column].map(json.dumps)
     tmp_csv = output_dir / f".manifest.csv.tmp-{os.getpid()}"
     csv_frame.to_csv(tmp_csv, index=False)
     os.replace(tmp_csv, output_dir / "manifest.csv")
@@ -652,7 +748,9 @@ def write_manifest(manifest: pd.DataFrame, output_dir: Path) -> None:
 def read_manifest_csv(path: str | Path) -> pd.DataFrame:
     """Read ``manifest.csv`` back with ``captions`` decoded to lists."""
     frame = pd.read_csv(path)
-    frame["captions"] = frame["captions"].map(json.loads)
+    for column in ("captions", "segments"):
+        if column in frame.columns:
+            frame[column] = frame[column].map(json.loads)
     return frame
 
 

@@ -177,16 +177,29 @@ def _wait_dashboard(address: str, timeout_s: float = 180) -> None:
 
 
 @contextlib.contextmanager
-def _keep_ray_address_file():
-    """Cluster() writes (and its shutdown deletes) /tmp/ray/ray_current_cluster, which ``ray.init("auto")``
-    elsewhere on the machine reads: put back whatever was there before."""
+def _keep_driver_ray_state():
+    """Leave this process's Ray state as it was, whatever Cluster() does to it.
+
+    - Cluster() writes (and its shutdown deletes) /tmp/ray/ray_current_cluster, which ``ray.init("auto")``
+      elsewhere on the machine reads: put back whatever was there before.
+    - A new node points the process-wide internal KV client at its GCS when none is set, and
+      ``Cluster.shutdown()`` resets it to None. When this session's ``ray_local`` driver is connected, that
+      reset cuts it off from its own GCS: later Ray Data / Ray Train runs in the session hang or fail. Put
+      back the client that was there before.
+    """
     from ray._common.utils import get_ray_address_file  # test helper: Ray's own path for that file
+    from ray.experimental import internal_kv  # test helper: the process-wide KV client Cluster() resets
 
     path = Path(get_ray_address_file(None))
     before = path.read_text() if path.exists() else None
+    kv_client = internal_kv.global_gcs_client
     try:
         yield
     finally:
+        if kv_client is None:
+            internal_kv._internal_kv_reset()
+        else:
+            internal_kv._initialize_internal_kv(kv_client)
         if before is None:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
@@ -199,7 +212,7 @@ def start_cluster3(storage_env: dict[str, str], cache_dir: Path) -> tuple[Cluste
     from ray.cluster_utils import Cluster  # imported on use: only the cluster tests start one
 
     temp_dir = Path(tempfile.mkdtemp(prefix="vs_c3_", dir="/tmp"))
-    with _keep_ray_address_file():
+    with _keep_driver_ray_state():
         cluster = Cluster(initialize_head=True, head_node_args=_node_args(temp_dir, "vs_head", head=True))
         # The job supervisor resolves its driver's RAY_ADDRESS from <temp dir>/ray_current_cluster; Cluster()
         # writes only the machine-wide /tmp/ray one (put back below), so a job could join another cluster.
@@ -231,5 +244,5 @@ def cluster3(s3_server, tmp_path_factory):
         try:
             yield handle
         finally:
-            with _keep_ray_address_file():
+            with _keep_driver_ray_state():
                 cluster.shutdown()

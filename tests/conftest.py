@@ -1,4 +1,4 @@
-"""Shared fixtures: one local Ray per test session, one `ray start --head` for job-submit tests,
+"""Shared fixtures: one local Ray per test module, one `ray start --head` for job-submit tests,
 and one small synthetic corpus + its ingested shards that every stage's tests reuse."""
 
 from __future__ import annotations
@@ -90,16 +90,22 @@ def s3_bucket(s3_server, monkeypatch, request):
     yield f"s3://{bucket}"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local(s3_server):
-    """A private local Ray (2 CPUs), started once per session: ray.init costs ~7 s.
+    """A private local Ray (2 CPUs), one per test module that asks for it (``ray.init`` costs ~7 s).
+
+    Not one per session: a driver that lived through many modules (killed workers, actor pools stopped
+    mid-run, 120+ task types) stopped receiving actor state updates from its GCS in CI (Ray 2.60: the GCS
+    logged "Actor created successfully", the driver never heard, and the reindex scenario and the Ray Train
+    tests waited on an actor pool "pending" forever). A fresh driver per module keeps the tests independent.
 
     The session's S3 server configuration is in this process's environment before Ray starts, so every Ray
     process inherits it: Ray Train's controller actor gets only Ray's own environment, never a job's
     ``worker_runtime_env`` (on a real cluster the store configuration comes from the nodes: IAM roles)."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.update(s3_server)
-    if not ray.is_initialized():
+    started_here = not ray.is_initialized()
+    if started_here:
         # address="local" never attaches to some other cluster started with `ray start` on this machine.
         ray.init(
             address="local",
@@ -110,7 +116,8 @@ def ray_local(s3_server):
             runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}},
         )
     yield ray
-    ray.shutdown()
+    if started_here:
+        ray.shutdown()
 
 
 @pytest.fixture(scope="session")
@@ -181,8 +188,10 @@ def synthetic_corpus(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def ingested_shards(synthetic_corpus, ray_local, tmp_path_factory):
-    """The synthetic corpus ingested into WebDataset shards (8 samples a shard) on the shared local Ray."""
+def ingested_shards(synthetic_corpus, s3_server, tmp_path_factory):
+    """The synthetic corpus ingested into WebDataset shards (8 samples a shard), once per session: on the
+    module's Ray when one is up, else on a private one that ``run_ingest`` starts and stops."""
+    os.environ.update(s3_server)  # whichever Ray runs it starts with the store configuration
     out = tmp_path_factory.mktemp("ingested")
     run_ingest(input=str(synthetic_corpus / "manifest.parquet"), output=str(out), samples_per_shard=8)
     return out

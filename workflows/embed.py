@@ -29,6 +29,7 @@ from models import create_inference_model, recorded_eval_sampling
 from pipeline.datasets import list_shards
 from pipeline.embedding import (
     DecodeShardClipsStage,
+    DecodeWindowsStage,
     EncodeClipsStage,
     ShardWork,
     clear_staging,
@@ -37,6 +38,8 @@ from pipeline.embedding import (
     model_partition,
     plan_shards,
     read_embed_errors,
+    read_model_card,
+    shard_durations,
     text_dir,
     write_model_card,
     write_shard_fragments,
@@ -47,6 +50,7 @@ from runtime.progress import Progress
 from runtime.ray_connect import connect_ray
 
 DEFAULT_SAMPLING = {"num_clips": 4, "frames_per_clip": 4, "mode": "eval"}
+WINDOW_BLOCK_ROWS = 4
 
 
 def resolve_sampling(pretrained: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -94,6 +98,7 @@ class EmbedRun:
     backend: str | None
     dtype: str
     encoder_threads: int | None
+    windows: dict[str, Any] | None  # {"window_s", "stride_s"} (None = the sampling's defaults); None: sparse
     tar_paths: list[str]
     model_id: str
     image_size: int
@@ -104,6 +109,7 @@ class EmbedRun:
     results: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # finalize_shard bookkeeping
     driver_columns: set[str] = dataclasses.field(default_factory=set)  # what reached the driver loop
     errors: int = 0
+    parts_seen: dict[tuple[str, str], int] = dataclasses.field(default_factory=dict)  # decoded rows written
 
     @property
     def todo_total(self) -> int:
@@ -135,6 +141,17 @@ def storage_options() -> dict[str, Any]:
     return {"runtime_env": {"env_vars": storage.storage_env()}}
 
 
+def check_same_mode(partition: str, card: dict[str, Any]) -> None:
+    """Refuse to mix sparse clip rows and dense window rows in one partition: it is keyed by model only,
+    so its finished parts would count as done for the other mode and the run would embed nothing."""
+    held_card = read_model_card(partition)
+    before = held_card.get("windows")
+    if held_card and (before is None) != (card.get("windows") is None):
+        held, asked = ("dense windows", "sparse clips") if before is not None else ("sparse clips",
+                                                                                    "dense windows")
+        raise ValueError(f"{partition!r} holds {held} rows; a run with {asked} needs its own --output")
+
+
 def prepare_embed(shards: str | list[str], model: str, output: str, pretrained: str | None,
                   sampling: dict[str, Any], dtype: str, progress_every: float, **options: Any) -> EmbedRun:
     """Step 1: sampling, model id, the partition with its model card, and the plan of shards still to do
@@ -143,10 +160,13 @@ def prepare_embed(shards: str | list[str], model: str, output: str, pretrained: 
     model_id, image_size, dim = probe_model(model, pretrained, options.get("allow_random_init", False))
     partition = storage.join(storage.normalize(output), model_partition(model_id))
     storage.makedirs(partition)
-    write_model_card(partition, {"model_id": model_id, "model_name": model,
-                                 "pretrained": card_pretrained(pretrained), "random_init": not pretrained,
-                                 "sampling": sampling, "image_size": image_size, "dtype": dtype,
-                                 "dim": dim})
+    card = {"model_id": model_id, "model_name": model, "pretrained": card_pretrained(pretrained),
+            "random_init": not pretrained, "sampling": sampling, "image_size": image_size, "dtype": dtype,
+            "dim": dim}
+    if options.get("windows") is not None:  # a --windows run; sparse runs keep the card they had
+        card["windows"] = options["windows"]
+    check_same_mode(partition, card)
+    write_model_card(partition, card)
     work = plan_shards(tar_paths, partition)
     clear_staging(partition)  # fragments of an interrupted run: its unfinished shards are redone whole
     todo_total = sum(len(w.todo_keys) for w in work)
@@ -179,9 +199,10 @@ def build_embed_dataset(run: EmbedRun, use_gpu: bool) -> ray.data.Dataset:
                                   **env)
     ds = ds.map_batches(add_shard_and_skip_done, fn_kwargs={"labels": labels, "todo": todo},
                         batch_size=64, num_cpus=0.25, **env)
+    decode_kwargs = {"sampling": run.sampling, "size": run.image_size, "backend": run.backend}
     ds = ds.map_batches(
-        DecodeShardClipsStage,
-        fn_constructor_kwargs={"sampling": run.sampling, "size": run.image_size, "backend": run.backend},
+        DecodeShardClipsStage if run.windows is None else DecodeWindowsStage,
+        fn_constructor_kwargs=decode_kwargs if run.windows is None else {**decode_kwargs, **run.windows},
         batch_size=run.batch_size, concurrency=run.decoders or 1, num_cpus=0.5, **env,
     )
     ds = ds.map_batches(
@@ -201,8 +222,14 @@ def account_batch(run: EmbedRun, pending: dict[str, set[str]], batch: dict[str, 
     """Mark the keys of one bookkeeping batch done; returns the shards that are now complete."""
     run.driver_columns.update(batch)
     touched = set()
-    for shard, key, error in zip(batch["shard"], batch["key"], batch["error"]):
-        pending[str(shard)].discard(str(key))
+    parts = batch["parts"] if "parts" in batch else [1] * len(batch["key"])
+    done = batch["parts_done"] if "parts_done" in batch else [1] * len(batch["key"])
+    for shard, key, error, total, now in zip(batch["shard"], batch["key"], batch["error"], parts, done):
+        # a --windows video is several decoded rows: its key is done when all of them are written
+        seen = run.parts_seen.get((str(shard), str(key)), 0) + int(now)
+        run.parts_seen[(str(shard), str(key))] = seen
+        if seen >= int(total):
+            pending[str(shard)].discard(str(key))
         touched.add(str(shard))
         run.errors += bool(error)
     complete = sorted(s for s in touched if not pending[s])
@@ -222,7 +249,9 @@ def stream_embeddings(run: EmbedRun) -> None:
     # them on; a batch of decoded frames is a few MB, so the encoder would wait for ~10 decoded
     # batches and the writers for the whole run. One decoded batch per block keeps every stage
     # streaming (measured: the first embeddings came out after 114 of 116 s without this).
-    frame_bytes = 3 * run.image_size ** 2 * frames_per_video(run.sampling)
+    # a --windows video is a few decoded rows, not one: budget for WINDOW_BLOCK_ROWS of them
+    rows_per_video = 1 if run.windows is None else WINDOW_BLOCK_ROWS
+    frame_bytes = 3 * run.image_size ** 2 * frames_per_video(run.sampling) * rows_per_video
     ctx = ray.data.DataContext.get_current()
     previous_block_size = ctx.target_max_block_size
     ctx.target_max_block_size = max(1 << 20, int(1.5 * run.batch_size * frame_bytes))
@@ -249,8 +278,13 @@ def finish_embed(run: EmbedRun, with_text: bool) -> dict[str, Any]:
                  if with_text else 0)
     elapsed = run.progress.elapsed()
     videos, clips, errors = (sum(r[k] for r in run.results) for k in ("videos", "clips", "errors"))
+    # vectors per hour of video: the windows' budget (read from ingest's per-shard tables, windowed runs only)
+    durations = [shard_durations(w.path, w.todo_keys) for w in run.work] if run.windows is not None else []
+    hours = sum(durations) / 3600.0 if durations and all(d is not None for d in durations) else 0.0
     return {"model_id": run.model_id, "partition": run.partition, "shards": len(run.tar_paths),
-            "shards_embedded": len(run.work), "videos": videos, "clips": clips,
+            "shards_embedded": len(run.work), "videos": videos, "clips": clips, "windows": run.windows,
+            "video_hours": round(hours, 4),
+            "vectors_per_hour": round((videos + clips) / hours, 1) if hours > 0 else None,
             "errors": errors, "errors_total": read_embed_errors(run.partition).num_rows,
             "text_rows": text_rows, "seconds": round(elapsed, 2),
             "videos_per_s": round(videos / elapsed, 3) if elapsed > 0 and videos else 0.0,
@@ -262,29 +296,36 @@ def run_embed(shards: str | list[str], model: str, output: str, pretrained: str 
               sampling: dict[str, Any] | None = None, batch_size: int = 16, encoders: int = 1,
               decoders: int | None = None, backend: str | None = None, dtype: str = "float32",
               with_text: bool = False, progress_every: float = 5.0,
-              encoder_threads: int | None = None, allow_random_init: bool = False) -> dict[str, Any]:
+              encoder_threads: int | None = None, allow_random_init: bool = False, windows: bool = False,
+              window_s: float | None = None, stride_s: float | None = None) -> dict[str, Any]:
     """Embed every not-yet-embedded video of ``shards`` (any store) with ``model`` into ``output`` (any
     store); returns the run summary. ``pretrained`` (a checkpoint URI) is required unless
-    ``allow_random_init`` (then a seeded random init, with a warning)."""
+    ``allow_random_init`` (then a seeded random init, with a warning).
+
+    ``windows`` (implied by ``window_s`` / ``stride_s``): clip rows are dense sliding windows instead of
+    the sparse clips (docs/moments.md); window length defaults to the clip span of the (recorded) sampling,
+    stride to half the window. Use a separate ``output`` per mode: a partition is keyed by model only."""
+    wanted = windows or window_s is not None or stride_s is not None
+    window_cfg = {"window_s": window_s, "stride_s": stride_s} if wanted else None
     run = prepare_embed(shards, model, output, pretrained, resolve_sampling(pretrained, sampling or {}),
                         dtype, progress_every, batch_size=batch_size, encoders=encoders, decoders=decoders,
-                        backend=backend, encoder_threads=encoder_threads, allow_random_init=allow_random_init)
+                        backend=backend, encoder_threads=encoder_threads, allow_random_init=allow_random_init,
+                        windows=window_cfg)
     if run.todo_total:
         stream_embeddings(run)
     return finish_embed(run, with_text)
 
 
-def embed_captions(partition: str, model: str, pretrained: str | None,
-                   allow_random_init: bool = False) -> int:
-    """Text embeddings of the ingest captions (for evaluation): one ``part-<shard>.parquet`` per embedding
-    part under ``OUT/_text/model_id=<id>/``, beside the partition (:func:`pipeline.embedding.text_dir`)."""
+def embed_caption_parts(parts: list[str], target_dir: str, model: str, pretrained: str | None,
+                        allow_random_init: bool) -> int:
+    """Ray task: the caption text embeddings of some embedding parts, one output part per input part
+    (each written whole, so a retried task redoes only what is missing); returns the rows written."""
     encoder, _, _ = create_inference_model(model, pretrained, allow_random_init, seed=0)
     encoder.eval()
-    target_dir = text_dir(partition)
-    done = {storage.name(u) for u in storage.list_files(target_dir, ".parquet")}
     written = 0
-    for part in list_parts(partition):
-        if storage.name(part) in done:
+    for part in parts:
+        target = storage.join(target_dir, storage.name(part))
+        if storage.exists(target):
             continue
         rows = storage.read_parquet(part, columns=["video_id", "clip_index", "captions"]).to_pylist()
         pairs = [(r["video_id"], c) for r in rows if r["clip_index"] == -1 for c in r["captions"]]
@@ -296,6 +337,24 @@ def embed_captions(partition: str, model: str, pretrained: str | None,
         flat = np.concatenate(embs).reshape(-1) if embs else np.zeros(0, np.float32)
         out = pa.table({"video_id": [v for v, _ in pairs], "caption": [c for _, c in pairs],
                         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), dim)})
-        storage.write_parquet(out, storage.join(target_dir, storage.name(part)))
+        storage.write_parquet(out, target)
         written += len(pairs)
     return written
+
+
+def embed_captions(partition: str, model: str, pretrained: str | None,
+                   allow_random_init: bool = False, parts_per_task: int = 16) -> int:
+    """Text embeddings of the ingest captions (for evaluation): one ``part-<shard>.parquet`` per embedding
+    part under ``OUT/_text/model_id=<id>/``, beside the partition (:func:`pipeline.embedding.text_dir`).
+
+    Ray tasks of ``parts_per_task`` parts read, encode and write; the driver only lists what is left."""
+    target_dir = text_dir(partition)
+    done = {storage.name(u) for u in storage.list_files(target_dir, ".parquet")}
+    todo = [part for part in list_parts(partition) if storage.name(part) not in done]
+    if not todo:
+        return 0
+    connect_ray()
+    task = ray.remote(embed_caption_parts).options(num_cpus=1, max_retries=3, **storage_options())
+    futures = [task.remote(todo[i:i + parts_per_task], target_dir, model, pretrained, allow_random_init)
+               for i in range(0, len(todo), parts_per_task)]
+    return sum(ray.get(futures))

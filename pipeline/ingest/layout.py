@@ -14,6 +14,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipeline.ingest.segments import SEGMENT_REASONS
 from runtime import storage
 
 FORMAT_VERSION = "vidsift-ingest-1"
@@ -28,6 +29,7 @@ REASONS = (
     "duplicate_id",
     "bad_uri",
     "invalid_metadata",
+    *SEGMENT_REASONS,  # one bad timed caption: the video itself is still ingested
 )
 CRASH_ENV = "VIDSIFT_INGEST_CRASH_ONCE"  # test hook: "<shard>:<marker file>" -> os._exit mid-shard, once
 SHARD_DIGITS = 6

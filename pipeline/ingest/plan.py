@@ -76,7 +76,9 @@ def plan_shards(
 def shard_fingerprint(config_fingerprint: str, rows: list[dict[str, Any]]) -> str:
     """sha256 over the config and this shard's input rows (ids, keys, sources, captions, passthrough)."""
     fields = ("video_id", "key", "source", "captions", "split", "caption_class", "hard_group", "input_index")
-    payload = dumps_json(
-        {"config": config_fingerprint, "rows": [{f: r.get(f) for f in fields} for r in rows]}
-    )
+    # segments count only where the manifest had the column: older fingerprints stay valid
+    payload = dumps_json({"config": config_fingerprint, "rows": [
+        {**{f: r.get(f) for f in fields}, **({"segments": r["segments"]} if "segments" in r else {})}
+        for r in rows
+    ]})
     return hashlib.sha256(payload).hexdigest()

@@ -37,6 +37,7 @@ from pipeline.ingest.layout import (
     shard_name,
 )
 from pipeline.ingest.plan import plan_inputs, plan_shards, shard_fingerprint
+from pipeline.ingest.segments import SEGMENT_REASONS
 from pipeline.ingest.shard import completed_shard, ingest_shard_task
 from pipeline.inputs import read_inputs
 from runtime import storage
@@ -254,7 +255,10 @@ def summarize(state: IngestState) -> None:
     results, errors = state.results, state.errors
     n_samples = sum(r["samples"] for r in results.values())
     n_unfinished = sum(len(state.shards[i]) for i in state.failed)
-    accounted = n_samples + len(errors) + n_unfinished == len(state.rows)
+    # a bad timed caption is an error row of a video that is still a sample: not an input lost
+    n_segment_errors = sum(e["reason"] in SEGMENT_REASONS for e in errors)
+    n_errors = len(errors) - n_segment_errors
+    accounted = n_samples + n_errors + n_unfinished == len(state.rows)
     by_reason: dict[str, int] = {}
     for e in errors:
         by_reason[e["reason"]] = by_reason.get(e["reason"], 0) + 1
@@ -267,7 +271,8 @@ def summarize(state: IngestState) -> None:
         "output": state.request.output,
         "inputs": len(state.rows),
         "samples": n_samples,
-        "errors": len(errors),
+        "errors": n_errors,
+        "segment_errors": n_segment_errors,
         "errors_by_reason": dict(sorted(by_reason.items())),
         "unfinished": n_unfinished,
         "failed_shards": [shard_name(i) for i in sorted(state.failed)],
@@ -397,6 +402,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         ("inputs", summary["inputs"]),
         ("samples (in shards)", summary["samples"]),
         ("errors", summary["errors"]),
+        *([("segment errors (kept samples)", summary["segment_errors"])] if summary.get("segment_errors")
+          else []),
         *((f"  {reason}", n) for reason, n in summary["errors_by_reason"].items()),
         (
             "samples + errors == inputs",

@@ -31,6 +31,7 @@ from pipeline.ingest.layout import (
 )
 from pipeline.ingest.plan import shard_fingerprint
 from pipeline.ingest.sample import process_sample
+from pipeline.ingest.segments import SEGMENT_REASONS, check_segments
 from pipeline.ingest.tarwriter import TarShardWriter
 from pipeline.probe import ProbeError
 from runtime import storage
@@ -94,6 +95,8 @@ class IngestShardStage:
                     raise type(exc)(exc.reason, named) from exc
                 errors.append(error_row(row, exc.reason, exc.message, shard))
                 continue
+            if "segments" in row:
+                errors += self._segments(row, record, shard)
             bytes_in += record["source_bytes"]
             writer.add(f"{row['key']}.mp4", video)
             writer.add(f"{row['key']}.json", dumps_json(record))
@@ -101,6 +104,15 @@ class IngestShardStage:
         writer.close()
         return {"records": records, "errors": errors, "bytes_in": bytes_in,
                 "tar_sha256": writer.sha.hexdigest(), "tar_bytes": writer.size}
+
+    def _segments(self, row: dict[str, Any], record: dict[str, Any], shard: int) -> list[dict[str, Any]]:
+        """Keep the row's valid timed captions in ``record["segments"]``; an error row per bad one (the
+        sample is still written), or raise the first under ``on_error="raise"``."""
+        valid, bad = check_segments(row["segments"], row["video_id"], record["duration"], record["fps"])
+        record["segments"] = valid
+        if bad and not should_record(bad[0], self.on_error):
+            raise bad[0]
+        return [error_row(row, exc.reason, exc.message, shard) for exc in bad]
 
     def write_shard(self, shard: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
         """Process and write one shard (tar, error table, then its index); returns counts, tar digest and
@@ -121,6 +133,7 @@ class IngestShardStage:
             "tar_bytes": written["tar_bytes"],
             "samples": len(records),
             "errors": len(errors),
+            "segment_errors": sum(e["reason"] in SEGMENT_REASONS for e in errors),
             "inputs": len(rows),
             "bytes_in": written["bytes_in"],
         }

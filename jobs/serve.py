@@ -1,0 +1,52 @@
+"""``python -m jobs.serve --index URI``: the text-to-video search service (HTTP API + page) over an index.
+
+Examples (the index and shards may be URIs: s3://, gs://, file://)::
+    python -m jobs.serve --index runs/demo/index --shards runs/demo/ingest --port 8000
+    python -m jobs.serve --index s3://bucket/index --pretrained s3://bucket/train/model.pt --host 0.0.0.0
+    python -m jobs.serve --index OUT/index --allow-random-init --ray-serve   # same app behind Ray Serve
+Then open http://HOST:PORT/ or ``curl 'http://HOST:PORT/search?q=a+red+circle&k=5'`` (docs/serve.md)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from models import PretrainedWeightsError
+from workflows.serve import serve_index
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jobs.serve", description=__doc__.splitlines()[0])
+    p.add_argument("--index", required=True, help="index directory or URI (its CURRENT version is served)")
+    p.add_argument("--pretrained", default=None, help="text encoder checkpoint URI (default: index.json's)")
+    p.add_argument("--allow-random-init", action="store_true", help="permit a seeded random text encoder")
+    p.add_argument("--shards", action="append", default=[],
+                   help="ingested shards folder/URI (repeatable): video metadata filters and previews")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-k", type=int, default=10_000, help="largest k a request may ask for")
+    p.add_argument("--poll-s", type=float, default=5.0, help="seconds between CURRENT checks (0: never)")
+    p.add_argument("--preview-cache", default=None, help="folder for cached previews (default: $TMPDIR)")
+    p.add_argument("--torch-threads", type=int, default=1, help="intra-op threads of the text encoder")
+    p.add_argument("--ray-serve", action="store_true", help="run the app as a Ray Serve deployment")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.max_k < 1:
+        print("error: --max-k must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        return serve_index(args.index, host=args.host, port=args.port, ray_serve=args.ray_serve,
+                           pretrained=args.pretrained, allow_random_init=args.allow_random_init,
+                           shards=args.shards, max_k=args.max_k, poll_s=args.poll_s,
+                           cache_dir=args.preview_cache, torch_threads=args.torch_threads)
+    # A missing index, missing weights or a bad flag value: one clear line, not a traceback.
+    except (FileNotFoundError, ValueError, PretrainedWeightsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

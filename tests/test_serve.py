@@ -1,0 +1,245 @@
+"""The search service (workflows/serve): endpoints, filters, previews, bad input → 4xx JSON while the
+service keeps answering, and a live index swap under a querying client with no failed request."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+import models
+from index import add_embeddings, build_index
+from index.testing import clustered_vectors, write_embeddings
+from workflows.serve import LiveIndex, SnapshotLoader, build_app, serving_in_thread
+
+MODEL = "clip4clip-meanP-tiny"
+CLIPS = 2  # per video: [0, 1] s and [1, 2] s
+
+
+def make_service_index(tmp: Path, shards: Path) -> tuple[Path, Path, list[str]]:
+    """A Flat index over the ingested videos (2 clips each, captions) plus 3 videos that are not in any
+    shard (no preview), for a saved seeded random CLIP4Clip; returns (index, checkpoint, shard video ids)."""
+    model, _, _ = models.create_model(MODEL, seed=0)
+    ckpt = models.save_checkpoint(model, tmp / "c4c.pt")
+    ids = _shard_video_ids(shards)
+    assert ids[0] == "synth-000000" and ids[-1] == f"synth-{len(ids) - 1:06d}"
+    dim = model.encode_text(["x"]).shape[1]
+    emb = tmp / "emb"
+    write_embeddings(emb, clustered_vectors(len(ids) * CLIPS, dim, seed=3), clips_per_video=CLIPS,
+                     model_id=model.model_id, model_name=MODEL, pretrained=str(ckpt), video_prefix="synth",
+                     captions=[[f"synthetic video {v}"] for v in range(len(ids))])
+    write_embeddings(emb, clustered_vectors(3, dim, seed=4), model_id=model.model_id, model_name=MODEL,
+                     pretrained=str(ckpt), video_prefix="extra", start_id=10_000)
+    build_index(emb, tmp / "idx", factory="Flat", progress=False)
+    return tmp / "idx", ckpt, ids
+
+
+def _shard_video_ids(shards: Path) -> list[str]:
+    tables = [pq.read_table(p, columns=["video_id"]) for p in sorted(shards.rglob("0*.parquet"))]
+    return sorted(v for t in tables for v in t.column(0).to_pylist())
+
+
+def call(base: str, path: str, body: bytes | None = None, timeout: float = 30) -> tuple[int, dict | bytes]:
+    """(status, JSON or bytes) of one request; HTTP errors are answers too."""
+    request = urllib.request.Request(base + path, data=body, method="POST" if body is not None else "GET",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, kind, data = response.status, response.headers.get("Content-Type", ""), response.read()
+    except urllib.error.HTTPError as err:
+        status, kind, data = err.code, err.headers.get("Content-Type", ""), err.read()
+    return status, json.loads(data) if "json" in kind else data
+
+
+@pytest.fixture(scope="module")
+def service(ingested_shards, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    index, ckpt, ids = make_service_index(tmp, ingested_shards)
+    app = build_app(str(index), pretrained=str(ckpt), shards=[str(ingested_shards)], poll_s=0.2,
+                    cache_dir=str(tmp / "previews"), max_k=500)
+    with serving_in_thread(app) as base:
+        yield {"base": base, "index": index, "ids": ids, "tmp": tmp,
+               "model_id": app.state.live.current.index.model_id}
+
+
+def test_search_get_post_and_pages(service):
+    base = service["base"]
+    status, info = call(base, "/version")
+    assert status == 200 and info["count"] == len(service["ids"]) * CLIPS + 3
+    status, body = call(base, "/search?q=a+red+circle+moves+left&k=10")
+    assert status == 200 and body["version"] == info["version"] and len(body["hits"]) == 10
+    hits = body["hits"]
+    assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+    assert len({h["video_id"] for h in hits}) == 10
+    for h in hits:
+        assert {"video_id", "score", "start_s", "end_s", "preview_url"} <= set(h)
+        assert h["end_s"] > h["start_s"]
+        if h["video_id"].startswith("synth"):
+            assert h["preview_url"].startswith("/previews/") and h["caption"].startswith("synthetic video")
+        else:
+            assert h["preview_url"] is None
+    status, page2 = call(base, "/search?q=a+red+circle+moves+left&k=5&offset=5")
+    assert [h["video_id"] for h in page2["hits"]] == [h["video_id"] for h in hits[5:]]
+    status, single = call(base, "/search", json.dumps({"q": "a red circle moves left", "k": 3}).encode())
+    assert status == 200 and [h["video_id"] for h in single["hits"]] == [h["video_id"] for h in hits[:3]]
+    status, batch = call(base, "/search", json.dumps({"queries": ["a red circle moves left", "blue"],
+                                                      "k": 4}).encode())
+    assert status == 200 and [r["query"] for r in batch["results"]] == ["a red circle moves left", "blue"]
+    assert [h["video_id"] for h in batch["results"][0]["hits"]] == [h["video_id"] for h in hits[:4]]
+    status, everything = call(base, "/search?q=anything&k=500")
+    assert status == 200 and len(everything["hits"]) == len(service["ids"]) + 3  # all videos, once each
+
+
+def test_videos_health_and_page(service):
+    base = service["base"]
+    status, video = call(base, "/videos/synth-000002")
+    assert status == 200 and video["captions"] == ["synthetic video 2"]
+    assert [(m["start_s"], m["end_s"]) for m in video["moments"]] == [(0.0, 1.0), (1.0, 2.0)]
+    assert 2.0 <= video["metadata"]["duration"] <= 4.0 and video["has_preview"]
+    status, missing = call(base, "/videos/no-such-video")
+    assert status == 404 and "no-such-video" in missing["error"]
+    assert call(base, "/healthz") == (200, {"ok": True, "version": call(base, "/version")[1]["version"]})
+    status, html = call(base, "/")
+    assert status == 200 and b'id="search-form"' in html and b"http" not in html.split(b"<body>")[1]
+    assert call(base, "/static/app.js")[0] == 200 and call(base, "/static/style.css")[0] == 200
+
+
+def test_filters_on_duration_and_metadata(service):
+    base = service["base"]
+    status, info = call(base, "/version")
+    assert {"duration", "video_id", "key"} <= set(info["filter_columns"])
+    status, body = call(base, "/search?q=a+video&k=50&min_duration=2.5&max_duration=3.5")
+    assert status == 200 and body["hits"]
+    for h in body["hits"]:
+        assert 2.5 <= call(base, f"/videos/{h['video_id']}")[1]["metadata"]["duration"] <= 3.5
+    status, one = call(base, "/search?q=a+video&k=5&where=video_id:synth-000007")
+    assert status == 200 and [h["video_id"] for h in one["hits"]] == ["synth-000007"]
+    status, none = call(base, "/search?q=a+video&k=5&where=video_id:synth-000007&min_duration=99")
+    assert status == 200 and none["hits"] == []
+    split = call(base, "/videos/synth-000002")[1]["metadata"]["split"]  # an ingest manifest column
+    status, by_split = call(base, f"/search?q=a+video&k=50&where=split:{split}&max_duration=3.5")
+    assert status == 200 and by_split["hits"]
+    for h in by_split["hits"]:
+        meta = call(base, f"/videos/{h['video_id']}")[1]["metadata"]
+        assert meta["split"] == split and meta["duration"] <= 3.5
+    status, posted = call(base, "/search", json.dumps({"q": "a video", "where": {"num_clips": "2"}, "k": 50})
+                          .encode())
+    assert status == 200 and {h["video_id"][:5] for h in posted["hits"]} == {"synth"}
+
+
+def test_preview_is_an_animated_webp_and_cached(service):
+    base = service["base"]
+    hit = next(h for h in call(base, "/search?q=a+video&k=10")[1]["hits"] if h["preview_url"])
+    t0 = time.perf_counter()
+    status, data = call(base, hit["preview_url"])
+    first = time.perf_counter() - t0
+    assert status == 200 and isinstance(data, bytes)
+    image = Image.open(io.BytesIO(data))
+    assert image.format == "WEBP" and image.n_frames > 1 and image.size[0] > 0
+    t0 = time.perf_counter()
+    assert call(base, hit["preview_url"]) == (200, data)
+    assert len(list((service["tmp"] / "previews").glob("*.webp"))) == 1
+    assert time.perf_counter() - t0 < max(first, 0.5)
+    status, err = call(base, "/previews/extra-000000.webp?start=0&end=1")
+    assert status == 404 and "cannot reach its video" in err["error"]
+
+
+BIG = "x" * (2 * 1024 * 1024)
+BAD_INPUTS = [
+    ("empty query", "/search?q=%20&k=5", None, 400, "empty query"),
+    ("missing query", "/search?k=5", None, 400, "missing query"),
+    ("k zero", "/search?q=cat&k=0", None, 400, "k must be >= 1"),
+    ("k negative", "/search?q=cat&k=-3", None, 400, "k must be >= 1"),
+    ("k not a number", "/search?q=cat&k=ten", None, 400, "k must be an integer"),
+    ("k above max", "/search?q=cat&k=501", None, 400, "maximum k of 500"),
+    ("unknown filter column", "/search?q=cat&where=colour:red", None, 400, "unknown filter column 'colour'"),
+    ("where without colon", "/search?q=cat&where=colour", None, 400, "COLUMN:VALUE"),
+    ("numeric column, text value", "/search?q=cat&where=duration:long", None, 400, "duration is numeric"),
+    ("bad duration", "/search?q=cat&min_duration=soon", None, 400, "min_duration must be a number"),
+    ("inverted durations", "/search?q=cat&min_duration=5&max_duration=1", None, 400, "above max_duration"),
+    ("unknown parameter", "/search?q=cat&colour=red", None, 400, "unknown parameter"),
+    ("malformed JSON", "/search", b'{"q": "cat", "k": ', 400, "malformed JSON"),
+    ("JSON not an object", "/search", b'["cat"]', 400, "must be an object"),
+    ("JSON k a string", "/search", b'{"q": "cat", "k": "many"}', 400, "k must be an integer"),
+    ("JSON empty batch", "/search", b'{"queries": []}', 400, "non-empty list"),
+    ("JSON empty query in batch", "/search", b'{"queries": ["cat", " "]}', 400, "empty query at position 1"),
+    ("2 MB query POST", "/search", json.dumps({"q": BIG}).encode(), 413, "request body is over"),
+    ("long query GET", "/search?q=" + "x" * 2000, None, 413, "the limit is 1,000"),
+    ("40 kB query GET", "/search?q=" + "x" * 40_000, None, 413, "query string is 40,002 bytes"),
+    ("unknown route", "/nope", None, 404, "Not Found"),
+]
+
+
+@pytest.mark.parametrize("name,path,body,status,message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_is_a_4xx_json_and_the_service_keeps_answering(service, name, path, body, status, message):
+    got, payload = call(service["base"], path, body)
+    assert got == status and isinstance(payload, dict), (got, payload)
+    assert message in payload["error"] and payload["status"] == status
+    assert call(service["base"], "/healthz")[0] == 200
+    assert call(service["base"], "/search?q=still+answering&k=2")[0] == 200
+
+
+def test_a_2mb_url_is_refused_by_the_http_parser_and_the_service_keeps_answering(service):
+    """A URL this long never reaches the app: uvicorn's parser answers a plain-text 400 (docs/serve.md)."""
+    status, payload = call(service["base"], "/search?q=" + BIG)
+    assert 400 <= status < 500
+    assert call(service["base"], "/healthz")[0] == 200
+    assert call(service["base"], "/search?q=still+answering&k=2")[0] == 200
+
+
+def test_weights_are_required_and_a_bad_version_is_never_served(tmp_path):
+    model, _, _ = models.create_model(MODEL, seed=0)
+    emb = write_embeddings(tmp_path / "emb", clustered_vectors(6, 64, seed=5), model_id=model.model_id,
+                           model_name=MODEL)  # no checkpoint recorded
+    build_index(emb, tmp_path / "idx", factory="Flat", progress=False)
+    with pytest.raises(models.MissingWeightsError, match="--allow-random-init"):
+        SnapshotLoader(str(tmp_path / "idx")).load()
+    root = str(tmp_path / "idx")
+    live = LiveIndex(root, SnapshotLoader(root, allow_random_init=True).load, poll_s=0)
+    good = live.current.version
+    (tmp_path / "idx" / "CURRENT").write_text("999999-missing\n")  # names a version that does not exist
+    assert live.check_now() is False and live.current.version == good
+    assert "999999-missing" in live.status()["last_error"]
+    assert live.check_now() is False  # not retried before retry_s
+
+
+def test_publishing_a_version_swaps_live_with_no_failed_request(service):
+    """Runs last: it changes the served index."""
+    base = service["base"]
+    before = call(base, "/version")[1]["version"]
+    seen, failures, stop = [], [], threading.Event()
+
+    def client():
+        while not stop.is_set():
+            try:
+                status, body = call(base, "/search?q=a+green+square&k=5")
+                seen.append(body["version"]) if status == 200 else failures.append((status, body))
+            except Exception as exc:  # noqa: BLE001 — every failure is counted, none may happen
+                failures.append(repr(exc))
+
+    threads = [threading.Thread(target=client) for _ in range(2)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    new = write_embeddings(service["tmp"] / "emb2", clustered_vectors(4, 64, seed=9), model_name=MODEL,
+                           model_id=service["model_id"], video_prefix="fresh", start_id=50_000)
+    published = add_embeddings(service["index"], new)["version"]
+    deadline = time.time() + 60
+    while call(base, "/version")[1]["version"] != published and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert failures == [] and before in seen and published in seen
+    assert call(base, "/version")[1]["swaps"] == 1
+    status, fresh = call(base, "/videos/fresh-000002")
+    assert status == 200 and fresh["version"] == published

@@ -1,0 +1,72 @@
+"""The search page in real headless Chromium (Debian's /usr/bin/chromium, driven by playwright; no browser
+is ever downloaded): type a query, results appear, an animated preview loads, a bad filter shows its error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from playwright import sync_api  # the dev extra; drives Debian's chromium, never downloads one
+from test_serve import make_service_index  # same tiny index as the API tests (tests/ is on sys.path)
+
+from workflows.serve import build_app, serving_in_thread
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def page_url(ingested_shards, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve-browser")
+    index, ckpt, _ = make_service_index(tmp, ingested_shards)
+    app = build_app(str(index), pretrained=str(ckpt), shards=[str(ingested_shards)], poll_s=0,
+                    cache_dir=str(tmp / "previews"))
+    with serving_in_thread(app) as base:
+        yield base + "/"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    assert CHROMIUM.exists(), f"{CHROMIUM} is missing: `make test` installs Debian's chromium (make browser)"
+    with sync_api.sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+def test_query_shows_results_with_animated_previews(page_url, browser):
+    page = browser.new_page()
+    external = []
+    page.on("request", lambda r: external.append(r.url) if not r.url.startswith(page_url) else None)
+    page.goto(page_url)
+    page.wait_for_function("document.getElementById('version').textContent.includes('videos')")
+    page.fill("#q", "a red circle moves left")
+    page.press("#q", "Enter")
+    page.wait_for_selector("#results .hit", timeout=30_000)
+    cards = page.locator("#results .hit")
+    assert cards.count() == 20
+    assert "score" in cards.first.inner_text() and " s" in cards.first.inner_text()
+    page.wait_for_function(
+        "[...document.querySelectorAll('#results img')].some(i => i.complete && i.naturalWidth > 0)",
+        timeout=60_000)
+    widths = page.eval_on_selector_all("#results img", "imgs => imgs.map(i => i.naturalWidth)")
+    assert max(widths) > 0
+    assert "videos for" in page.inner_text("#status")
+    no_preview = page.locator("#results .none")  # the 3 videos outside every shard say so
+    assert no_preview.count() in (0, 1, 2, 3) and all(
+        "cannot reach" in t for t in no_preview.all_inner_texts())
+    assert external == []  # everything the page loads comes from the service (no CDN)
+    page.close()
+
+
+def test_bad_filter_shows_the_services_message(page_url, browser):
+    page = browser.new_page()
+    page.goto(page_url)
+    page.fill("#q", "a blue square")
+    page.click("#filters summary")
+    page.fill("#where", "colour:red")
+    page.press("#q", "Enter")
+    page.wait_for_selector("#status.error")
+    assert "unknown filter column 'colour'" in page.inner_text("#status")
+    page.close()

@@ -1,0 +1,143 @@
+"""What the service knows about each indexed video besides its vectors: scalar metadata to filter on,
+captions and moments for ``/videos/{id}``, and where its bytes are (for previews).
+
+Built from the index version's ``ids.parquet`` (``video_id``, ``key``, ``shard``, clips with ``start_s`` /
+``end_s``, ``captions``) and, when the service is given the ingested shards, from each shard's
+``NNNNNN.parquet`` (``duration``, ``fps``, ``width``, ``height``, ``codec``, manifest fields...). Without the
+shards a video's ``duration`` is the end of its last indexed clip, and no preview can be made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline.datasets import list_shards
+from runtime import storage
+from workflows.serve.queries import BadRequest, Filters
+
+log = logging.getLogger(__name__)
+# ids.parquet columns that describe one clip, not the video (never offered as where= columns)
+CLIP_COLUMNS = ("id", "clip_index", "start_s", "end_s", "captions")
+
+
+@dataclasses.dataclass
+class Catalog:
+    """Per-video metadata of one index version (rebuilt with each version the service loads)."""
+
+    videos: dict[str, dict[str, Any]]  # video_id → scalar columns (where= filters, /videos/{id})
+    kinds: dict[str, str]  # column → "number" | "text" | "bool"
+    moments: dict[str, list[dict[str, Any]]]  # video_id → indexed clips
+    sources: dict[str, tuple[str, str]]  # video_id → (shard tar URI, key): previews
+
+    def __len__(self) -> int:
+        return len(self.videos)
+
+    def check(self, filters: Filters) -> None:
+        """Refuse a filter on a column this index does not carry, naming the ones it does."""
+        for column, value in filters.where:
+            if column not in self.kinds:
+                raise BadRequest(f"unknown filter column {column!r}; this index has: {sorted(self.kinds)}")
+            if self.kinds[column] == "number" and _float(value) is None:
+                raise BadRequest(f"where={column}:{value!r}: {column} is numeric, {value!r} is not a number")
+
+    def matches(self, video_id: str, filters: Filters) -> bool:
+        row = self.videos.get(video_id)
+        if row is None:
+            return False
+        duration = row.get("duration")
+        if filters.min_duration is not None and (duration is None or duration < filters.min_duration):
+            return False
+        if filters.max_duration is not None and (duration is None or duration > filters.max_duration):
+            return False
+        return all(_equal(row.get(c), v, self.kinds[c]) for c, v in filters.where)
+
+    def describe(self, video_id: str) -> dict[str, Any] | None:
+        """``/videos/{id}``: metadata, captions and indexed moments; None for an unknown video."""
+        row = self.videos.get(video_id)
+        if row is None:
+            return None
+        moments = self.moments.get(video_id, [])
+        captions = list(dict.fromkeys(c for m in moments for c in m.get("captions") or []))
+        shown = [{k: v for k, v in m.items() if k != "captions"} for m in moments]
+        return {"video_id": video_id, "metadata": row, "captions": captions, "moments": shown,
+                "has_preview": video_id in self.sources}
+
+
+def build_catalog(ids: pa.Table, shards: Sequence[str] = ()) -> Catalog:
+    """The catalog of an index version from its ids table and (optionally) the ingested shards' folders."""
+    videos: dict[str, dict[str, Any]] = {}
+    moments: dict[str, list[dict[str, Any]]] = {}
+    names = [c for c in ids.column_names if c not in CLIP_COLUMNS]
+    for row in ids.to_pylist():
+        vid = row["video_id"]
+        if vid not in videos:
+            videos[vid] = {c: row[c] for c in names}
+            videos[vid]["num_clips"] = 0
+        videos[vid]["num_clips"] += 1
+        end = _float(row.get("end_s"))
+        if end is not None:
+            videos[vid]["duration"] = max(videos[vid].get("duration") or 0.0, end)
+        moment = {k: row.get(k) for k in ("clip_index", "start_s", "end_s", "captions")}
+        moments.setdefault(vid, []).append(moment)
+    for clips in moments.values():
+        clips.sort(key=lambda m: (m["start_s"] is None, m["start_s"] or 0.0))
+    sources: dict[str, tuple[str, str]] = {}
+    for folder in shards:
+        _add_shard_metadata(folder, videos, sources)
+    return Catalog(videos, _kinds(videos), moments, sources)
+
+
+def _add_shard_metadata(folder: str, videos: dict[str, dict[str, Any]], sources: dict) -> None:
+    """Overlay the ingest shards' per-video scalar fields and record where each video's mp4 is."""
+    for tar in list_shards(folder):
+        marker = tar[: -len(".tar")] + ".parquet"
+        if not storage.exists(marker):
+            log.warning("%s has no %s: its videos get no previews", tar, storage.name(marker))
+            continue
+        table = storage.read_parquet(marker)
+        scalar = [f.name for f in table.schema if _is_scalar(f.type)]
+        for row in table.select(scalar).to_pylist():
+            vid = row.get("video_id")
+            if vid in videos:
+                videos[vid].update({k: v for k, v in row.items() if k not in ("shard",)})
+                sources[vid] = (tar, row["key"])
+
+
+def _is_scalar(kind: pa.DataType) -> bool:
+    return pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_string(kind) \
+        or pa.types.is_large_string(kind) or pa.types.is_boolean(kind)
+
+
+def _kinds(videos: dict[str, dict[str, Any]]) -> dict[str, str]:
+    kinds: dict[str, str] = {}
+    for row in videos.values():
+        for column, value in row.items():
+            if value is None or column in kinds:
+                continue
+            kinds[column] = "bool" if isinstance(value, bool) else \
+                "number" if isinstance(value, (int, float)) else "text"
+    return kinds
+
+
+def _float(value: Any) -> float | None:
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _equal(have: Any, want: str, kind: str) -> bool:
+    if have is None:
+        return False
+    if kind == "number":
+        return _float(want) == _float(have)
+    if kind == "bool":
+        return str(have).lower() == want.lower()
+    return str(have) == want

@@ -1,0 +1,61 @@
+"""Run a parsed search against one snapshot: encode the texts once, page with ``offset``, filter videos."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+
+from index.query import Hit
+from workflows.serve.live import Snapshot
+from workflows.serve.queries import SearchRequest
+
+FILTER_OVERFETCH = 4  # with filters, fetch this many times the page, ×4 again until it fills
+
+
+def run_search(snapshot: Snapshot, request: SearchRequest) -> list[list[dict[str, Any]]]:
+    """One list of hit dicts per query: ``k`` videos after ``offset`` that pass the filters."""
+    snapshot.catalog.check(request.filters)
+    vectors = snapshot.index.encode_text(list(request.queries))
+    wanted = request.offset + request.k
+    total = len(snapshot.catalog)
+    if not request.filters:
+        pages = [hits[request.offset:wanted] for hits in _search(snapshot, vectors, wanted)]
+    else:
+        fetch = min(total, wanted * FILTER_OVERFETCH)
+        while True:
+            kept = [[h for h in hits if snapshot.catalog.matches(h.video_id, request.filters)]
+                    for hits in _search(snapshot, vectors, fetch)]
+            if fetch >= total or all(len(h) >= wanted for h in kept):
+                break
+            fetch = min(total, fetch * FILTER_OVERFETCH)
+        pages = [hits[request.offset:wanted] for hits in kept]
+    return [[hit_dict(snapshot, h) for h in page] for page in pages]
+
+
+def _search(snapshot: Snapshot, vectors: np.ndarray, k: int) -> list[list[Hit]]:
+    if k < 1:
+        return [[] for _ in vectors]
+    return snapshot.index.search(vectors, k=k)
+
+
+def hit_dict(snapshot: Snapshot, hit: Hit) -> dict[str, Any]:
+    """The JSON of one hit (``moments`` too when the index has them); ``preview_url`` is None when the service
+    cannot reach the video."""
+    out: dict[str, Any] = {"video_id": hit.video_id, "score": round(hit.score, 6), "start_s": hit.start_s,
+                           "end_s": hit.end_s, "clip_index": hit.clip_index}
+    if hit.caption is not None:
+        out["caption"] = hit.caption
+    moments = getattr(hit, "moments", None)  # set by VideoIndex for videos embedded with sliding windows
+    if moments:
+        out["moments"] = [{"start_s": m.start_s, "end_s": m.end_s, "score": round(m.score, 6)}
+                          for m in moments]
+    out["preview_url"] = preview_url(hit) if hit.video_id in snapshot.catalog.sources else None
+    return out
+
+
+def preview_url(hit: Hit) -> str:
+    start = 0.0 if hit.start_s is None else hit.start_s
+    end = start + 1.0 if hit.end_s is None else hit.end_s
+    return f"/previews/{quote(hit.video_id, safe='')}.webp?start={start:.3f}&end={end:.3f}"
