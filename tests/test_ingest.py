@@ -292,7 +292,7 @@ def test_stage_records_named_input_failures_or_raises_them(synthetic_corpus, tmp
 def test_a_bug_in_a_sample_raises_instead_of_becoming_an_error_row(
     synthetic_corpus, tmp_path, monkeypatch, bug
 ):
-    def broken(row, config):
+    def broken(row, config, data=None):
         raise bug
 
     monkeypatch.setattr(ingest_shard, "process_sample", broken)
@@ -353,3 +353,39 @@ def test_ingest_on_error_raise_stops_at_the_first_bad_video(synthetic_corpus, ra
     with pytest.raises(NotAVideo, match="noise"):
         run_ingest(str(tmp_path / "m.csv"), tmp_path / "strict", samples_per_shard=2, progress=False,
                    on_error="raise")
+
+
+def test_read_ahead_keeps_row_order_bounds_memory_and_ties_errors_to_their_row(tmp_path, monkeypatch):
+    """Remote inputs are read a few ahead by threads: same order, at most ``depth`` waiting, and a failed
+    read surfaces for its own row only."""
+    import threading
+    import time as time_module
+
+    from pipeline.ingest import sample as ingest_sample
+    from pipeline.ingest.layout import IngestConfig
+
+    in_flight, peak, lock = [0], [0], threading.Lock()
+
+    def slow_read(source, max_bytes):
+        with lock:
+            in_flight[0] += 1
+            peak[0] = max(peak[0], in_flight[0])
+        time_module.sleep(0.02)
+        with lock:
+            in_flight[0] -= 1
+        if source.endswith("bad"):
+            raise ProbeError("unreadable", f"cannot read {source}")
+        return source.encode()
+
+    monkeypatch.setattr(ingest_sample, "read_source", slow_read)
+    rows = [{"source": f"s3://b/v{i}" + ("bad" if i == 5 else "")} for i in range(12)]
+    got = []
+    for row, pending in ingest_sample.read_ahead(rows, IngestConfig(), depth=3):
+        try:
+            got.append((row["source"], pending.result()))
+        except ProbeError as exc:
+            got.append((row["source"], exc.reason))
+    expected = [(r["source"], r["source"].encode() if i != 5 else "unreadable") for i, r in enumerate(rows)]
+    assert got == expected
+    assert 1 < peak[0] <= 3 + 1  # reads overlap, never more than depth (+ the one being handed out)
+    assert [p for _, p in ingest_sample.read_ahead(rows[:2], IngestConfig(), depth=0)] == [None, None]

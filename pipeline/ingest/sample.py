@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import hashlib
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from pipeline.ingest.layout import IngestConfig
@@ -32,9 +35,11 @@ def read_source(source: str, max_bytes: int | None) -> bytes:
     return data
 
 
-def process_sample(row: dict[str, Any], config: IngestConfig) -> tuple[bytes, dict[str, Any]]:
-    """(mp4 bytes, json metadata) for one input row; raises ProbeError with the reason class."""
-    data = read_source(row["source"], config.max_bytes)
+def process_sample(row: dict[str, Any], config: IngestConfig,
+                   data: bytes | None = None) -> tuple[bytes, dict[str, Any]]:
+    """(mp4 bytes, json metadata) for one input row (its bytes already read, or read here); raises
+    ProbeError with the reason class."""
+    data = read_source(row["source"], config.max_bytes) if data is None else data
     source_sha = hashlib.sha256(data).hexdigest()
     meta = probe_video(data, max_pixels=config.max_pixels, decode_check=config.decode_check)
     video, transcoded = data, False
@@ -61,3 +66,21 @@ def process_sample(row: dict[str, Any], config: IngestConfig) -> tuple[bytes, di
         if column in row:
             record[column] = row[column]
     return video, record
+
+
+def read_ahead(rows: list[dict[str, Any]], config: IngestConfig,
+               depth: int) -> Iterator[tuple[dict[str, Any], Future | None]]:
+    """Each row with a future of its input bytes, read by ``depth`` threads ahead of the caller, in row
+    order (``None``: read it yourself). At most ``depth`` inputs wait in memory beside the one in hand;
+    a read error surfaces from ``future.result()``, for that row."""
+    if depth <= 0:
+        yield from ((row, None) for row in rows)
+        return
+    with ThreadPoolExecutor(max_workers=depth, thread_name_prefix="ingest-read") as pool:
+        queue: collections.deque = collections.deque()
+        for row in rows:
+            queue.append((row, pool.submit(read_source, row["source"], config.max_bytes)))
+            if len(queue) > depth:
+                yield queue.popleft()
+        while queue:
+            yield queue.popleft()

@@ -30,12 +30,14 @@ from pipeline.ingest.layout import (
     shard_uri,
 )
 from pipeline.ingest.plan import shard_fingerprint
-from pipeline.ingest.sample import process_sample
+from pipeline.ingest.sample import process_sample, read_ahead
 from pipeline.ingest.segments import SEGMENT_REASONS, check_segments
 from pipeline.ingest.tarwriter import TarShardWriter
 from pipeline.probe import ProbeError
 from runtime import storage
 from runtime.errors import ErrorPolicy, check_policy, should_record
+
+READ_AHEAD = 4  # remote inputs in flight per shard task
 
 
 class IngestShardStage:
@@ -83,12 +85,15 @@ class IngestShardStage:
         sha256/size."""
         records, errors, bytes_in = [], [], 0
         writer = TarShardWriter(raw)
-        for i, row in enumerate(rows):
+        # Remote inputs are read a few ahead (threads) while this one is probed: object-store latency hidden.
+        depth = READ_AHEAD if any(not storage.is_local(row["source"]) for row in rows) else 0
+        for i, (row, pending) in enumerate(read_ahead(rows, self.config, depth)):
             if i == len(rows) // 2:
                 raw.flush()
                 self._maybe_crash(shard)
             try:
-                video, record = process_sample(row, self.config)
+                data = None if pending is None else pending.result()  # a read error belongs to this row
+                video, record = process_sample(row, self.config, data)
             except ProbeError as exc:
                 if not should_record(exc, self.on_error):  # name the input: the row is not recorded
                     named = f"{row['source']} (video_id {row['video_id']!r}): {exc.message}"
