@@ -6,11 +6,12 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install browser demo test test-fast lint bench
 
-# System FFmpeg libraries for torchcodec (PyAV bundles its own), then the package with dev tools.
+# System FFmpeg libraries for torchcodec (PyAV bundles its own), then the package with dev tools, at the
+# tested versions (deploy/constraints.txt: the whole closure, so pip's resolver never backtracks).
 install:
 	@if ! ldconfig -p | grep -q libavcodec; then \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq ffmpeg; fi
-	$(PYTHON) -m pip install -q -e ".[dev]"
+	$(PYTHON) -m pip install -q -e ".[dev]" -c deploy/constraints.txt
 
 # The main job: the whole pipeline on local Ray on a synthetic corpus (report in runs/demo/report.html).
 demo: install

@@ -1,11 +1,13 @@
 """Storage: ingest and embed throughput on local disk vs an S3 server, and the ingest driver's peak RSS.
 
-    python -m bench.storage                             # 48 videos x 3 rounds; RSS at 1,000 and 20,000 inputs
-    python -m bench.storage --quick                     # 16 videos x 1 round; RSS at 200 and 1,000 inputs
+    python -m bench.storage                   # small + large corpus, 3 rounds; RSS at 1,000 and 20,000 inputs
+    python -m bench.storage --quick           # 16 small videos x 1 round; RSS at 200 and 1,000 inputs
     python -m bench.storage --rss-sizes 1000 5000 20000
 
-**Throughput** (same corpus, same run, one private local Ray): the corpus is ingested from a local folder into
-a local folder, and from ``s3://`` into ``s3://``; then each ingest output is embedded into the same store.
+**Throughput** (same corpus, same run, one private local Ray), for two corpora (``CORPORA``: tiny 64 px
+clips, where per-request latency dominates, and 256 px x 8-10 s ones): each corpus is ingested from a local
+folder into a local folder, and from ``s3://`` into ``s3://``; then each ingest output is embedded into the
+same store.
 The store is moto's S3 server (the real S3 HTTP API), which the bench starts on 127.0.0.1 and stops at the
 end. It runs on the same cores as the pipeline, so its CPU cost counts against S3. The two stores alternate
 over the rounds, and the medians are reported; the ratio is s3 / local (floor: >= 0.8x).
@@ -43,6 +45,10 @@ from workflows.embed import run_embed
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL = "clip4clip-meanP-tiny"
 FLOOR = 0.8
+# Two corpora: tiny clips (a few tens of kB: per-request latency dominates) and camera-like ones (256 px,
+# 8-10 s: a few hundred kB each, where the work per byte dominates).
+CORPORA = {"small": {"n": 48, "size": 64, "min_duration": 2.0, "max_duration": 3.0},
+           "large": {"n": 16, "size": 256, "min_duration": 8.0, "max_duration": 10.0}}
 RSS_SCRIPT = """
 import resource, sys, time
 from pipeline.ingest import run_ingest
@@ -95,24 +101,24 @@ def make_bucket(name: str) -> str:
     return f"s3://{name}"
 
 
-def prepare(work: Path, n: int, bucket: str) -> dict[str, dict[str, str]]:
-    """The corpus locally and in the bucket, and a seeded checkpoint on both stores."""
-    corpus = work / "corpus"
-    generate_corpus(corpus, n=n, seed=5, min_duration=2.0, max_duration=3.0, size=64, fps=10,
-                    keyframe_interval=1.0)
-    remote = storage.join(bucket, "corpus")
+def prepare(work: Path, name: str, spec: dict, bucket: str) -> dict[str, dict[str, str]]:
+    """Corpus ``name`` locally and in the bucket, and a seeded checkpoint on both stores."""
+    corpus = work / f"corpus-{name}"
+    generate_corpus(corpus, n=spec["n"], seed=5, min_duration=spec["min_duration"],
+                    max_duration=spec["max_duration"], size=spec["size"], fps=10, keyframe_interval=1.0)
+    remote = storage.join(bucket, f"corpus-{name}")
     for path in sorted((corpus / "videos").glob("*.mp4")):
         storage.upload(path, storage.join(remote, "videos", path.name))
     storage.upload(corpus / "manifest.parquet", storage.join(remote, "manifest.parquet"))
     model, _, _ = create_model(MODEL, seed=0)
-    bases = {"local": str(work / "out"), "s3": storage.join(bucket, "out")}
+    bases = {"local": str(work / f"out-{name}"), "s3": storage.join(bucket, f"out-{name}")}
     out = {}
     for store, base in bases.items():
         ckpt = storage.join(base, "model.pt")
         save_checkpoint(model, ckpt)
         manifest = str(corpus / "manifest.parquet") if store == "local" else storage.join(remote,
                                                                                            "manifest.parquet")
-        out[store] = {"manifest": manifest, "base": base, "checkpoint": ckpt}
+        out[store] = {"manifest": manifest, "base": base, "checkpoint": ckpt, "corpus": name}
     return out
 
 
@@ -123,29 +129,31 @@ def one_round(stores: dict[str, dict[str, str]], r: int | str, order: list[str])
         ingest_out, emb_out = storage.join(s["base"], f"ingest-{r}"), storage.join(s["base"], f"emb-{r}")
         t0 = time.perf_counter()
         summary = run_ingest(s["manifest"], ingest_out, samples_per_shard=8, progress=False)
-        rows.append({"stage": "ingest", "store": store, "round": r, "videos": summary["samples"],
-                     "seconds": time.perf_counter() - t0})
+        rows.append({"corpus": s["corpus"], "stage": "ingest", "store": store, "round": r,
+                     "videos": summary["samples"], "seconds": time.perf_counter() - t0})
         t0 = time.perf_counter()
         summary = run_embed(ingest_out, MODEL, emb_out, pretrained=s["checkpoint"], batch_size=8,
                             progress_every=1e9)
-        rows.append({"stage": "embed", "store": store, "round": r, "videos": summary["videos"],
-                     "seconds": time.perf_counter() - t0})
-        print(f"[bench] round {r} {store}: ingest {rows[-2]['seconds']:.1f} s, "
+        rows.append({"corpus": s["corpus"], "stage": "embed", "store": store, "round": r,
+                     "videos": summary["videos"], "seconds": time.perf_counter() - t0})
+        print(f"[bench] {s['corpus']} round {r} {store}: ingest {rows[-2]['seconds']:.1f} s, "
               f"embed {rows[-1]['seconds']:.1f} s", flush=True)
     return rows
 
 
 def throughput_rows(raw: list[dict]) -> list[dict]:
     rows = []
-    for stage in ("ingest", "embed"):
-        med = {}
-        for store in ("local", "s3"):
-            runs = [r for r in raw if r["stage"] == stage and r["store"] == store]
-            med[store] = statistics.median(r["seconds"] for r in runs)
-            rows.append({"stage": stage, "store": store, "videos": runs[0]["videos"], "runs": len(runs),
-                         "seconds": med[store], "videos_per_s": runs[0]["videos"] / med[store]})
-        rows[-1]["ratio"] = med["local"] / med["s3"]  # throughput s3 / local
-        rows[-2]["ratio"] = 1.0
+    for corpus in dict.fromkeys(r["corpus"] for r in raw):
+        for stage in ("ingest", "embed"):
+            med = {}
+            for store in ("local", "s3"):
+                runs = [r for r in raw if (r["corpus"], r["stage"], r["store"]) == (corpus, stage, store)]
+                med[store] = statistics.median(r["seconds"] for r in runs)
+                rows.append({"corpus": corpus, "stage": stage, "store": store, "videos": runs[0]["videos"],
+                             "runs": len(runs), "seconds": med[store],
+                             "videos_per_s": runs[0]["videos"] / med[store]})
+            rows[-1]["ratio"] = med["local"] / med["s3"]  # throughput s3 / local
+            rows[-2]["ratio"] = 1.0
     return rows
 
 
@@ -164,7 +172,7 @@ def link_corpus(source: Path, target: Path, n: int) -> Path:
 
 
 def driver_rss(work: Path, n: int) -> dict:
-    manifest = link_corpus(work / "corpus", work / f"rss-{n}", n)
+    manifest = link_corpus(work / "corpus-small", work / f"rss-{n}", n)
     out = work / f"rss-{n}-out"
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
@@ -181,7 +189,8 @@ def driver_rss(work: Path, n: int) -> dict:
     return row
 
 
-THROUGHPUT_COLUMNS = [col("stage", "stage"), col("store", "store"), col("videos", "videos"),
+THROUGHPUT_COLUMNS = [col("corpus", "corpus"), col("stage", "stage"), col("store", "store"),
+                      col("videos", "videos"),
                       col("runs", "runs"), col("seconds", "median s", "{:.2f}"),
                       col("videos_per_s", "videos/s", "{:.2f}"), col("ratio", "s3 / local", "{:.2f}x")]
 RSS_COLUMNS = [col("inputs", "inputs"), col("samples", "samples"), col("errors", "errors"),
@@ -193,15 +202,19 @@ RSS_COLUMNS = [col("inputs", "inputs"), col("samples", "samples"), col("errors",
 
 
 def record_results(record: BenchRecord, args, rows: list[dict], rss: list[dict]) -> None:
+    corpora = "; ".join(
+        f"{name}: {c['n']} videos, {c['min_duration']:g}-{c['max_duration']:g} s, {c['size']} px"
+        for name, c in CORPORA.items() if name in args.corpora)
     record.table("throughput", columns=THROUGHPUT_COLUMNS, rows=rows,
-                 sample_size=f"{args.n} videos (2-3 s, 64 px), {args.rounds} round(s) per store after one "
-                             "warm-up round (not counted), median",
+                 sample_size=f"{corpora}; {args.rounds} round(s) per store after one warm-up round "
+                             "(not counted), median",
                  baseline="local disk, same corpus, same run (stores alternate over the rounds)",
                  filtering="none; the S3 server (moto) shares the machine's cores with the pipeline")
-    for stage in ("ingest", "embed"):
-        ratio = next(r["ratio"] for r in rows if r["stage"] == stage and r["store"] == "s3")
-        record.add_headline(f"{stage} on S3 (moto)", f">= {FLOOR}x local disk", f"{ratio:.2f}x",
-                            "yes" if ratio >= FLOOR else "no")
+    for row in rows:
+        if row["store"] == "s3":
+            record.add_headline(f"{row['stage']} on S3 (moto), {row['corpus']} corpus",
+                                f">= {FLOOR}x local disk", f"{row['ratio']:.2f}x",
+                                "yes" if row["ratio"] >= FLOOR else "no")
     if rss:
         for r in rss:
             r["vs_smallest"] = r["peak_rss_mib"] / rss[0]["peak_rss_mib"]
@@ -216,31 +229,35 @@ def record_results(record: BenchRecord, args, rows: list[dict], rss: list[dict])
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.storage", description=__doc__.splitlines()[0])
-    p.add_argument("--n", type=int, default=48, help="videos in the throughput corpus")
+    p.add_argument("--corpora", nargs="*", default=list(CORPORA), choices=list(CORPORA))
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--rss-sizes", type=int, nargs="*", default=[1000, 20000])
-    p.add_argument("--quick", action="store_true", help="16 videos, 1 round, RSS at 200 and 1000 inputs")
+    p.add_argument("--quick", action="store_true",
+                   help="16 small videos, 1 round, RSS at 200 and 1000 inputs")
     p.add_argument("--workdir", default=None, help="scratch folder (default: a temp dir, removed)")
     add_record_args(p, "storage")
     args = p.parse_args(argv)
     if args.quick:
-        args.n, args.rounds, args.rss_sizes = 16, 1, [200, 1000]
+        CORPORA["small"]["n"], args.corpora, args.rounds, args.rss_sizes = 16, ["small"], 1, [200, 1000]
     record = BenchRecord.start("storage", argv if argv is not None else sys.argv[1:])
     with tempfile.TemporaryDirectory(prefix="vs_bench_storage_", dir=args.workdir) as tmp:
         work = Path(tmp)
         with s3_server():
-            stores = prepare(work, args.n, make_bucket(f"vs-bench-{os.getpid()}"))
+            bucket = make_bucket(f"vs-bench-{os.getpid()}")
             connect_ray(num_cpus=os.cpu_count(), object_store_memory=256 * 1024**2)
-            # Warm-up, not counted: the first round pays for Ray worker start-up, imports, the model load
-            # and the S3 clients' first connections (measured: 11-25 s against 0.2-2 s warm for ingest).
-            one_round(stores, "warmup", ["local", "s3"])
             raw = []
-            for r in range(args.rounds):  # alternate which store goes first
-                raw += one_round(stores, r, ["local", "s3"] if r % 2 == 0 else ["s3", "local"])
+            for name in args.corpora:
+                stores = prepare(work, name, CORPORA[name], bucket)
+                # Warm-up, not counted: the first round pays for Ray worker start-up, imports, the model
+                # load and the S3 clients' first connections (measured: 11-25 s against 0.2-2 s warm).
+                one_round(stores, "warmup", ["local", "s3"])
+                for r in range(args.rounds):  # alternate which store goes first
+                    raw += one_round(stores, r, ["local", "s3"] if r % 2 == 0 else ["s3", "local"])
             ray.shutdown()  # the RSS runs start their own Ray, one at a time
         rows = throughput_rows(raw)
         for row in rows:
-            print(f"[bench] {row['stage']:6s} {row['store']:5s} {row['videos_per_s']:.2f} videos/s"
+            print(f"[bench] {row['corpus']:5s} {row['stage']:6s} {row['store']:5s} "
+                  f"{row['videos_per_s']:.2f} videos/s"
                   + (f"  s3/local {row['ratio']:.2f}x" if row["store"] == "s3" else ""), flush=True)
         rss = [driver_rss(work, n) for n in args.rss_sizes]
     record.extra["raw"] = raw
