@@ -109,7 +109,7 @@ class EmbedRun:
     results: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # finalize_shard bookkeeping
     driver_columns: set[str] = dataclasses.field(default_factory=set)  # what reached the driver loop
     errors: int = 0
-    parts_seen: dict[tuple[str, str], int] = dataclasses.field(default_factory=dict)  # decoded rows written
+    parts_seen: dict[tuple[str, str], int] = dataclasses.field(default_factory=dict)  # partly written videos
 
     @property
     def todo_total(self) -> int:
@@ -225,11 +225,13 @@ def account_batch(run: EmbedRun, pending: dict[str, set[str]], batch: dict[str, 
     parts = batch["parts"] if "parts" in batch else [1] * len(batch["key"])
     done = batch["parts_done"] if "parts_done" in batch else [1] * len(batch["key"])
     for shard, key, error, total, now in zip(batch["shard"], batch["key"], batch["error"], parts, done):
-        # a --windows video is several decoded rows: its key is done when all of them are written
-        seen = run.parts_seen.get((str(shard), str(key)), 0) + int(now)
-        run.parts_seen[(str(shard), str(key))] = seen
+        # a --windows video is several decoded rows: its key is done when all of them are written (only
+        # videos still partly written are kept here, so the driver's books do not grow with the corpus)
+        seen = run.parts_seen.pop((str(shard), str(key)), 0) + int(now)
         if seen >= int(total):
             pending[str(shard)].discard(str(key))
+        else:
+            run.parts_seen[(str(shard), str(key))] = seen
         touched.add(str(shard))
         run.errors += bool(error)
     complete = sorted(s for s in touched if not pending[s])
@@ -304,7 +306,8 @@ def run_embed(shards: str | list[str], model: str, output: str, pretrained: str 
 
     ``windows`` (implied by ``window_s`` / ``stride_s``): clip rows are dense sliding windows instead of
     the sparse clips (docs/moments.md); window length defaults to the clip span of the (recorded) sampling,
-    stride to half the window. Use a separate ``output`` per mode: a partition is keyed by model only."""
+    stride to half the window. One ``output`` per mode: a partition is keyed by model only
+    (mixing the modes is refused)."""
     wanted = windows or window_s is not None or stride_s is not None
     window_cfg = {"window_s": window_s, "stride_s": stride_s} if wanted else None
     run = prepare_embed(shards, model, output, pretrained, resolve_sampling(pretrained, sampling or {}),
