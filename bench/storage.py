@@ -6,8 +6,9 @@
 
 **Throughput** (same corpus, same run, one private local Ray), for two corpora (``CORPORA``: tiny 64 px
 clips, where per-request latency dominates, and 256 px x 8-10 s ones): each corpus is ingested from a local
-folder into a local folder, and from ``s3://`` into ``s3://``; then each ingest output is embedded into the
-same store.
+folder into a local folder, and from ``s3://`` into ``s3://``, once per ``INGEST_MODES`` entry (packed as is;
+transcoded); then the packed output is embedded into the same store. Each S3 run also records the server's
+requests (by HTTP method, from its access log) and its CPU seconds.
 The store is moto's S3 server (the real S3 HTTP API), which the bench starts on 127.0.0.1 and stops at the
 end. It runs on the same cores as the pipeline, so its CPU cost counts against S3. The two stores alternate
 over the rounds, and the medians are reported; the ratio is s3 / local (floor: >= 0.8x).
@@ -21,8 +22,10 @@ from 1k to 20k inputs.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -32,6 +35,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psutil
 import ray
 
 from bench.record import BenchRecord, add_record_args, col
@@ -45,10 +49,16 @@ from workflows.embed import run_embed
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL = "clip4clip-meanP-tiny"
 FLOOR = 0.8
+SAMPLES_PER_SHARD = 16
+ACCESS_LINE = re.compile(r'"(GET|HEAD|PUT|POST|DELETE) ')  # werkzeug's access log
 # Two corpora: tiny clips (a few tens of kB: per-request latency dominates) and camera-like ones (256 px,
 # 8-10 s: a few hundred kB each, where the work per byte dominates).
 CORPORA = {"small": {"n": 48, "size": 64, "min_duration": 2.0, "max_duration": 3.0},
            "large": {"n": 16, "size": 256, "min_duration": 8.0, "max_duration": 10.0}}
+# Ingest modes: "pack" stores each input as it is (probe, hash, tar: a few ms per video, so the store's
+# per-request cost shows), "transcode" re-encodes to a 224 px short side at 8 fps first (what a corpus of
+# mixed camera videos gets). Embed reads the "pack" output.
+INGEST_MODES = {"pack": {}, "transcode": {"transcode": True, "short_side": 224, "fps": 8.0}}
 RSS_SCRIPT = """
 import resource, sys, time
 from pipeline.ingest import run_ingest
@@ -60,14 +70,37 @@ print("RESULT", s["inputs"], s["samples"], s["errors"], s["shards"], round(time.
 """
 
 
+class ServerMeter:
+    """What the S3 server did between two readings: requests by HTTP method (its access log) and its CPU
+    seconds. The server runs on the pipeline's cores, so its CPU is part of what S3 costs here."""
+
+    def __init__(self, proc: subprocess.Popen, log: Path):
+        self.process, self.log = psutil.Process(proc.pid), log
+
+    def reading(self) -> tuple[int, float]:
+        cpu = self.process.cpu_times()
+        return self.log.stat().st_size, cpu.user + cpu.system
+
+    def since(self, start: tuple[int, float]) -> dict:
+        time.sleep(0.2)  # the log line of the last response is written after it is sent
+        offset, cpu = self.reading()
+        with self.log.open("rb") as f:
+            f.seek(start[0])
+            text = f.read(offset - start[0]).decode("utf-8", "replace")
+        methods = collections.Counter(m.group(1) for m in ACCESS_LINE.finditer(text))
+        return {"requests": sum(methods.values()), "methods": dict(methods), "server_cpu_s": cpu - start[1]}
+
+
 @contextlib.contextmanager
-def s3_server():
-    """moto's S3 server on a free 127.0.0.1 port; this process's AWS_* variables point at it meanwhile."""
+def s3_server(log: Path):
+    """moto's S3 server on a free 127.0.0.1 port, its access log in ``log``; this process's AWS_* variables
+    point at it meanwhile. Yields a :class:`ServerMeter`."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    log_file = log.open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            start_new_session=True, stdout=log_file, stderr=log_file)
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench",
            "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
     saved = {k: os.environ.get(k) for k in env}
@@ -82,11 +115,12 @@ def s3_server():
                 if proc.poll() is not None or time.time() > deadline:
                     raise RuntimeError("moto S3 server did not start") from None
                 time.sleep(0.5)
-        yield env
+        yield ServerMeter(proc, log)
     finally:
         proc.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=30)
+        log_file.close()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -122,29 +156,35 @@ def prepare(work: Path, name: str, spec: dict, bucket: str) -> dict[str, dict[st
     return out
 
 
-def one_round(stores: dict[str, dict[str, str]], r: int | str, order: list[str]) -> list[dict]:
+def one_round(stores: dict[str, dict[str, str]], r: int | str, order: list[str],
+              meter: ServerMeter) -> list[dict]:
     rows = []
     for store in order:
         s = stores[store]
         ingest_out, emb_out = storage.join(s["base"], f"ingest-{r}"), storage.join(s["base"], f"emb-{r}")
-        t0 = time.perf_counter()
-        summary = run_ingest(s["manifest"], ingest_out, samples_per_shard=8, progress=False)
-        rows.append({"corpus": s["corpus"], "stage": "ingest", "store": store, "round": r,
-                     "videos": summary["samples"], "seconds": time.perf_counter() - t0})
-        t0 = time.perf_counter()
+        for mode, options in INGEST_MODES.items():
+            out = ingest_out if mode == "pack" else f"{ingest_out}-{mode}"
+            t0, server = time.perf_counter(), meter.reading()
+            summary = run_ingest(s["manifest"], out, samples_per_shard=SAMPLES_PER_SHARD, progress=False,
+                                 **options)
+            rows.append({"corpus": s["corpus"], "stage": f"ingest ({mode})", "store": store, "round": r,
+                         "videos": summary["samples"], "shards": summary["shards"],
+                         "seconds": time.perf_counter() - t0, **meter.since(server)})
+        t0, server = time.perf_counter(), meter.reading()
         summary = run_embed(ingest_out, MODEL, emb_out, pretrained=s["checkpoint"], batch_size=8,
                             progress_every=1e9)
         rows.append({"corpus": s["corpus"], "stage": "embed", "store": store, "round": r,
-                     "videos": summary["videos"], "seconds": time.perf_counter() - t0})
-        print(f"[bench] {s['corpus']} round {r} {store}: ingest {rows[-2]['seconds']:.1f} s, "
-              f"embed {rows[-1]['seconds']:.1f} s", flush=True)
+                     "videos": summary["videos"], "seconds": time.perf_counter() - t0, **meter.since(server)})
+        print(f"[bench] {s['corpus']} round {r} {store}: "
+              + ", ".join(f"{x['stage']} {x['seconds']:.1f} s" for x in rows[-len(INGEST_MODES) - 1:]),
+              flush=True)
     return rows
 
 
 def throughput_rows(raw: list[dict]) -> list[dict]:
     rows = []
     for corpus in dict.fromkeys(r["corpus"] for r in raw):
-        for stage in ("ingest", "embed"):
+        for stage in [f"ingest ({mode})" for mode in INGEST_MODES] + ["embed"]:
             med = {}
             for store in ("local", "s3"):
                 runs = [r for r in raw if (r["corpus"], r["stage"], r["store"]) == (corpus, stage, store)]
@@ -152,6 +192,9 @@ def throughput_rows(raw: list[dict]) -> list[dict]:
                 rows.append({"corpus": corpus, "stage": stage, "store": store, "videos": runs[0]["videos"],
                              "runs": len(runs), "seconds": med[store],
                              "videos_per_s": runs[0]["videos"] / med[store]})
+                if store == "s3":  # the server's share: its requests and CPU seconds (median over runs)
+                    rows[-1]["requests"] = statistics.median(r["requests"] for r in runs)
+                    rows[-1]["server_cpu_s"] = statistics.median(r["server_cpu_s"] for r in runs)
             rows[-1]["ratio"] = med["local"] / med["s3"]  # throughput s3 / local
             rows[-2]["ratio"] = 1.0
     return rows
@@ -192,7 +235,8 @@ def driver_rss(work: Path, n: int) -> dict:
 THROUGHPUT_COLUMNS = [col("corpus", "corpus"), col("stage", "stage"), col("store", "store"),
                       col("videos", "videos"),
                       col("runs", "runs"), col("seconds", "median s", "{:.2f}"),
-                      col("videos_per_s", "videos/s", "{:.2f}"), col("ratio", "s3 / local", "{:.2f}x")]
+                      col("videos_per_s", "videos/s", "{:.2f}"), col("ratio", "s3 / local", "{:.2f}x"),
+                      col("requests", "S3 requests"), col("server_cpu_s", "S3 server CPU s", "{:.2f}")]
 RSS_COLUMNS = [col("inputs", "inputs"), col("samples", "samples"), col("errors", "errors"),
                col("shards", "shards"), col("seconds", "wall s", "{:.0f}"),
                col("videos_per_s", "videos/s", "{:.1f}"),
@@ -242,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     record = BenchRecord.start("storage", argv if argv is not None else sys.argv[1:])
     with tempfile.TemporaryDirectory(prefix="vs_bench_storage_", dir=args.workdir) as tmp:
         work = Path(tmp)
-        with s3_server():
+        with s3_server(work / "moto.log") as meter:
             bucket = make_bucket(f"vs-bench-{os.getpid()}")
             connect_ray(num_cpus=os.cpu_count(), object_store_memory=256 * 1024**2)
             raw = []
@@ -250,9 +294,9 @@ def main(argv: list[str] | None = None) -> int:
                 stores = prepare(work, name, CORPORA[name], bucket)
                 # Warm-up, not counted: the first round pays for Ray worker start-up, imports, the model
                 # load and the S3 clients' first connections (measured: 11-25 s against 0.2-2 s warm).
-                one_round(stores, "warmup", ["local", "s3"])
+                one_round(stores, "warmup", ["local", "s3"], meter)
                 for r in range(args.rounds):  # alternate which store goes first
-                    raw += one_round(stores, r, ["local", "s3"] if r % 2 == 0 else ["s3", "local"])
+                    raw += one_round(stores, r, ["local", "s3"] if r % 2 == 0 else ["s3", "local"], meter)
             ray.shutdown()  # the RSS runs start their own Ray, one at a time
         rows = throughput_rows(raw)
         for row in rows:

@@ -18,6 +18,7 @@ Atomicity rules (docs/storage.md):
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -38,6 +39,7 @@ CACHE_ENV = "VIDSIFT_CACHE"  # where remote artifacts are cached locally (defaul
 # The standard configuration a store client reads; Ray workers get the driver's copy (storage_env()).
 STORAGE_ENV_PREFIXES = ("AWS_", "GOOGLE_", "GCS_", "FSSPEC_")
 _MISSING = object()
+_OPEN_END = 1 << 62  # an open-ended byte range: no size lookup before the read
 
 
 def storage_env() -> dict[str, str]:
@@ -153,9 +155,23 @@ def list_dirs(uri: str | os.PathLike) -> list[str]:
     return [join(text, n) for n in sorted(name(e["name"]) for e in entries if e["type"] == "directory")]
 
 
-def read_bytes(uri: str | os.PathLike) -> bytes:
+def read_bytes(uri: str | os.PathLike, limit: int | None = None) -> bytes:
+    """The bytes at ``uri`` (at most ``limit`` of them): ONE request on an object store.
+
+    A ranged GET: without a range s3fs first asks for the size (a HEAD) to split big reads. Objects
+    larger than s3fs's block size are therefore read in one stream, not in concurrent parts.
+    """
     fs, path = filesystem(uri)
-    return fs.cat_file(path)
+    if is_local(uri):
+        with fs.open(path, "rb") as f:
+            return f.read() if limit is None else f.read(limit)
+    try:
+        return fs.cat_file(path, start=0, end=_OPEN_END if limit is None else limit)
+    except OSError as exc:
+        # S3 answers 416 to any range on an empty object (s3fs: EINVAL, "range is not satisfiable")
+        if isinstance(exc, FileNotFoundError) or exc.errno != errno.EINVAL:
+            raise
+        return fs.cat_file(path)
 
 
 def read_text(uri: str | os.PathLike) -> str:

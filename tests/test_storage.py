@@ -88,3 +88,28 @@ def test_cached_copy_verifies_checksum(root, tmp_path, monkeypatch):
     assert copy.read_bytes() == b"weights"
     with pytest.raises(ValueError, match="sha256"):
         storage.cached_copy(uri, sha256="0" * 64)
+
+
+def test_read_bytes_limit_empty_and_missing(root):
+    storage.write_bytes(storage.join(root, "ten.bin"), b"0123456789")
+    storage.write_bytes(storage.join(root, "empty.bin"), b"")
+    assert storage.read_bytes(storage.join(root, "ten.bin")) == b"0123456789"
+    assert storage.read_bytes(storage.join(root, "ten.bin"), limit=4) == b"0123"
+    assert storage.read_bytes(storage.join(root, "ten.bin"), limit=50) == b"0123456789"
+    # S3 answers 416 to a range on an empty object: still read as empty, with or without a limit
+    assert storage.read_bytes(storage.join(root, "empty.bin")) == b""
+    assert storage.read_bytes(storage.join(root, "empty.bin"), limit=4) == b""
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes(storage.join(root, "missing.bin"), limit=4)
+
+
+def test_read_bytes_is_one_request_on_s3(s3_bucket):
+    """An object is read in one GET: no size lookup (HEAD) before it, which doubled ingest's requests."""
+    uri = storage.join(s3_bucket, "clip.mp4")
+    storage.write_bytes(uri, b"x" * 1000)
+    fs, _ = storage.filesystem(uri)
+    calls: list[str] = []
+    fs.s3.meta.events.register("before-call.s3", lambda model, **_: calls.append(model.name))
+    assert storage.read_bytes(uri) == b"x" * 1000
+    assert storage.read_bytes(uri, limit=11) == b"x" * 11
+    assert calls == ["GetObject", "GetObject"]

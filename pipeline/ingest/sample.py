@@ -14,18 +14,17 @@ from runtime import storage
 
 
 def read_source(source: str, max_bytes: int | None) -> bytes:
-    """Bytes of ``source`` (any store); ProbeError(missing/unreadable/too_large/bad_uri) on failure."""
+    """Bytes of ``source`` (any store); ProbeError(missing/unreadable/too_large/bad_uri) on failure.
+
+    One request per input on an object store: a ranged GET of at most ``max_bytes + 1`` bytes (one more
+    than allowed tells "too large" apart), instead of a size probe (HEAD), an open (HEAD) and a GET.
+    """
     try:
-        fs, path = storage.filesystem(source)
+        storage.filesystem(source)
     except (ValueError, ImportError) as exc:
         raise ProbeError("bad_uri", f"cannot open URI {source!r}: {exc}") from exc
     try:
-        if max_bytes is not None:
-            size = fs.size(path)
-            if size is not None and size > max_bytes:
-                raise ProbeError("too_large", f"{size} bytes > max_bytes={max_bytes}")
-        with fs.open(path, "rb") as f:
-            data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+        data = storage.read_bytes(source, limit=None if max_bytes is None else max_bytes + 1)
     except FileNotFoundError as exc:
         raise ProbeError("missing", f"file not found: {source}") from exc
     except (IsADirectoryError, PermissionError, OSError) as exc:
