@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import faiss
@@ -38,9 +39,22 @@ from index.part import (
     row_progress,
 )
 from index.sharded import build_parts_with_ray
-from index.tuning import ExactTopK, apply_search_params, measure_recall, merge_topk
+from index.tuning import (
+    ExactTopK,
+    apply_search_params,
+    measure_recall,
+    merge_topk,
+    normalize_queries,
+    pick_queries,
+    read_caption_vectors,
+    read_query_log,
+)
 from runtime import storage
 from runtime.progress import Progress
+
+AUTO = "auto"  # text_queries: the caption embeddings beside the embeddings, when there are any
+DEFAULT_TEXT_QUERIES = 1000  # text queries a build tunes on, at most
+TEXT_EMBEDDINGS_DIR = "_text"  # OUT/_text/model_id=<id>/ = pipeline.embedding.TEXT_ROOT (not imported)
 
 
 def _combine_meta(
@@ -93,16 +107,30 @@ def build_index(
     version: str | None = None,
     seed: int = 0,
     progress: bool = True,
+    text_queries: str | Sequence[str] | None = AUTO,
+    query_log: str | Sequence[str] | None = None,
+    max_text_queries: int = DEFAULT_TEXT_QUERIES,
+    encoder=None,
+    allow_random_init: bool = False,
 ) -> dict[str, Any]:
     """Full (re)build of ``output`` from ``embeddings``; publishes a new version and returns its index.json.
 
     ``shards > 1`` builds the shards in parallel as Ray tasks (see :mod:`index.sharded`).
+
+    nprobe / efSearch are tuned on *text* queries when there are any (:func:`text_tuning_set`): caption
+    embeddings (``text_queries``: Parquet files/folders; ``"auto"`` = the ``jobs.embed --with-text`` folder
+    beside the embeddings when it exists; None = none) and a service query log (``query_log``: JSONL
+    files/folders, encoded with the index's text encoder, or ``encoder``); else on held-out video vectors.
+    index.json's ``tuning_queries`` records which set it was and ``recall`` the recall@k reached on it.
     """
     if shards < 1:
         raise ValueError(f"shards must be >= 1, got {shards}")
     t0 = time.perf_counter()
     source = resolve_embeddings(embeddings)
+    text_vecs, tuning = text_tuning_set(source, text_queries, query_log, max_text_queries, seed, encoder,
+                                        allow_random_init)
     kwargs = dict(
+        text_queries=text_vecs,
         factory=factory,
         memory_budget=memory_budget,
         recall_target=recall_target,
@@ -123,6 +151,9 @@ def build_index(
         meta = _combine_meta(
             source, parts, factory, recall_target, k, memory_budget, time.perf_counter() - t0
         )
+        meta["tuning_queries"] = dict(tuning, video_probes=sum(p["info"]["num_probes"] for p in parts))
+        if text_vecs is not None:
+            meta["video_probe_recall"] = min(p["info"]["video_probe_recall"] for p in parts)
         ids = pa.concat_tables([p["ids"] for p in parts])
         probe = _stack_probes([p["probe"] for p in parts])
         errors = errors_table([e for p in parts for e in p["errors"]])
@@ -136,11 +167,90 @@ def build_index(
         print(
             f"[index] published {storage.join(output, store.VERSIONS_DIR, meta['version'])}: "
             f"{meta['count']} vectors, "
-            f"{meta['factory']}, recall@{k}={meta['recall']:.4f}, {meta['build_time_s']:.1f}s",
+            f"{meta['factory']}, recall@{k}={meta['recall']:.4f} on {tuning['kind']} queries, "
+            f"{meta['build_time_s']:.1f}s",
             file=sys.stderr,
             flush=True,
         )
     return meta
+
+
+def text_tuning_set(
+    source: EmbeddingSource,
+    text_queries: str | Sequence[str] | None = AUTO,
+    query_log: str | Sequence[str] | None = None,
+    limit: int = DEFAULT_TEXT_QUERIES,
+    seed: int = 0,
+    encoder=None,
+    allow_random_init: bool = False,
+) -> tuple[np.ndarray | None, dict[str, Any]]:
+    """The text queries a build tunes on (None when there are none) and their description for index.json:
+    at most ``limit`` of them, the query log's first, then caption embeddings at random."""
+    if text_queries == AUTO:
+        beside = caption_embeddings_beside(source)
+        text_queries = beside if beside is not None and storage.list_files(beside, ".parquet") else None
+    captions = np.zeros((0, source.dim), np.float32)
+    info: dict[str, Any] = {"kind": "video"}
+    if text_queries:
+        _check_caption_model(text_queries, source)
+        captions, _texts = read_caption_vectors(text_queries, source.dim)
+        info["captions"] = {"sources": _as_list(text_queries), "distinct": len(captions)}
+    logged = np.zeros((0, source.dim), np.float32)
+    if query_log:
+        texts = read_query_log(query_log)
+        logged = _encode_texts(texts, source, encoder, allow_random_init) if texts else logged
+        info["query_log"] = {"sources": _as_list(query_log), "distinct": len(logged)}
+    vectors = pick_queries(logged, captions, int(limit), seed)
+    if not len(vectors):
+        return None, info
+    info.update(kind="text", count=len(vectors), from_query_log=min(len(logged), int(limit)))
+    return vectors, info
+
+
+def caption_embeddings_beside(source: EmbeddingSource) -> str | None:
+    """Where ``jobs.embed --with-text`` puts the caption embeddings of the partition ``OUT/model_id=X``:
+    ``OUT/_text/model_id=X`` (:func:`pipeline.embedding.text_dir`); None for a source that is not a
+    partition folder."""
+    root = storage.normalize(source.root)
+    if not storage.name(root).startswith("model_id="):
+        return None
+    return storage.join(storage.parent(root), TEXT_EMBEDDINGS_DIR, storage.name(root))
+
+
+def _check_caption_model(text_queries: str | Sequence[str], source: EmbeddingSource) -> None:
+    """A ``model_id=X`` caption folder must be the embeddings' model: vectors of two models never compare."""
+    partition = storage.name(storage.normalize(source.root))
+    for uri in _as_list(text_queries):
+        folder = storage.name(storage.normalize(uri))
+        if folder.startswith("model_id=") and partition.startswith("model_id=") and folder != partition:
+            raise ValueError(f"caption embeddings {uri!r} come from {folder}, the embeddings from "
+                             f"{partition}: text queries must be encoded by the index's model")
+
+
+def _encode_texts(texts: list[str], source: EmbeddingSource, encoder, allow_random_init: bool) -> np.ndarray:
+    """Query-log texts encoded by the embeddings' model (``_model.json``: model_name + pretrained)."""
+    # Lazy: torch and models (which pulls in torch) are optional heavy dependencies only a query log needs.
+    import torch
+
+    import models  # lazy: see above
+
+    if encoder is None:
+        name = source.model.get("model_name")
+        if not name:
+            raise ValueError(f"embeddings {source.root!r} record no model_name: cannot encode the query log")
+        encoder, _transform, _tokenizer = models.create_inference_model(
+            name, pretrained=source.model.get("pretrained"), allow_random_init=allow_random_init, seed=0)
+        encoder.eval()
+    if source.model_id and getattr(encoder, "model_id", None) != source.model_id:
+        raise ValueError(f"query-log encoder {getattr(encoder, 'model_id', None)!r} is not the embeddings' "
+                         f"model {source.model_id!r}")
+    with torch.no_grad():
+        out = [encoder.encode_text(texts[i:i + 256]).float().cpu().numpy() for i in range(0, len(texts), 256)]
+    return normalize_queries(np.concatenate(out), "query log vectors")
+
+
+def _as_list(uris: str | Sequence[str]) -> list[str]:
+    return [str(uris)] if isinstance(uris, (str, os.PathLike)) else [str(u) for u in uris]
 
 
 def _stack_probes(probes: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -28,7 +28,7 @@ from index.factory import (
     to_gpu_if_available,
     training_size,
 )
-from index.tuning import ExactTopK, tune
+from index.tuning import ExactTopK, measure_recall, tune
 from runtime.progress import Progress
 
 DEFAULT_MEMORY = "4GB"
@@ -64,8 +64,13 @@ def build_part(
     seed: int = 0,
     progress: bool = True,
     write_to: tuple[str, str] | None = None,
+    text_queries: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Build the index of one shard of ``source`` (no publishing).
+
+    ``text_queries`` (normalised ``[n, D]`` text vectors: caption embeddings, a service's query log) are what
+    nprobe / efSearch are tuned on when given (users send text, which lies elsewhere in the space than the
+    videos); the held-out video probes are then only measured. The stored probe set is the tuning set.
 
     Returns ``{"index", "ids" (pa.Table), "errors" (list), "probe" (dict of arrays), "info" (dict),
     "record"}``; with ``write_to`` = ``(root, version)`` the index is put straight into that version's folder
@@ -87,22 +92,20 @@ def build_part(
     index, on_gpu = _train(index, train_vecs, factory, shard_index)
     train_s = time.perf_counter() - t_train
     bar = row_progress(f"add shard {shard_index}/{num_shards}", n_est, progress)
-    index, ids_table, errors, exact = _add_stream(index, source, shard, probe_vecs, batch_size, bar)
+    text = np.zeros((0, source.dim), np.float32) if text_queries is None else text_queries
+    queries = np.concatenate([probe_vecs, np.asarray(text, np.float32)])
+    index, ids_table, errors, exact = _add_stream(index, source, shard, queries, batch_size, bar)
     add_s = finish_progress(bar)
     index = to_cpu(index, on_gpu)
     if index.ntotal == 0:
         raise ValueError(
             f"shard {shard_index}: no valid embeddings in {source.root} ({len(errors)} rows rejected)"
         )
-    gt_d, gt_i = exact.result()
-    params, recall, met, curve = tune(index, probe_vecs, gt_i, k, recall_target)
+    params, recall, met, curve, probe, tuned = _tune(index, queries, len(probe_vecs), exact, k, recall_target)
     if progress:
-        print(
-            f"[index] shard {shard_index}: {factory} n={index.ntotal} params={params} "
-            f"recall@{k}={recall:.4f} (target {recall_target}, met={met})",
-            file=sys.stderr,
-            flush=True,
-        )
+        print(f"[index] shard {shard_index}: {factory} n={index.ntotal} params={params} "
+              f"recall@{k}={recall:.4f} on {tuned['tuned_on']} queries (target {recall_target}, met={met})",
+              file=sys.stderr, flush=True)
     info = {
         "file": store.shard_file(shard_index, num_shards),
         "shard": shard_index,
@@ -120,14 +123,35 @@ def build_part(
         "gpu": bool(on_gpu),
         "num_probes": int(len(probe_vecs)),
         "errors": len(errors),
+        **tuned,
     }
-    probe = {"queries": probe_vecs, "gt_d": gt_d.astype(np.float32), "gt_i": gt_i.astype(np.int64)}
     record = None
     if write_to is not None:
         record = _upload_index(index, write_to, info["file"])
         index = None
     return {"index": index, "ids": ids_table, "errors": errors, "probe": probe, "info": info,
             "record": record}
+
+
+def _tune(
+    index: faiss.Index, queries: np.ndarray, num_video: int, exact: ExactTopK, k: int, recall_target: float
+) -> tuple[dict[str, int], float, bool, list, dict[str, np.ndarray], dict[str, Any]]:
+    """Tune on the text queries (``queries[num_video:]``) when there are any, else on the video probes.
+
+    Returns ``(params, recall, met, curve, probe, info)``: ``probe`` is the tuning set with its exact
+    neighbours (``probe.npz``: re-measured on every add/delete), ``info`` says which set it was and the video
+    probes' recall at the chosen setting."""
+    gt_d, gt_i = exact.result()
+    gt_d, gt_i = gt_d.astype(np.float32), gt_i.astype(np.int64)
+    on_text = len(queries) > num_video
+    use = slice(num_video, None) if on_text else slice(0, num_video)
+    params, recall, met, curve = tune(index, queries[use], gt_i[use], k, recall_target)
+    info: dict[str, Any] = {"tuned_on": "text" if on_text else "video",
+                            "num_text_queries": int(len(queries) - num_video)}
+    if on_text:
+        info["video_probe_recall"] = measure_recall(index, queries[:num_video], gt_i[:num_video], k)
+    probe = {"queries": np.ascontiguousarray(queries[use]), "gt_d": gt_d[use], "gt_i": gt_i[use]}
+    return params, recall, met, curve, probe, info
 
 
 def _upload_index(index: faiss.Index, target: tuple[str, str], name: str) -> dict[str, Any]:
@@ -157,12 +181,12 @@ def _add_stream(
     index: faiss.Index,
     source: EmbeddingSource,
     shard: tuple[int, int],
-    probe_vecs: np.ndarray,
+    queries: np.ndarray,
     batch_size: int,
     bar: Progress,
 ) -> tuple[faiss.Index, pa.Table, list[dict[str, Any]], ExactTopK]:
-    """Pass 2: add every valid row of ``shard`` while accumulating the probes' exact neighbours."""
-    exact = ExactTopK(probe_vecs, PROBE_DEPTH)
+    """Pass 2: add every valid row of ``shard`` while accumulating the queries' exact neighbours."""
+    exact = ExactTopK(queries, PROBE_DEPTH)
     seen: set[int] = set()
     metas, errors = [], []
     for batch in iter_batches(source, batch_size=batch_size, shard=shard, seen_ids=seen):

@@ -200,20 +200,34 @@ class VideoIndex:
             raise ValueError("query vectors contain NaN/inf")
         return vectors, [None] * len(vectors), single
 
-    def search_vectors(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Raw clip-level search over all shards: ``(scores [Q, k], ids [Q, k])`` merged by score."""
+    def search_vectors(
+        self, vectors: np.ndarray, k: int, allowed: faiss.IDSelector | None = None, exhaustive: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Raw clip-level search over all shards: ``(scores [Q, k], ids [Q, k])`` merged by score.
+
+        ``allowed`` restricts the search to those ids inside FAISS (rows it rejects are never ranked);
+        ``exhaustive`` scans every IVF list (``nprobe = nlist``) / lets HNSW visit the whole graph, so a
+        filtered search finds every allowed row however few the probed lists hold."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32).copy()
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         if (norms <= 1e-12).any():
             raise ValueError("query vector has zero norm")
         vectors /= norms
-        results = [ix.search(vectors, int(min(k, max(ix.ntotal, 1)))) for ix in self.indexes]
+        results = []
+        for ix in self.indexes:
+            kk = int(min(k, max(ix.ntotal, 1)))
+            if allowed is None and not exhaustive:
+                results.append(ix.search(vectors, kk))
+            else:
+                params, keep_alive = _search_parameters(ix, allowed, exhaustive)
+                results.append(ix.search(vectors, kk, params=params))
+                del keep_alive  # the SWIG params point at these; they lived until the search returned
         return merge_shard_results([r[0] for r in results], [r[1] for r in results], int(k))
 
     def search(
         self, query, k: int = 10, aggregate: str = "max", overfetch: int = 4, rerank: Reranker | None = None,
         moments_per_video: int = 1, rel_threshold: float = DEFAULT_REL_THRESHOLD,
-        max_gap_s: float = DEFAULT_MAX_GAP_S,
+        max_gap_s: float = DEFAULT_MAX_GAP_S, allowed_ids: np.ndarray | None = None,
     ) -> list[Hit] | list[list[Hit]]:
         """Top-``k`` videos for ``query`` (str, list of str, ``[D]`` or ``[Q, D]`` vectors).
 
@@ -221,6 +235,10 @@ class VideoIndex:
         clips); clips are over-fetched (``overfetch`` × k, doubled until k videos or the whole index)
         so k distinct videos come back. ``rerank(query_text, hits) -> hits`` may rescore each list.
         A single query (str or ``[D]``) returns one list, otherwise one list per query.
+
+        ``allowed_ids`` (FAISS ids, the ``id`` column) filters *before* ranking: FAISS scores only those rows
+        (an ``IDSelector``), so k videos come back whenever k allowed videos exist; when the probed IVF
+        lists hold too few allowed rows the search is redone over every list (``exhaustive``).
 
         Videos with window rows get moments (``moments_per_video`` > 0; 0 turns them off): every window of
         the hit video is scored against the query and merged by :func:`index.moments.merge_windows`
@@ -231,12 +249,23 @@ class VideoIndex:
         if int(k) < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         vectors, texts, single = self._query_vectors(query)
-        total = len(self)
+        selector, total = None, len(self)
+        if allowed_ids is not None:
+            allowed = np.unique(np.asarray(allowed_ids, dtype=np.int64))
+            if not len(allowed):
+                return [] if single else [[] for _ in vectors]
+            selector, total = faiss.IDSelectorBatch(allowed), len(allowed)
         fetch = min(total, max(int(k) * max(1, int(overfetch)), int(k)))
+        exhaustive = False
         while True:
-            scores, ids = self.search_vectors(vectors, fetch)
+            scores, ids = self.search_vectors(vectors, fetch, selector, exhaustive)
             per_query = [self._collapse(s, i, aggregate) for s, i in zip(scores, ids)]
-            if fetch >= total or all(len(h) >= k for h in per_query):
+            if all(len(h) >= k for h in per_query):
+                break
+            if selector is not None and not exhaustive and ((ids >= 0).sum(axis=1) < fetch).any():
+                exhaustive = True  # the probed lists held fewer allowed rows than asked for: scan them all
+                continue
+            if fetch >= total:
                 break
             fetch = min(total, fetch * 2)
         out = []
@@ -318,6 +347,26 @@ class VideoIndex:
             )
         hits.sort(key=lambda h: -h.score)
         return hits
+
+
+def _search_parameters(ix: faiss.Index, allowed: faiss.IDSelector | None, exhaustive: bool):
+    """FAISS search parameters for one shard: the id filter plus its stored nprobe / efSearch, or every list
+    (IVF) / the whole graph (HNSW) when ``exhaustive``. Returns ``(params, objects to keep alive)``."""
+    ivf = faiss.try_extract_index_ivf(ix)
+    if ivf is not None:
+        params = faiss.SearchParametersIVF(sel=allowed, nprobe=ivf.nlist if exhaustive else ivf.nprobe)
+        quantizer = faiss.downcast_index(ivf.quantizer)
+        keep = [allowed]
+        if isinstance(quantizer, faiss.IndexHNSW):  # the coarse HNSW must return nprobe lists
+            qp = faiss.SearchParametersHNSW(efSearch=max(quantizer.hnsw.efSearch, params.nprobe))
+            params.quantizer_params = qp
+            keep.append(qp)
+        return params, keep
+    inner = faiss.downcast_index(ix.index) if isinstance(ix, (faiss.IndexIDMap, faiss.IndexIDMap2)) else ix
+    if isinstance(inner, faiss.IndexHNSW):
+        ef = max(inner.hnsw.efSearch, int(ix.ntotal)) if exhaustive else inner.hnsw.efSearch
+        return faiss.SearchParametersHNSW(sel=allowed, efSearch=ef), [allowed]
+    return faiss.SearchParameters(sel=allowed), [allowed]
 
 
 def _window_rows(video_ids: np.ndarray, clips: np.ndarray) -> dict[str, np.ndarray]:

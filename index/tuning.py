@@ -1,17 +1,22 @@
 """Search-parameter tuning: recall@k against exact inner-product search, smallest nprobe / efSearch that
-meets the recall target."""
+meets the recall target; and the text query sets it is tuned on (caption embeddings, a service query log)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
+from collections.abc import Iterable, Sequence
 
 import faiss
 import numpy as np
+import pyarrow as pa
 
 from index.factory import is_ivf
+from runtime import storage
 
 NPROBE_CANDIDATES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024, 2048)
 EF_CANDIDATES = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024)
+SCORE_BLOCK = 1 << 24  # exact top-k: at most this many query x row scores at a time (64 MiB of float32)
+QUERY_LOG_SUFFIX = ".jsonl"  # a service query log: one {"q": TEXT, ...} a line (workflows.serve.querylog)
 
 
 class ExactTopK:
@@ -25,13 +30,16 @@ class ExactTopK:
     def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
         if len(vectors) == 0 or len(self.queries) == 0:
             return
-        scores = self.queries @ np.ascontiguousarray(vectors, dtype=np.float32).T
-        kk = min(self.k, scores.shape[1])
-        top = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
-        d = np.take_along_axis(scores, top, axis=1)
-        self.heap.add_result(
-            np.ascontiguousarray(d), np.ascontiguousarray(np.asarray(ids)[top], dtype=np.int64)
-        )
+        vectors, ids = np.ascontiguousarray(vectors, dtype=np.float32), np.asarray(ids)
+        step = max(1024, SCORE_BLOCK // len(self.queries))  # bounds the [queries, rows] score matrix
+        for start in range(0, len(vectors), step):
+            scores = self.queries @ vectors[start:start + step].T
+            kk = min(self.k, scores.shape[1])
+            top = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
+            d = np.take_along_axis(scores, top, axis=1)
+            self.heap.add_result(
+                np.ascontiguousarray(d), np.ascontiguousarray(ids[start:start + step][top], dtype=np.int64)
+            )
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         self.heap.finalize()
@@ -136,3 +144,100 @@ def measure_recall(index: faiss.Index, queries: np.ndarray, truth_ids: np.ndarra
     k = int(min(k, truth_ids.shape[1]))
     _, found = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
     return recall_at_k(found, truth_ids, k)
+
+
+def _files(uri: str, suffix: str, what: str) -> list[str]:
+    """``uri`` when it is a file, else its ``*suffix`` files (names starting ``_`` or ``.`` skipped)."""
+    if storage.is_file(uri):
+        return [uri]
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"{what} {uri!r} does not exist")
+    files = [f for f in storage.list_files(uri, suffix) if not storage.name(f).startswith(("_", "."))]
+    if not files:
+        raise FileNotFoundError(f"{what} {uri!r} holds no *{suffix} files")
+    return files
+
+
+def read_query_log(uris: str | Sequence[str]) -> list[str]:
+    """The distinct query texts (first-seen order) of service query logs: JSONL files or folders of them.
+
+    A line is ``{"q": TEXT, ...}``; a malformed line raises ``ValueError`` naming the file and line, except a
+    torn last line (no newline after it: a write cut short), which is skipped."""
+    texts: dict[str, None] = {}
+    for uri in [uris] if isinstance(uris, str) else uris:
+        for path in _files(storage.normalize(uri), QUERY_LOG_SUFFIX, "query log"):
+            lines = storage.read_text(path).split("\n")
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    if number == len(lines):
+                        continue
+                    raise ValueError(f"query log {path!r} line {number}: not JSON ({exc})") from None
+                text = record.get("q") if isinstance(record, dict) else None
+                if not isinstance(text, str) or not text.strip():
+                    raise ValueError(f"query log {path!r} line {number}: needs a non-empty string field 'q'")
+                texts.setdefault(text.strip(), None)
+    return list(texts)
+
+
+def read_caption_vectors(uris: str | Sequence[str], dim: int) -> tuple[np.ndarray, list[str]]:
+    """Caption text embeddings (``jobs.embed --with-text``: ``part-*.parquet`` with ``caption`` and
+    ``embedding`` columns) as L2-normalised ``[n, dim]`` float32, one row per distinct caption; returns
+    ``(vectors, captions)``. Wrong dims, NaN or all-zero vectors raise ``ValueError`` naming the file."""
+    vectors, captions, seen = [], [], set()
+    for uri in [uris] if isinstance(uris, str) else uris:
+        for path in _files(storage.normalize(uri), ".parquet", "caption embeddings"):
+            table = storage.read_parquet(path)
+            if not {"caption", "embedding"} <= set(table.column_names):
+                raise ValueError(f"caption embeddings {path!r} need 'caption' and 'embedding' columns, "
+                                 f"have {table.column_names}")
+            if not table.num_rows:
+                continue
+            emb = _matrix(table.column("embedding"), path, dim)
+            for text, vec in zip(table.column("caption").to_pylist(), emb):
+                if text is not None and text not in seen:
+                    seen.add(text)
+                    captions.append(text)
+                    vectors.append(vec)
+    out = np.asarray(vectors, np.float32).reshape(-1, dim)
+    return normalize_queries(out, "caption embeddings"), captions
+
+
+def _matrix(column: pa.ChunkedArray, path: str, dim: int) -> np.ndarray:
+    """``[n, dim]`` float32 of a list / fixed-size-list embedding column; refuses nulls and other lengths."""
+    values = column.combine_chunks()
+    if values.null_count:
+        raise ValueError(f"caption embeddings {path!r}: {values.null_count} null embedding(s)")
+    if pa.types.is_fixed_size_list(values.type):
+        lengths = np.full(len(values), values.type.list_size)
+    else:
+        lengths = np.asarray(values.value_lengths().to_numpy(zero_copy_only=False))
+    if (lengths != dim).any():
+        raise ValueError(f"caption embeddings {path!r} have dim {int(lengths[lengths != dim][0])}, "
+                         f"the index has dim {dim}")
+    return np.asarray(values.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(len(values), dim)
+
+
+def normalize_queries(vectors: np.ndarray, what: str) -> np.ndarray:
+    """L2-normalised float32 copies; NaN/inf or zero-norm rows raise ``ValueError`` naming ``what``."""
+    vectors = np.asarray(vectors, np.float32)
+    if not np.isfinite(vectors).all():
+        raise ValueError(f"{what}: NaN/inf in {int((~np.isfinite(vectors)).any(axis=1).sum())} vector(s)")
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    if (norms <= 1e-12).any():
+        raise ValueError(f"{what}: {int((norms <= 1e-12).sum())} all-zero vector(s)")
+    return np.ascontiguousarray(vectors / norms) if len(vectors) else vectors
+
+
+def pick_queries(logged: np.ndarray, captions: np.ndarray, limit: int, seed: int = 0) -> np.ndarray:
+    """At most ``limit`` tuning queries: the query log's first (what users send), then captions at random."""
+    rng = np.random.default_rng(seed)
+    if len(logged) > limit:
+        logged = logged[np.sort(rng.choice(len(logged), limit, replace=False))]
+    room = limit - len(logged)
+    if len(captions) > room:
+        captions = captions[np.sort(rng.choice(len(captions), room, replace=False))]
+    return np.ascontiguousarray(np.concatenate([logged, captions]).astype(np.float32))

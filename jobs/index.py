@@ -32,21 +32,21 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("-k", type=int, default=index_build.DEFAULT_K, help="k of the recall target")
     b.add_argument("--shards", type=int, default=1, help="build N shards in parallel as Ray tasks")
     b.add_argument("--probes", type=int, default=index_build.DEFAULT_PROBES, help="held-out tuning queries")
-    b.add_argument("--batch-size", type=int, default=65536)
-    b.add_argument("--keep", type=int, default=3, help="versions to retain")
     b.add_argument("--ray-address", default=None, help="Ray for --shards > 1 (default: $RAY_ADDRESS/local)")
+    b.add_argument("--text-queries", action="append", help="caption embeddings to tune on (or 'none')")
+    b.add_argument("--query-log", action="append", help="a service's query log (JSONL) to tune on")
 
     a = sub.add_parser("add", help="add (upsert) embeddings to the CURRENT version without retraining")
     a.add_argument("--embeddings", required=True)
     a.add_argument("--output", "--index", dest="output", required=True)
     a.add_argument("--no-upsert", action="store_true", help="reject rows of videos already indexed")
-    a.add_argument("--batch-size", type=int, default=65536)
-    a.add_argument("--keep", type=int, default=3)
-
     d = sub.add_parser("delete", help="remove videos from the CURRENT version")
     d.add_argument("--output", "--index", dest="output", required=True)
     d.add_argument("--video-ids", nargs="+", required=True)
-    d.add_argument("--keep", type=int, default=3)
+    for sub_parser in (b, a, d):
+        sub_parser.add_argument("--keep", type=int, default=3, help="versions to retain")
+    for sub_parser in (b, a):
+        sub_parser.add_argument("--batch-size", type=int, default=65536)
 
     q = sub.add_parser("query", help="text query against the CURRENT version")
     q.add_argument("--index", required=True)
@@ -55,10 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--aggregate", choices=("max", "mean"), default="max")
     q.add_argument("--pretrained", default=None, help="text encoder checkpoint URI (default: index.json's)")
     q.add_argument("--allow-random-init", action="store_true", help="permit a seeded random text encoder")
-
     i = sub.add_parser("info", help="print the CURRENT version's index.json and the version list")
     i.add_argument("--index", "--output", dest="index", required=True)
-
     c = sub.add_parser("check", help="exit 3 when the index needs a full rebuild (needs_retrain)")
     c.add_argument("--index", "--output", dest="index", required=True)
     c.add_argument("--growth-factor", type=float, default=index_build.DEFAULT_GROWTH_FACTOR)
@@ -72,10 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["RAY_ADDRESS"] = args.ray_address  # connect_ray (index.sharded) joins this cluster
     try:
         if args.command == "build":
-            _print(index_build.build_index(args.embeddings, args.output, factory=args.factory,
-                                           memory_budget=args.memory, recall_target=args.recall, k=args.k,
-                                           shards=args.shards, num_probes=args.probes,
-                                           batch_size=args.batch_size, keep=args.keep))
+            texts = None if args.text_queries == ["none"] else args.text_queries or index_build.AUTO
+            opts = {name: getattr(args, name) for name in ("factory", "k", "shards", "batch_size", "keep")}
+            _print(index_build.build_index(args.embeddings, args.output, memory_budget=args.memory,
+                                           recall_target=args.recall, num_probes=args.probes,
+                                           text_queries=texts, query_log=args.query_log, **opts))
         elif args.command == "add":
             _print(index_build.add_embeddings(args.output, args.embeddings, batch_size=args.batch_size,
                                               keep=args.keep, upsert=not args.no_upsert))
@@ -112,7 +111,8 @@ def _query(args: argparse.Namespace) -> int:
 def _print(meta: dict) -> None:
     """The summary of a build / add / delete: the main fields of the new version's index.json, as JSON."""
     keys = ("version", "factory", "count", "dim", "model_id", "search_params", "recall", "recall_k",
-            "build_time_s", "training_size", "errors", "operation", "last_operation", "num_shards")
+            "tuning_queries", "video_probe_recall", "build_time_s", "training_size", "errors", "operation",
+            "last_operation", "num_shards")
     print(json.dumps({k: meta[k] for k in keys if k in meta}, indent=2))
 
 

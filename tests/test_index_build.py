@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -268,3 +269,34 @@ def test_opq_ivf_pq_build_add_delete(tmp_path):
     assert delete_videos(tmp_path / "idx", ["new-000000", "vid-000001"])["count"] == 1518
     hits = VideoIndex.open(tmp_path / "idx", mmap=True).search(vecs[5], k=5)
     assert len(hits) == 5 and "vid-000001" not in [h.video_id for h in hits]
+
+
+@pytest.mark.parametrize("factory", ["IVF64,Flat", "HNSW32,Flat"])
+def test_filtered_search_ranks_only_allowed_rows(tmp_path, factory):
+    """allowed_ids filters inside FAISS: with nprobe=1 / efSearch=16 the probed part of the index holds none
+    of the allowed rows, and the search still returns the exact top k of the allowed videos, in order."""
+    vecs = clustered_vectors(3000, DIM, seed=11)
+    emb = write_embeddings(tmp_path / "emb", vecs, clips_per_video=2)
+    build_index(emb, tmp_path / "idx", factory=factory, recall_target=0.5, num_probes=50, progress=False)
+    vi = VideoIndex.open(tmp_path / "idx")
+    for ix in vi.indexes:
+        if factory.startswith("IVF"):
+            faiss.extract_index_ivf(ix).nprobe = 1
+        else:
+            faiss.downcast_index(ix.index).hnsw.efSearch = 16
+    unit = vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
+    query = unit[0]
+    video_score = (unit @ query).reshape(-1, 2).max(axis=1)  # ids are row numbers, 2 clips a video
+    allowed_videos = np.argsort(video_score)[:200]  # the 200 videos farthest from the query
+    allowed_ids = np.concatenate([[2 * v, 2 * v + 1] for v in allowed_videos])
+    expected = sorted(allowed_videos, key=lambda v: -video_score[v])[:20]
+    hits = vi.search(query, k=10, allowed_ids=allowed_ids)
+    assert [h.video_id for h in hits] == [f"vid-{v:06d}" for v in expected[:10]]
+    assert [h.score for h in hits] == pytest.approx([float(video_score[v]) for v in expected[:10]], abs=1e-5)
+    assert not any(h.video_id == f"vid-{v:06d}" for h in hits for v in np.argsort(-video_score)[:50])
+    longer = vi.search(query, k=20, allowed_ids=allowed_ids)
+    assert [h.video_id for h in longer[:10]] == [h.video_id for h in hits]
+    assert [h.video_id for h in longer[10:]] == [f"vid-{v:06d}" for v in expected[10:]]
+    assert vi.search(query, k=5, allowed_ids=np.zeros(0, np.int64)) == []
+    unfiltered = vi.search(query, k=5)
+    assert unfiltered[0].video_id == "vid-000000"  # the stored (unfiltered) search is unchanged
