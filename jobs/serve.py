@@ -29,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--preview-cache", default=None, help="folder for cached previews (default: $TMPDIR)")
     p.add_argument("--torch-threads", type=int, default=1, help="intra-op threads of the text encoder")
     p.add_argument("--ray-serve", action="store_true", help="run the app as a Ray Serve deployment")
+    p.add_argument("--query-log", default=None,
+                   help="folder/URI to log query texts to (JSONL; jobs.index build --query-log reads it)")
     return p
 
 
@@ -41,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         return serve_index(args.index, host=args.host, port=args.port, ray_serve=args.ray_serve,
                            pretrained=args.pretrained, allow_random_init=args.allow_random_init,
                            shards=args.shards, max_k=args.max_k, poll_s=args.poll_s,
-                           cache_dir=args.preview_cache, torch_threads=args.torch_threads)
+                           cache_dir=args.preview_cache, torch_threads=args.torch_threads,
+                           query_log=args.query_log)
     # A missing index, missing weights or a bad flag value: one clear line, not a traceback.
     except (FileNotFoundError, ValueError, PretrainedWeightsError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -3,8 +3,13 @@ service keeps answering, and a live index swap under a querying client with no f
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -13,10 +18,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import REPO_ROOT, free_port
 from PIL import Image
 
 import models
-from index import add_embeddings, build_index
+from index import VideoIndex, add_embeddings, build_index
 from index.testing import clustered_vectors, write_embeddings
 from workflows.serve import LiveIndex, SnapshotLoader, build_app, serving_in_thread
 
@@ -135,6 +141,33 @@ def test_filters_on_duration_and_metadata(service):
     assert status == 200 and {h["video_id"][:5] for h in posted["hits"]} == {"synth"}
 
 
+def test_filters_rank_only_passing_videos_and_pages_agree(service):
+    """A filter that excludes most of the unfiltered top k still fills the page with passing videos, in the
+    order of the full ranking, and offset pages are slices of that one ranking."""
+    base, k, q = service["base"], 4, "a+blue+triangle+grows"
+    ranking = [h["video_id"] for h in call(base, f"/search?q={q}&k=500")[1]["hits"]]
+    duration = {v: call(base, f"/videos/{v}")[1]["metadata"]["duration"] for v in ranking}
+    best = (-1, "", [])
+    for t in sorted(set(duration.values())):
+        rules = (("max_duration", lambda d, t=t: d <= t), ("min_duration", lambda d, t=t: d >= t))
+        for name, passes in rules:
+            passing = [v for v in ranking if passes(duration[v])]
+            excluded = sum(not passes(duration[v]) for v in ranking[:k])
+            if len(passing) >= 3 * k and excluded > best[0]:
+                best = (excluded, f"{name}={t!r}", passing)
+    excluded, flt, passing = best
+    assert excluded > k // 2, best  # the filter removes most of the unfiltered top k
+    status, body = call(base, f"/search?q={q}&k={k}&{flt}")
+    hits = body["hits"]
+    assert status == 200 and [h["video_id"] for h in hits] == passing[:k]
+    assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+    pages = [call(base, f"/search?q={q}&k={k}&offset={o}&{flt}")[1]["hits"] for o in (k, 2 * k)]
+    assert [h["video_id"] for page in pages for h in page] == passing[k:3 * k]
+    status, whole = call(base, f"/search?q={q}&k={3 * k}&{flt}")
+    assert [h["video_id"] for h in whole["hits"]] == passing[:3 * k]
+    assert [h["score"] for h in whole["hits"]] == [h["score"] for h in hits + pages[0] + pages[1]]
+
+
 def test_preview_is_an_animated_webp_and_cached(service):
     base = service["base"]
     hit = next(h for h in call(base, "/search?q=a+video&k=10")[1]["hits"] if h["preview_url"])
@@ -243,3 +276,49 @@ def test_publishing_a_version_swaps_live_with_no_failed_request(service):
     assert call(base, "/version")[1]["swaps"] == 1
     status, fresh = call(base, "/videos/fresh-000002")
     assert status == 200 and fresh["version"] == published
+
+
+def test_ray_serve_answers_healthz_and_search(tmp_path):
+    """``--ray-serve`` for real: a private local Ray + Ray Serve on 127.0.0.1 serve the same answers as the
+    in-process index; SIGTERM stops Serve and the Ray the service started (bounded waits throughout)."""
+    model, _, _ = models.create_model(MODEL, seed=0)
+    ckpt = models.save_checkpoint(model, tmp_path / "c4c.pt")
+    emb = write_embeddings(tmp_path / "emb", clustered_vectors(40, 64, seed=6), clips_per_video=2,
+                           model_id=model.model_id, model_name=MODEL, pretrained=str(ckpt))
+    build_index(emb, tmp_path / "idx", factory="Flat", progress=False)
+    expected = VideoIndex.open(tmp_path / "idx", encoder=model).search("a red circle moves left", k=5)
+    port = free_port()
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONPATH=str(REPO_ROOT))
+    cmd = [sys.executable, "-m", "jobs.serve", "--index", str(tmp_path / "idx"), "--ray-serve",
+           "--poll-s", "0", "--host", "127.0.0.1", "--port", str(port)]
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.time() + 240
+            while True:
+                with contextlib.suppress(OSError):
+                    if call(base, "/healthz", timeout=5)[0] == 200:
+                        break
+                assert proc.poll() is None, log_path.read_text()[-3000:]
+                assert time.time() < deadline, "Ray Serve did not answer /healthz in 240 s"
+                time.sleep(1)
+            status, health = call(base, "/healthz")
+            version = VideoIndex.open(tmp_path / "idx").version
+            assert status == 200 and health == {"ok": True, "version": version}
+            status, body = call(base, "/search?q=a+red+circle+moves+left&k=5")
+            assert status == 200 and body["version"] == version
+            assert [h["video_id"] for h in body["hits"]] == [h.video_id for h in expected]
+            assert [h["score"] for h in body["hits"]] == pytest.approx([h.score for h in expected], abs=1e-5)
+            assert call(base, "/search?q=&k=5")[0] == 400
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+    assert proc.returncode == 0, log_path.read_text()[-3000:]
+    assert "Ray Serve stopped" in log_path.read_text()

@@ -5,7 +5,8 @@
 
 from workflows.serve.app import create_app
 from workflows.serve.live import LiveIndex, Snapshot, SnapshotLoader
+from workflows.serve.querylog import QueryLog
 from workflows.serve.run import build_app, serve_index, serving_in_thread
 
-__all__ = ["LiveIndex", "Snapshot", "SnapshotLoader", "build_app", "create_app", "serve_index",
+__all__ = ["LiveIndex", "QueryLog", "Snapshot", "SnapshotLoader", "build_app", "create_app", "serve_index",
            "serving_in_thread"]

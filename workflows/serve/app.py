@@ -35,6 +35,7 @@ from workflows.serve.queries import (
     parse_body,
     parse_params,
 )
+from workflows.serve.querylog import QueryLog
 from workflows.serve.search import preview_url, run_search
 
 PAGE_DIR = Path(__file__).resolve().parent / "page"
@@ -44,17 +45,23 @@ log = logging.getLogger(__name__)
 
 
 def create_app(
-    live: LiveIndex, previews: PreviewMaker | None = None, max_k: int = DEFAULT_MAX_K
+    live: LiveIndex, previews: PreviewMaker | None = None, max_k: int = DEFAULT_MAX_K,
+    query_log: QueryLog | None = None,
 ) -> Starlette:
-    """The service over ``live``; ``previews=None`` serves hits without previews."""
+    """The service over ``live``; ``previews=None`` serves hits without previews; ``query_log`` records the
+    texts of answered searches (for tuning the next build on them)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         live.start()
+        if query_log is not None:
+            query_log.start()
         try:
             yield
         finally:
             live.stop()
+            if query_log is not None:
+                query_log.stop()
 
     routes = [
         Route("/", page), Route("/search", search_get, methods=["GET"]),
@@ -66,6 +73,7 @@ def create_app(
                 Exception: _internal_error}
     app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
     app.state.live, app.state.previews, app.state.max_k = live, previews, int(max_k)
+    app.state.query_log = query_log
     return app
 
 
@@ -90,6 +98,8 @@ def _answer(request: Request, parsed) -> Response:
     t0 = time.perf_counter()
     snapshot = request.app.state.live.current  # read once: the whole request uses this version
     pages = run_search(snapshot, parsed)
+    if request.app.state.query_log is not None:
+        request.app.state.query_log.record(parsed.queries, snapshot.version)
     took_ms = round((time.perf_counter() - t0) * 1000, 2)
     common = {"version": snapshot.version, "k": parsed.k, "offset": parsed.offset,
               "filters": parsed.filters.to_dict(), "took_ms": took_ms}
@@ -153,7 +163,9 @@ async def healthz(request: Request) -> Response:
 
 
 async def version(request: Request) -> Response:
-    return JSONResponse(request.app.state.live.status())
+    query_log: QueryLog | None = request.app.state.query_log
+    return JSONResponse({**request.app.state.live.status(),
+                         "query_log": None if query_log is None else query_log.status()})
 
 
 def _preview_path(video_id: str, start, end) -> str:

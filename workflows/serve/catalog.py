@@ -15,6 +15,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from pipeline.datasets import list_shards
@@ -24,6 +25,7 @@ from workflows.serve.queries import BadRequest, Filters
 log = logging.getLogger(__name__)
 # ids.parquet columns that describe one clip, not the video (never offered as where= columns)
 CLIP_COLUMNS = ("id", "clip_index", "start_s", "end_s", "captions")
+ALLOWED_CACHE = 64  # distinct filters whose allowed-id arrays a catalog keeps
 
 
 @dataclasses.dataclass
@@ -34,6 +36,8 @@ class Catalog:
     kinds: dict[str, str]  # column → "number" | "text" | "bool"
     moments: dict[str, list[dict[str, Any]]]  # video_id → indexed clips
     sources: dict[str, tuple[str, str]]  # video_id → (shard tar URI, key): previews
+    row_ids: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # video_id → its FAISS ids
+    _allowed: dict[Filters, np.ndarray] = dataclasses.field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
         return len(self.videos)
@@ -57,6 +61,19 @@ class Catalog:
             return False
         return all(_equal(row.get(c), v, self.kinds[c]) for c, v in filters.where)
 
+    def allowed_ids(self, filters: Filters) -> np.ndarray:
+        """The FAISS ids (every clip / window row) of the videos passing ``filters``, sorted: the id filter a
+        search ranks inside. The last ``ALLOWED_CACHE`` distinct filters are kept (a page of results asks
+        for the same filter again)."""
+        cached = self._allowed.get(filters)
+        if cached is None:
+            rows = [ids for vid, ids in self.row_ids.items() if self.matches(vid, filters)]
+            cached = np.unique(np.concatenate(rows).astype(np.int64)) if rows else np.zeros(0, np.int64)
+            if len(self._allowed) >= ALLOWED_CACHE:
+                self._allowed.pop(next(iter(self._allowed)))
+            self._allowed[filters] = cached
+        return cached
+
     def describe(self, video_id: str) -> dict[str, Any] | None:
         """``/videos/{id}``: metadata, captions and indexed moments; None for an unknown video."""
         row = self.videos.get(video_id)
@@ -73,6 +90,7 @@ def build_catalog(ids: pa.Table, shards: Sequence[str] = ()) -> Catalog:
     """The catalog of an index version from its ids table and (optionally) the ingested shards' folders."""
     videos: dict[str, dict[str, Any]] = {}
     moments: dict[str, list[dict[str, Any]]] = {}
+    row_ids: dict[str, list[int]] = {}
     names = [c for c in ids.column_names if c not in CLIP_COLUMNS]
     for row in ids.to_pylist():
         vid = row["video_id"]
@@ -85,12 +103,13 @@ def build_catalog(ids: pa.Table, shards: Sequence[str] = ()) -> Catalog:
             videos[vid]["duration"] = max(videos[vid].get("duration") or 0.0, end)
         moment = {k: row.get(k) for k in ("clip_index", "start_s", "end_s", "captions")}
         moments.setdefault(vid, []).append(moment)
+        row_ids.setdefault(vid, []).append(int(row["id"]))
     for clips in moments.values():
         clips.sort(key=lambda m: (m["start_s"] is None, m["start_s"] or 0.0))
     sources: dict[str, tuple[str, str]] = {}
     for folder in shards:
         _add_shard_metadata(folder, videos, sources)
-    return Catalog(videos, _kinds(videos), moments, sources)
+    return Catalog(videos, _kinds(videos), moments, sources, row_ids)
 
 
 def _add_shard_metadata(folder: str, videos: dict[str, dict[str, Any]], sources: dict) -> None:

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import ray
 import torch
 import uvicorn
 
@@ -19,14 +21,16 @@ from runtime.ray_connect import connect_ray
 from workflows.serve.app import DEFAULT_MAX_K, create_app
 from workflows.serve.live import LiveIndex, SnapshotLoader
 from workflows.serve.previews import PreviewMaker
+from workflows.serve.querylog import QueryLog
 
 log = logging.getLogger(__name__)
 
 
 def build_app(index: str, pretrained: str | None = None, allow_random_init: bool = False,
               shards: Sequence[str] = (), max_k: int = DEFAULT_MAX_K, poll_s: float = 5.0,
-              cache_dir: str | None = None, torch_threads: int = 1):
-    """The ASGI app over the index at ``index`` (its CURRENT version is loaded and checked now)."""
+              cache_dir: str | None = None, torch_threads: int = 1, query_log: str | None = None):
+    """The ASGI app over the index at ``index`` (its CURRENT version is loaded and checked now);
+    ``query_log`` is a folder/URI the texts of answered searches are logged to (:mod:`.querylog`)."""
     # One intra-op thread: a query's text encode is ~2 ms on one thread; on 2 shared cores more threads
     # only contend (measured 100x slower with 2 under load).
     torch.set_num_threads(max(1, int(torch_threads)))
@@ -35,7 +39,8 @@ def build_app(index: str, pretrained: str | None = None, allow_random_init: bool
     previews = None
     if shards:
         previews = PreviewMaker(cache_dir or Path(tempfile.gettempdir()) / "vidsift-previews")
-    return create_app(live, previews, max_k=max_k)
+    log_to = QueryLog(query_log) if query_log else None
+    return create_app(live, previews, max_k=max_k, query_log=log_to)
 
 
 def serve_index(index: str, host: str = "127.0.0.1", port: int = 8000, ray_serve: bool = False,
@@ -64,18 +69,33 @@ def _fast_http() -> dict[str, str]:
 
 
 def _serve_with_ray(index: str, host: str, port: int, options: dict) -> int:
+    """The app as a Ray Serve deployment until SIGINT/SIGTERM; then Serve, and a Ray started here, stop."""
     from ray import serve  # optional: only --ray-serve starts Ray Serve's controller and proxy
 
-    connect_ray()
-    serve.start(http_options={"host": host, "port": port})
-    deployment = serve.deployment(serve.ingress(lambda: build_app(index, **options))(), name="vidsift-search")
-    serve.run(deployment.bind(), name="vidsift", route_prefix="/", blocking=False)
-    print(f"[serve] Ray Serve deployment 'vidsift-search' on http://{host}:{port}/", flush=True)
-    with contextlib.suppress(KeyboardInterrupt):
+    started_here, _ = connect_ray()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill` stops it as cleanly as Ctrl-C
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        deployment = serve.deployment(serve.ingress(lambda: build_app(index, **options))(),
+                                      name="vidsift-search")
+        serve.run(deployment.bind(), name="vidsift", route_prefix="/", blocking=False)
+        print(f"[serve] Ray Serve deployment 'vidsift-search' on http://{host}:{port}/", flush=True)
         while True:
             time.sleep(3600)
-    serve.shutdown()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        with contextlib.suppress(Exception):  # the deployment may not have started; Ray must still stop
+            serve.shutdown()
+        if started_here:
+            ray.shutdown()
+    print("[serve] Ray Serve stopped", flush=True)
     return 0
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 @contextlib.contextmanager

@@ -5,39 +5,25 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import quote
 
-import numpy as np
-
 from index.query import Hit
 from workflows.serve.live import Snapshot
 from workflows.serve.queries import SearchRequest
 
-FILTER_OVERFETCH = 4  # with filters, fetch this many times the page, ×4 again until it fills
-
 
 def run_search(snapshot: Snapshot, request: SearchRequest) -> list[list[dict[str, Any]]]:
-    """One list of hit dicts per query: ``k`` videos after ``offset`` that pass the filters."""
+    """One list of hit dicts per query: ``k`` videos after ``offset`` that pass the filters.
+
+    Filters apply before ranking: FAISS ranks only the rows of the videos that pass them
+    (:meth:`Catalog.allowed_ids` → ``VideoIndex.search(allowed_ids=...)``), so a page is full whenever
+    enough videos pass, and ``offset`` pages through one ranking of exactly those videos."""
     snapshot.catalog.check(request.filters)
     vectors = snapshot.index.encode_text(list(request.queries))
     wanted = request.offset + request.k
-    total = len(snapshot.catalog)
-    if not request.filters:
-        pages = [hits[request.offset:wanted] for hits in _search(snapshot, vectors, wanted)]
-    else:
-        fetch = min(total, wanted * FILTER_OVERFETCH)
-        while True:
-            kept = [[h for h in hits if snapshot.catalog.matches(h.video_id, request.filters)]
-                    for hits in _search(snapshot, vectors, fetch)]
-            if fetch >= total or all(len(h) >= wanted for h in kept):
-                break
-            fetch = min(total, fetch * FILTER_OVERFETCH)
-        pages = [hits[request.offset:wanted] for hits in kept]
-    return [[hit_dict(snapshot, h) for h in page] for page in pages]
-
-
-def _search(snapshot: Snapshot, vectors: np.ndarray, k: int) -> list[list[Hit]]:
-    if k < 1:
-        return [[] for _ in vectors]
-    return snapshot.index.search(vectors, k=k)
+    allowed = snapshot.catalog.allowed_ids(request.filters) if request.filters else None
+    if allowed is not None and not len(allowed):
+        return [[] for _ in request.queries]
+    ranked = snapshot.index.search(vectors, k=wanted, allowed_ids=allowed)
+    return [[hit_dict(snapshot, h) for h in hits[request.offset:wanted]] for hits in ranked]
 
 
 def hit_dict(snapshot: Snapshot, hit: Hit) -> dict[str, Any]:
