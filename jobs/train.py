@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=None, help="steps (0 = end of each epoch)")
     p.add_argument("--eval-every", type=int, default=None, help="epochs between validations (0 = none)")
     p.add_argument("--log-every", type=int, default=None)
+    p.add_argument("--segments", action="store_true", default=None,
+                   help="train/evaluate on timed captions: one sample per segment, clips inside its span")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--resume", action="store_true", help="continue the run in --output")
     p.add_argument("--max-failures", type=int, default=0, help="worker failures to recover from (Ray Train)")
@@ -92,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         "eval_every": args.eval_every,
         "log_every": args.log_every,
         "seed": args.seed,
+        "segments": args.segments,
     }
     try:
         cfg = with_sampling_flags(load_train_config(args.config, overrides), args.train_clips,

@@ -39,7 +39,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.clips import sample_clips
 from pipeline.decode import Size
-from pipeline.sampling import SamplingConfig
+from pipeline.sampling import SamplingConfig, plan_in_span
 from runtime import storage
 from runtime.errors import (
     ErrorPolicy,
@@ -209,6 +209,12 @@ class ShardClipDataset(IterableDataset):
         backend, keyframe_mode, device: passed to :func:`pipeline.clips.sample_clips`.
         on_error: error policy, ``"record"`` (skip and count named input failures) or ``"raise"``.
         on_skip: optional callback ``f(record: dict)`` for every skipped sample (e.g. to write them out).
+        segments: one sample per timed caption (``segments`` of the shard json, docs/moments.md) instead of
+            one per video: clips planned inside the segment's span (:func:`pipeline.sampling.plan_in_span`),
+            ``captions`` = the segment's caption, ``video_id`` = ``"<video_id>#<i>"``; ``meta`` is the video's
+            json plus ``source_video_id``, ``segment`` (``{index, start_s, end_s}``), ``caption_class`` =
+            the segment's class (:func:`segment_class`) and ``video_caption_class`` (the video's). Videos
+            without segments give no sample.
     """
 
     def __init__(
@@ -228,6 +234,7 @@ class ShardClipDataset(IterableDataset):
         device: str = "cpu",
         on_error: ErrorPolicy = "record",
         on_skip: Callable[[dict[str, Any]], None] | None = None,
+        segments: bool = False,
     ):
         super().__init__()
         if split_by not in ("auto", "shard", "sample"):
@@ -248,6 +255,7 @@ class ShardClipDataset(IterableDataset):
         self.device = device
         self.on_error = check_policy(on_error)
         self.on_skip = on_skip
+        self.segments = bool(segments)
         self.epoch = 0
         self.error_counts: collections.Counter[str] = collections.Counter()
         self.errors: list[dict[str, Any]] = []
@@ -345,10 +353,12 @@ class ShardClipDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         index, _ = self.consumer()
-        rank, _ = distributed_rank_world(self.rank, self.world_size)
         rng = np.random.default_rng([self.seed, self.epoch, index])
         for sample, record in self._filtered(self._shuffled(self.raw_samples(), rng)):
             key, url = str(sample["__key__"]), str(sample.get("__url__", ""))
+            if self.segments:
+                yield from self._segment_samples(sample, record, key, url, rng)
+                continue
             try:
                 clip = sample_clips(
                     sample["mp4"], self.sampling, size=self.size, backend=self.backend,
@@ -367,6 +377,56 @@ class ShardClipDataset(IterableDataset):
                 "captions": list(record.get("captions") or []),
                 "meta": record,
             }
+
+
+    def _segment_samples(
+        self, sample: dict, record: dict, key: str, url: str, rng: np.random.Generator
+    ) -> Iterator[dict[str, Any]]:
+        """One sample per timed caption of a video (``segments=True``, see the class docstring)."""
+        segments = record.get("segments") or []
+        meta = _plan_meta(record)
+        if segments and meta is None:
+            self._skip(key, url, BadSample("bad_json", f"{key}: segments need duration and fps in the json"))
+            return
+        video_id = str(record.get("video_id", key))
+        for i, seg in enumerate(segments):
+            start, end = float(seg["start_s"]), float(seg["end_s"])
+            plan = plan_in_span(self.sampling, start, end, meta["fps"], rng=rng,
+                                start_time=float(meta.get("start_time") or 0.0))
+            try:
+                clip = sample_clips(sample["mp4"], plan, size=self.size, backend=self.backend,
+                                    keyframe_mode=self.keyframe_mode, rng=rng, meta=meta, device=self.device)
+            except InputError as exc:  # a bad video is skipped (policy "record"); a bug raises
+                self._skip(key, url, exc)
+                return
+            segment_meta = {
+                **record, "source_video_id": video_id,
+                "segment": {"index": i, "start_s": start, "end_s": end},
+                "caption_class": segment_class(record, i), "video_caption_class": record.get("caption_class"),
+            }
+            yield {
+                "key": f"{record.get('key', key)}#{i}",
+                "video_id": f"{video_id}#{i}",
+                "frames": clip.frames,
+                "mask": clip.mask,
+                "times": clip.times,
+                "time_error": clip.time_error,
+                "captions": [str(seg["caption"])],
+                "meta": segment_meta,
+            }
+
+
+def segment_class(record: Mapping[str, Any], i: int) -> str:
+    """The class of timed caption ``i`` of a video: part ``i`` of the video's ``caption_class`` when it
+    has one part per segment (the ``long`` synthetic profile: ``colour|shape|direction`` per event, in time
+    order), else the caption text itself (lower-cased, spaces collapsed). Two segments of one class are
+    equally correct in evaluation and kept out of one training batch; two segments of one video with
+    different classes are ordinary (hard) negatives."""
+    segments = record.get("segments") or []
+    parts = str(record.get("caption_class") or "").split(">")
+    if record.get("caption_class") and len(parts) == len(segments):
+        return parts[i]
+    return " ".join(str(segments[i]["caption"]).lower().split())
 
 
 def _plan_meta(record: Mapping[str, Any]) -> dict[str, Any] | None:

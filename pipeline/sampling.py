@@ -188,6 +188,25 @@ def plan_from_config(
     return _finish(raw, duration, fps, start_time, np.ones((n, t), dtype=bool))
 
 
+def plan_in_span(
+    config: SamplingConfig,
+    start_s: float,
+    end_s: float,
+    fps: float,
+    rng: np.random.Generator | None = None,
+    start_time: float = 0.0,
+) -> ClipPlan:
+    """A plan of ``config`` inside ``[start_s, end_s)`` of a video (a captioned segment, docs/moments.md):
+    the span is planned as if it were the whole video (train: ClipBERT random sparse clips inside it; eval:
+    centred), then shifted to its place. Every valid time lies in ``[start_s, end_s)``; requests past the
+    span's end are masked False. ``start_time`` is the stream's first timestamp, as in
+    :func:`plan_from_config`."""
+    if not (np.isfinite(start_s) and np.isfinite(end_s) and 0.0 <= start_s < end_s):
+        raise ValueError(f"segment span [{start_s!r}, {end_s!r}): need finite 0 <= start_s < end_s")
+    plan = plan_from_config(config, float(end_s) - float(start_s), fps, rng=rng, start_time=0.0)
+    return ClipPlan(times=plan.times + float(start_s) + start_time, mask=plan.mask)
+
+
 def _plan_clip4clip(config: SamplingConfig, duration: float, fps: float, start_time: float) -> ClipPlan:
     """``1 x max_frames``: evenly spaced over the video at <= max_fps, padded (mask False) when short."""
     available = max(int(np.floor(duration * config.max_fps + 1e-9)), 1)

@@ -16,7 +16,8 @@ Profiles:
   random non-overlapping times, each a ``motion``-style shape (colour x shape x direction) that is visible
   and moving only during its event; between events only the static background. The manifest gets a
   ``segments`` column: one ``{start_s, end_s, caption}`` per event (times on the frame grid, the caption
-  names the event), and ``captions`` describe the events in order.
+  names the event), and ``captions`` describe the events in order. The ``test`` split's timed captions
+  use HELDOUT_SEGMENT_TEMPLATES, sentence shapes that no training caption has (held-out query phrasing).
 """
 
 from __future__ import annotations
@@ -137,6 +138,15 @@ LONG_MIN_GAP_S = 1.0
 LONG_MIN_DURATION = LONG_EVENTS[1] * LONG_EVENT_S[1] + (LONG_EVENTS[1] + 1) * LONG_MIN_GAP_S  # 16 s
 LONG_DEFAULT_DURATION = (20.0, 30.0)
 LONG_PREFIXES = ["", "first ", "in this video "]
+# Timed captions of the ``test`` split (``long`` profile) use these sentence templates instead of
+# SINGLE_TEMPLATES: held-out queries are phrased in a way no training caption is (same vocabulary, words in
+# new orders, so a text tower trained from scratch has seen every token; tests check the sets are disjoint).
+HELDOUT_SEGMENT_TEMPLATES = [
+    "{subject} that we see {verb}",
+    "in this clip we see that {subject} {verb}",
+    "{subject} in this clip {verb}",
+]
+HELDOUT_SPLIT = "test"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -322,13 +332,14 @@ def _long_spec(cfg: RenderConfig, index: int, rng: np.random.Generator, num_fram
     }
 
 
-def make_segments(spec: dict[str, Any], cfg: RenderConfig) -> list[dict[str, Any]]:
-    """The timed captions of a ``long`` video: ``{start_s, end_s, caption}`` per event, in time order."""
+def make_segments(spec: dict[str, Any], cfg: RenderConfig, heldout: bool = False) -> list[dict[str, Any]]:
+    """The timed captions of a ``long`` video: ``{start_s, end_s, caption}`` per event, in time order.
+    ``heldout``: phrased with HELDOUT_SEGMENT_TEMPLATES (the test split's), else SINGLE_TEMPLATES."""
     fps = float(cfg.fps)
     segments = []
     for slot, s in enumerate(spec["shapes"]):
         rng = random.Random(f"vidsift-segment:{cfg.seed}:{spec['index']}:{slot}")
-        template = _choice(rng, SINGLE_TEMPLATES)
+        template = _choice(rng, HELDOUT_SEGMENT_TEMPLATES if heldout else SINGLE_TEMPLATES)
         caption = template.format(subject=_subject(s, rng), verb=_verb_phrase(s, rng, False))
         f0, f1 = s["frames"]
         segments.append({"start_s": round(f0 / fps, 6), "end_s": round(f1 / fps, 6), "caption": caption})
@@ -716,7 +727,7 @@ def make_manifest(
             "background": spec["background"],
         }
         if profile == "long":
-            row["segments"] = make_segments(spec, cfg)
+            row["segments"] = make_segments(spec, cfg, heldout=row["split"] == HELDOUT_SPLIT)
         for slot, suffix in ((0, ""), (1, "2")):
             s = shapes[slot] if slot < len(shapes) else None
             for key in ("colour", "shape", "event", "direction", "speed"):

@@ -56,6 +56,9 @@ class TrainConfig:
     test_split: str = "test"
     equivalence: str | None = "caption_class"  # meta field: videos sharing it count as equally correct
     distinct_batch_key: str | None = "caption_class"  # no two samples of a local batch share this field
+    # Train and evaluate on timed captions (docs/moments.md): one sample per segment, clips drawn inside its
+    # span, its caption; caption_class (distinct_batch_key, equivalence) is then the segment's class.
+    segments: bool = False
     shuffle_buffer: int = 256
     dataloader_workers: int = 0
     # bookkeeping

@@ -1,6 +1,12 @@
 """Batches for the trainer: :class:`pipeline.datasets.ShardClipDataset` streams and decodes clips from the
 tars (train: few random sparse clips, ClipBERT-style; eval: more, deterministic), grouped so no two samples
-of a local batch share a caption class, and stacked with the model transform."""
+of a local batch share a caption class, and stacked with the model transform.
+
+With ``segments: true`` a sample is one timed caption (clips inside its span) and its ``caption_class`` is
+the *segment's* class: two segments of one event class stay apart (they would be false negatives), while
+other segments of the same video -- different events -- may share a batch as hard negatives. (The video's
+own class, ``video_caption_class``, would do both wrong: it is the same for every segment of a video and
+differs between two videos showing the same event.)"""
 
 from __future__ import annotations
 
@@ -88,9 +94,11 @@ def make_dataset(
     shuffle_buffer: int,
     rank: int,
     world: int,
+    segments: bool = False,
 ):
     """A :class:`pipeline.datasets.ShardClipDataset` over ``shard_paths`` keeping ``split`` only; this
-    rank's share (whole shards when there are enough, else every ``world``-th sample)."""
+    rank's share (whole shards when there are enough, else every ``world``-th sample). ``segments``: one
+    sample per timed caption, clips inside its span (docs/moments.md)."""
     return ShardClipDataset(
         shard_paths,
         sampling=SamplingConfig.from_dict(dict(sampling)),
@@ -101,6 +109,7 @@ def make_dataset(
         seed=seed,
         rank=rank,
         world_size=world,
+        segments=segments,
     )
 
 
@@ -120,7 +129,9 @@ def eval_batches(
 ) -> Iterator[dict[str, Any]]:
     """This rank's share of ``split`` in deterministic ``eval_batch_size`` batches (``eval_sampling``)."""
     shards = shards_with(inventory, split)
-    dataset = make_dataset(shards, split, cfg.eval_sampling, cfg.size, cfg.seed, False, 0, rank, world)
+    dataset = make_dataset(
+        shards, split, cfg.eval_sampling, cfg.size, cfg.seed, False, 0, rank, world, segments=cfg.segments
+    )
     samples = iterate_samples(dataset, cfg.dataloader_workers)
     return (collate(b, transform) for b in distinct_batches(samples, cfg.eval_batch_size, None))
 
@@ -140,7 +151,8 @@ def train_batches(
     shards = shards_with(inventory, cfg.train_split)
     seed = cfg.seed + 7919 * attempt
     dataset = make_dataset(
-        shards, cfg.train_split, cfg.train_sampling, cfg.size, seed, True, cfg.shuffle_buffer, rank, world
+        shards, cfg.train_split, cfg.train_sampling, cfg.size, seed, True, cfg.shuffle_buffer, rank, world,
+        segments=cfg.segments,
     )
     cycle = 0
     while True:
