@@ -13,9 +13,11 @@ install:
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq ffmpeg; fi
 	$(PYTHON) -m pip install -q -e ".[dev]" -c deploy/constraints.txt
 
-# The main job: the whole pipeline on local Ray on a synthetic corpus (report in runs/demo/report.html).
+# The main job: the whole pipeline on local Ray on a synthetic corpus (report in runs/demo/report.html),
+# ending with the search page served over its index at http://127.0.0.1:8000/ (Ctrl-C stops it;
+# `make demo DEMO_FLAGS=--no-serve` ends after the report, `DEMO_FLAGS="--port 8080"` picks another port).
 demo: install
-	$(PYTHON) -m jobs.demo --workdir runs/demo
+	$(PYTHON) -m jobs.demo --workdir runs/demo $(DEMO_FLAGS)
 
 # Debian's Chromium for the search page's browser test (tests only: the image and the demo don't need it).
 browser:

@@ -2,11 +2,14 @@
 
 synth → ingest → train the retrieval encoder (the recipe's ``train_config``, Ray Train) → embed (Ray Data)
 → index (FAISS) → train the captioner (the recipe's ``caption_config``: SwinBERT, same trainer) → caption
-the test split → query. ``configs/demo.yaml`` trains ``configs/train/tiny-meanP-3d.yaml`` (CLIP4Clip meanP
-with 3-D tube patches) and ``configs/demo-tiny.yaml`` trains ``configs/train/tiny-meanP.yaml``. Prints
-example queries with their top hits, the retrieval and caption metrics, and writes ``WORKDIR/report.html``
-(``workflows.report``) and ``WORKDIR/metrics.json``. Every stage is idempotent, so a rerun over the same
-workdir only redoes what is missing. Every inference stage (embed, the index's text encoder, caption) is
+the test split → query → measure → report → serve. ``configs/demo.yaml`` trains
+``configs/train/tiny-meanP-3d-p4.yaml`` (CLIP4Clip meanP with 4 px 3-D tube patches) and
+``configs/demo-tiny.yaml`` trains ``configs/train/tiny-meanP.yaml``. Prints example queries with their top
+hits and a table of the retrieval and caption metrics (caption diversity and per-attribute correctness
+included), writes ``WORKDIR/report.html`` (``workflows.report``) and ``WORKDIR/metrics.json``, and ends by
+serving the search page over its index (``workflows.serve``) until Ctrl-C, unless the recipe says
+``serve: false`` (``--no-serve``). Every stage is idempotent, so a rerun over the same workdir only redoes
+what is missing. Every inference stage (embed, the index's text encoder, caption, the search service) is
 given the checkpoint the demo trained, explicitly: nothing runs on a random init.
 
 :func:`run_demo` runs the named steps of :data:`STEPS` in order over one :class:`DemoState`.
@@ -16,7 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,18 +31,21 @@ import pyarrow.parquet as pq
 import yaml
 
 from index import VideoIndex, build_index
-from pipeline.caption_metrics import evaluate_captions
+from pipeline.caption_metrics import evaluate_captions, tokenize
 from pipeline.ingest import run_ingest
-from pipeline.synthetic import generate_corpus
+from pipeline.synthetic import COLOUR_WORDS, DIRECTION_WORDS, SHAPE_WORDS, generate_corpus
 from pipeline.training import load_train_config
 from runtime.ray_connect import connect_ray
 from workflows.caption import run_caption
 from workflows.embed import run_embed
-from workflows.report import shard_lookup, write_report
+from workflows.report import format_rows, metrics_rows, shard_lookup, write_report
+from workflows.serve import build_app, serving_in_thread
 from workflows.train import run_training
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "demo.yaml"
+# The words of the synthetic captions for each attribute (value -> synonyms), to read a generated caption.
+ATTRIBUTE_WORDS = {"colour": COLOUR_WORDS, "shape": SHAPE_WORDS, "direction": DIRECTION_WORDS}
 
 
 def load_demo_config(path: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -70,6 +78,12 @@ class StageTimer:
         lines.append(f"{'total':<10} {sum(s for _, s, _ in self.rows):>8.1f}")
         return "\n".join(lines)
 
+    def seconds(self) -> dict[str, float]:
+        """Seconds per stage (the table's column) and their ``total``."""
+        out = {name: round(sec, 1) for name, sec, _ in self.rows}
+        out["total"] = round(sum(sec for _, sec, _ in self.rows), 1)
+        return out
+
 
 def pick_queries(manifest: pd.DataFrame, count: int) -> list[dict[str, Any]]:
     """Test-split captions of distinct caption classes, each with the set of videos that match it."""
@@ -100,6 +114,8 @@ class DemoState:
     generated: dict[str, str] = dataclasses.field(default_factory=dict)  # video_id -> generated caption
     results: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # query, hits, relevant
     metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    url: str | None = None  # the search page's base URL while the last step serves it
+    stop: threading.Event = dataclasses.field(default_factory=threading.Event)  # ends the serving step
 
     def path(self, name: str) -> Path:
         """Where a stage writes under the workdir (synth, ingest, train, emb, index, caption-train, ...)."""
@@ -192,13 +208,43 @@ def measure(s: DemoState) -> None:
     hyps = [s.generated[v] for v in order]
     cap_metrics = evaluate_captions(hyps, [refs[v] for v in order]) if order else {}
     hit1 = sum(r["hits"][0].video_id in r["relevant"] for r in s.results) / max(len(s.results), 1)
+    by_id = {row["video_id"]: row for row in records}
     s.metrics = {
         "retrieval_test": s.train_summary.get("test"),
         "query_hit@1": hit1,
         "index": {k: s.index_meta.get(k) for k in ("factory", "count", "recall", "search_params")},
         "caption_test": cap_metrics,
+        "caption_grounding": caption_grounding(hyps, [by_id[v] for v in order]) if order else {},
+        "caption_examples": [{"video_id": v, "caption_class": by_id[v]["caption_class"],
+                              "generated": s.generated[v]} for v in order[:6]],
         "caption_summary": {k: v for k, v in s.cap_summary.items() if isinstance(v, (int, float, str))},
+        "corpus": {split: int(count) for split, count in s.manifest["split"].value_counts().items()},
+        "stage_seconds": s.timer.seconds(),
     }
+
+
+def named_values(caption: str, words: dict[str, list[str]], values: set[str]) -> set[str]:
+    """Which of ``values`` (e.g. the corpus' colours) a caption names with any of its synonyms."""
+    text = f" {' '.join(tokenize(caption))} "
+    return {v for v in values if any(f" {' '.join(tokenize(w))} " in text for w in words.get(v, ()))}
+
+
+def caption_grounding(hyps: list[str], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Is a caption about its video, not a template? Distinct captions per video, the share of the most
+    frequent caption, and per attribute (colour, shape, direction) the fraction of videos whose caption
+    names exactly the video's value and no other value of the corpus."""
+    top = Counter(hyps).most_common(1)[0][1] if hyps else 0
+    out: dict[str, Any] = {"videos": len(hyps), "distinct": len(set(hyps)),
+                           "distinct_ratio": len(set(hyps)) / max(len(hyps), 1),
+                           "top_caption_share": top / max(len(hyps), 1)}
+    all_right = [True] * len(hyps)
+    for attribute, words in ATTRIBUTE_WORDS.items():
+        values = {row.get(attribute) for row in rows} - {None}
+        right = [named_values(h, words, values) == {row.get(attribute)} for h, row in zip(hyps, rows)]
+        out[attribute] = sum(right) / max(len(right), 1)
+        all_right = [a and b for a, b in zip(all_right, right)]
+    out["all_three"] = sum(all_right) / max(len(all_right), 1)
+    return out
 
 
 def report(s: DemoState) -> None:
@@ -211,24 +257,55 @@ def report(s: DemoState) -> None:
             generated = s.generated.get(hit.video_id, "—")
             print(f"  {rank}. {mark} {hit.video_id}  score {hit.score:.3f}  "
                   f"clip {hit.start_s:.2f}–{hit.end_s:.2f}s  | generated: {generated}")
+    print("\n=== generated captions (test split) ===")
+    for example in s.metrics.get("caption_examples", []):
+        print(f"  {example['video_id']}  {example['caption_class']:<22} → {example['generated']}")
     print("\n=== metrics ===")
-    print(json.dumps(s.metrics, indent=2, default=str))
+    print(format_rows(metrics_rows(s.metrics)))
     print("\n=== stages ===")
     print(s.timer.table())
     path = s.path("report.html")
     write_report(path, s.results, s.metrics, s.timer.table(), shard_lookup(s.path("ingest")), s.generated)
     print(f"\nreport: {path}")
     s.path("metrics.json").write_text(json.dumps(s.metrics, indent=2, default=str))
+    print(f"metrics: {s.path('metrics.json')}", flush=True)
+
+
+def serve(s: DemoState) -> None:
+    """The last step: serve the search page over the demo's index (its trained text encoder, previews from
+    its shards) and print its URL; blocks until Ctrl-C or ``s.stop``. ``serve: false`` skips it."""
+    if not s.cfg.get("serve", True):
+        print(f"\nnot serving (--no-serve); to search this index: python -m jobs.serve --index "
+              f"{s.path('index')} --shards {s.path('ingest')}", flush=True)
+        return
+    app = build_app(str(s.path("index")), pretrained=str(s.path("train") / "model.pt"),
+                    shards=[str(s.path("ingest"))], cache_dir=str(s.path("previews")))
+    port = int(s.cfg.get("port", 8000))
+    try:
+        with serving_in_thread(app, host=s.cfg.get("host", "127.0.0.1"), port=port) as url:
+            s.url = url
+            example = "+".join(str(s.results[0]["query"]).split()) if s.results else "a+red+circle"
+            print(f"\n=== search page: {url}/ ===\nthe index of this run, searched with its trained text "
+                  f"encoder; the API: {url}/search?q={example}&k=5\n(Ctrl-C stops it)", flush=True)
+            while not s.stop.wait(0.5):
+                pass
+    except KeyboardInterrupt:
+        print("\nstopped serving", flush=True)
+    except RuntimeError as exc:
+        if s.url is not None:
+            raise
+        raise RuntimeError(f"could not serve on port {port} ({exc}); rerun the same command with --port N "
+                           "(the finished stages are not redone) or --no-serve") from exc
 
 
 STEPS: tuple[Callable[[DemoState], None], ...] = (
-    synthesize, ingest, train_retrieval, embed_and_index, caption, query, measure, report,
+    synthesize, ingest, train_retrieval, embed_and_index, caption, query, measure, report, serve,
 )
 
 
 def run_demo(workdir: str | Path, cfg: dict[str, Any]) -> dict[str, Any]:
     """Run every stage in order on Ray (the job's cluster, else a private local one); returns the metrics
-    written to the report."""
+    written to the report (after serving, when the recipe serves)."""
     state = DemoState(work=Path(workdir).resolve(), cfg=cfg)
     state.work.mkdir(parents=True, exist_ok=True)
     connect_ray()

@@ -1,11 +1,11 @@
-"""The demo's HTML report: every query with its hits, a thumbnail of each hit's best clip, timestamps and
-the generated captions, in one self-contained page."""
+"""The demo's HTML report: the metrics table, every query with its hits, a thumbnail of each hit's best
+clip, timestamps and the generated captions, in one self-contained page; :func:`metrics_rows` is the same
+metrics table for the console."""
 
 from __future__ import annotations
 
 import base64
 import html
-import json
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,46 @@ def shard_lookup(ingest_dir: Path) -> ShardLookup:
         for row in pq.read_table(index, columns=["video_id", "key"]).to_pylist():
             out[row["video_id"]] = (str(index.with_suffix(".tar")), row["key"])
     return out
+
+
+def _fmt(metrics: dict[str, Any], *keys: str, fmt: str = "{:.3f}") -> str:
+    """``KEY value`` pairs of ``metrics`` that are present, in ``fmt`` (``R@1`` from ``t2v_R@1``...)."""
+    return "  ".join(f"{k.split('_', 1)[-1]} {fmt.format(metrics[k])}" for k in keys
+                     if isinstance(metrics.get(k), (int, float)))
+
+
+def metrics_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
+    """The demo's metrics (``metrics.json``) as (what, figures) rows: retrieval on the test split, the example
+    queries, the index, caption quality and whether the captions are about their video."""
+    rows = []
+    test = metrics.get("retrieval_test") or {}
+    if test:
+        rows.append(("text → video, test split", _fmt(test, "t2v_R@1", "t2v_R@5", "t2v_R@10") + "  "
+                     + _fmt(test, "t2v_MdR", fmt="{:.1f}") + f"  ({int(test.get('num_texts', 0))} captions, "
+                     f"{int(test.get('num_videos', 0))} videos; a video of the caption's class counts)"))
+        rows.append(("video → text, test split", _fmt(test, "v2t_R@1", "v2t_R@5", "v2t_R@10")))
+    rows.append(("example queries", f"right class at rank 1: {metrics.get('query_hit@1', 0.0):.2f}"))
+    index = metrics.get("index") or {}
+    rows.append(("index", f"{index.get('factory')} over {index.get('count')} vectors"))
+    cap = metrics.get("caption_test") or {}
+    if cap:
+        rows.append(("captions, test split", _fmt(cap, "BLEU-4", "CIDEr-D", "ROUGE-L", "METEOR-exact")
+                     .replace("METEOR-exact", "METEOR (exact)")))
+    ground = metrics.get("caption_grounding") or {}
+    if ground:
+        g = ground
+        rows.append(("caption diversity", f"{g['distinct']} distinct captions for {g['videos']} videos "
+                     f"({g['distinct_ratio']:.2f}); the most frequent one is "
+                     f"{g['top_caption_share']:.0%} of them"))
+        rows.append(("caption names the video's", f"colour {g['colour']:.2f}  shape {g['shape']:.2f}  "
+                     f"direction {g['direction']:.2f}  all three {g['all_three']:.2f}"))
+    return rows
+
+
+def format_rows(rows: list[tuple[str, str]]) -> str:
+    """Two aligned text columns."""
+    width = max((len(name) for name, _ in rows), default=0)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
 def thumbnail_png(lookup: ShardLookup, video_id: str, at_s: float, size: int = 96) -> str:
@@ -63,8 +103,10 @@ def write_report(path: Path, results: list[dict], metrics: dict[str, Any], timin
     parts = ["<!doctype html><meta charset='utf-8'><title>vidsift demo</title>",
              "<style>body{font-family:sans-serif;margin:2em}td{vertical-align:top;padding:4px 8px}"
              ".ok{color:#080}.no{color:#a00}img{image-rendering:pixelated;width:96px}</style>",
-             "<h1>vidsift demo</h1>", "<h2>Metrics</h2><pre>", html.escape(json.dumps(metrics, indent=2)),
-             "</pre><h2>Stages</h2><pre>", html.escape(timings), "</pre><h2>Queries</h2>"]
+             "<h1>vidsift demo</h1>", "<h2>Metrics</h2><table>"]
+    parts += [f"<tr><th align='left'>{html.escape(name)}</th><td>{html.escape(value)}</td></tr>"
+              for name, value in metrics_rows(metrics)]
+    parts += ["</table><h2>Stages</h2><pre>", html.escape(timings), "</pre><h2>Queries</h2>"]
     for res in results:
         parts += hits_table(res, lookup, generated)
     tmp = path.with_name(path.name + ".tmp")
