@@ -287,7 +287,7 @@ def serve(s: DemoState) -> None:
             example = "+".join(str(s.results[0]["query"]).split()) if s.results else "a+red+circle"
             print(f"\n=== search page: {url}/ ===\nthe index of this run, searched with its trained text "
                   f"encoder; the API: {url}/search?q={example}&k=5\n(Ctrl-C stops it)", flush=True)
-            while not s.stop.wait(0.5):
+            while not s.stop.wait(0.5):  # timed waits: Ctrl-C reaches this (main) thread between them
                 pass
     except KeyboardInterrupt:
         print("\nstopped serving", flush=True)

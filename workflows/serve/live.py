@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -22,6 +21,7 @@ import numpy as np
 import models
 from index import store
 from index.query import VideoIndex
+from runtime.periodic import PeriodicThread
 from workflows.serve.catalog import Catalog, build_catalog
 
 log = logging.getLogger(__name__)
@@ -97,8 +97,7 @@ class LiveIndex:
         self.swaps = 0
         self.last_error: str | None = None
         self._failed: dict[str, float] = {}  # version → when it failed its checks
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._poller = PeriodicThread(self._poll_once, self.poll_s, "vidsift-index-poll")
 
     def check_now(self) -> bool:
         """Load the version CURRENT names if it is new; True when a swap happened."""
@@ -120,24 +119,19 @@ class LiveIndex:
         return True
 
     def start(self) -> LiveIndex:
-        if self.poll_s > 0 and self._thread is None:
-            self._thread = threading.Thread(target=self._poll, name="vidsift-index-poll", daemon=True)
-            self._thread.start()
+        if self.poll_s > 0:
+            self._poller.start()
         return self
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
+        self._poller.stop()
 
-    def _poll(self) -> None:
-        while not self._stop.wait(self.poll_s):
-            try:
-                self.check_now()
-            except Exception as exc:  # noqa: BLE001 — a store hiccup must not end the poller
-                self.last_error = f"reading CURRENT failed: {type(exc).__name__}: {exc}"
-                log.error("%s", self.last_error)
+    def _poll_once(self) -> None:
+        try:
+            self.check_now()
+        except Exception as exc:  # noqa: BLE001 — a store hiccup must not end the poller
+            self.last_error = f"reading CURRENT failed: {type(exc).__name__}: {exc}"
+            log.error("%s", self.last_error)
 
     def status(self) -> dict[str, Any]:
         return {**self.current.info(), "swaps": self.swaps, "poll_s": self.poll_s,

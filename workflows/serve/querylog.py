@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from runtime import storage
+from runtime.periodic import PeriodicThread
 
 log = logging.getLogger(__name__)
 DEFAULT_FLUSH_S = 30.0
@@ -46,8 +47,7 @@ class QueryLog:
         self._pending: list[str] = []
         self._lock = threading.Lock()  # record() runs on request threads, flush() on the writer thread
         self._flush_lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._writer = PeriodicThread(self.flush, self.flush_s, "vidsift-query-log")
         self.files = self.logged = self.dropped = self.written_bytes = 0
         self.last_error: str | None = None
 
@@ -90,23 +90,13 @@ class QueryLog:
             return kept
 
     def start(self) -> QueryLog:
-        if self._thread is None:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._run, name="vidsift-query-log", daemon=True)
-            self._thread.start()
+        self._writer.start()
         return self
 
     def stop(self) -> None:
         """Stop the writer thread and write what is still queued."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
+        self._writer.stop()
         self.flush()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.flush_s):
-            self.flush()
 
     def status(self) -> dict[str, Any]:
         with self._lock:

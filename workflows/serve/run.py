@@ -82,7 +82,7 @@ def _serve_with_ray(index: str, host: str, port: int, options: dict) -> int:
         print(f"[serve] Ray Serve deployment 'vidsift-search' on http://{host}:{port}/", flush=True)
         while True:
             time.sleep(3600)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM via _raise_interrupt: the normal way to stop serving
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
