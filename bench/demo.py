@@ -140,13 +140,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline-workdir", type=Path, default=None, help="an earlier demo run's workdir")
     p.add_argument("--baseline-log", type=Path, default=None, help="its console log (stage lines, time -v)")
     p.add_argument("--baseline-label", default="earlier recipe")
+    p.add_argument("--baseline-wall-s", type=float, default=None,
+                   help="its process wall s when the log has no time -v line (an earlier bench JSON's)")
     add_record_args(p, "demo")
     args = p.parse_args(argv)
     record = BenchRecord.start("demo", sys.argv[1:] if argv is None else argv)
     rows = []
     if args.baseline_workdir is not None:
         log = args.baseline_log.read_text() if args.baseline_log else ""
-        rows.append(score_run(args.baseline_label, args.baseline_workdir, log, elapsed_seconds(log)))
+        wall_s = elapsed_seconds(log) if args.baseline_wall_s is None else args.baseline_wall_s
+        rows.append(score_run(args.baseline_label, args.baseline_workdir, log, wall_s))
     wall, text = run_demo(args.config, args.workdir)
     rows.append(score_run(args.label, args.workdir, text, wall))
     for row in rows:

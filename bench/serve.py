@@ -1,6 +1,7 @@
 """Search-service benchmark: the real ``python -m jobs.serve`` process on 127.0.0.1, driven by 1, 8 and 32
 concurrent keep-alive clients (threads + http.client) sending k=10 text queries, then k=1,000 and k=10,000
-requests one at a time, then 8 clients while a new index version is published (failed requests must be 0).
+requests one at a time, then k=10 with ``where=`` filters (every video passing; one video, new each request),
+then 8 clients while a new index version is published (failed requests must be 0).
 
 The index: ``--videos`` synthetic Gaussian-mixture vectors (one clip each, captions) for a seeded random
 CLIP4Clip-meanP-tiny whose checkpoint is saved and passed to the service with ``--pretrained`` (the vectors
@@ -83,9 +84,10 @@ def get(conn: http.client.HTTPConnection, path: str) -> dict:
 
 
 def run_clients(port: int, clients: int, per_client: int, k: int, versions: list | None = None,
-                until: threading.Event | None = None) -> dict:
+                until: threading.Event | None = None, where=None) -> dict:
     """``clients`` threads, each ``per_client`` requests (or, with ``until``, as many as fit until it is
-    set) on one keep-alive connection: latencies and q/s."""
+    set) on one keep-alive connection: latencies and q/s. ``where(c, i)`` gives request i of client c a
+    ``where=`` filter."""
     latencies: list[float] = []
     failures: list[str] = []
     lock = threading.Lock()
@@ -97,9 +99,10 @@ def run_clients(port: int, clients: int, per_client: int, k: int, versions: list
             if until is not None and until.is_set():
                 break
             q = quote(QUERIES[(c * 7 + i) % len(QUERIES)])
+            path = f"/search?q={q}&k={k}" + (f"&where={quote(where(c, i))}" if where else "")
             t0 = time.perf_counter()
             try:
-                seen.append(get(conn, f"/search?q={q}&k={k}")["version"])
+                seen.append(get(conn, path)["version"])
                 mine.append(time.perf_counter() - t0)
             except (OSError, RuntimeError, http.client.HTTPException) as exc:
                 bad.append(repr(exc))
@@ -119,7 +122,8 @@ def run_clients(port: int, clients: int, per_client: int, k: int, versions: list
         t.join()
     wall = time.perf_counter() - t0
     ms = np.asarray(latencies) * 1000
-    return {"clients": clients, "k": k, "requests": len(latencies) + len(failures), "failed": len(failures),
+    return {"clients": clients, "k": k, "filter": "", "requests": len(latencies) + len(failures),
+            "failed": len(failures),
             "qps": len(latencies) / wall, "p50_ms": float(np.percentile(ms, 50)) if len(ms) else None,
             "p99_ms": float(np.percentile(ms, 99)) if len(ms) else None,
             "max_ms": float(ms.max()) if len(ms) else None, "errors": failures[:5]}
@@ -153,6 +157,19 @@ def swap_under_load(port: int, work: Path, model_id: str) -> dict:
     return result
 
 
+def filtered_rows(port: int, args) -> list[dict]:
+    """k=10 with a ``where=`` filter ranked inside FAISS: one every video passes (its id list is built once,
+    then cached), and one naming a different single video on every request (built on every request)."""
+    every = {"filter": "where=shard:000000 (every video)", "where": lambda c, i: "shard:000000"}
+    single = {"filter": "where=key:<one video>, new each request",
+              "where": lambda c, i: f"key:bench-{(c * 1000 + i * 37) % args.videos:06d}"}
+    out = []
+    for clients, spec in ((1, every), (8, every), (1, single)):
+        row = run_clients(port, clients, max(10, args.requests // clients), 10, where=spec["where"])
+        out.append({**row, "filter": spec["filter"]})
+    return out
+
+
 def measure(args, work: Path) -> dict:
     index, ckpt, model_id = build(work, args.videos)
     with socket.socket() as s:
@@ -163,6 +180,7 @@ def measure(args, work: Path) -> dict:
         run_clients(port, 2, 25, 10)  # warm-up: encoder, FAISS, connections
         rows = [run_clients(port, c, max(10, args.requests // c), 10) for c in (1, 8, 32)]
         rows += [run_clients(port, 1, args.big_k_requests, k) for k in (1_000, 10_000)]
+        rows += filtered_rows(port, args)
         swap = swap_under_load(port, work, model_id)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # the service this bench started, by its process group
@@ -171,14 +189,16 @@ def measure(args, work: Path) -> dict:
 
 
 def record_results(record: BenchRecord, results: dict, args) -> None:
-    rows = [{**r, "scenario": f"{r['clients']} client(s), k={r['k']:,}"} for r in results["rows"]]
+    rows = [{**r, "scenario": ", ".join([f"{r['clients']} client(s)", f"k={r['k']:,}"] + [r["filter"]] * bool(
+        r.get("filter")))} for r in results["rows"]]
     record.table("latency", columns=[col("scenario", "clients, k"), col("requests", "requests"),
                                      col("qps", "q/s", "{:.0f}"), col("p50_ms", "p50 ms", "{:.1f}"),
                                      col("p99_ms", "p99 ms", "{:.1f}"), col("max_ms", "max ms", "{:.1f}"),
                                      col("failed", "failed")],
                  rows=rows, sample_size=f"{args.videos:,} videos x 1 clip, 64-d Flat index; k=10 rows: "
                  f"{args.requests} requests split over the clients (min 10 each), 48 distinct query texts; "
-                 f"k=1,000 / 10,000 rows: {args.big_k_requests} sequential requests each",
+                 f"k=1,000 / 10,000 rows: {args.big_k_requests} sequential requests each; filtered rows: "
+                 "as the k=10 rows, ranked inside FAISS over the passing ids (none when every video passes)",
                  baseline="none (absolute latency against the issue's floors)",
                  filtering="none; 50 warm-up requests not counted")
     s = results["swap"]

@@ -32,8 +32,9 @@ from open_clip.transformer import Transformer, _expand_token, text_global_pool
 
 from models import losses
 from models.base import RetrievalModel
-from models.checkpoint import load_checkpoint, load_state_strict
+from models.checkpoint import load_checkpoint, load_state_strict, read_pretrained_checkpoint
 from models.pretrained import (
+    PretrainedWeightsMismatch,
     is_torchscript_archive,
     load_clip_state_dict,
     read_state_dict_file,
@@ -53,6 +54,29 @@ CONFIG_KEYS = (
 )
 
 # --------------------------------------------------------------------------------------------- helpers
+
+
+def visual_from_patches(visual: nn.Module, patches: torch.Tensor) -> torch.Tensor:
+    """open_clip VisionTransformer.forward after conv1: ``[N, W, g, g]`` → projected CLS ``[N, D]``."""
+    x = patches.reshape(patches.shape[0], patches.shape[1], -1).permute(0, 2, 1)
+    x = torch.cat([_expand_token(visual.class_embedding, x.shape[0]).to(x.dtype), x], dim=1)
+    x = x + visual.positional_embedding.to(x.dtype)
+    x = visual.patch_dropout(x)
+    x = visual.ln_pre(x)
+    x = visual.transformer(x)
+    pooled, _ = visual._pool(x)
+    return pooled @ visual.proj if visual.proj is not None else pooled
+
+
+def frame_features(visual: nn.Module, conv2: nn.Module | None, frames: torch.Tensor) -> torch.Tensor:
+    """The video tower: frames ``[B, T, 3, S, S]`` → per-frame projected CLS ``[B, T, D]``, through CLIP's 2D
+    patch embedding, or through the 3D linear patch ``conv2`` (each frame's tokens see its neighbours)."""
+    b, t = frames.shape[:2]
+    if conv2 is None:
+        return visual(frames.flatten(0, 1)).view(b, t, -1)
+    x = conv2(frames.permute(0, 2, 1, 3, 4))  # [B, W, T, g, g]
+    x = x.permute(0, 2, 1, 3, 4).flatten(0, 1)  # [B*T, W, g, g]
+    return visual_from_patches(visual, x).view(b, t, -1)
 
 
 def masked_mean_normalized(frame_feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -209,27 +233,10 @@ class CLIP4Clip(RetrievalModel):
 
     # ------------------------------------------------------------------ towers
 
-    def _visual_from_patches(self, patches: torch.Tensor) -> torch.Tensor:
-        """open_clip VisionTransformer.forward after conv1: ``[N, W, g, g]`` → projected CLS ``[N, D]``."""
-        visual = self.clip.visual
-        x = patches.reshape(patches.shape[0], patches.shape[1], -1).permute(0, 2, 1)
-        x = torch.cat([_expand_token(visual.class_embedding, x.shape[0]).to(x.dtype), x], dim=1)
-        x = x + visual.positional_embedding.to(x.dtype)
-        x = visual.patch_dropout(x)
-        x = visual.ln_pre(x)
-        x = visual.transformer(x)
-        pooled, _ = visual._pool(x)
-        return pooled @ visual.proj if visual.proj is not None else pooled
-
     def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
         """Per-frame projected CLS features (not normalised): ``[B, T, 3, S, S]`` → ``[B, T, D]``."""
         self._check_frames(frames, 5, "frames")
-        b, t = frames.shape[:2]
-        if self.linear_patch == "2d":
-            return self.clip.visual(frames.flatten(0, 1)).view(b, t, -1)
-        x = self.conv2(frames.permute(0, 2, 1, 3, 4))  # [B, W, T, g, g]
-        x = x.permute(0, 2, 1, 3, 4).flatten(0, 1)  # [B*T, W, g, g]
-        return self._visual_from_patches(x).view(b, t, -1)
+        return frame_features(self.clip.visual, getattr(self, "conv2", None), frames)
 
     def encode_text_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """CLIP text tower: ``(EOT feature [B, D], projected token features [B, L, D])``, unnormalised."""
@@ -324,6 +331,51 @@ class CLIP4Clip(RetrievalModel):
                 frame_mask = None if mask is None else torch.as_tensor(mask)[:, 0]
             loss = loss + losses.cross_entropy_sym(self.cross_scores(captions, frames, frame_mask))
         return loss
+
+
+class CLIP4ClipVideoTower(nn.Module):
+    """CLIP4Clip's video tower alone, as a captioner's backbone (CLIP4Caption, Tang et al. 2021: caption from
+    the frame features of a retrieval-trained video encoder). ``forward_features`` maps frames
+    ``[B, 3, T, S, S]`` (Video Swin's layout) to the per-frame projected CLS features as a ``[B, T, 1, 1, D]``
+    token grid: the features meanP averages into the retrieval embedding. Its state dict keys are the
+    retrieval model's (``clip.visual.*``, ``conv2.*``), so a trained checkpoint loads by key
+    (:func:`load_video_tower`)."""
+
+    def __init__(self, config: dict[str, Any]):
+        super().__init__()
+        full = CLIP4Clip(config)  # built whole, then trimmed to the video tower: the same init and key names
+        self.clip = nn.ModuleDict({"visual": full.clip.visual})
+        self.conv2 = getattr(full, "conv2", None)
+        self.num_features = full.embed_dim
+        self.image_size = full.image_size
+        self.source_config = copy.deepcopy(config)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        frames = x.permute(0, 2, 1, 3, 4)  # [B, 3, T, S, S] -> [B, T, 3, S, S]
+        feats = frame_features(self.clip["visual"], self.conv2, frames)
+        return feats[:, :, None, None, :]
+
+
+def load_video_tower(tower: CLIP4ClipVideoTower, path: str | os.PathLike) -> None:
+    """Load the video tower of a trained CLIP4Clip checkpoint (``jobs.train``, any store) into ``tower``:
+    every tower key must be in the checkpoint with the same shape (its text tower is not read)."""
+    payload = read_pretrained_checkpoint(path)
+    state = payload["state_dict"]
+    want = tower.state_dict()
+    missing = sorted(k for k in want if k not in state)
+    wrong = sorted(k for k in want if k in state and state[k].shape != want[k].shape)
+    if missing or wrong:
+        raise PretrainedWeightsMismatch(
+            f"checkpoint {str(path)!r} (model {payload.get('model_name')!r}) holds no CLIP4Clip video tower "
+            f"of this config: missing {missing[:3]}, other shapes {wrong[:3]}"
+        )
+    flag, quick = state.get("quick_gelu_flag"), bool(tower.source_config.get("quick_gelu", False))
+    if flag is not None and bool(int(flag)) != quick:
+        raise PretrainedWeightsMismatch(
+            f"checkpoint {str(path)!r} was trained with quick_gelu={bool(int(flag))}; this tower's config "
+            f"says {quick}"
+        )
+    tower.load_state_dict({k: state[k] for k in want}, strict=True)
 
 
 # --------------------------------------------------------------------------------------------- weights

@@ -1,7 +1,9 @@
 """SwinBERT (Lin et al., CVPR 2022): end-to-end video captioning on a Video Swin backbone.
 
 Video Swin token grid ``[B, T/2, H/32, W/32, 8C]`` → flatten → linear projection to the hidden size →
-a multimodal transformer over ``[caption tokens; video tokens]`` with SwinBERT's attention pattern:
+a multimodal transformer over ``[caption tokens; video tokens]`` with SwinBERT's attention pattern
+(the backbone may instead be the video tower of a trained CLIP4Clip, CLIP4Caption style: one token per
+frame, its projected CLS feature; ``{"clip4clip": NAME}`` in the config, see :func:`build_backbone`):
 
 * caption → caption: causal (token ``i`` sees tokens ``<= i``);
 * caption → video: full (every valid video token);
@@ -46,9 +48,10 @@ import torch.nn.functional as F
 from open_clip.tokenizer import SimpleTokenizer
 
 from models.checkpoint import read_pretrained_checkpoint
+from models.clip4clip import CLIP4ClipVideoTower, load_video_tower
 from models.pretrained import PretrainedWeightsMismatch
 from models.registry import get_model_entry, is_registered, merge_config
-from models.transforms import IMAGENET_MEAN, IMAGENET_STD, VideoTransform
+from models.transforms import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, VideoTransform
 from models.video_swin import VideoSwinTransformer, load_pretrained
 
 NEG_INF = float("-inf")
@@ -485,8 +488,11 @@ class SwinBERT(nn.Module):
         return inputs, targets
 
     def param_groups(self, lr: float, backbone_lr_scale: float = 0.05) -> list[dict[str, Any]]:
-        """Optimizer groups: the Video Swin backbone at ``backbone_lr_scale x lr`` (SwinBERT trains it at
-        0.05x), everything else (projection, multimodal transformer, sparse mask) at ``lr``."""
+        """Optimizer groups: the backbone at ``backbone_lr_scale x lr`` (SwinBERT trains it at 0.05x),
+        everything else (projection, multimodal transformer, sparse mask) at ``lr``. A scale of 0 holds the
+        backbone: its parameters stop requiring gradients, so no backward pass runs through it."""
+        if backbone_lr_scale == 0:
+            self.backbone.requires_grad_(False)
         backbone = [p for p in self.backbone.parameters() if p.requires_grad]
         ids = {id(p) for p in backbone}
         rest = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
@@ -731,9 +737,15 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: SwinBERT) -
 
 
 def load_backbone(model: SwinBERT, path: str, source: str = "vidsift") -> None:
-    """Initialise the backbone from Video Swin weights: a vidsift checkpoint (a ``video-swin-*`` model, or any
+    """Initialise the backbone. A Video Swin from a vidsift checkpoint (a ``video-swin-*`` model, or any
     model holding the backbone under a key prefix) or a raw file in ``source`` layout (``torchvision``,
-    ``mmaction``, ``swin2d``; see ``models.video_swin.convert_checkpoint``)."""
+    ``mmaction``, ``swin2d``; see ``models.video_swin.convert_checkpoint``); a CLIP4Clip video tower from a
+    trained CLIP4Clip checkpoint."""
+    if isinstance(model.backbone, CLIP4ClipVideoTower):
+        if source != "vidsift":
+            raise ValueError(f"a CLIP4Clip video tower loads vidsift checkpoints only, not {source!r} files")
+        load_video_tower(model.backbone, path)
+        return
     if source != "vidsift":
         load_pretrained(model.backbone, path, source, strict=True)
         return
@@ -786,13 +798,26 @@ def checkpoint_extra(model: SwinBERT, **more: Any) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------- builder
-def swinbert_from_config(cfg: dict[str, Any]) -> SwinBERT:
-    """A randomly initialised :class:`SwinBERT` (with its Video Swin backbone) from a ``swinbert`` config."""
-    tokenizer = CaptionTokenizer(cfg["context_length"])
-    backbone = VideoSwinTransformer(**cfg["backbone"])
+def build_backbone(cfg: dict[str, Any]) -> tuple[nn.Module, int, int]:
+    """The backbone of a ``swinbert`` config's ``backbone`` entry and its token grid geometry
+    ``(temporal_patch, spatial_stride)``: a Video Swin (keyword arguments of :class:`VideoSwinTransformer`),
+    or ``{"clip4clip": NAME}``, the video tower of the registered CLIP4Clip ``NAME`` (one token per frame)."""
+    spec = dict(cfg["backbone"])
+    if "clip4clip" in spec:
+        tower = CLIP4ClipVideoTower(get_model_entry(spec["clip4clip"]).config)
+        if int(cfg["image_size"]) != tower.image_size:
+            raise ValueError(f"SwinBERT image_size {cfg['image_size']} must equal the video tower's "
+                             f"{tower.image_size} (CLIP4Clip {spec['clip4clip']!r})")
+        return tower, 1, tower.image_size
     # token grid geometry follows the backbone: patch size x one 2x patch merging per stage after the first
-    patch = tuple(cfg["backbone"].get("patch_size", (2, 4, 4)))
-    spatial_stride = int(patch[1]) * 2 ** (len(cfg["backbone"]["depths"]) - 1)
+    patch = tuple(spec.get("patch_size", (2, 4, 4)))
+    return VideoSwinTransformer(**spec), int(patch[0]), int(patch[1]) * 2 ** (len(spec["depths"]) - 1)
+
+
+def swinbert_from_config(cfg: dict[str, Any]) -> SwinBERT:
+    """A randomly initialised :class:`SwinBERT` (with its backbone) from a ``swinbert`` config."""
+    tokenizer = CaptionTokenizer(cfg["context_length"])
+    backbone, temporal_patch, spatial_stride = build_backbone(cfg)
     return SwinBERT(
         backbone,
         tokenizer,
@@ -803,7 +828,7 @@ def swinbert_from_config(cfg: dict[str, Any]) -> SwinBERT:
         dropout=cfg["dropout"],
         num_frames=cfg["num_frames"],
         image_size=cfg["image_size"],
-        temporal_patch=int(patch[0]),
+        temporal_patch=temporal_patch,
         spatial_stride=spatial_stride,
         use_sparse_mask=cfg["use_sparse_mask"],
         sparsity_weight=cfg["sparsity_weight"],
@@ -842,7 +867,10 @@ def build_swinbert(
     if payload is not None:
         load_swinbert_state(model, payload, pretrained)
     model.eval()
-    transform = VideoTransform(cfg["image_size"], IMAGENET_MEAN, IMAGENET_STD, interpolation="bilinear")
+    if isinstance(model.backbone, CLIP4ClipVideoTower):  # frames normalised as the tower was trained
+        transform = VideoTransform(cfg["image_size"], CLIP_MEAN, CLIP_STD, interpolation="bicubic")
+    else:
+        transform = VideoTransform(cfg["image_size"], IMAGENET_MEAN, IMAGENET_STD, interpolation="bilinear")
     return model, transform, model.tokenizer
 
 
@@ -851,6 +879,7 @@ __all__ = [
     "SparseVideoMask",
     "SwinBERT",
     "VideoContext",
+    "build_backbone",
     "build_swinbert",
     "checkpoint_extra",
     "checkpoint_filter_fn",

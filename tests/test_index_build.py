@@ -271,7 +271,7 @@ def test_opq_ivf_pq_build_add_delete(tmp_path):
     assert len(hits) == 5 and "vid-000001" not in [h.video_id for h in hits]
 
 
-@pytest.mark.parametrize("factory", ["IVF64,Flat", "HNSW32,Flat"])
+@pytest.mark.parametrize("factory", ["IVF64,Flat", "HNSW32,Flat", "IVF64_HNSW16,Flat", "OPQ8_32,IVF64,Flat"])
 def test_filtered_search_ranks_only_allowed_rows(tmp_path, factory):
     """allowed_ids filters inside FAISS: with nprobe=1 / efSearch=16 the probed part of the index holds none
     of the allowed rows, and the search still returns the exact top k of the allowed videos, in order."""
@@ -280,7 +280,7 @@ def test_filtered_search_ranks_only_allowed_rows(tmp_path, factory):
     build_index(emb, tmp_path / "idx", factory=factory, recall_target=0.5, num_probes=50, progress=False)
     vi = VideoIndex.open(tmp_path / "idx")
     for ix in vi.indexes:
-        if factory.startswith("IVF"):
+        if "IVF" in factory:  # also behind an OPQ rotation, and with an HNSW coarse quantizer
             faiss.extract_index_ivf(ix).nprobe = 1
         else:
             faiss.downcast_index(ix.index).hnsw.efSearch = 16

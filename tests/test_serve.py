@@ -322,3 +322,18 @@ def test_ray_serve_answers_healthz_and_search(tmp_path):
                 proc.wait(timeout=30)
     assert proc.returncode == 0, log_path.read_text()[-3000:]
     assert "Ray Serve stopped" in log_path.read_text()
+
+
+def test_catalog_id_filter_is_skipped_when_every_video_passes():
+    """A filter every video passes ranks like no filter, without an id selector over every row."""
+    import pyarrow as pa
+
+    from workflows.serve.catalog import build_catalog
+    from workflows.serve.queries import Filters
+
+    ids = pa.Table.from_pylist([{"id": i, "video_id": f"v{i // 2}", "shard": "000000", "clip_index": i % 2,
+                                 "start_s": float(i % 2), "end_s": float(i % 2 + 1)} for i in range(6)])
+    catalog = build_catalog(ids)
+    assert catalog.allowed_ids(Filters(where=(("shard", "000000"),))) is None
+    assert catalog.allowed_ids(Filters(where=(("video_id", "v1"),))).tolist() == [2, 3]
+    assert catalog.allowed_ids(Filters(min_duration=5.0)).tolist() == []

@@ -317,3 +317,58 @@ def test_full_size_config_is_registered():
     assert {"swinbert-tiny", "swinbert-vidswin-b"} <= set(list_models(family="swinbert"))
     cfg = get_model_config("swinbert-vidswin-b")
     assert cfg["hidden_size"] == 768 and cfg["num_frames"] == 32 and cfg["backbone"]["embed_dim"] == 128
+
+
+# ------------------------------------------------------------- captioning from a retrieval video tower
+TOWER_CAPTIONER = "swinbert-clip4clip-tiny-p4"
+
+
+@pytest.fixture(scope="module")
+def retrieval_checkpoint(tmp_path_factory):
+    """A clip4clip-meanP-3d-tiny-p4 checkpoint with weights moved off their init (a 'trained' tower)."""
+    torch.manual_seed(3)
+    model, transform, _ = create_model("clip4clip-meanP-3d-tiny-p4")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    path = tmp_path_factory.mktemp("tower") / "retrieval.pt"
+    save_checkpoint(model, str(path))
+    return path, model, transform
+
+
+def test_tower_captioner_reads_the_retrieval_models_frame_features(retrieval_checkpoint):
+    path, retrieval, retrieval_transform = retrieval_checkpoint
+    model, transform, _ = create_model(TOWER_CAPTIONER, backbone_pretrained=str(path))
+    assert transform.mean == retrieval_transform.mean  # frames normalised as the tower was trained
+    frames = _frames(transform, 2)
+    with torch.no_grad():
+        grid = model.backbone.forward_features(frames.permute(0, 2, 1, 3, 4))
+        expected = retrieval.encode_frames(frames)
+    assert grid.shape == (2, 4, 1, 1, retrieval.embed_dim)  # one token per frame
+    torch.testing.assert_close(grid[:, :, 0, 0], expected)
+    tokens, valid, (t, s) = model.video_tokens(frames)
+    assert tokens.shape[:2] == (2, 4) and bool(valid.all()) and (t, s) == (4, 1)
+
+
+def test_tower_captioner_refuses_a_checkpoint_without_that_tower(tmp_path):
+    other, _, _ = create_model("clip4clip-meanP-tiny", seed=0)  # 2-D patches, 8 px: another tower
+    path = tmp_path / "other.pt"
+    save_checkpoint(other, str(path))
+    with pytest.raises(ValueError, match="holds no CLIP4Clip video tower"):
+        create_model(TOWER_CAPTIONER, backbone_pretrained=str(path))
+
+
+def test_held_tower_gets_no_gradient_and_round_trips(retrieval_checkpoint, tmp_path):
+    path, _, _ = retrieval_checkpoint
+    model, transform, _ = create_model(TOWER_CAPTIONER, backbone_pretrained=str(path))
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    frames = _frames(transform, 2)
+    history = train_captioner(model, [(frames, None, CAPTIONS[:2])], steps=3, lr=5e-3, backbone_lr_scale=0.0)
+    assert len(history) == 3
+    assert all(p.grad is None for p in model.backbone.parameters())  # lr scale 0 holds it: no backward
+    assert all(torch.equal(before[k], v) for k, v in model.backbone.state_dict().items())
+    saved = tmp_path / "cap.pt"
+    save_checkpoint(model, str(saved), extra=checkpoint_extra(model))
+    again, _, _ = create_model(TOWER_CAPTIONER, pretrained=str(saved))  # the captioner carries its tower
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[key], value)

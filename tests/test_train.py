@@ -130,6 +130,14 @@ def test_missing_backbone_checkpoint_fails_before_ray_starts(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_tower_captioner_without_its_retrieval_checkpoint_is_refused(tmp_path):
+    """A captioner over a CLIP4Clip video tower trains only on a trained tower, never on a random one."""
+    cfg = TrainConfig(model="swinbert-clip4clip-tiny-p4", task="caption", backbone_lr_scale=0.0)
+    with pytest.raises(ValueError, match="trained 'clip4clip-meanP-3d-tiny-p4'.*backbone_pretrained"):
+        run_training(tmp_path / "shards", tmp_path / "out", cfg)
+    assert not (tmp_path / "out").exists()
+
+
 def test_rng_state_round_trip(tmp_path):
     random.seed(1)
     np.random.seed(2)

@@ -1,16 +1,18 @@
 """The demo run: the whole vidsift pipeline on Ray over a synthetic corpus, with an HTML report.
 
 synth → ingest → train the retrieval encoder (the recipe's ``train_config``, Ray Train) → embed (Ray Data)
-→ index (FAISS) → train the captioner (the recipe's ``caption_config``: SwinBERT, same trainer) → caption
-the test split → query → measure → report → serve. ``configs/demo.yaml`` trains
-``configs/train/tiny-meanP-3d-p4.yaml`` (CLIP4Clip meanP with 4 px 3-D tube patches) and
-``configs/demo-tiny.yaml`` trains ``configs/train/tiny-meanP.yaml``. Prints example queries with their top
-hits and a table of the retrieval and caption metrics (caption diversity and per-attribute correctness
-included), writes ``WORKDIR/report.html`` (``workflows.report``) and ``WORKDIR/metrics.json``, and ends by
-serving the search page over its index (``workflows.serve``) until Ctrl-C, unless the recipe says
-``serve: false`` (``--no-serve``). Every stage is idempotent, so a rerun over the same workdir only redoes
-what is missing. Every inference stage (embed, the index's text encoder, caption, the search service) is
-given the checkpoint the demo trained, explicitly: nothing runs on a random init.
+→ index (FAISS) → train the captioner (the recipe's ``caption_config``: SwinBERT, same trainer; with
+``caption_backbone: retrieval`` it reads the video tower of the encoder just trained) → caption the test
+split → query → measure → report → serve. ``configs/demo.yaml`` trains ``configs/train/tiny-meanP-3d-p4.yaml``
+(CLIP4Clip meanP with 4 px 3-D tube patches) and captions with ``configs/train/demo-caption-clip4clip.yaml``
+over its video tower; ``configs/demo-tiny.yaml`` runs the same recipes for a few steps. Prints example
+queries with their top hits and a table of the retrieval and caption metrics (caption diversity and
+per-attribute correctness included), writes ``WORKDIR/report.html`` (``workflows.report``) and
+``WORKDIR/metrics.json``, and ends by serving the search page over its index (``workflows.serve``) until
+Ctrl-C, unless the recipe says ``serve: false`` (``--no-serve``). Every stage is idempotent, so a rerun over
+the same workdir only redoes what is missing. Every inference stage (embed, the index's text encoder,
+caption, the search service) is given the checkpoint the demo trained, explicitly: nothing runs on a random
+init.
 
 :func:`run_demo` runs the named steps of :data:`STEPS` in order over one :class:`DemoState`.
 """
@@ -169,7 +171,13 @@ def embed_and_index(s: DemoState) -> None:
 def caption(s: DemoState) -> None:
     """Train the captioner of ``caption_config`` (unless done), then caption ``caption_split``."""
     cap_dir = s.path("caption-train")
-    cap_cfg = load_train_config(REPO / s.cfg["caption_config"], s.cfg.get("caption_overrides") or {})
+    overrides = dict(s.cfg.get("caption_overrides") or {})
+    backbone = s.cfg.get("caption_backbone")
+    if backbone == "retrieval":  # the captioner reads the video tower of the encoder trained above
+        overrides["backbone_pretrained"] = str(s.path("train") / "model.pt")
+    elif backbone is not None:
+        raise ValueError(f"demo recipe: caption_backbone {backbone!r} must be 'retrieval' or absent")
+    cap_cfg = load_train_config(REPO / s.cfg["caption_config"], overrides)
     if (cap_dir / "model.pt").exists():
         s.timer.run("cap-train", lambda: None, lambda r: "(already trained)")
     else:

@@ -78,7 +78,13 @@ def _check_recipe(cfg: TrainConfig, workers: int) -> None:
         raise ValueError("no model given (--model or `model:` in the config)")
     if workers < 1:
         raise ValueError(f"workers={workers}: must be >= 1")
-    get_model_config(cfg.model)  # unknown names fail here, with the list of known ones
+    backbone = get_model_config(cfg.model).get("backbone")  # unknown names fail here, listing known ones
+    tower = backbone.get("clip4clip") if isinstance(backbone, dict) else None
+    if tower and not (cfg.backbone_pretrained or cfg.pretrained):
+        raise ValueError(
+            f"model {cfg.model!r} captions from the video tower of a trained {tower!r}: give its checkpoint "
+            "as backbone_pretrained (--backbone-pretrained RUN/model.pt); a random tower is refused"
+        )
     if cfg.backbone_pretrained and not storage.is_file(cfg.backbone_pretrained):
         raise FileNotFoundError(f"backbone_pretrained {cfg.backbone_pretrained!r}: no such checkpoint file")
 

@@ -61,18 +61,18 @@ class Catalog:
             return False
         return all(_equal(row.get(c), v, self.kinds[c]) for c, v in filters.where)
 
-    def allowed_ids(self, filters: Filters) -> np.ndarray:
+    def allowed_ids(self, filters: Filters) -> np.ndarray | None:
         """The FAISS ids (every clip / window row) of the videos passing ``filters``, sorted: the id filter a
-        search ranks inside. The last ``ALLOWED_CACHE`` distinct filters are kept (a page of results asks
-        for the same filter again)."""
-        cached = self._allowed.get(filters)
-        if cached is None:
+        search ranks inside; ``None`` when every video passes (an id filter over every row only costs time:
+        p50 6.0 ms against 2.3 ms unfiltered on bench.serve's 20,000 videos). The last ``ALLOWED_CACHE``
+        distinct filters are kept (a page of results asks for the same filter again)."""
+        if filters not in self._allowed:
             rows = [ids for vid, ids in self.row_ids.items() if self.matches(vid, filters)]
-            cached = np.unique(np.concatenate(rows).astype(np.int64)) if rows else np.zeros(0, np.int64)
+            allowed = np.unique(np.concatenate(rows).astype(np.int64)) if rows else np.zeros(0, np.int64)
             if len(self._allowed) >= ALLOWED_CACHE:
                 self._allowed.pop(next(iter(self._allowed)))
-            self._allowed[filters] = cached
-        return cached
+            self._allowed[filters] = None if len(rows) == len(self.row_ids) else allowed
+        return self._allowed[filters]
 
     def describe(self, video_id: str) -> dict[str, Any] | None:
         """``/videos/{id}``: metadata, captions and indexed moments; None for an unknown video."""
