@@ -1,7 +1,7 @@
 """``python -m jobs.serve --index URI``: the text-to-video search service (HTTP API + page) over an index.
 
 Examples (the index and shards may be URIs: s3://, gs://, file://)::
-    python -m jobs.serve --index runs/demo/index --shards runs/demo/ingest --port 8000
+    python -m jobs.serve --index runs/demo/index --shards runs/demo/ingest --captions runs/demo/captions
     python -m jobs.serve --index s3://bucket/index --pretrained s3://bucket/train/model.pt --host 0.0.0.0
     python -m jobs.serve --index OUT/index --allow-random-init --ray-serve   # same app behind Ray Serve
 Then open http://HOST:PORT/ or ``curl 'http://HOST:PORT/search?q=a+red+circle&k=5'`` (docs/serve.md)."""
@@ -22,6 +22,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-random-init", action="store_true", help="permit a seeded random text encoder")
     p.add_argument("--shards", action="append", default=[],
                    help="ingested shards folder/URI (repeatable): video metadata filters and previews")
+    p.add_argument("--captions", action="append", default=[],
+                   help="jobs.caption output folder/URI (repeatable): each hit carries its generated caption")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-k", type=int, default=10_000, help="largest k a request may ask for")
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
                            pretrained=args.pretrained, allow_random_init=args.allow_random_init,
                            shards=args.shards, max_k=args.max_k, poll_s=args.poll_s,
                            cache_dir=args.preview_cache, torch_threads=args.torch_threads,
-                           query_log=args.query_log)
+                           query_log=args.query_log, captions=args.captions)
     # A missing index, missing weights or a bad flag value: one clear line, not a traceback.
     except (FileNotFoundError, ValueError, PretrainedWeightsError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import ray_job_submit
+from test_serve import write_generated_captions  # a jobs.caption output folder
 
 import models
 from index import VideoIndex, build_index
@@ -73,6 +74,7 @@ def _demo_workdir_with_index(work: Path, shards: Path) -> list[str]:
                      captions=[[f"synthetic video {v}"] for v in range(len(ids))])
     build_index(work / "emb", work / "index", factory="Flat", progress=False)
     (work / "ingest").symlink_to(shards, target_is_directory=True)
+    write_generated_captions(work / "captions", ids)  # what the caption step writes
     return ids
 
 
@@ -99,6 +101,8 @@ def test_demo_ends_by_serving_its_index(ingested_shards, tmp_path, capsys):
         assert health["ok"] is True
         found = _get_json(state.url + "/search?q=a+red+circle+moves+left&k=3")
         assert len(found["hits"]) == 3 and {h["video_id"] for h in found["hits"]} <= set(ids)
+        everything = _get_json(state.url + "/search?q=a+video&k=100")["hits"]
+        assert {h["video_id"] for h in everything if "generated_caption" in h} == set(ids[::2])
         assert found["version"] == health["version"]
     finally:
         state.stop.set()

@@ -48,6 +48,17 @@ def make_service_index(tmp: Path, shards: Path) -> tuple[Path, Path, list[str]]:
     return tmp / "idx", ckpt, ids
 
 
+def write_generated_captions(folder: Path, video_ids: list[str]) -> Path:
+    """A ``jobs.caption`` output folder (its ``captions.parquet``) captioning every other video."""
+    import pyarrow as pa
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{"video_id": v, "key": v, "caption": f"generated for {v}", "score": -1.0, "model_id": "cap@0"}
+            for v in video_ids[::2]]
+    pq.write_table(pa.Table.from_pylist(rows), folder / "captions.parquet")
+    return folder
+
+
 def _shard_video_ids(shards: Path) -> list[str]:
     tables = [pq.read_table(p, columns=["video_id"]) for p in sorted(shards.rglob("0*.parquet"))]
     return sorted(v for t in tables for v in t.column(0).to_pylist())
@@ -70,7 +81,8 @@ def service(ingested_shards, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     index, ckpt, ids = make_service_index(tmp, ingested_shards)
     app = build_app(str(index), pretrained=str(ckpt), shards=[str(ingested_shards)], poll_s=0.2,
-                    cache_dir=str(tmp / "previews"), max_k=500)
+                    cache_dir=str(tmp / "previews"), max_k=500,
+                    captions=[str(write_generated_captions(tmp / "captions", ids))])
     with serving_in_thread(app) as base:
         yield {"base": base, "index": index, "ids": ids, "tmp": tmp,
                "model_id": app.state.live.current.index.model_id}
@@ -337,3 +349,21 @@ def test_catalog_id_filter_is_skipped_when_every_video_passes():
     assert catalog.allowed_ids(Filters(where=(("shard", "000000"),))) is None
     assert catalog.allowed_ids(Filters(where=(("video_id", "v1"),))).tolist() == [2, 3]
     assert catalog.allowed_ids(Filters(min_duration=5.0)).tolist() == []
+
+
+def test_hits_carry_the_generated_caption_of_serve_captions(service):
+    """--captions: a captioned video's hits and /videos/{id} carry what the captioner wrote; others do not."""
+    base, ids = service["base"], service["ids"]
+    hits = call(base, "/search?q=a+video&k=500")[1]["hits"]
+    by_id = {h["video_id"]: h for h in hits}
+    assert by_id[ids[0]]["generated_caption"] == f"generated for {ids[0]}"
+    assert "generated_caption" not in by_id[ids[1]] and "generated_caption" not in by_id["extra-000000"]
+    assert by_id[ids[0]]["caption"] == "synthetic video 0"  # the index caption stays as it was
+    assert call(base, f"/videos/{ids[2]}")[1]["generated_caption"] == f"generated for {ids[2]}"
+    assert call(base, f"/videos/{ids[1]}")[1]["generated_caption"] is None
+
+
+def test_captions_folder_without_captions_is_refused(service, tmp_path):
+    with pytest.raises(FileNotFoundError, match="--captions .*no captions.parquet"):
+        build_app(str(service["index"]), pretrained=None, allow_random_init=True, poll_s=0,
+                  captions=[str(tmp_path)])

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 from playwright import sync_api  # the dev extra; drives Debian's chromium, never downloads one
-from test_serve import make_service_index  # same tiny index as the API tests (tests/ is on sys.path)
+
+# same tiny index and captions as the API tests (tests/ is on sys.path)
+from test_serve import make_service_index, write_generated_captions
 
 from workflows.serve import build_app, serving_in_thread
 
@@ -19,9 +21,10 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 @pytest.fixture(scope="module")
 def page_url(ingested_shards, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve-browser")
-    index, ckpt, _ = make_service_index(tmp, ingested_shards)
+    index, ckpt, ids = make_service_index(tmp, ingested_shards)
+    captions = write_generated_captions(tmp / "captions", ids)
     app = build_app(str(index), pretrained=str(ckpt), shards=[str(ingested_shards)], poll_s=0,
-                    cache_dir=str(tmp / "previews"))
+                    cache_dir=str(tmp / "previews"), captions=[str(captions)])
     with serving_in_thread(app) as base:
         yield base + "/"
 
@@ -53,6 +56,9 @@ def test_query_shows_results_with_animated_previews(page_url, browser):
     widths = page.eval_on_selector_all("#results img", "imgs => imgs.map(i => i.naturalWidth)")
     assert max(widths) > 0
     assert "videos for" in page.inner_text("#status")
+    generated = page.locator("#results .generated:not([hidden])")  # every other video has one
+    assert generated.count() > 0 and all(t.startswith("generated: generated for synth-")
+                                         for t in generated.all_inner_texts())
     no_preview = page.locator("#results .none")  # the 3 videos outside every shard say so
     assert no_preview.count() in (0, 1, 2, 3) and all(
         "cannot reach" in t for t in no_preview.all_inner_texts())

@@ -284,10 +284,12 @@ def serve(s: DemoState) -> None:
     its shards) and print its URL; blocks until Ctrl-C or ``s.stop``. ``serve: false`` skips it."""
     if not s.cfg.get("serve", True):
         print(f"\nnot serving (--no-serve); to search this index: python -m jobs.serve --index "
-              f"{s.path('index')} --shards {s.path('ingest')}", flush=True)
+              f"{s.path('index')} --shards {s.path('ingest')} --captions {s.path('captions')}", flush=True)
         return
+    captioned = (s.path("captions") / "captions.parquet").exists()  # the caption step's output, when it ran
     app = build_app(str(s.path("index")), pretrained=str(s.path("train") / "model.pt"),
-                    shards=[str(s.path("ingest"))], cache_dir=str(s.path("previews")))
+                    shards=[str(s.path("ingest"))], cache_dir=str(s.path("previews")),
+                    captions=[str(s.path("captions"))] if captioned else [])
     port = int(s.cfg.get("port", 8000))
     try:
         with serving_in_thread(app, host=s.cfg.get("host", "127.0.0.1"), port=port) as url:

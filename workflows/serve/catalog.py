@@ -4,7 +4,8 @@ captions and moments for ``/videos/{id}``, and where its bytes are (for previews
 Built from the index version's ``ids.parquet`` (``video_id``, ``key``, ``shard``, clips with ``start_s`` /
 ``end_s``, ``captions``) and, when the service is given the ingested shards, from each shard's
 ``NNNNNN.parquet`` (``duration``, ``fps``, ``width``, ``height``, ``codec``, manifest fields...). Without the
-shards a video's ``duration`` is the end of its last indexed clip, and no preview can be made.
+shards a video's ``duration`` is the end of its last indexed clip, and no preview can be made. Given
+``jobs.caption`` outputs, each video also carries its generated caption.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -37,6 +38,7 @@ class Catalog:
     moments: dict[str, list[dict[str, Any]]]  # video_id → indexed clips
     sources: dict[str, tuple[str, str]]  # video_id → (shard tar URI, key): previews
     row_ids: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # video_id → its FAISS ids
+    generated: dict[str, str] = dataclasses.field(default_factory=dict)  # video_id → a jobs.caption caption
     _allowed: dict[Filters, np.ndarray] = dataclasses.field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
@@ -82,12 +84,14 @@ class Catalog:
         moments = self.moments.get(video_id, [])
         captions = list(dict.fromkeys(c for m in moments for c in m.get("captions") or []))
         shown = [{k: v for k, v in m.items() if k != "captions"} for m in moments]
-        return {"video_id": video_id, "metadata": row, "captions": captions, "moments": shown,
+        return {"video_id": video_id, "metadata": row, "captions": captions,
+                "generated_caption": self.generated.get(video_id), "moments": shown,
                 "has_preview": video_id in self.sources}
 
 
-def build_catalog(ids: pa.Table, shards: Sequence[str] = ()) -> Catalog:
-    """The catalog of an index version from its ids table and (optionally) the ingested shards' folders."""
+def build_catalog(ids: pa.Table, shards: Sequence[str] = (), captions: Sequence[str] = ()) -> Catalog:
+    """The catalog of an index version from its ids table and (optionally) the ingested shards' folders and
+    ``jobs.caption`` output folders (their ``captions.parquet``: the generated caption of each video)."""
     videos: dict[str, dict[str, Any]] = {}
     moments: dict[str, list[dict[str, Any]]] = {}
     row_ids: dict[str, list[int]] = {}
@@ -109,7 +113,20 @@ def build_catalog(ids: pa.Table, shards: Sequence[str] = ()) -> Catalog:
     sources: dict[str, tuple[str, str]] = {}
     for folder in shards:
         _add_shard_metadata(folder, videos, sources)
-    return Catalog(videos, _kinds(videos), moments, sources, row_ids)
+    generated = {}
+    for folder in captions:
+        generated.update(read_generated_captions(folder, videos))
+    return Catalog(videos, _kinds(videos), moments, sources, row_ids, generated=generated)
+
+
+def read_generated_captions(folder: str, videos: Mapping[str, Any]) -> dict[str, str]:
+    """``video_id → caption`` from a ``jobs.caption`` output folder, for the videos of this index version;
+    a folder without ``captions.parquet`` is an error naming it (a mistyped flag must not serve silently)."""
+    path = storage.join(folder, "captions.parquet")
+    if not storage.exists(path):
+        raise FileNotFoundError(f"--captions {folder!r}: no captions.parquet there (a jobs.caption --output)")
+    table = storage.read_parquet(path, columns=["video_id", "caption"])
+    return {v: c for v, c in zip(table["video_id"].to_pylist(), table["caption"].to_pylist()) if v in videos}
 
 
 def _add_shard_metadata(folder: str, videos: dict[str, dict[str, Any]], sources: dict) -> None:

@@ -50,9 +50,9 @@ class SnapshotLoader:
     """Opens and validates index versions; keeps the text encoder across versions of the same model."""
 
     def __init__(self, root: str, pretrained: str | None = None, allow_random_init: bool = False,
-                 shards: Sequence[str] = ()):
+                 shards: Sequence[str] = (), captions: Sequence[str] = ()):
         self.root, self.pretrained, self.allow_random_init = root, pretrained, allow_random_init
-        self.shards = list(shards)
+        self.shards, self.captions = list(shards), list(captions)
         self._encoder = None
 
     def load(self, version: str | None = None) -> Snapshot:
@@ -68,7 +68,7 @@ class SnapshotLoader:
                 f"index dim {index.dim}")
         if not index.search(vector[0], k=1):
             raise store.CorruptIndexError(f"index version {index.version!r}: no hit for a probe query")
-        catalog = build_catalog(store.read_ids(index.version_dir, index.meta), self.shards)
+        catalog = build_catalog(store.read_ids(index.version_dir, index.meta), self.shards, self.captions)
         return Snapshot(index, catalog, index.version, time.time())
 
     def _encoder_for(self, version: str | None):

@@ -28,14 +28,17 @@ log = logging.getLogger(__name__)
 
 def build_app(index: str, pretrained: str | None = None, allow_random_init: bool = False,
               shards: Sequence[str] = (), max_k: int = DEFAULT_MAX_K, poll_s: float = 5.0,
-              cache_dir: str | None = None, torch_threads: int = 1, query_log: str | None = None):
+              cache_dir: str | None = None, torch_threads: int = 1, query_log: str | None = None,
+              captions: Sequence[str] = ()):
     """The ASGI app over the index at ``index`` (its CURRENT version is loaded and checked now);
-    ``query_log`` is a folder/URI the texts of answered searches are logged to (:mod:`.querylog`)."""
+    ``query_log`` is a folder/URI the texts of answered searches are logged to (:mod:`.querylog`);
+    ``captions`` are ``jobs.caption`` output folders whose generated captions the hits carry."""
     # One intra-op thread: a query's text encode is ~2 ms on one thread; on 2 shared cores more threads
     # only contend (measured 100x slower with 2 under load).
     torch.set_num_threads(max(1, int(torch_threads)))
     root = storage.normalize(index)
-    live = LiveIndex(root, SnapshotLoader(root, pretrained, allow_random_init, shards).load, poll_s=poll_s)
+    loader = SnapshotLoader(root, pretrained, allow_random_init, shards, captions)
+    live = LiveIndex(root, loader.load, poll_s=poll_s)
     previews = None
     if shards:
         previews = PreviewMaker(cache_dir or Path(tempfile.gettempdir()) / "vidsift-previews")

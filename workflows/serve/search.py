@@ -33,6 +33,9 @@ def hit_dict(snapshot: Snapshot, hit: Hit) -> dict[str, Any]:
                            "end_s": hit.end_s, "clip_index": hit.clip_index}
     if hit.caption is not None:
         out["caption"] = hit.caption
+    generated = snapshot.catalog.generated.get(hit.video_id)
+    if generated is not None:  # what the captioner wrote for this video (serve --captions)
+        out["generated_caption"] = generated
     moments = getattr(hit, "moments", None)  # set by VideoIndex for videos embedded with sliding windows
     if moments:
         out["moments"] = [{"start_s": m.start_s, "end_s": m.end_s, "score": round(m.score, 6)}

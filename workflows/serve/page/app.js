@@ -46,6 +46,11 @@ function card(hit) {
   link.href = `/videos/${encodeURIComponent(hit.video_id)}`;
   node.querySelector(".score").textContent = `score ${hit.score.toFixed(3)}`;
   node.querySelector(".window").textContent = `${fmt(hit.start_s)}–${fmt(hit.end_s)} s`;
+  if (hit.generated_caption) {  // what the captioner wrote (serve --captions); the index caption below
+    const generated = node.querySelector(".generated");
+    generated.querySelector(".text").textContent = hit.generated_caption;
+    generated.hidden = false;
+  }
   node.querySelector(".caption").textContent = hit.caption || "";
   return node;
 }
