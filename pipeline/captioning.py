@@ -25,6 +25,7 @@ from runtime.errors import DecodeFailure, ErrorPolicy, check_policy
 
 DEFAULT_CAPTIONER = "swinbert-tiny"  # the model a run without a checkpoint builds (--allow-random-init)
 
+CAPTIONS_FILE = "captions.parquet"  # a caption run's output table, one row per captioned video
 CAPTION_COLUMNS = ("video_id", "key", "caption", "score", "model_id")
 SCORE_COLUMNS = ("video_id", "caption", "score", "model_id")
 ERROR_COLUMNS = ("key", "video_id", "reason", "message")
@@ -198,7 +199,7 @@ class CaptionTables:
         self.scores.sort(key=lambda r: (r["video_id"], r["caption"]))
         self.errors.sort(key=lambda r: r["key"])
         types = {"score": pa.float64()}
-        write_parquet(self.captions, CAPTION_COLUMNS, storage.join(out, "captions.parquet"), types)
+        write_parquet(self.captions, CAPTION_COLUMNS, storage.join(out, CAPTIONS_FILE), types)
         if score_captions:
             write_parquet(self.scores, SCORE_COLUMNS, storage.join(out, "caption_scores.parquet"), types)
         write_parquet(self.errors, ERROR_COLUMNS, storage.join(out, "errors.parquet"), {})

@@ -34,6 +34,7 @@ import yaml
 
 from index import VideoIndex, build_index
 from pipeline.caption_metrics import evaluate_captions, tokenize
+from pipeline.captioning import CAPTIONS_FILE
 from pipeline.ingest import run_ingest
 from pipeline.synthetic import COLOUR_WORDS, DIRECTION_WORDS, SHAPE_WORDS, generate_corpus
 from pipeline.training import load_train_config
@@ -189,7 +190,7 @@ def caption(s: DemoState) -> None:
         "caption", lambda: run_caption(str(s.path("ingest")), str(cap_dir / "model.pt"), str(captions_out),
                                        split=s.cfg.get("caption_split")),
         lambda r: f"{r.get('captioned', r.get('videos', '?'))} videos captioned")
-    for row in pq.read_table(captions_out / "captions.parquet").to_pylist():
+    for row in pq.read_table(captions_out / CAPTIONS_FILE).to_pylist():
         s.generated[row["video_id"]] = row["caption"]
 
 
@@ -286,7 +287,7 @@ def serve(s: DemoState) -> None:
         print(f"\nnot serving (--no-serve); to search this index: python -m jobs.serve --index "
               f"{s.path('index')} --shards {s.path('ingest')} --captions {s.path('captions')}", flush=True)
         return
-    captioned = (s.path("captions") / "captions.parquet").exists()  # the caption step's output, when it ran
+    captioned = (s.path("captions") / CAPTIONS_FILE).exists()  # the caption step's output, when it ran
     app = build_app(str(s.path("index")), pretrained=str(s.path("train") / "model.pt"),
                     shards=[str(s.path("ingest"))], cache_dir=str(s.path("previews")),
                     captions=[str(s.path("captions"))] if captioned else [])

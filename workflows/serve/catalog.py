@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from pipeline.captioning import CAPTIONS_FILE
 from pipeline.datasets import list_shards
 from runtime import storage
 from workflows.serve.queries import BadRequest, Filters
@@ -39,7 +40,7 @@ class Catalog:
     sources: dict[str, tuple[str, str]]  # video_id → (shard tar URI, key): previews
     row_ids: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # video_id → its FAISS ids
     generated: dict[str, str] = dataclasses.field(default_factory=dict)  # video_id → a jobs.caption caption
-    _allowed: dict[Filters, np.ndarray] = dataclasses.field(default_factory=dict, repr=False)
+    _allowed: dict[Filters, np.ndarray | None] = dataclasses.field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
         return len(self.videos)
@@ -70,10 +71,13 @@ class Catalog:
         distinct filters are kept (a page of results asks for the same filter again)."""
         if filters not in self._allowed:
             rows = [ids for vid, ids in self.row_ids.items() if self.matches(vid, filters)]
-            allowed = np.unique(np.concatenate(rows).astype(np.int64)) if rows else np.zeros(0, np.int64)
+            if len(rows) == len(self.row_ids):
+                allowed = None
+            else:
+                allowed = np.unique(np.concatenate(rows).astype(np.int64)) if rows else np.zeros(0, np.int64)
             if len(self._allowed) >= ALLOWED_CACHE:
                 self._allowed.pop(next(iter(self._allowed)))
-            self._allowed[filters] = None if len(rows) == len(self.row_ids) else allowed
+            self._allowed[filters] = allowed
         return self._allowed[filters]
 
     def describe(self, video_id: str) -> dict[str, Any] | None:
@@ -122,9 +126,9 @@ def build_catalog(ids: pa.Table, shards: Sequence[str] = (), captions: Sequence[
 def read_generated_captions(folder: str, videos: Mapping[str, Any]) -> dict[str, str]:
     """``video_id → caption`` from a ``jobs.caption`` output folder, for the videos of this index version;
     a folder without ``captions.parquet`` is an error naming it (a mistyped flag must not serve silently)."""
-    path = storage.join(folder, "captions.parquet")
+    path = storage.join(folder, CAPTIONS_FILE)
     if not storage.exists(path):
-        raise FileNotFoundError(f"--captions {folder!r}: no captions.parquet there (a jobs.caption --output)")
+        raise FileNotFoundError(f"--captions {folder!r}: no {CAPTIONS_FILE} there (a jobs.caption --output)")
     table = storage.read_parquet(path, columns=["video_id", "caption"])
     return {v: c for v, c in zip(table["video_id"].to_pylist(), table["caption"].to_pylist()) if v in videos}
 
