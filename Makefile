@@ -1,16 +1,34 @@
 # The two fresh-machine commands from the README. Each installs what it needs first.
-PYTHON ?= python3
+#
+# Python: inside an active virtualenv (or conda env) make uses it; otherwise it creates .venv from
+# $(SYSTEM_PYTHON) and uses that, so a system Python that refuses pip (PEP 668: Debian 12, Ubuntu 24.04)
+# is never asked to install anything. PYTHON=... overrides both.
+SYSTEM_PYTHON ?= python3
+IN_VENV := $(shell $(SYSTEM_PYTHON) -c 'import os, sys; print(int(sys.prefix != sys.base_prefix or "CONDA_PREFIX" in os.environ))' 2>/dev/null)
+ifeq ($(IN_VENV),1)
+PYTHON ?= $(SYSTEM_PYTHON)
+else
+PYTHON ?= .venv/bin/python
+endif
 # import-linter's `lint-imports`, run with this Python (the layer contracts are in pyproject.toml).
 LINT_IMPORTS = $(PYTHON) -c "import sys; from importlinter.cli import lint_imports; sys.exit(lint_imports())"
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_INSTALL = $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq
 
-.PHONY: install browser demo test test-fast lint bench
+.PHONY: install python browser demo test test-fast lint bench
+
+# .venv when make is not run inside a virtualenv. Debian and Ubuntu ship venv's ensurepip separately
+# (python3-venv); it is installed only when creating the venv fails without it.
+python:
+	@if [ "$(PYTHON)" = .venv/bin/python ] && [ ! -x .venv/bin/python ]; then \
+	  $(SYSTEM_PYTHON) -m venv .venv 2>/dev/null || { rm -rf .venv; \
+	    $(APT_INSTALL) python3-venv && $(SYSTEM_PYTHON) -m venv .venv; }; fi
 
 # System FFmpeg libraries for torchcodec (PyAV bundles its own), then the package with dev tools, at the
 # tested versions (deploy/constraints.txt: the whole closure, so pip's resolver never backtracks).
-install:
+install: python
 	@if ! ldconfig -p | grep -q libavcodec; then \
-	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq ffmpeg; fi
+	  $(APT_INSTALL) ffmpeg; fi
 	$(PYTHON) -m pip install -q -e ".[dev]" -c deploy/constraints.txt
 
 # The main job: the whole pipeline on local Ray on a synthetic corpus (report in runs/demo/report.html),
@@ -22,7 +40,7 @@ demo: install
 # Debian's Chromium for the search page's browser test (tests only: the image and the demo don't need it).
 browser:
 	@if [ ! -x /usr/bin/chromium ]; then \
-	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium; fi
+	  $(APT_INSTALL) chromium; fi
 
 # The whole test suite, slow end-to-end tests included (CI runs this via .ci/run).
 test: install browser

@@ -19,7 +19,7 @@ import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import av
@@ -234,7 +234,7 @@ def bench_video(path: Path, seconds: int, keyint: int, args, has_decord: bool) -
 
 def write_markdown(out: Path, timings: list[dict], ratios: list[dict]) -> None:
     """The ``--out`` report: raw timings and ratios as markdown (the docs render from the JSON instead)."""
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"## Raw timings ({stamp}, {platform.node()}, {platform.processor() or platform.machine()}, "
              f"python {platform.python_version()})", ""]
     lines += ["| video | plan | method | ms (median) | frames decoded |", "|---|---|---|---:|---:|"]

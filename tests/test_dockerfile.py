@@ -65,10 +65,14 @@ def package_installs(commands: list[list[str]]) -> list[tuple[bool, frozenset[st
 
 
 def makefile_install() -> list[list[str]]:
+    """The install recipe's commands, with the Makefile's own ``NAME = value`` variables expanded (others,
+    such as ``$(PYTHON)``, dropped)."""
     text = (ROOT / "Makefile").read_text()
     recipe = re.search(r"^install:.*\n((?:\t.*\n|(?:  .*\n))+)", text, re.MULTILINE)
     assert recipe, "Makefile has no install target"
-    return shell_commands(re.sub(r"\$\([A-Z_]+\)", "", recipe.group(1)))
+    variables = dict(re.findall(r"^([A-Z_]+) *=(?!=)(.*)$", text, re.MULTILINE))
+    body = re.sub(r"\$\(([A-Z_]+)\)", lambda m: variables.get(m.group(1), "").strip(), recipe.group(1))
+    return shell_commands(re.sub(r"\$\([A-Z_]+\)", "", body))
 
 
 def dockerfile() -> tuple[list[str], list[list[str]], dict[str, str]]:
