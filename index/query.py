@@ -12,6 +12,7 @@ import numpy as np
 
 from index import store
 from index.moments import DEFAULT_MAX_GAP_S, DEFAULT_REL_THRESHOLD, WINDOW_CLIP_BASE, Moment, merge_windows
+from index.searcher import RankedResult
 from index.sharded import merge_shard_results
 from index.tuning import apply_search_params
 from runtime import storage
@@ -275,6 +276,13 @@ class VideoIndex:
                 self._attach_moments(vector, hits, int(moments_per_video), rel_threshold, max_gap_s)
             out.append(hits)
         return out[0] if single else out
+
+    def rank(self, vectors: np.ndarray, k: int, allowed_ids: np.ndarray | None = None,
+             timeout_s: float | None = None) -> RankedResult:
+        """:class:`index.searcher.Searcher`: :meth:`search` of ``[Q, D]`` vectors. One process searches every
+        shard itself, so its result is never partial; ``timeout_s`` is the caller's to enforce (the service
+        runs searches in a bounded pool with a deadline)."""
+        return RankedResult(hits=self.search(np.atleast_2d(vectors), k=k, allowed_ids=allowed_ids))
 
     def _attach_moments(self, vector: np.ndarray, hits: list[Hit], limit: int, rel_threshold: float,
                         max_gap_s: float) -> None:

@@ -47,6 +47,11 @@ class IndexNotFoundError(FileNotFoundError):
     """The index directory, its CURRENT pointer or the version it names does not exist."""
 
 
+class PublishConflict(RuntimeError):
+    """``CURRENT`` no longer names the version a writer read before building on it: another writer published
+    in between. Nothing of the loser's was published; it may re-read ``CURRENT`` and retry."""
+
+
 class CorruptIndexError(ValueError):
     """A version exists but one of its files cannot be read, fails its checksum or is inconsistent."""
 
@@ -164,10 +169,15 @@ def publish(
     version: str,
     keep: int = 3,
     uploaded: dict[str, dict[str, Any]] | None = None,
+    expected_current: str | None | object = ...,
 ) -> str:
     """Publish the staged ``version``: every file of ``stage`` → ``versions/VERSION/``, then index.json
     (``meta`` + each file's sha256/size, with ``uploaded`` = files already put there by shard tasks), then
-    ``CURRENT``; finally prune to ``keep`` versions. Returns the version name."""
+    ``CURRENT``; finally prune to ``keep`` versions. Returns the version name.
+
+    ``expected_current`` is the version the writer read (None: the index had none); when ``CURRENT`` names
+    another by the time it is written, :class:`PublishConflict` is raised. Every writer publishes through
+    here and never writes ``CURRENT`` itself (docs/architecture.md, "Seams")."""
     root = storage.normalize(root)
     check_version_name(version)
     files = dict(uploaded or {})
@@ -177,6 +187,9 @@ def publish(
     meta = {k: v for k, v in meta.items() if k != "version"}
     meta_uri = storage.join(version_uri(root, version), META_FILE)
     write_json(meta_uri, {**meta, "format": FORMAT, "files": files})
+    if expected_current is not ... and read_current(root, missing_ok=True) != expected_current:
+        raise PublishConflict(f"{root!r}: CURRENT moved from {expected_current!r} to "
+                              f"{read_current(root, missing_ok=True)!r} while version {version!r} was built")
     storage.write_text(storage.join(root, CURRENT_FILE), version + "\n", fsync=True)
     if not _is_version_dir(stage, root, version):
         shutil.rmtree(stage, ignore_errors=True)
