@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from index.query import Hit
 
 
 @dataclasses.dataclass
@@ -27,7 +24,7 @@ class RankedResult:
     never partial.
     """
 
-    hits: list[list[Hit]]
+    hits: list[list[Any]]  # index.query.Hit (not imported: index.query implements this seam)
     partial: bool = False
     missing_shards: tuple[str, ...] = ()
 
