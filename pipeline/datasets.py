@@ -23,14 +23,12 @@ they raise. Any other exception is a bug and raises under either policy.
 from __future__ import annotations
 
 import collections
-import contextlib
 import glob
 import json
 import logging
 import os
-import tarfile
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -40,12 +38,12 @@ from torch.utils.data import IterableDataset, get_worker_info
 from pipeline.clips import sample_clips
 from pipeline.decode import Size
 from pipeline.sampling import SamplingConfig, plan_in_span
+from pipeline.shard_tar import TAR_FAILURES, BadTar, open_shard_streams
 from runtime import storage
 from runtime.errors import (
     ErrorPolicy,
     InputError,
     InvalidMetadata,
-    UnreadableInput,
     check_policy,
     should_record,
 )
@@ -53,8 +51,6 @@ from runtime.errors import (
 log = logging.getLogger(__name__)
 
 MAX_ERROR_RECORDS = 1000
-# What reading a shard tar raises on bad data (webdataset passes it to the dataset's handler).
-TAR_FAILURES = (tarfile.TarError, OSError, EOFError, ValueError)
 
 
 class BadSample(InvalidMetadata, ValueError):
@@ -67,12 +63,6 @@ class BadSample(InvalidMetadata, ValueError):
 
     def __reduce__(self):
         return type(self), (self.reason, self.message)
-
-
-class BadTar(UnreadableInput):
-    """A shard tar (or a member of it) that cannot be read; reason ``bad_tar``."""
-
-    reason = "bad_tar"
 
 
 # --------------------------------------------------------------------------------------------- shards
@@ -119,31 +109,6 @@ def _folder_shards(folder: str) -> list[str]:
         log.warning("%s: %d shard tar(s) without their index (incomplete) left out",
                     folder, len(tars) - len(complete))
     return complete
-
-
-def open_shard_streams(
-    sources: Iterable[str | Mapping[str, Any]],
-    handler: Callable[[Exception], bool] | None = None,
-) -> Iterator[dict[str, Any]]:
-    """``{"url", "stream"}`` for each shard URI (or ``{"url": ...}`` dict), opened through
-    :mod:`runtime.storage`, for webdataset's ``tar_file_expander``: it reads tars on any store (webdataset's
-    own opener knows local files, ``pipe:`` and http only). Each stream is closed when the next is asked
-    for. A shard that cannot be opened goes to ``handler`` (True: skip it; False: stop); without one it
-    raises. Usable as a stage: ``wds.DataPipeline(wds.SimpleShardList(urls), open_shard_streams,
-    tar_file_expander, group_by_keys)``."""
-    for source in sources:
-        url = os.fspath(source["url"] if isinstance(source, Mapping) else source)
-        with contextlib.ExitStack() as stack:
-            try:
-                stream = stack.enter_context(storage.open_input(url))
-            except Exception as exn:  # what the handler does with it is its call (webdataset's contract)
-                exn.args = exn.args + (url,)
-                if handler is None:
-                    raise
-                if handler(exn):
-                    continue
-                return
-            yield {"url": url, "stream": stream}
 
 
 def distributed_rank_world(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tarfile
 from collections.abc import Sequence
 
 from pipeline.embedding.layout import VIDEO_ROW, list_parts, part_uri, shard_label
+from pipeline.shard_tar import tar_member_names
 from runtime import storage
 
 
@@ -33,11 +33,10 @@ def shard_keys(tar_path: str | os.PathLike) -> list[str]:
     if storage.exists(index):
         return [str(k) for k in storage.read_parquet(index, columns=["key"]).column("key").to_pylist()]
     keys: list[str] = []
-    with storage.open_input(tar_path) as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
-        for member in tar:
-            stem, _, ext = member.name.partition(".")
-            if ext == "mp4":
-                keys.append(stem)
+    for name in tar_member_names(tar_path):
+        stem, _, ext = name.partition(".")
+        if ext == "mp4":
+            keys.append(stem)
     return keys
 
 
