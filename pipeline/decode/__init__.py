@@ -30,7 +30,13 @@ from pipeline.decode.api import (
     get_backend,
 )
 from pipeline.decode.backend import DecoderBackend, DecodeResult
-from pipeline.decode.errors import NotAVideoError, UnreadableVideo, VideoDecodeError, VideoDecodeFailure
+from pipeline.decode.errors import (
+    NotAVideoError,
+    OutOfLimits,
+    UnreadableVideo,
+    VideoDecodeError,
+    VideoDecodeFailure,
+)
 from pipeline.decode.frames import Size, crop_resize
 from pipeline.decode.probe import VideoMeta, keyframe_meta, probe_video
 from pipeline.decode.pyav import PyAVBackend
@@ -38,8 +44,9 @@ from pipeline.decode.source import Source, describe_source, normalize_source
 from pipeline.decode.torchcodec import TorchCodecBackend
 
 __all__ = [
-    "DecodeResult", "DecoderBackend", "NotAVideoError", "PyAVBackend", "Size", "Source", "TorchCodecBackend",
-    "UnreadableVideo", "VideoDecodeError", "VideoDecodeFailure", "VideoMeta", "available_backends",
-    "crop_resize", "decode", "decode_all_frames", "decode_frames", "decode_keyframes", "describe_source",
-    "estimate_frames_decoded", "get_backend", "keyframe_meta", "normalize_source", "probe_video",
+    "DecodeResult", "DecoderBackend", "NotAVideoError", "OutOfLimits", "PyAVBackend", "Size", "Source",
+    "TorchCodecBackend", "UnreadableVideo", "VideoDecodeError", "VideoDecodeFailure", "VideoMeta",
+    "available_backends", "crop_resize", "decode", "decode_all_frames", "decode_frames", "decode_keyframes",
+    "describe_source", "estimate_frames_decoded", "get_backend", "keyframe_meta", "normalize_source",
+    "probe_video",
 ]  # fmt: skip

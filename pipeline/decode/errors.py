@@ -1,5 +1,6 @@
-"""Decode failures: one ``VideoDecodeError(reason, message)`` that is also the matching ``runtime.errors``
-kind, so the stages' error policy (``on_error``) records them."""
+"""Video input failures: one ``VideoDecodeError(reason, message)`` for every stage that reads a video
+(ingest's probe, the decoders), that is also the matching ``runtime.errors`` kind, so the stages' error policy
+(``on_error``) records them. Ingest calls it ``pipeline.probe.ProbeError``."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ from runtime.errors import DecodeFailure, InputError, NotAVideo, UnreadableInput
 
 
 class VideoDecodeError(InputError, RuntimeError):
-    """A video could not be probed or decoded; ``reason`` is a short machine-readable key.
+    """A video could not be read, probed or decoded; ``reason`` is a short machine-readable key.
 
     A named input failure (:class:`runtime.errors.InputError`, still a ``RuntimeError`` for old callers):
     ``VideoDecodeError(reason, message)`` builds the subclass that also is the matching ``runtime.errors``
-    kind (``missing`` -> :class:`UnreadableInput`, ``not_a_video`` / ``no_video_stream`` /
-    ``zero_duration`` -> :class:`NotAVideo`, ``decode_error`` -> :class:`DecodeFailure`).
+    kind (``missing`` / ``unreadable`` / ``bad_uri`` -> :class:`UnreadableInput`, ``not_a_video`` /
+    ``no_video_stream`` / ``zero_duration`` -> :class:`NotAVideo`, ``decode_error`` ->
+    :class:`DecodeFailure`, ``too_large`` -> :class:`OutOfLimits`, a plain named input failure).
     """
 
     def __new__(cls, *args: Any, **kwargs: Any):
@@ -32,7 +34,7 @@ class VideoDecodeError(InputError, RuntimeError):
 
 
 class UnreadableVideo(VideoDecodeError, UnreadableInput):
-    """missing: the video file is not there or cannot be read."""
+    """missing / unreadable / bad_uri: the video file is not there or its bytes cannot be read."""
 
 
 class NotAVideoError(VideoDecodeError, NotAVideo):
@@ -40,13 +42,20 @@ class NotAVideoError(VideoDecodeError, NotAVideo):
 
 
 class VideoDecodeFailure(VideoDecodeError, DecodeFailure):
-    """decode_error: the stream is there but requested frames do not decode."""
+    """decode_error: a video container whose packets or frames do not decode (truncated, garbled)."""
+
+
+class OutOfLimits(VideoDecodeError):
+    """too_large: the input exceeds a configured limit (bytes, pixels)."""
 
 
 _DECODE_KINDS: dict[str, type[VideoDecodeError]] = {
     "missing": UnreadableVideo,
+    "unreadable": UnreadableVideo,
+    "bad_uri": UnreadableVideo,
     "not_a_video": NotAVideoError,
     "no_video_stream": NotAVideoError,
     "zero_duration": NotAVideoError,
     "decode_error": VideoDecodeFailure,
+    "too_large": OutOfLimits,
 }
