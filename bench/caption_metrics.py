@@ -28,7 +28,7 @@ from pycocoevalcap.rouge.rouge import Rouge
 
 from bench.record import BenchRecord, add_record_args, col, format_cell
 from pipeline.caption_metrics import corpus_bleu, corpus_cider_d, corpus_rouge_l, tokenize
-from pipeline.synthetic import caption_class, make_captions, make_config, make_spec
+from synthetic import caption_class, make_captions, make_config, make_spec
 
 
 def coco_scores(hypotheses: list[str], references: list[list[str]]) -> dict:

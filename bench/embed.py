@@ -36,8 +36,8 @@ from pipeline.clips import sample_clips  # noqa: E402
 from pipeline.decode import crop_resize, decode_all_frames  # noqa: E402
 from pipeline.ingest import run_ingest  # noqa: E402
 from pipeline.sampling import SamplingConfig  # noqa: E402
-from pipeline.synthetic import generate_corpus  # noqa: E402
 from runtime.ray_connect import connect_ray  # noqa: E402
+from synthetic import generate_corpus  # noqa: E402
 from workflows.embed import run_embed  # noqa: E402
 
 

@@ -32,8 +32,8 @@ from index import VideoIndex, build_index  # noqa: E402
 from pipeline.datasets import segment_class  # noqa: E402
 from pipeline.ingest import run_ingest  # noqa: E402
 from pipeline.moment_eval import MomentQuery, Span, moment_metrics, relevant_segments  # noqa: E402
-from pipeline.synthetic import generate_corpus  # noqa: E402
 from pipeline.training import load_train_config  # noqa: E402
+from synthetic import generate_corpus  # noqa: E402
 from workflows.embed import run_embed  # noqa: E402
 from workflows.train import run_training  # noqa: E402
 

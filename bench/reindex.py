@@ -27,8 +27,8 @@ import pandas as pd  # noqa: E402
 import ray  # noqa: E402
 
 from bench.record import BenchRecord, add_record_args, col  # noqa: E402
-from pipeline.synthetic import generate_corpus  # noqa: E402
 from runtime.ray_connect import connect_ray  # noqa: E402
+from synthetic import generate_corpus  # noqa: E402
 from workflows.reindex import run_reindex, scan_source  # noqa: E402
 
 COLUMNS = ["video_id", "path", "captions", "split", "caption_class", "hard_group"]

@@ -41,9 +41,9 @@ import ray
 from bench.record import BenchRecord, add_record_args, col
 from models import create_model, save_checkpoint
 from pipeline.ingest import run_ingest
-from pipeline.synthetic import generate_corpus
 from runtime import storage
 from runtime.ray_connect import connect_ray
+from synthetic import generate_corpus
 from workflows.embed import run_embed
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

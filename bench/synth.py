@@ -22,7 +22,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.record import BenchRecord, add_record_args, col, format_cell  # noqa: E402
-from pipeline.synthetic import (  # noqa: E402
+from synthetic import (  # noqa: E402
     COLOURS,
     encode_mp4,
     generate_corpus,

@@ -2,7 +2,7 @@
 ``build_index`` does when ``jobs.embed --with-text`` wrote them) against the same index tuned the old way, on
 held-out video vectors, both measured on text queries neither build saw.
 
-The corpus: ``--videos`` synthetic video specs (``pipeline.synthetic.make_spec``, profile ``full``) with their
+The corpus: ``--videos`` synthetic video specs (``synthetic.make_spec``, profile ``full``) with their
 ingest captions (``make_captions``, 2-5 paraphrases). Captions are encoded by the project's text encoder
 (CLIP4Clip-meanP-tiny, seeded random init: real text vectors, untrained). Decoding and embedding
 ``--videos`` videos does not fit the time budget, so a video's vectors are made from its first caption's
@@ -42,7 +42,7 @@ from bench.record import BenchRecord, add_record_args, col  # noqa: E402
 from index import VideoIndex, build_index  # noqa: E402
 from index.testing import write_embeddings  # noqa: E402
 from index.tuning import NPROBE_CANDIDATES, apply_search_params, recall_at_k  # noqa: E402
-from pipeline.synthetic import make_captions, make_config, make_spec  # noqa: E402
+from synthetic import make_captions, make_config, make_spec  # noqa: E402
 
 MODEL = "clip4clip-meanP-tiny"
 PROFILE = "full"

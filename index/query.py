@@ -16,6 +16,7 @@ from index.searcher import RankedResult
 from index.sharded import merge_shard_results
 from index.tuning import apply_search_params
 from runtime import storage
+from runtime.values import finite_float
 
 Reranker = Callable[[str | None, list["Hit"]], list["Hit"]]
 
@@ -345,9 +346,9 @@ class VideoIndex:
                 Hit(
                     video_id=str(vid),
                     score=float(score),
-                    start_s=_num(self._start[row]),
-                    end_s=_num(self._end[row]),
-                    clip_index=None if _num(self._clip[row]) is None else int(self._clip[row]),
+                    start_s=finite_float(self._start[row]),
+                    end_s=finite_float(self._end[row]),
+                    clip_index=None if finite_float(self._clip[row]) is None else int(self._clip[row]),
                     caption=caps[0] if caps else None,
                     num_clips=g["n"],
                     id=int(self._all_ids[row]),
@@ -389,14 +390,6 @@ def _window_rows(video_ids: np.ndarray, clips: np.ndarray) -> dict[str, np.ndarr
     cuts = np.flatnonzero(vids[1:] != vids[:-1]) + 1
     return {str(group_vids[0]): group_rows
             for group_vids, group_rows in zip(np.split(vids, cuts), np.split(rows, cuts))}
-
-
-def _num(value) -> float | None:
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        return None
-    return None if np.isnan(f) else f
 
 
 def _apply_rerank(rerank: Reranker, text: str | None, hits: list[Hit]) -> list[Hit]:

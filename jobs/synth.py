@@ -6,8 +6,8 @@ import argparse
 import sys
 import time
 
-from pipeline.synthetic import LONG_DEFAULT_DURATION, PROFILES, corpus_summary, generate_corpus
 from runtime.progress import Progress, print_summary
+from synthetic import LONG_DEFAULT_DURATION, PROFILES, corpus_summary, generate_corpus
 
 
 def build_parser() -> argparse.ArgumentParser:

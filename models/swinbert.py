@@ -26,27 +26,27 @@ Training objective: masked language modelling with the causal caption mask (Swin
 is maskable, the start token is not) are replaced 80% by ``[MASK]``, 10% by a random token, 10% kept,
 and predicted. Generation appends a trailing ``[MASK]`` and predicts it — the same input pattern.
 
-Tokenizer: open_clip's bundled BPE (``SimpleTokenizer``, offline, 49,408 ids, SOT 49406, EOT 49407),
-extended by two ids: ``[MASK] = 49408`` and ``[PAD] = 49409``. A fixed vocabulary keeps checkpoints
-independent of any training corpus and lets the trainer build the model before seeing data; the
-softmax over 49,410 ids is evaluated only at masked / decoded positions, so it stays cheap on CPU.
+Tokenizer: :class:`models.caption_tokenizer.CaptionTokenizer` (open_clip's BPE + ``[MASK]``, ``[PAD]``:
+49,410 ids); the softmax over them is evaluated only at masked / decoded positions, so it stays cheap on CPU.
+Greedy and beam search: :mod:`models.caption_decoding`. The in-process training loop for tests and demos:
+:func:`pipeline.training.captioner.train_captioner`.
 
-File layout (timm style): helpers → blocks → model → checkpoint filter → builder (configs are data:
-``models/configs/swinbert-*.json``).
+File layout (timm style): helpers → blocks → model → checkpoint filter → registrations (the factory's
+builder; configs are data: ``models/configs/swinbert-*.json``).
 """
+
 
 from __future__ import annotations
 
 import dataclasses
-import time
-from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from open_clip.tokenizer import SimpleTokenizer
 
+from models.caption_decoding import NEG_INF, beam_search, greedy_search
+from models.caption_tokenizer import CaptionTokenizer
 from models.checkpoint import read_pretrained_checkpoint
 from models.clip4clip import CLIP4ClipVideoTower, load_video_tower
 from models.pretrained import PretrainedWeightsMismatch
@@ -54,76 +54,8 @@ from models.registry import get_model_entry, is_registered, merge_config
 from models.transforms import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, VideoTransform
 from models.video_swin import VideoSwinTransformer, load_pretrained
 
-NEG_INF = float("-inf")
-
 
 # --------------------------------------------------------------------------------------------- helpers
-class CaptionTokenizer:
-    """open_clip BPE + ``[MASK]``/``[PAD]``: ``tok(texts) -> LongTensor [B, context_length]``.
-
-    Rows are ``SOT w_1 .. w_n EOT PAD ...``; captions longer than the context are truncated before EOT
-    (EOT is always present). ``decode(ids)`` stops at EOT and skips special ids.
-    """
-
-    def __init__(self, context_length: int = 32):
-        if int(context_length) < 3:
-            raise ValueError(f"context_length must be >= 3 (SOT, a word, EOT), got {context_length}")
-        self.context_length = int(context_length)
-        self._bpe = None
-        bpe = self.bpe
-        self.base_vocab_size = len(bpe.encoder)
-        self.sot_id = int(bpe.encoder["<start_of_text>"])
-        self.eot_id = int(bpe.encoder["<end_of_text>"])
-        self.mask_id = self.base_vocab_size
-        self.pad_id = self.base_vocab_size + 1
-        self.vocab_size = self.base_vocab_size + 2
-
-    @property
-    def bpe(self):
-        if self._bpe is None:
-            self._bpe = SimpleTokenizer()
-        return self._bpe
-
-    def __getstate__(self):  # ship to Ray workers without the BPE caches; rebuilt lazily
-        state = dict(self.__dict__)
-        state["_bpe"] = None
-        return state
-
-    def __repr__(self) -> str:
-        return (
-            f"CaptionTokenizer(bpe=open_clip, context_length={self.context_length}, vocab={self.vocab_size})"
-        )
-
-    def encode_words(self, text: str) -> list[int]:
-        """BPE ids of ``text`` without SOT/EOT."""
-        if not isinstance(text, str):
-            raise TypeError(f"caption must be a str, got {type(text).__name__}: {text!r}")
-        return self.bpe.encode(text)
-
-    def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.Tensor:
-        if isinstance(texts, str):
-            texts = [texts]
-        length = int(context_length or self.context_length)
-        out = torch.full((len(texts), length), self.pad_id, dtype=torch.long)
-        for i, text in enumerate(texts):
-            words = self.encode_words(text)[: length - 2]
-            row = [self.sot_id, *words, self.eot_id]
-            out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        return out
-
-    def decode(self, ids: Iterable[int]) -> str:
-        """Text of one id sequence: stops at EOT, skips SOT/[MASK]/[PAD]."""
-        words = []
-        for t in ids:
-            t = int(t)
-            if t == self.eot_id:
-                break
-            if t in (self.sot_id, self.mask_id, self.pad_id) or t >= self.base_vocab_size:
-                continue
-            words.append(t)
-        return self.bpe.decode(words).strip() if words else ""
-
-
 @dataclasses.dataclass
 class VideoContext:
     """The cached video stream: per-layer video token states and which tokens are valid."""
@@ -603,115 +535,21 @@ class SwinBERT(nn.Module):
         hidden = self.caption_hidden(ctx, torch.cat([prefix, mask_col], dim=1))[:, -1]
         return self.token_logits(hidden).log_softmax(dim=-1)
 
-    def _no_early_eot(self, logp: torch.Tensor, step: int, min_length: int) -> torch.Tensor:
-        if step < min_length:
-            logp = logp.clone()
-            logp[:, self.tokenizer.eot_id] = NEG_INF
-        return logp
-
     def _greedy(self, ctx: VideoContext, max_length: int, min_length: int = 0):
-        tok = self.tokenizer
-        b = ctx.valid.shape[0]
-        device = ctx.valid.device
-        seq = torch.full((b, 1), tok.sot_id, dtype=torch.long, device=device)
-        total = torch.zeros(b, device=device)
-        count = torch.zeros(b, device=device)
-        done = torch.zeros(b, dtype=torch.bool, device=device)
-        for step in range(max_length):
-            logp = self._no_early_eot(self._next_logp(ctx, seq), step, min_length)
-            best_logp, best = logp.max(dim=-1)
-            best = torch.where(done, torch.full_like(best, tok.pad_id), best)
-            total += torch.where(done, torch.zeros_like(best_logp), best_logp)
-            count += (~done).float()
-            seq = torch.cat([seq, best[:, None]], dim=1)
-            done |= best == tok.eot_id
-            if bool(done.all()):
-                break
-        return seq, total / count.clamp(min=1)
+        def next_logp(prefix: torch.Tensor) -> torch.Tensor:
+            return self._next_logp(ctx, prefix)
+
+        batch, device = ctx.valid.shape[0], ctx.valid.device
+        return greedy_search(next_logp, self.tokenizer, batch, device, max_length, min_length)
 
     def _beam(self, ctx: VideoContext, max_length: int, k: int, alpha: float, min_length: int = 0):
-        tok = self.tokenizer
-        b = ctx.valid.shape[0]
-        device = ctx.valid.device
-        ctx = ctx.repeat_interleave(k)
-        seq = torch.full((b * k, 1), tok.sot_id, dtype=torch.long, device=device)
-        total = torch.zeros(b, k, device=device)
-        total[:, 1:] = NEG_INF  # only one live beam at the start: no duplicate hypotheses
-        total = total.view(-1)
-        length = torch.zeros(b * k, device=device)
-        done = torch.zeros(b * k, dtype=torch.bool, device=device)
-        for step in range(max_length):
-            logp = self._no_early_eot(self._next_logp(ctx, seq), step, min_length)  # [B*K, V]
-            vocab = logp.shape[-1]
-            # A finished beam has exactly one continuation, PAD, that costs nothing.
-            frozen = torch.full_like(logp, NEG_INF)
-            frozen[:, tok.pad_id] = 0.0
-            logp = torch.where(done[:, None], frozen, logp)
-            cand_total = total[:, None] + logp
-            cand_len = (length + (~done).float())[:, None].expand_as(cand_total)
-            norm = cand_total / cand_len.clamp(min=1) ** alpha
-            norm = norm.view(b, k * vocab)
-            top_norm, top_idx = norm.topk(k, dim=1)
-            beam_idx = top_idx // vocab + (torch.arange(b, device=device) * k)[:, None]
-            token = top_idx % vocab
-            beam_idx, token = beam_idx.view(-1), token.view(-1)
-            total = cand_total.view(-1)[beam_idx * vocab + token]
-            length = cand_len.reshape(-1)[beam_idx * vocab + token]
-            seq = torch.cat([seq[beam_idx], token[:, None]], dim=1)
-            done = done[beam_idx] | (token == tok.eot_id)
-            if bool(done.all()):
-                break
-        norm = (total / length.clamp(min=1) ** alpha).view(b, k)
-        best = norm.argmax(dim=1) + torch.arange(b, device=device) * k
-        mean_logp = total[best] / length[best].clamp(min=1)
-        return seq[best], mean_logp
+        batch, device = ctx.valid.shape[0], ctx.valid.device
+        beams = ctx.repeat_interleave(k)
 
+        def next_logp(prefix: torch.Tensor) -> torch.Tensor:
+            return self._next_logp(beams, prefix)
 
-# ------------------------------------------------------------------------------------------- training helper
-def train_captioner(
-    model: SwinBERT,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor | None, Sequence[str]]],
-    steps: int,
-    lr: float = 1e-3,
-    weight_decay: float = 0.01,
-    backbone_lr_scale: float = 0.05,
-    seed: int = 0,
-    log_every: int = 0,
-) -> list[dict[str, float]]:
-    """Plain in-process AdamW loop over ``(frames, mask, captions)`` batches (cycled), for tests and demos.
-
-    The backbone learns at ``backbone_lr_scale x lr`` (SwinBERT's ``backbone_coef_lr``: at the head's
-    rate a randomly initialised Video Swin collapses different videos onto one feature within tens of
-    steps). Returns one ``{"step", "loss", "mlm", "sparsity"}`` dict per step. Real training goes through
-    ``jobs.train --task caption`` (Ray Train), which calls :meth:`SwinBERT.training_loss` the same way.
-    """
-    batches = list(batches)
-    if not batches:
-        raise ValueError("train_captioner needs at least one batch")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    optimizer = torch.optim.AdamW(model.param_groups(lr, backbone_lr_scale), weight_decay=weight_decay)
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
-    history = []
-    start = time.perf_counter()
-    for step in range(steps):
-        frames, mask, captions = batches[step % len(batches)]
-        loss, parts = model.training_loss(frames, mask, captions, generator=generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        history.append({"step": step, "loss": float(loss.detach()), **parts})
-        if log_every and (step + 1) % log_every == 0:
-            rate = (step + 1) / (time.perf_counter() - start)
-            print(
-                f"[train_captioner] step {step + 1}/{steps} loss {history[-1]['loss']:.4f} "
-                f"mlm {parts['mlm']:.4f} sparsity {parts['sparsity']:.4f} ({rate:.2f} steps/s)",
-                flush=True,
-            )
-    model.eval()
-    return history
+        return beam_search(next_logp, self.tokenizer, batch, device, max_length, k, alpha, min_length)
 
 
 # ------------------------------------------------------------------------------------ checkpoint filter
@@ -797,7 +635,7 @@ def checkpoint_extra(model: SwinBERT, **more: Any) -> dict[str, Any]:
     return {"config_overrides": overrides, **more}
 
 
-# ----------------------------------------------------------------------------------------------- builder
+# --------------------------------------------------------------------------------------- registrations
 def build_backbone(cfg: dict[str, Any]) -> tuple[nn.Module, int, int]:
     """The backbone of a ``swinbert`` config's ``backbone`` entry and its token grid geometry
     ``(temporal_patch, spatial_stride)``: a Video Swin (keyword arguments of :class:`VideoSwinTransformer`),
@@ -885,5 +723,4 @@ __all__ = [
     "checkpoint_filter_fn",
     "load_backbone",
     "swinbert_from_config",
-    "train_captioner",
 ]

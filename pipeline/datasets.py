@@ -23,14 +23,12 @@ they raise. Any other exception is a bug and raises under either policy.
 from __future__ import annotations
 
 import collections
-import contextlib
 import glob
 import json
 import logging
 import os
-import tarfile
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -40,12 +38,12 @@ from torch.utils.data import IterableDataset, get_worker_info
 from pipeline.clips import sample_clips
 from pipeline.decode import Size
 from pipeline.sampling import SamplingConfig, plan_in_span
+from pipeline.shard_tar import TAR_FAILURES, BadTar, open_shard_streams
 from runtime import storage
 from runtime.errors import (
     ErrorPolicy,
     InputError,
     InvalidMetadata,
-    UnreadableInput,
     check_policy,
     should_record,
 )
@@ -53,8 +51,6 @@ from runtime.errors import (
 log = logging.getLogger(__name__)
 
 MAX_ERROR_RECORDS = 1000
-# What reading a shard tar raises on bad data (webdataset passes it to the dataset's handler).
-TAR_FAILURES = (tarfile.TarError, OSError, EOFError, ValueError)
 
 
 class BadSample(InvalidMetadata, ValueError):
@@ -67,12 +63,6 @@ class BadSample(InvalidMetadata, ValueError):
 
     def __reduce__(self):
         return type(self), (self.reason, self.message)
-
-
-class BadTar(UnreadableInput):
-    """A shard tar (or a member of it) that cannot be read; reason ``bad_tar``."""
-
-    reason = "bad_tar"
 
 
 # --------------------------------------------------------------------------------------------- shards
@@ -121,31 +111,6 @@ def _folder_shards(folder: str) -> list[str]:
     return complete
 
 
-def open_shard_streams(
-    sources: Iterable[str | Mapping[str, Any]],
-    handler: Callable[[Exception], bool] | None = None,
-) -> Iterator[dict[str, Any]]:
-    """``{"url", "stream"}`` for each shard URI (or ``{"url": ...}`` dict), opened through
-    :mod:`runtime.storage`, for webdataset's ``tar_file_expander``: it reads tars on any store (webdataset's
-    own opener knows local files, ``pipe:`` and http only). Each stream is closed when the next is asked
-    for. A shard that cannot be opened goes to ``handler`` (True: skip it; False: stop); without one it
-    raises. Usable as a stage: ``wds.DataPipeline(wds.SimpleShardList(urls), open_shard_streams,
-    tar_file_expander, group_by_keys)``."""
-    for source in sources:
-        url = os.fspath(source["url"] if isinstance(source, Mapping) else source)
-        with contextlib.ExitStack() as stack:
-            try:
-                stream = stack.enter_context(storage.open_input(url))
-            except Exception as exn:  # what the handler does with it is its call (webdataset's contract)
-                exn.args = exn.args + (url,)
-                if handler is None:
-                    raise
-                if handler(exn):
-                    continue
-                return
-            yield {"url": url, "stream": stream}
-
-
 def distributed_rank_world(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
     """Explicit ``rank``/``world_size``, else ``torch.distributed`` (as set up by Ray Train), else (0, 1)."""
     if rank is not None or world_size is not None:
@@ -189,11 +154,152 @@ def _failure_message(exc: BaseException) -> str:
     return str(getattr(exc, "message", exc))
 
 
+# --------------------------------------------------------------------------------------------- samples
+# Small generators over sample dicts (webdataset's style): each takes an iterator and gives one, and a
+# failure goes to ``errors`` (a SkipLog, which holds the error policy).
+
+
+class SkipLog:
+    """Where a stream's skipped inputs go: the error policy (``on_error``: ``"record"`` counts and logs a
+    named input failure and moves on, ``"raise"`` raises it), the counts by reason, the first
+    ``MAX_ERROR_RECORDS`` records, and an optional ``on_skip(record)`` callback."""
+
+    def __init__(self, on_error: ErrorPolicy = "record",
+                 on_skip: Callable[[dict[str, Any]], None] | None = None):
+        self.on_error = check_policy(on_error)
+        self.on_skip = on_skip
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.records: list[dict[str, Any]] = []
+
+    def skip(self, key: str, url: str, exc: InputError) -> None:
+        """Record a named input failure under ``"record"``; raise it under ``"raise"``."""
+        if not should_record(exc, self.on_error):
+            raise exc
+        message = _failure_message(exc)
+        record = {"key": key, "shard": os.path.basename(url), "reason": exc.reason, "message": message}
+        log.warning("skipping sample %s in %s: %s: %s", key, url, exc.reason, message)
+        self.counts[exc.reason] += 1
+        if len(self.records) < MAX_ERROR_RECORDS:
+            self.records.append(record)
+        if self.on_skip is not None:
+            self.on_skip(record)
+
+    def tar_error(self, exc: Exception) -> bool:
+        """webdataset's handler: a bad tar is recorded (keep going with the next member / shard)."""
+        if not isinstance(exc, TAR_FAILURES):
+            raise exc  # a bug, not a bad shard
+        self.skip("", getattr(exc, "url", "?"), BadTar(f"{type(exc).__name__}: {exc}"))
+        return True
+
+
+def tar_samples(shards: Sequence[str], index: int, count: int, by_shard: bool,
+                errors: SkipLog) -> Iterator[dict[str, Any]]:
+    """``{"__key__", "__url__", "mp4", "json"}`` samples of consumer ``index`` of ``count``: whole shards
+    (``by_shard``: every ``count``-th shard) or every ``count``-th sample of every shard."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    mine = shards[index::count] if by_shard else shards
+    files = tar_file_expander(open_shard_streams(mine, errors.tar_error), handler=errors.tar_error)
+    for position, sample in enumerate(group_by_keys(files, handler=errors.tar_error)):
+        if by_shard or position % count == index:
+            yield sample
+
+
+def shuffled(samples: Iterator[dict[str, Any]], buffer_size: int,
+             rng: np.random.Generator) -> Iterator[dict[str, Any]]:
+    """Samples through a shuffle buffer of ``buffer_size`` (unchanged order when it is 0 or 1)."""
+    if buffer_size <= 1:
+        yield from samples
+        return
+    buffer: list[dict[str, Any]] = []
+    for sample in samples:
+        if len(buffer) < buffer_size:
+            buffer.append(sample)
+            continue
+        j = int(rng.integers(len(buffer)))
+        yield buffer[j]
+        buffer[j] = sample
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def complete_samples(samples: Iterator[dict[str, Any]], split: str | None,
+                     errors: SkipLog) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    """``(sample, json record)`` of every sample with an mp4 and a json object (else a :class:`BadSample`
+    to ``errors``), of ``split`` only when one is given."""
+    for sample in samples:
+        key, url = str(sample.get("__key__", "")), str(sample.get("__url__", ""))
+        if "mp4" not in sample or "json" not in sample:
+            missing = [ext for ext in ("mp4", "json") if ext not in sample]
+            errors.skip(key, url, BadSample("incomplete_sample", f"missing member(s) {missing}"))
+            continue
+        try:
+            record = _json_record(sample["json"])
+        except BadSample as exc:
+            errors.skip(key, url, exc)
+            continue
+        if split is not None and record.get("split") != split:
+            continue
+        yield sample, record
+
+
+def _clip_sample(key: str, video_id: str, clip: Any, captions: list[str], meta: dict[str, Any]) -> dict:
+    return {"key": key, "video_id": video_id, "frames": clip.frames, "mask": clip.mask, "times": clip.times,
+            "time_error": clip.time_error, "captions": captions, "meta": meta}
+
+
+def video_clips(pairs: Iterator[tuple[dict, dict]], sampling: SamplingConfig, decode: Mapping[str, Any],
+                rng: np.random.Generator, errors: SkipLog) -> Iterator[dict[str, Any]]:
+    """One sample per video: its clips sparse-sampled by ``sampling`` (:func:`pipeline.clips.sample_clips`
+    with the ``decode`` options: size, backend, keyframe_mode, device); a video that does not decode goes
+    to ``errors``."""
+    for sample, record in pairs:
+        key, url = str(sample["__key__"]), str(sample.get("__url__", ""))
+        try:
+            clip = sample_clips(sample["mp4"], sampling, rng=rng, meta=_plan_meta(record), **decode)
+        except InputError as exc:  # a bad video is skipped (policy "record"); a bug raises
+            errors.skip(key, url, exc)
+            continue
+        yield _clip_sample(record.get("key", key), record.get("video_id", key), clip,
+                           list(record.get("captions") or []), record)
+
+
+def segment_clips(pairs: Iterator[tuple[dict, dict]], sampling: SamplingConfig, decode: Mapping[str, Any],
+                  rng: np.random.Generator, errors: SkipLog) -> Iterator[dict[str, Any]]:
+    """One sample per timed caption of each video (``ShardClipDataset(segments=True)``, see its docstring);
+    a video whose clips do not decode goes to ``errors`` and gives no (further) sample."""
+    for sample, record in pairs:
+        key, url = str(sample["__key__"]), str(sample.get("__url__", ""))
+        segments = record.get("segments") or []
+        meta = _plan_meta(record)
+        if segments and meta is None:
+            errors.skip(key, url, BadSample("bad_json", f"{key}: segments need duration and fps in the json"))
+            continue
+        video_id = str(record.get("video_id", key))
+        for i, seg in enumerate(segments):
+            start, end = float(seg["start_s"]), float(seg["end_s"])
+            plan = plan_in_span(sampling, start, end, meta["fps"], rng=rng,
+                                start_time=float(meta.get("start_time") or 0.0))
+            try:
+                clip = sample_clips(sample["mp4"], plan, rng=rng, meta=meta, **decode)
+            except InputError as exc:  # a bad video is skipped (policy "record"); a bug raises
+                errors.skip(key, url, exc)
+                break
+            segment_meta = {
+                **record, "source_video_id": video_id,
+                "segment": {"index": i, "start_s": start, "end_s": end},
+                "caption_class": segment_class(record, i), "video_caption_class": record.get("caption_class"),
+            }
+            yield _clip_sample(f"{record.get('key', key)}#{i}", f"{video_id}#{i}", clip,
+                               [str(seg["caption"])], segment_meta)
+
+
 # --------------------------------------------------------------------------------------------- torch
 
 
 class ShardClipDataset(IterableDataset):
-    """Sparse-sampled clips from WebDataset shards, for torch ``DataLoader`` (see the module docstring).
+    """Sparse-sampled clips from WebDataset shards, for torch ``DataLoader`` (see the module docstring): the
+    generators above, chained per consumer and epoch.
 
     Args:
         shards: shard tars (list, brace pattern, glob or ingest output directory).
@@ -215,6 +321,8 @@ class ShardClipDataset(IterableDataset):
             json plus ``source_video_id``, ``segment`` (``{index, start_s, end_s}``), ``caption_class`` =
             the segment's class (:func:`segment_class`) and ``video_caption_class`` (the video's). Videos
             without segments give no sample.
+
+    ``error_counts`` (by reason) and ``errors`` (the first records) fill as samples are skipped.
     """
 
     def __init__(
@@ -240,31 +348,23 @@ class ShardClipDataset(IterableDataset):
         if split_by not in ("auto", "shard", "sample"):
             raise ValueError(f"split_by={split_by!r}: expected 'auto', 'shard' or 'sample'")
         self.shards = list_shards(shards)
-        if sampling is None:
-            sampling = SamplingConfig()
-        self.sampling = as_sampling_config(sampling)
-        self.size = size
+        self.sampling = as_sampling_config(SamplingConfig() if sampling is None else sampling)
+        self.decode = {"size": size, "backend": backend, "keyframe_mode": keyframe_mode, "device": device}
         self.split = split
         self.shuffle_shards = shuffle_shards
         self.shuffle_buffer = int(shuffle_buffer)
         self.seed = int(seed)
         self.rank, self.world_size = rank, world_size
         self.split_by = split_by
-        self.backend = backend
-        self.keyframe_mode = keyframe_mode
-        self.device = device
-        self.on_error = check_policy(on_error)
-        self.on_skip = on_skip
         self.segments = bool(segments)
         self.epoch = 0
-        self.error_counts: collections.Counter[str] = collections.Counter()
-        self.errors: list[dict[str, Any]] = []
+        self.skips = SkipLog(on_error, on_skip)
+        self.error_counts = self.skips.counts
+        self.errors = self.skips.records
 
     def set_epoch(self, epoch: int) -> None:
         """Resample for a new epoch: new shard order, shuffle buffer and train-mode clip positions."""
         self.epoch = int(epoch)
-
-    # -- plumbing -------------------------------------------------------------------------------------
 
     def consumer(self) -> tuple[int, int]:
         """(index, count) of the calling (rank, DataLoader worker) among all consumers."""
@@ -281,139 +381,20 @@ class ShardClipDataset(IterableDataset):
             order = [order[i] for i in rng.permutation(len(order))]
         return order
 
-    def _record_error(self, key: str, url: str, reason: str, message: str) -> None:
-        record = {"key": key, "shard": os.path.basename(url), "reason": reason, "message": message}
-        log.warning("skipping sample %s in %s: %s: %s", key, url, reason, message)
-        self.error_counts[reason] += 1
-        if len(self.errors) < MAX_ERROR_RECORDS:
-            self.errors.append(record)
-        if self.on_skip is not None:
-            self.on_skip(record)
-
-    def _skip(self, key: str, url: str, exc: InputError) -> None:
-        """Record a named input failure under ``"record"``; raise it under ``"raise"``."""
-        if not should_record(exc, self.on_error):
-            raise exc
-        self._record_error(key, url, exc.reason, _failure_message(exc))
-
-    def _tar_error(self, exc: Exception) -> bool:
-        """webdataset's handler: a bad tar is recorded (keep going with the next member / shard)."""
-        if not isinstance(exc, TAR_FAILURES):
-            raise exc  # a bug, not a bad shard
-        self._skip("", getattr(exc, "url", "?"), BadTar(f"{type(exc).__name__}: {exc}"))
-        return True
-
     def raw_samples(self) -> Iterator[dict[str, Any]]:
         """This consumer's ``{"__key__", "__url__", "mp4", "json"}`` samples, before decoding/shuffling."""
-        from webdataset.tariterators import group_by_keys, tar_file_expander
-
         index, count = self.consumer()
         order = self.shard_order()
         by_shard = self.split_by == "shard" or (self.split_by == "auto" and len(order) >= count)
-        mine = order[index::count] if by_shard else order
-        position = -1
-        files = tar_file_expander(open_shard_streams(mine, self._tar_error), handler=self._tar_error)
-        for sample in group_by_keys(files, handler=self._tar_error):
-            if not by_shard:
-                position += 1
-                if position % count != index:
-                    continue
-            yield sample
-
-    def _shuffled(self, samples: Iterator[dict[str, Any]], rng: np.random.Generator) -> Iterator[dict]:
-        if self.shuffle_buffer <= 1:
-            yield from samples
-            return
-        buffer: list[dict[str, Any]] = []
-        for sample in samples:
-            if len(buffer) < self.shuffle_buffer:
-                buffer.append(sample)
-                continue
-            j = int(rng.integers(len(buffer)))
-            yield buffer[j]
-            buffer[j] = sample
-        rng.shuffle(buffer)
-        yield from buffer
-
-    def _filtered(self, samples: Iterator[dict[str, Any]]) -> Iterator[tuple[dict, dict]]:
-        for sample in samples:
-            key, url = str(sample.get("__key__", "")), str(sample.get("__url__", ""))
-            if "mp4" not in sample or "json" not in sample:
-                missing = [ext for ext in ("mp4", "json") if ext not in sample]
-                self._skip(key, url, BadSample("incomplete_sample", f"missing member(s) {missing}"))
-                continue
-            try:
-                record = _json_record(sample["json"])
-            except BadSample as exc:
-                self._skip(key, url, exc)
-                continue
-            if self.split is not None and record.get("split") != self.split:
-                continue
-            yield sample, record
+        return tar_samples(order, index, count, by_shard, self.skips)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         index, _ = self.consumer()
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        for sample, record in self._filtered(self._shuffled(self.raw_samples(), rng)):
-            key, url = str(sample["__key__"]), str(sample.get("__url__", ""))
-            if self.segments:
-                yield from self._segment_samples(sample, record, key, url, rng)
-                continue
-            try:
-                clip = sample_clips(
-                    sample["mp4"], self.sampling, size=self.size, backend=self.backend,
-                    keyframe_mode=self.keyframe_mode, rng=rng, meta=_plan_meta(record), device=self.device,
-                )
-            except InputError as exc:  # a bad video is skipped (policy "record"); a bug raises
-                self._skip(key, url, exc)
-                continue
-            yield {
-                "key": record.get("key", key),
-                "video_id": record.get("video_id", key),
-                "frames": clip.frames,
-                "mask": clip.mask,
-                "times": clip.times,
-                "time_error": clip.time_error,
-                "captions": list(record.get("captions") or []),
-                "meta": record,
-            }
-
-
-    def _segment_samples(
-        self, sample: dict, record: dict, key: str, url: str, rng: np.random.Generator
-    ) -> Iterator[dict[str, Any]]:
-        """One sample per timed caption of a video (``segments=True``, see the class docstring)."""
-        segments = record.get("segments") or []
-        meta = _plan_meta(record)
-        if segments and meta is None:
-            self._skip(key, url, BadSample("bad_json", f"{key}: segments need duration and fps in the json"))
-            return
-        video_id = str(record.get("video_id", key))
-        for i, seg in enumerate(segments):
-            start, end = float(seg["start_s"]), float(seg["end_s"])
-            plan = plan_in_span(self.sampling, start, end, meta["fps"], rng=rng,
-                                start_time=float(meta.get("start_time") or 0.0))
-            try:
-                clip = sample_clips(sample["mp4"], plan, size=self.size, backend=self.backend,
-                                    keyframe_mode=self.keyframe_mode, rng=rng, meta=meta, device=self.device)
-            except InputError as exc:  # a bad video is skipped (policy "record"); a bug raises
-                self._skip(key, url, exc)
-                return
-            segment_meta = {
-                **record, "source_video_id": video_id,
-                "segment": {"index": i, "start_s": start, "end_s": end},
-                "caption_class": segment_class(record, i), "video_caption_class": record.get("caption_class"),
-            }
-            yield {
-                "key": f"{record.get('key', key)}#{i}",
-                "video_id": f"{video_id}#{i}",
-                "frames": clip.frames,
-                "mask": clip.mask,
-                "times": clip.times,
-                "time_error": clip.time_error,
-                "captions": [str(seg["caption"])],
-                "meta": segment_meta,
-            }
+        samples = shuffled(self.raw_samples(), self.shuffle_buffer, rng)
+        pairs = complete_samples(samples, self.split, self.skips)
+        clips = segment_clips if self.segments else video_clips
+        return clips(pairs, self.sampling, self.decode, rng, self.skips)
 
 
 def segment_class(record: Mapping[str, Any], i: int) -> str:

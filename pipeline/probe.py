@@ -1,7 +1,8 @@
 """Probing and transcoding video bytes with PyAV.
 
 ``probe_video`` demuxes every packet (no decoding) to count frames and keyframes, and decodes only the first
-frame to prove the stream is decodable. Failures raise ``ProbeError`` with one of the ingest reason classes.
+frame to prove the stream is decodable. Failures raise ``ProbeError`` (the one video input failure,
+:class:`pipeline.decode.VideoDecodeError`) with one of the ingest reason classes.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 import av
 
-from runtime.errors import DecodeFailure, InputError, NotAVideo, UnreadableInput
+from pipeline.decode.errors import VideoDecodeError
 
 # Magic numbers of containers we recognise; bytes that start like a video but do not open are a decode_error
 # (e.g. a truncated mp4), anything else is not_a_video.
@@ -31,54 +32,9 @@ _CONTAINER_MAGIC = (
 )
 
 
-class ProbeError(InputError):
-    """A sample that cannot be ingested; ``reason`` is one of the ingest reason classes.
-
-    A named input failure (:class:`runtime.errors.InputError`): ``ProbeError(reason, message)`` builds the
-    subclass that also is the matching ``runtime.errors`` kind (``decode_error`` -> :class:`DecodeFailure`,
-    ``not_a_video`` -> :class:`NotAVideo`, ...), so ``except ProbeError`` and the error policy both apply.
-    """
-
-    def __new__(cls, *args: Any, **kwargs: Any):
-        if cls is ProbeError and args:
-            cls = _PROBE_KINDS.get(args[0], ProbeError)
-        return super().__new__(cls, *args, **kwargs)
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
-
-    def __reduce__(self):
-        return ProbeError, (self.reason, self.message)
-
-
-class UnreadableSource(ProbeError, UnreadableInput):
-    """missing / unreadable / bad_uri: the bytes could not be read."""
-
-
-class NotAVideoSource(ProbeError, NotAVideo):
-    """not_a_video / no_video_stream / zero_duration: no usable video stream in the bytes."""
-
-
-class CorruptVideo(ProbeError, DecodeFailure):
-    """decode_error: a video container whose packets or frames do not decode (truncated, garbled)."""
-
-
-class OutOfLimits(ProbeError):
-    """too_large: the input exceeds a configured limit (bytes, pixels); a plain named input failure."""
-
-
-_PROBE_KINDS: dict[str, type[ProbeError]] = {
-    "missing": UnreadableSource,
-    "unreadable": UnreadableSource,
-    "bad_uri": UnreadableSource,
-    "not_a_video": NotAVideoSource,
-    "no_video_stream": NotAVideoSource,
-    "zero_duration": NotAVideoSource,
-    "decode_error": CorruptVideo,
-    "too_large": OutOfLimits,
-}
+# Ingest's name for the one video input failure (reasons missing, unreadable, bad_uri, not_a_video,
+# no_video_stream, zero_duration, decode_error, too_large; see pipeline/decode/errors.py).
+ProbeError = VideoDecodeError
 
 
 def looks_like_video(data: bytes) -> bool:

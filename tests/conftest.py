@@ -19,7 +19,7 @@ import pytest
 import ray
 
 from pipeline.ingest import run_ingest
-from pipeline.synthetic import generate_corpus
+from synthetic import generate_corpus
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

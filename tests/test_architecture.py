@@ -11,8 +11,8 @@ import grimp
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("jobs", "bench", "workflows", "pipeline", "index", "models", "runtime")
-LIBRARY = ("workflows", "pipeline", "index", "models", "runtime")
+PACKAGES = ("jobs", "bench", "workflows", "pipeline", "index", "synthetic", "models", "runtime")
+LIBRARY = ("workflows", "pipeline", "index", "synthetic", "models", "runtime")
 MAX_JOB_LINES = 120
 MAX_FUNCTION_LINES = 80
 

@@ -21,8 +21,8 @@ from cluster_fixtures import cluster3  # noqa: F401  (module-scoped fixture)
 from conftest import REPO_ROOT, free_port
 
 from models import create_model, save_checkpoint
-from pipeline.synthetic import generate_corpus
 from runtime import storage
+from synthetic import generate_corpus
 
 pytestmark = pytest.mark.slow
 

@@ -23,7 +23,8 @@ from pipeline.embedding import (
     window_span,
 )
 from pipeline.probe import probe_video
-from pipeline.synthetic import (
+from runtime import storage
+from synthetic import (
     COLOUR_WORDS,
     COLOURS,
     DIRECTION_WORDS,
@@ -33,7 +34,6 @@ from pipeline.synthetic import (
     make_manifest,
     make_spec,
 )
-from runtime import storage
 
 MODEL = "clip4clip-meanP-tiny"
 

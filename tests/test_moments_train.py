@@ -16,14 +16,14 @@ from pipeline.ingest import IngestShardStage, plan_inputs
 from pipeline.inputs import read_inputs
 from pipeline.moment_eval import MomentQuery, Span, best_iou, moment_metrics, relevant_segments, temporal_iou
 from pipeline.sampling import SamplingConfig, plan_in_span
-from pipeline.synthetic import (
+from pipeline.training import TrainConfig, distinct_batches, load_train_config, meta_key, shard_inventory
+from pipeline.training.loop import run_epochs, setup_worker
+from synthetic import (
     HELDOUT_SEGMENT_TEMPLATES,
     SINGLE_TEMPLATES,
     generate_corpus,
     make_manifest,
 )
-from pipeline.training import TrainConfig, distinct_batches, load_train_config, meta_key, shard_inventory
-from pipeline.training.loop import run_epochs, setup_worker
 
 TRAIN_CLIP = SamplingConfig(num_clips=1, frames_per_clip=4, fps=4.0, mode="train")
 

@@ -63,7 +63,7 @@ def index_snapshot(root: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def corpora(tmp_path_factory):
-    from pipeline.synthetic import generate_corpus
+    from synthetic import generate_corpus
 
     base = tmp_path_factory.mktemp("reindex_corpora")
     generate_corpus(base / "a", n=12, seed=3, min_duration=2.0, max_duration=2.0, size=64, fps=10)

@@ -13,7 +13,7 @@ import pytest
 from pipeline.ingest import IngestShardStage, plan_inputs, run_ingest
 from pipeline.ingest.segments import InvalidSegment, check_segment
 from pipeline.inputs import read_inputs
-from pipeline.synthetic import generate_corpus
+from synthetic import generate_corpus
 
 GOOD = [{"start_s": 1.0, "end_s": 3.5, "caption": "a red circle moves left"},
         {"start_s": 4.0, "end_s": 16.95, "caption": "a blue square moves up"}]  # past the end by < 1 frame

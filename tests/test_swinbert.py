@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from models import create_model, get_model_config, list_models, model_id_for, save_checkpoint
-from models.swinbert import SparseVideoMask, SwinBERT, checkpoint_extra, train_captioner
+from models.swinbert import SparseVideoMask, SwinBERT, checkpoint_extra
+from pipeline.training.captioner import train_captioner
 
 CAPTIONS = ["a red circle moves left", "blue square jumps", "green triangle spins slowly"]
 SMALL = {"image_size": 32, "num_frames": 4}  # 2 x 1 x 1 video tokens: the cheapest grid the config allows

@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import synthetic
 from jobs import synth as synth_job
-from pipeline import synthetic
-from pipeline.synthetic import (
+from synthetic import (
     COLOURS,
     MOTION_COLOURS,
     MOTION_DIRECTIONS,

@@ -36,9 +36,9 @@ from index import VideoIndex, build_index
 from pipeline.caption_metrics import evaluate_captions, tokenize
 from pipeline.captioning import CAPTIONS_FILE
 from pipeline.ingest import run_ingest
-from pipeline.synthetic import COLOUR_WORDS, DIRECTION_WORDS, SHAPE_WORDS, generate_corpus
 from pipeline.training import load_train_config
 from runtime.ray_connect import connect_ray
+from synthetic import COLOUR_WORDS, DIRECTION_WORDS, SHAPE_WORDS, generate_corpus
 from workflows.caption import run_caption
 from workflows.embed import run_embed
 from workflows.report import format_rows, metrics_rows, shard_lookup, write_report

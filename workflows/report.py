@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import html
-import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import torch
 from torchvision.io import encode_png
 
 from pipeline.decode import decode_frames
+from pipeline.shard_tar import read_tar_member
 
 ShardLookup = dict[str, tuple[str, str]]
 
@@ -71,8 +71,7 @@ def format_rows(rows: list[tuple[str, str]]) -> str:
 def thumbnail_png(lookup: ShardLookup, video_id: str, at_s: float, size: int = 96) -> str:
     """A base64 PNG of the frame shown at ``at_s`` seconds (decoded by seeking, like every stage)."""
     tar_path, key = lookup[video_id]
-    with tarfile.open(tar_path) as tar:
-        data = tar.extractfile(f"{key}.mp4").read()
+    data = read_tar_member(tar_path, f"{key}.mp4")
     frame = decode_frames(data, [max(at_s, 0.0)], size=size)[0]
     png = encode_png(torch.from_numpy(frame).permute(2, 0, 1).contiguous())
     return base64.b64encode(bytes(png.numpy())).decode()

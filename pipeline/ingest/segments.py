@@ -9,10 +9,10 @@ ingested with its valid segments. Rules: times are finite numbers, ``0 <= start_
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from runtime.errors import InvalidMetadata
+from runtime.values import finite_float
 
 SEGMENT_FIELDS = ("start_s", "end_s", "caption")
 # reason classes of a bad segment (also in pipeline.ingest.layout.REASONS)
@@ -31,16 +31,6 @@ class InvalidSegment(InvalidMetadata, ValueError):
         return (type(self), (self.reason, self.message))
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool):
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
 def check_segment(segment: Any, duration: float, fps: float) -> dict[str, Any]:
     """The segment as ``{start_s, end_s, caption}`` (floats, str), or :class:`InvalidSegment` saying why."""
     if not isinstance(segment, dict):
@@ -49,7 +39,7 @@ def check_segment(segment: Any, duration: float, fps: float) -> dict[str, Any]:
     missing = [f for f in SEGMENT_FIELDS if f not in segment or segment[f] is None]
     if missing:
         raise InvalidSegment("segment_malformed", f"missing {', '.join(missing)} in {segment!r}")
-    start, end, caption = _number(segment["start_s"]), _number(segment["end_s"]), segment["caption"]
+    start, end, caption = finite_float(segment["start_s"]), finite_float(segment["end_s"]), segment["caption"]
     if start is None or end is None:
         raise InvalidSegment("segment_malformed", f"start_s/end_s must be finite numbers, got {segment!r}")
     if not isinstance(caption, str) or not caption.strip():

@@ -46,7 +46,7 @@ from workflows.reindex.tables import (
     write_embeddings_dir,
 )
 from workflows.reindex.validate import validate_index
-from workflows.reindex.workdir import STATE_FORMAT, Workdir, read_json, write_json_atomic
+from workflows.reindex.workdir import STATE_FORMAT, Workdir, read_json
 
 CRASH_ENV = "VIDSIFT_REINDEX_CRASH_AFTER"  # test hook: step name after which the run dies
 STEPS = ("scan", "ingest", "embed", "index", "validate", "publish")
@@ -164,7 +164,8 @@ def step_scan(run: ReindexRun) -> None:
     run.videos, run.problems, new_cache = scan_source(
         run.source, cache, workers=run.cfg["hash_workers"], progress=run.progress
     )
-    write_json_atomic(wd.hash_cache, new_cache)  # a cache, not state: safe to keep even if the run dies
+    # a cache, not state: safe to keep even if the run dies
+    storage.write_json(wd.hash_cache, new_cache, fsync=True)
     run.delta = compute_delta(run.videos, run.problems, run.state, retry_failed=run.retry_failed)
     if run.progress:
         full = ", full build" if run.full else ""
@@ -191,7 +192,7 @@ def step_ingest(run: ReindexRun) -> None:
     if old_fp is not None and old_fp != fp:
         _log(f"the source changed since the interrupted run {run.seq}: redoing its ingest/embed")
         wd.reset_run(run.seq, run.partition)
-    write_json_atomic(fp_path, {"fingerprint": fp, "videos": len(ids)})
+    storage.write_json(fp_path, {"fingerprint": fp, "videos": len(ids)}, fsync=True)
     finished = read_json(storage.join(run.run_dir, "manifest.json"), default={}) or {}
     if not (finished.get("summary") or {}).get("complete"):  # a rerun skips Ray start-up when done
         run.connect_ray()
@@ -368,7 +369,7 @@ def step_publish(run: ReindexRun) -> None:
 def commit_state(run: ReindexRun) -> None:
     """Advance ``state.json`` (only now: a run that died earlier is redone by the next one)."""
     published = run.published if run.mode != "none" else run.current
-    write_json_atomic(run.wd.state, {
+    storage.write_json(run.wd.state, {
         "format": STATE_FORMAT,
         "seq": run.seq,
         "model_id": run.model_id,
@@ -379,7 +380,7 @@ def commit_state(run: ReindexRun) -> None:
         "updated": time.time(),
         "videos": dict(sorted(run.live_records.items())),
         "failed": dict(sorted(run.failed_records.items())),
-    })
+    }, fsync=True)
     run.summary.update(
         version=published,
         live_videos=len(run.live_records),
@@ -437,7 +438,7 @@ def execute(run: ReindexRun, dry_run: bool = False) -> dict[str, Any]:
             ray.shutdown()
     run.timings["total"] = round(time.perf_counter() - run.t_start, 3)
     run.summary["timings_s"] = run.timings
-    write_json_atomic(storage.join(run.wd.runs, f"run-{run.seq:06d}.json"), run.summary)
+    storage.write_json(storage.join(run.wd.runs, f"run-{run.seq:06d}.json"), run.summary, fsync=True)
     return run.summary
 
 

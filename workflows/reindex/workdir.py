@@ -1,5 +1,5 @@
 """Layout of a reindex working directory on any store (a local folder, ``s3://``, ``gs://``: via
-:mod:`runtime.storage`), its state file and the atomic JSON writes every step uses."""
+:mod:`runtime.storage`), its state file and how it is read."""
 
 from __future__ import annotations
 
@@ -14,11 +14,6 @@ from workflows.reindex.config import ReindexError
 
 STATE_FORMAT = "vidsift-reindex-1"
 LOCK_FILE = "reindex.lock"
-
-
-def write_json_atomic(uri: str | os.PathLike, payload: Any) -> None:
-    """Write JSON to ``uri`` as one complete file/object (local: temp + fsync + rename; remote: one PUT)."""
-    storage.write_json(uri, payload, fsync=True)
 
 
 def read_json(uri: str | os.PathLike, default: Any = None) -> Any:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,6 +21,7 @@ import pyarrow as pa
 from pipeline.captioning import CAPTIONS_FILE
 from pipeline.datasets import list_shards
 from runtime import storage
+from runtime.values import finite_float
 from workflows.serve.queries import BadRequest, Filters
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ class Catalog:
         for column, value in filters.where:
             if column not in self.kinds:
                 raise BadRequest(f"unknown filter column {column!r}; this index has: {sorted(self.kinds)}")
-            if self.kinds[column] == "number" and _float(value) is None:
+            if self.kinds[column] == "number" and finite_float(value) is None:
                 raise BadRequest(f"where={column}:{value!r}: {column} is numeric, {value!r} is not a number")
 
     def matches(self, video_id: str, filters: Filters) -> bool:
@@ -106,7 +106,7 @@ def build_catalog(ids: pa.Table, shards: Sequence[str] = (), captions: Sequence[
             videos[vid] = {c: row[c] for c in names}
             videos[vid]["num_clips"] = 0
         videos[vid]["num_clips"] += 1
-        end = _float(row.get("end_s"))
+        end = finite_float(row.get("end_s"))
         if end is not None:
             videos[vid]["duration"] = max(videos[vid].get("duration") or 0.0, end)
         moment = {k: row.get(k) for k in ("clip_index", "start_s", "end_s", "captions")}
@@ -165,19 +165,11 @@ def _kinds(videos: dict[str, dict[str, Any]]) -> dict[str, str]:
     return kinds
 
 
-def _float(value: Any) -> float | None:
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-
-
 def _equal(have: Any, want: str, kind: str) -> bool:
     if have is None:
         return False
     if kind == "number":
-        return _float(want) == _float(have)
+        return finite_float(want) == finite_float(have)
     if kind == "bool":
         return str(have).lower() == want.lower()
     return str(have) == want

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import tarfile
 import threading
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.decode import decode_frames
-from runtime import storage
+from pipeline.shard_tar import MissingMember, read_tar_member
 
 MAX_MOMENT_S = 60.0  # a longer window is no "moment": refused
 
@@ -57,7 +56,10 @@ class PreviewMaker:
         return target
 
     def _make(self, tar: str, key: str, start_s: float, end_s: float, target: Path) -> None:
-        data = read_member(tar, f"{key}.mp4")
+        try:
+            data = read_tar_member(tar, f"{key}.mp4")
+        except MissingMember as exc:
+            raise PreviewError(str(exc)) from None
         step = (end_s - start_s) / self.frames
         times = start_s + step * (np.arange(self.frames) + 0.5)
         frames = decode_frames(data, times, size=self.size)
@@ -69,15 +71,3 @@ class PreviewMaker:
         tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         tmp.write_bytes(buf.getvalue())
         os.replace(tmp, target)  # readers see a whole file or none
-
-
-def read_member(tar_uri: str, name: str) -> bytes:
-    """One member of a shard tar on any store."""
-    with storage.open_input(tar_uri) as fh, tarfile.open(fileobj=fh, mode="r:") as tar:
-        try:
-            member = tar.extractfile(name)
-        except KeyError:
-            raise PreviewError(f"{tar_uri} has no member {name!r}") from None
-        if member is None:
-            raise PreviewError(f"{tar_uri}: {name!r} is not a file")
-        return member.read()
