@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import re
 import shlex
+import tomllib  # requires-python >= 3.11
 from pathlib import Path
 
 import pytest
 import yaml
 from packaging.requirements import Requirement
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    tomllib = pytest.importorskip("tomli")
 
 ROOT = Path(__file__).resolve().parents[1]
 # apt packages the image adds for its platform, not for vidsift: each with the reason.
