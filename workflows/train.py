@@ -17,8 +17,10 @@ import contextlib
 import dataclasses
 import json
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 from typing import Any
 
@@ -213,7 +215,15 @@ def fit(run: TrainRun, trainer: TorchTrainer) -> tuple[ray.train.Result, float]:
         flush=True,
     )
     started = time.perf_counter()
-    result = trainer.fit()
+    # Ray Train's fit() installs its own SIGINT handler (Ctrl-C aborts the run) and never puts the old one
+    # back: after training, Ctrl-C in this process (the demo's search server, a test session) did nothing.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    sigint = signal.getsignal(signal.SIGINT) if in_main_thread else None
+    try:
+        result = trainer.fit()
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, sigint)
     wall = time.perf_counter() - started
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}") from result.error
