@@ -45,6 +45,14 @@ def _backend_imports(request):
                     "dependency (pyproject.toml): install it (make install)")
 
 
+def test_every_backend_is_a_parameter():
+    """A backend pipeline.decode gains is tested too (and torchcodec, a declared dependency, imports)."""
+    assert set(available_backends()) <= set(BACKENDS)
+    assert available_backends() == BACKENDS, f"only {available_backends()} import on this machine"
+    with pytest.raises(ValueError, match="expected one of"):
+        pipeline.decode.get_backend("nope")
+
+
 def frame_pattern(i: int, h: int, w: int) -> np.ndarray:
     """A distinct, compressible picture per frame: 8x8 blocks of seeded random colours."""
     rng = np.random.default_rng(i)
