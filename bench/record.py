@@ -5,6 +5,9 @@ tables (raw rows plus how to show them: column labels and formats, and what ever
 it: its sample size, its baseline and any filtering), and writes the envelope as JSON, atomically, to
 ``--json PATH`` (default ``docs/data/<script>.json``). ``python -m bench.render_docs`` renders the tables
 into the docs between ``<!-- table:NAME -->`` markers; no figure in a rendered table is typed by hand.
+The envelope's ``git`` says which commit was measured and whether the tree was dirty (uncommitted changes at
+the start or the end of the run, or a commit made during it): figures from a dirty tree are rendered under a
+warning, and ``render_docs --require-clean`` refuses them.
 
     record = BenchRecord.start("decode", argv)
     record.table("ratios", columns=[col("video", "video"), col("exact_full", "exact/full", "{:.3f}")],
@@ -22,6 +25,7 @@ import os
 import platform
 import shlex
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -64,17 +68,44 @@ def add_record_args(parser: argparse.ArgumentParser, script: str) -> None:
     parser.add_argument("--note", default="", help="free text stored with the result (e.g. what else ran)")
 
 
+MAX_DIRTY_PATHS = 20
+
+
 def git_state(repo: Path = REPO) -> dict[str, Any]:
-    """Commit of the tree the bench ran from and whether it had uncommitted changes."""
-    def run(*cmd: str) -> str:
+    """Commit of the tree the bench runs from, whether it has uncommitted changes (tracked or untracked files,
+    ignored ones aside) and the first :data:`MAX_DIRTY_PATHS` of them. Outside a git checkout the commit and
+    ``dirty`` are None: unknown, which the docs treat as dirty."""
+    def run(*cmd: str) -> str | None:
         try:
             return subprocess.run(["git", *cmd], cwd=repo, capture_output=True, text=True, timeout=30,
-                                  check=True).stdout.strip()
+                                  check=True).stdout
         except (OSError, subprocess.SubprocessError):
-            return ""
+            return None
 
-    commit = run("rev-parse", "HEAD")
-    return {"commit": commit or None, "dirty": bool(run("status", "--porcelain")) if commit else None}
+    commit = (run("rev-parse", "HEAD") or "").strip()
+    status = run("status", "--porcelain") if commit else None
+    if status is None:
+        return {"commit": None, "dirty": None, "dirty_paths": []}
+    paths = [line[3:] for line in status.splitlines() if line.strip()]
+    return {"commit": commit, "dirty": bool(paths), "dirty_paths": paths[:MAX_DIRTY_PATHS]}
+
+
+def run_git_state(start: dict[str, Any], end: dict[str, Any]) -> dict[str, Any]:
+    """The git state of a whole run: the commit it started from; dirty when the tree was dirty at either end
+    or the commit moved during the run (the figures then belong to no single commit)."""
+    moved = start.get("commit") != end.get("commit")
+    dirty = None if start.get("dirty") is None or end.get("dirty") is None else \
+        bool(start["dirty"] or end["dirty"] or moved)
+    paths = list(dict.fromkeys((start.get("dirty_paths") or []) + (end.get("dirty_paths") or [])))
+    state = {"commit": start.get("commit"), "dirty": dirty, "dirty_paths": paths[:MAX_DIRTY_PATHS]}
+    if moved:
+        state["commit_at_end"] = end.get("commit")
+    return state
+
+
+def is_clean(git: dict[str, Any] | None) -> bool:
+    """Whether a record's figures come from one known commit with no uncommitted changes."""
+    return bool(git) and bool(git.get("commit")) and git.get("dirty") is False
 
 
 def machine() -> dict[str, Any]:
@@ -126,6 +157,7 @@ class BenchRecord:
     started: str
     load_start: list[float]
     t0: float
+    git_start: dict[str, Any] = field(default_factory=dict)
     tables: dict[str, dict[str, Any]] = field(default_factory=dict)
     headline: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -133,7 +165,7 @@ class BenchRecord:
     @classmethod
     def start(cls, script: str, argv: list[str] | None) -> BenchRecord:
         return cls(script=script, argv=list(argv or []), started=_utc(), load_start=_load(),
-                   t0=time.perf_counter())
+                   t0=time.perf_counter(), git_start=git_state())
 
     def table(self, name: str, *, columns: list[dict], rows: list[dict], sample_size: str, baseline: str,
               filtering: str = "none", title: str = "") -> None:
@@ -153,7 +185,7 @@ class BenchRecord:
         command = f"python -m bench.{self.script}" + (f" {shlex.join(self.argv)}" if self.argv else "")
         return _clean({
             "schema": SCHEMA, "script": f"bench/{self.script}.py", "argv": self.argv, "command": command,
-            "git": git_state(), "date_start": self.started, "date_end": _utc(),
+            "git": run_git_state(self.git_start, git_state()), "date_start": self.started, "date_end": _utc(),
             "duration_s": round(time.perf_counter() - self.t0, 1), "machine": machine(),
             "load_avg": {"start": self.load_start, "end": _load()}, "note": note,
             "tables": self.tables, "headline": self.headline, "extra": self.extra,
@@ -166,7 +198,12 @@ class BenchRecord:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.envelope(note), indent=1, sort_keys=False) + "\n")
+        envelope = self.envelope(note)
+        tmp.write_text(json.dumps(envelope, indent=1, sort_keys=False) + "\n")
         os.replace(tmp, path)
         print(f"[bench] wrote {path}")
+        if not is_clean(envelope["git"]):
+            print(f"[bench] WARNING: not measured from one clean commit (git: {envelope['git']}); the docs "
+                  "render these figures marked as such: commit, then re-run on the clean tree",
+                  file=sys.stderr)
         return path

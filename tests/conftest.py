@@ -58,6 +58,16 @@ def _stop_group(proc: subprocess.Popen) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+@pytest.fixture(autouse=True)
+def _restore_sigint():
+    """Put back the SIGINT handler a test found: a library that installs its own (Ray Train's ``fit()`` does,
+    and keeps it) must not leave the rest of the session deaf to Ctrl-C."""
+    before = signal.getsignal(signal.SIGINT)
+    yield
+    if signal.getsignal(signal.SIGINT) is not before:
+        signal.signal(signal.SIGINT, before)
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """moto's S3 server (the real S3 HTTP API) on 127.0.0.1, once per session.

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from bench import render_docs
-from bench.record import BenchRecord, col, format_cell, span
+from bench.record import BenchRecord, col, format_cell, git_state, is_clean, run_git_state, span
 from bench.render_docs import RenderError, render_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,3 +129,62 @@ def test_shown_command_leaves_out_the_note():
     argv = ["--repeats", "3", "--note", "busy box", "--note=x", "--k", "a b"]
     env = {"script": "bench/decode.py", "argv": argv}
     assert render_docs.shown_command(env) == "python -m bench.decode --repeats 3 --k 'a b'"
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+def test_git_state_names_the_commit_and_every_kind_of_dirt(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    assert git_state(repo) == {"commit": None, "dirty": None, "dirty_paths": []}  # not a checkout: unknown
+    _git(repo, "init", "-q")
+    (repo / "a.txt").write_text("a")
+    _git(repo, "add", "a.txt")
+    _git(repo, "commit", "-qm", "a")
+    head = _git(repo, "rev-parse", "HEAD")
+    clean = git_state(repo)
+    assert clean == {"commit": head, "dirty": False, "dirty_paths": []} and is_clean(clean)
+    (repo / "a.txt").write_text("changed")
+    (repo / "new.txt").write_text("untracked")
+    dirty = git_state(repo)
+    assert dirty["commit"] == head and dirty["dirty"] is True and not is_clean(dirty)
+    assert sorted(dirty["dirty_paths"]) == ["a.txt", "new.txt"]
+    # Clean at both ends, but committed mid-run: the figures belong to neither commit.
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "b")
+    moved = run_git_state(clean, git_state(repo))
+    assert moved["dirty"] is True and moved["commit"] == head and moved["commit_at_end"] != head
+    assert run_git_state(clean, clean) == clean
+    assert run_git_state(clean, dirty)["dirty"] is True and not is_clean({"commit": None, "dirty": None})
+
+
+def _with_git(path: Path, git: dict) -> None:
+    env = json.loads(path.read_text())
+    env["git"] = git
+    path.write_text(json.dumps(env))
+
+
+def test_dirty_figures_are_marked_loudly_and_refused_on_request(tmp_path, capsys):
+    data, docs = tmp_path / "data", tmp_path / "docs"
+    docs.mkdir()
+    _record(data / "demo.json")
+    (docs / "page.md").write_text(DOC)
+    argv = ["--data-dir", str(data), "--docs-dir", str(docs)]
+    _with_git(data / "demo.json", {"commit": "a" * 40, "dirty": True, "dirty_paths": ["bench/demo.py"]})
+    assert render_docs.main(["--require-clean", *argv]) == 2
+    assert "demo.json was not measured from a clean commit" in capsys.readouterr().err
+    assert (docs / "page.md").read_text() == DOC  # refused: nothing written
+    assert render_docs.main(argv) == 0
+    text = (docs / "page.md").read_text()
+    assert "> **Not from a clean commit:**" in text
+    assert "aaaaaaaaaa with uncommitted changes (`bench/demo.py`)" in text
+    assert "| **aaaaaaaaaa, not clean** |" in text  # the overview row says so too
+    _with_git(data / "demo.json", {"commit": None, "dirty": None, "dirty_paths": []})
+    assert render_docs.main(argv) == 0 and "outside a git checkout" in (docs / "page.md").read_text()
+    _with_git(data / "demo.json", {"commit": "b" * 40, "dirty": False, "dirty_paths": []})
+    assert render_docs.main(["--require-clean", *argv]) == 0
+    text = (docs / "page.md").read_text()
+    assert "Not from a clean commit" not in text and "| bbbbbbbbbb |" in text

@@ -30,7 +30,27 @@ from pipeline.probe import probe_video as ingest_probe
 from pipeline.sampling import SamplingConfig
 from runtime.errors import DecodeFailure, NotAVideo, UnreadableInput, should_record
 
-BACKENDS = available_backends()
+# Every backend, always: torchcodec is a declared dependency, so a machine where it does not import fails its
+# cases (the ``backend`` check below) instead of silently running fewer of them.
+BACKENDS = ["torchcodec", "pyav"]
+
+
+@pytest.fixture(autouse=True)
+def _backend_imports(request):
+    """A case parametrized by ``backend`` fails, naming it, when that backend does not import here (the
+    unparametrized tests that name torchcodec fail on their own: ``get_backend`` / the import raises)."""
+    backend = getattr(request.node, "callspec", None) and request.node.callspec.params.get("backend")
+    if backend and backend not in available_backends():
+        pytest.fail(f"decode backend {backend!r} does not import on this machine; it is a declared "
+                    "dependency (pyproject.toml): install it (make install)")
+
+
+def test_every_backend_is_a_parameter():
+    """A backend pipeline.decode gains is tested too (and torchcodec, a declared dependency, imports)."""
+    assert set(available_backends()) <= set(BACKENDS)
+    assert available_backends() == BACKENDS, f"only {available_backends()} import on this machine"
+    with pytest.raises(ValueError, match="expected one of"):
+        pipeline.decode.get_backend("nope")
 
 
 def frame_pattern(i: int, h: int, w: int) -> np.ndarray:
@@ -149,8 +169,6 @@ def test_variable_frame_rate(backend):
 
 
 def test_backends_agree_with_resize_and_file_sources(tmp_path):
-    if len(BACKENDS) < 2:
-        pytest.fail(f"both backends must import for this test, got {BACKENDS}")
     data = make_video(num_frames=30, fps=10, gop=8, size=(50, 74))  # odd-ish size
     path = tmp_path / "v.mp4"
     path.write_bytes(data)
@@ -298,12 +316,13 @@ def test_keyframe_mode_from_shard_json_needs_no_probe(monkeypatch, backend, bfra
 @pytest.mark.parametrize("bframes", [0, 2])
 def test_keyframe_packets_match_torchcodec_pixels(bframes):
     """The keyframe fast path (one packet + flush) gives torchcodec's own pixels for the snapped times."""
-    torchcodec = pytest.importorskip("torchcodec.decoders")
+    import torchcodec.decoders  # a declared dependency: missing fails the test
+
     data = make_video(num_frames=50, fps=10, gop=10, bframes=bframes)
     times = np.array([0.3, 1.2, 2.6, 4.4])
     ours = decode_keyframes(data, times, backend="pyav")
     assert ours.frames_decoded == 4
-    direct = torchcodec.VideoDecoder(data, dimension_order="NHWC", seek_mode="approximate")
+    direct = torchcodec.decoders.VideoDecoder(data, dimension_order="NHWC", seek_mode="approximate")
     want = direct.get_frames_played_at(seconds=ours.frame_times.tolist()).data.numpy()
     assert np.abs(ours.frames.astype(int) - want.astype(int)).max() <= 1
     rotated = make_video(num_frames=30, fps=10, gop=10, bframes=bframes, size=(48, 64), rotation=90)

@@ -1,20 +1,18 @@
-"""The Dockerfile installs what the README and `make install` install, pinned, and the deploy/ manifests run
-the image it builds (parsed, no docker needed)."""
+"""The Dockerfile installs the package the README and `make install` install, from the same pins but without
+the dev extra, and the deploy/ manifests run the image it builds (parsed, no docker needed)."""
 
 from __future__ import annotations
 
 import re
 import shlex
+import subprocess
+import sys
+import tomllib  # requires-python >= 3.11
 from pathlib import Path
 
 import pytest
 import yaml
 from packaging.requirements import Requirement
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    tomllib = pytest.importorskip("tomli")
 
 ROOT = Path(__file__).resolve().parents[1]
 # apt packages the image adds for its platform, not for vidsift: each with the reason.
@@ -75,11 +73,16 @@ def makefile_install() -> list[list[str]]:
     return shell_commands(re.sub(r"\$\([A-Z_]+\)", "", body))
 
 
+def dockerfile_lines() -> list[str]:
+    """The Dockerfile's instructions, one a line (comments dropped, continuation lines joined)."""
+    text = (ROOT / "Dockerfile").read_text()
+    return re.sub(r"\\\n\s*", " ", "\n".join(line for line in text.splitlines()
+                                             if not line.lstrip().startswith("#"))).splitlines()
+
+
 def dockerfile() -> tuple[list[str], list[list[str]], dict[str, str]]:
     """FROM images, the RUN commands, and ENV / LABEL pairs."""
-    text = (ROOT / "Dockerfile").read_text()
-    logical = re.sub(r"\\\n\s*", " ", "\n".join(line for line in text.splitlines()
-                                                if not line.lstrip().startswith("#")))
+    logical = "\n".join(dockerfile_lines())
     froms, runs, pairs = [], [], {}
     for line in logical.splitlines():
         word, _, rest = line.strip().partition(" ")
@@ -110,7 +113,43 @@ def test_dockerfile_installs_what_the_readme_and_makefile_install():
     assert docker_apt - set(IMAGE_ONLY_APT) == make_apt, (docker_apt, make_apt)
     make_pip, docker_pip = package_installs(make), package_installs(runs)
     assert len(make_pip) == 1 and len(docker_pip) == 1, (make_pip, docker_pip)
-    assert docker_pip == make_pip == readme_pip, (docker_pip, make_pip, readme_pip)
+    # Developers install the dev extra (tests, linters); the image the same package with no extras.
+    assert make_pip == readme_pip == [(True, frozenset({"dev"}))], (make_pip, readme_pip)
+    assert docker_pip == [(True, frozenset())], docker_pip
+
+
+def test_image_and_make_install_from_the_same_pins():
+    _, runs, pairs = dockerfile()
+    assert pairs.get("PIP_CONSTRAINT", "").endswith("/deploy/constraints.txt"), "image pip is unconstrained"
+    for argv in makefile_install():
+        if package_installs([argv]):
+            args = argv[argv.index("install") + 1:]
+            constraints = {b for a, b in zip(args, args[1:]) if a in ("-c", "--constraint")}
+            assert constraints == {"deploy/constraints.txt"}, argv
+
+
+def test_image_installs_runtime_dependencies_only(tmp_path):
+    """Every ``pip install -r FILE`` of the image reads a file the Dockerfile writes from pyproject.toml's
+    [project] dependencies (its program run here on a copy of pyproject.toml), never the dev closure that
+    deploy/constraints.txt pins."""
+    _, runs, _ = dockerfile()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    generators = {}
+    for line in dockerfile_lines():
+        for program, target in re.findall(r'python -c "([^"]+)" > (\S+)', line):
+            generators[target] = program
+    requirement_files = [b for argv in runs if "pip" in argv and "install" in argv
+                         for a, b in zip(argv, argv[1:]) if a in ("-r", "--requirement")]
+    assert requirement_files, "the image installs no dependency layer"
+    for path in requirement_files:
+        assert path in generators, f"pip install -r {path}: not written from pyproject.toml by the Dockerfile"
+        (tmp_path / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
+        written = subprocess.run([sys.executable, "-c", generators[path]], cwd=tmp_path, capture_output=True,
+                                 text=True, check=True).stdout.split()
+        assert written == project["dependencies"], (path, written)
+    dev_only = {canon(Requirement(d).name) for d in project["optional-dependencies"]["dev"]}
+    dev_only -= {canon(Requirement(d).name) for d in project["dependencies"]}
+    assert dev_only and not dev_only & {canon(Requirement(w).name) for w in written}
 
 
 def test_dockerfile_is_pinned():
@@ -126,7 +165,8 @@ def test_dockerfile_is_pinned():
             files = {b for a, b in zip(args, args[1:]) if a in ("-r", "-c", "--requirement", "--constraint")}
             named = [a for a in args if not a.startswith(("-", ".")) and a not in files]
             assert all("==" in a for a in named), f"unpinned pip install: {argv}"
-            assert files <= {"deploy/constraints.txt"}, f"requirements other than the pins: {argv}"
+            constraints = {b for a, b in zip(args, args[1:]) if a in ("-c", "--constraint")}
+            assert constraints <= {"deploy/constraints.txt"}, f"constraints other than the pins: {argv}"
 
 
 def test_constraints_pin_every_dependency_within_its_range():

@@ -145,7 +145,8 @@ def test_rectangular_requires_mapping_and_validation_errors():
 
 
 def test_similarity_and_evaluate_embeddings_with_torch():
-    torch = pytest.importorskip("torch")
+    import torch  # a runtime dependency: missing fails the test
+
     video = torch.tensor([[1.0, 0.0], [0.0, 2.0], [-1.0, 0.0]])
     text = torch.tensor([[3.0, 0.1], [0.1, 1.0], [0.0, 5.0], [-2.0, 0.0]])
     sim = similarity_matrix(text, video)

@@ -50,12 +50,15 @@ def decode_all(path: Path) -> tuple[np.ndarray, list[bool], av.video.stream.Vide
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """The conftest fixture's exact call (24 videos, 2-4 s, 64 px, 10 fps, 1 s keyframes)."""
-    out = tmp_path_factory.mktemp("synth_mod")
-    manifest = generate_corpus(out, n=24, seed=7, min_duration=2.0, max_duration=4.0, size=64, fps=10,
-                               keyframe_interval=1.0)  # fmt: skip
-    return out, manifest
+def corpus(synthetic_corpus):
+    """The session's corpus (conftest: 24 videos, 2-4 s, 64 px, 10 fps, 1 s keyframes) and the manifest that
+    the same call returns: rerun on that folder, it finds every video valid and encodes none again (the
+    session's corpus is not generated a second time for this module)."""
+    progress = []
+    manifest = generate_corpus(synthetic_corpus, n=24, seed=7, min_duration=2.0, max_duration=4.0, size=64,
+                               fps=10, keyframe_interval=1.0, progress=progress.append)  # fmt: skip
+    assert progress and progress[-1]["generated"] == 0 and progress[-1]["skipped"] == 24
+    return synthetic_corpus, manifest
 
 
 def test_manifest_contract(corpus):

@@ -13,10 +13,14 @@ the exported files and a resume all live on S3, and nothing is written to local 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import signal
+import socket
 import sys
+import threading
 import time
 from typing import Any
 
@@ -43,7 +47,7 @@ from pipeline.training import (
     train_loop_per_worker,
 )
 from runtime import storage
-from runtime.ray_connect import connect_ray
+from runtime.ray_connect import cluster_address, connect_ray
 
 RUN_NAME = "train"
 
@@ -127,12 +131,53 @@ def plan_run(
                     steps_per_epoch, existing)
 
 
+# Ray Train prints a worker's print() twice when log_to_driver is on: its print patch logs the line through
+# the worker's root logger (to stderr) and, because Ray has replaced the worker's sys.stdout, also tees it to
+# stdout; both streams reach this terminal. Off, a worker's print goes to stdout once.
+WORKER_LOG_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    """``os.environ[name] = value`` inside the block only."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
+def connect_ray_for_training() -> None:
+    """Join the job's cluster, or start a private Ray that has a State API.
+
+    Ray Train's ``PlacementGroupCleaner`` (a detached actor that frees the workers' placement group if the
+    controller dies) asks the State API, served by the dashboard, whether the controller is alive, every
+    second. A private Ray without a dashboard answers every ask with an error that it logs as a warning
+    ("Failed to query Ray Train Controller actor state", 610 times in a 10-minute run), and on a machine
+    running other Ray instances it cannot even tell which one to ask (its thread dies with a traceback). So a
+    private Ray for training gets a dashboard on 127.0.0.1, and every Ray process learns its address from
+    ``RAY_API_SERVER_ADDRESS`` (set only while Ray starts: its processes inherit this environment then)."""
+    if ray.is_initialized() or cluster_address():
+        connect_ray(log_to_driver=True)
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with _env("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{port}"):
+        connect_ray(log_to_driver=True, include_dashboard=True, dashboard_host="127.0.0.1",
+                    dashboard_port=port)
+
+
 def build_trainer(run: TrainRun) -> TorchTrainer:
     """Join the job's Ray cluster or start a private one (the workers' progress lines reach this terminal),
     settle ``use_gpu`` (auto: a GPU here or in the cluster) and wire the ``TorchTrainer``: checkpoints go to
     ``OUTPUT/ray`` through the store's pyarrow filesystem, and the workers get this process's store
     configuration (``runtime.storage.storage_env``) to read shards and weights from the same store."""
-    connect_ray(log_to_driver=True)
+    connect_ray_for_training()
     if run.use_gpu is None:
         run.use_gpu = torch.cuda.is_available() or ray.cluster_resources().get("GPU", 0) > 0
     resources = {"CPU": run.cfg.cpus_per_worker}
@@ -153,7 +198,7 @@ def build_trainer(run: TrainRun) -> TorchTrainer:
             storage_path=storage_path,
             storage_filesystem=filesystem,
             name=RUN_NAME,
-            worker_runtime_env={"env_vars": storage.storage_env()},
+            worker_runtime_env={"env_vars": {**storage.storage_env(), **WORKER_LOG_ENV}},
             failure_config=ray.train.FailureConfig(max_failures=run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=run.cfg.keep_checkpoints),
         ),
@@ -170,7 +215,15 @@ def fit(run: TrainRun, trainer: TorchTrainer) -> tuple[ray.train.Result, float]:
         flush=True,
     )
     started = time.perf_counter()
-    result = trainer.fit()
+    # Ray Train's fit() installs its own SIGINT handler (Ctrl-C aborts the run) and never puts the old one
+    # back: after training, Ctrl-C in this process (the demo's search server, a test session) did nothing.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    sigint = signal.getsignal(signal.SIGINT) if in_main_thread else None
+    try:
+        result = trainer.fit()
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, sigint)
     wall = time.perf_counter() - started
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}") from result.error
