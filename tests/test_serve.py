@@ -124,7 +124,10 @@ def test_videos_health_and_page(service):
     assert 2.0 <= video["metadata"]["duration"] <= 4.0 and video["has_preview"]
     status, missing = call(base, "/videos/no-such-video")
     assert status == 404 and "no-such-video" in missing["error"]
-    assert call(base, "/healthz") == (200, {"ok": True, "version": call(base, "/version")[1]["version"]})
+    version = call(base, "/version")[1]["version"]
+    health = {"status": "ok", "ok": True, "version": version, "newest": version}
+    assert call(base, "/healthz") == (200, health)
+    assert "source" not in video["metadata"]  # the ingest source URI is hidden without --expose-sources
     status, html = call(base, "/")
     assert status == 200 and b'id="search-form"' in html and b"http" not in html.split(b"<body>")[1]
     assert call(base, "/static/app.js")[0] == 200 and call(base, "/static/style.css")[0] == 200
@@ -319,7 +322,8 @@ def test_ray_serve_answers_healthz_and_search(tmp_path):
                 time.sleep(1)
             status, health = call(base, "/healthz")
             version = VideoIndex.open(tmp_path / "idx").version
-            assert status == 200 and health == {"ok": True, "version": version}
+            assert status == 200 and health == {"status": "ok", "ok": True, "version": version,
+                                                "newest": version}
             status, body = call(base, "/search?q=a+red+circle+moves+left&k=5")
             assert status == 200 and body["version"] == version
             assert [h["video_id"] for h in body["hits"]] == [h.video_id for h in expected]
