@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import logging
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -28,6 +29,11 @@ from workflows.serve.queries import Limits
 from workflows.serve.querylog import QueryLog
 
 log = logging.getLogger(__name__)
+# How long a thread may hold the GIL while another waits (CPython's default is 5 ms). A heavy search's
+# Python work (collapsing clips, building hit dicts) holds it in its pool thread; a small search needs it a
+# handful of times per request (parse, hop, hits, JSON, reply), so at 5 ms each its latency next to a heavy
+# request grows by tens of ms; at 1 ms by a few. Set only in a serving process (serve_index, a Serve replica).
+SERVING_SWITCH_INTERVAL_S = 0.001
 
 
 def build_app(index: str, pretrained: str | None = None, allow_random_init: bool = False,
@@ -66,10 +72,16 @@ def serve_index(index: str, host: str = "127.0.0.1", port: int = 8000, ray_serve
     options["access"] = access_for(host, allowed_hosts, auth_token_file, insecure_open)
     if ray_serve:
         return _serve_with_ray(index, host, port, options)
-    app = build_app(index, **options)
+    app = build_serving_app(index, **options)
     print(f"[serve] index version {app.state.live.current.version} on http://{host}:{port}/", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, **_fast_http())
     return 0
+
+
+def build_serving_app(index: str, **options):
+    """:func:`build_app` in a process that does nothing but serve it: also sets the GIL switch interval."""
+    sys.setswitchinterval(SERVING_SWITCH_INTERVAL_S)
+    return build_app(index, **options)
 
 
 def _fast_http() -> dict[str, str]:
@@ -94,7 +106,7 @@ def _serve_with_ray(index: str, host: str, port: int, options: dict) -> int:
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill` stops it as cleanly as Ctrl-C
     try:
         serve.start(http_options={"host": host, "port": port})
-        deployment = serve.deployment(serve.ingress(lambda: build_app(index, **options))(),
+        deployment = serve.deployment(serve.ingress(lambda: build_serving_app(index, **options))(),
                                       name="vidsift-search")
         serve.run(deployment.bind(), name="vidsift", route_prefix="/", blocking=False)
         print(f"[serve] Ray Serve deployment 'vidsift-search' on http://{host}:{port}/", flush=True)
