@@ -4,6 +4,7 @@ while another client loops the heaviest request the limits accept. Latency ratio
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -11,12 +12,14 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import models
 from index import build_index
+from index.searcher import RankedResult
 from index.testing import clustered_vectors, write_embeddings
-from workflows.serve import build_app, serving_in_thread
+from workflows.serve import LiveIndex, SnapshotLoader, build_app, create_app, serving_in_thread
 from workflows.serve.pool import PoolConfig
 from workflows.serve.queries import Limits
 
@@ -171,3 +174,70 @@ def test_normal_clients_lose_nothing_while_one_client_loops_the_worst_request(ba
     hog.join(timeout=120)
     assert len(done) == 8 and failures == []
     assert heavy_answers and set(heavy_answers) <= {200, 503}
+
+
+def test_the_filter_cache_stays_bounded_and_right_under_racing_threads():
+    """8 threads released together ask for 400 distinct filters (the pool runs searches on several threads):
+    no error, every answer right, and the cache never holds more than ALLOWED_CACHE filters."""
+    import pyarrow as pa
+
+    from workflows.serve.catalog import ALLOWED_CACHE, build_catalog
+    from workflows.serve.queries import Filters
+
+    ids = pa.Table.from_pylist([{"id": i, "video_id": f"v{i}", "shard": "000000", "clip_index": 0,
+                                 "start_s": 0.0, "end_s": 1.0 + i % 7} for i in range(200)])
+    catalog = build_catalog(ids)
+    barrier, errors, sizes = threading.Barrier(8), [], []
+
+    def ask(t: int) -> None:
+        barrier.wait(timeout=60)
+        for i in range(50):
+            video = (t * 50 + i) % 200
+            try:
+                got = catalog.allowed_ids(Filters(where=(("video_id", f"v{video}"),)))
+                assert got.tolist() == [video]
+            except Exception as exc:  # noqa: BLE001 — every failure is collected, none may happen
+                errors.append(repr(exc))
+            sizes.append(len(catalog._allowed))
+
+    threads = [threading.Thread(target=ask, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert errors == [] and len(sizes) == 400 and max(sizes) <= ALLOWED_CACHE
+
+
+class WithoutOddVideos:
+    """A searcher that lost a shard: it ranks (for real, with the index) only the even-numbered videos and
+    reports the shard of the odd ones missing, as a fan-out searcher does when a shard misses the deadline."""
+
+    def __init__(self, index):
+        self.index = index
+        self.present = np.arange(0, VIDEOS, 2, dtype=np.int64)  # one clip per video: FAISS id = video number
+
+    @property
+    def version(self) -> str:
+        return self.index.version
+
+    def encode_text(self, texts):
+        return self.index.encode_text(texts)
+
+    def rank(self, vectors, k, allowed_ids=None, timeout_s=None) -> RankedResult:
+        allowed = self.present if allowed_ids is None else np.intersect1d(allowed_ids, self.present)
+        return RankedResult(self.index.rank(vectors, k, allowed_ids=allowed).hits, True, ("odd-videos",))
+
+
+def test_a_partial_ranking_is_answered_as_partial(index):
+    loader = SnapshotLoader(str(index[0]), pretrained=str(index[1]))
+
+    def load(version):
+        snapshot = loader.load(version)
+        return dataclasses.replace(snapshot, ranker=WithoutOddVideos(snapshot.index))
+
+    app = create_app(LiveIndex(str(index[0]), load, poll_s=0), limits=LIMITS)
+    with serving_in_thread(app) as url:
+        status, body, _ = call(url, "/search?q=a+red+circle&k=20")
+        assert status == 200 and body["partial"] is True and body["missing_shards"] == ["odd-videos"]
+        assert len(body["hits"]) == 20 and all(int(h["video_id"].rsplit("-", 1)[1]) % 2 == 0
+                                               for h in body["hits"])

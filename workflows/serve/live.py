@@ -39,11 +39,13 @@ class Snapshot:
     catalog: Catalog
     version: str
     loaded_at: float
+    ranker: Searcher | None = None  # another searcher over this version (a fan-out over shard replicas)
 
     @property
     def searcher(self) -> Searcher:
-        """What the request path ranks with (:mod:`index.searcher`): this process's ``VideoIndex``."""
-        return self.index
+        """What the request path ranks with (:mod:`index.searcher`): ``ranker`` when set, else this
+        process's ``VideoIndex``."""
+        return self.index if self.ranker is None else self.ranker
 
     def info(self) -> dict[str, Any]:
         meta = self.index.meta
