@@ -1,7 +1,12 @@
 """Search-service benchmark: the real ``python -m jobs.serve`` process on 127.0.0.1, driven by 1, 8 and 32
 concurrent keep-alive clients (threads + http.client) sending k=10 text queries, then k=1,000 and k=10,000
 requests one at a time, then k=10 with ``where=`` filters (every video passing; one video, new each request),
-then 8 clients while a new index version is published (failed requests must be 0).
+then 8 clients while a new index version is published (failed requests must be 0). Then the abusive-client
+scenario against a second service started with the default limits (``--max-k``, ``--max-depth``,
+``--max-ranked``...): 8 normal k=10 clients alone, then the same clients while one more client loops the
+heaviest request those limits accept (p99 with it ≤ 3 × alone, no failed normal request), and the service's
+RSS after 100 and after 10,000 abusive requests (over-limit, malformed, cross-site, new filters, unknown
+videos, the heaviest accepted one every 50th).
 
 The index: ``--videos`` synthetic Gaussian-mixture vectors (one clip each, captions) for a seeded random
 CLIP4Clip-meanP-tiny whose checkpoint is saved and passed to the service with ``--pretrained`` (the vectors
@@ -56,9 +61,18 @@ def build(work: Path, videos: int) -> tuple[Path, Path, str]:
     return work / "idx", ckpt, model.model_id
 
 
-def start_service(index: Path, ckpt: Path, port: int, log: Path) -> subprocess.Popen:
+BIG_K_FLAGS = ("--max-k", "10000", "--max-depth", "10000", "--max-ranked", "10000")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_service(index: Path, ckpt: Path, port: int, log: Path, flags=BIG_K_FLAGS) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "jobs.serve", "--index", str(index), "--pretrained", str(ckpt),
-           "--port", str(port), "--max-k", "10000", "--poll-s", "0.5"]
+           "--port", str(port), "--poll-s", "0.5", *flags]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     deadline = time.time() + 180
@@ -172,9 +186,7 @@ def filtered_rows(port: int, args) -> list[dict]:
 
 def measure(args, work: Path) -> dict:
     index, ckpt, model_id = build(work, args.videos)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = start_service(index, ckpt, port, work / "serve.log")
     try:
         run_clients(port, 2, 25, 10)  # warm-up: encoder, FAISS, connections
@@ -185,7 +197,109 @@ def measure(args, work: Path) -> dict:
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # the service this bench started, by its process group
         proc.wait(timeout=30)
-    return {"rows": rows, "swap": swap}
+    return {"rows": rows, "swap": swap, "abuse": abusive_scenario(index, ckpt, work, args)}
+
+
+def abusive_scenario(index: Path, ckpt: Path, work: Path, args) -> dict:
+    """A service with the default limits: 8 normal clients alone, then with one client looping the heaviest
+    accepted request; then the service's RSS after 100 and 10,000 abusive requests."""
+    port = free_port()
+    proc = start_service(index, ckpt, port, work / "serve-defaults.log", flags=())
+    try:
+        limits = get(http.client.HTTPConnection("127.0.0.1", port, timeout=60), "/version")["limits"]
+        run_clients(port, 2, 25, 10)  # warm-up
+        per_client = max(10, args.abuse_requests // 8)
+        alone = run_clients(port, 8, per_client, 10)
+        stop, heavy = threading.Event(), []
+        hog = threading.Thread(target=loop_heaviest, args=(port, limits, stop, heavy))
+        hog.start()
+        time.sleep(0.5)  # the abusive client is going before the normal ones start
+        with_abuse = run_clients(port, 8, per_client, 10)
+        stop.set()
+        hog.join()
+        rss = rss_after_abuse(port, proc.pid, limits)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    statuses = sorted({s for s, _ in heavy})
+    return {"limits": limits, "heaviest": heaviest_body(limits, 0).decode(), "alone": alone,
+            "with_abuse": with_abuse, "heavy_requests": len(heavy), "heavy_statuses": statuses,
+            "heavy_p50_ms": float(np.percentile([ms for _, ms in heavy], 50)) if heavy else None,
+            "p99_ratio": with_abuse["p99_ms"] / alone["p99_ms"], **rss}
+
+
+def heaviest_body(limits: dict, i: int) -> bytes:
+    """The most work the limits accept: ``max_ranked // max_depth`` queries of the deepest page, with a
+    duration filter never seen before (every video passes it, but it is a pass over the catalog)."""
+    queries = [QUERIES[(i + j) % len(QUERIES)] for j in range(limits["max_ranked"] // limits["max_depth"])]
+    return json.dumps({"queries": queries, "k": limits["max_k"],
+                       "offset": limits["max_depth"] - limits["max_k"],
+                       "min_duration": round(1e-6 * (i + 1), 6)}).encode()
+
+
+def loop_heaviest(port: int, limits: dict, stop: threading.Event, out: list) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    for i in itertools.count():
+        if stop.is_set():
+            return
+        t0 = time.perf_counter()
+        status = post(conn, "/search", heaviest_body(limits, i))
+        out.append((status, (time.perf_counter() - t0) * 1000))
+
+
+def post(conn: http.client.HTTPConnection, path: str, body: bytes, kind: str = "application/json") -> int:
+    conn.request("POST", path, body, {"Content-Type": kind})
+    response = conn.getresponse()
+    response.read()
+    return response.status
+
+
+def abusive_request(conn: http.client.HTTPConnection, limits: dict, i: int) -> int:
+    """Request ``i`` of the abusive mix (one kind after another; the heaviest accepted one every 50th)."""
+    if i % 50 == 49:
+        return post(conn, "/search", heaviest_body(limits, i))
+    over_k, depth = limits["max_k"] + 1, limits["max_depth"]
+    kinds = [f"/search?q=a&k={over_k}", f"/search?q=a&k=10&offset={depth}",
+             f"/search?q=a+cat&k=10&where=key:bench-{i:06d}",  # a filter never seen before: answered
+             "/search?q=a&" + "&".join(f"where=key:x{j}" for j in range(limits["max_where"] + 1)),
+             f"/videos/no-such-video-{i}", f"/previews/bench-{i % 1000:06d}.webp?start=0.{i:03d}&end=1"]
+    kind = i % (len(kinds) + 3)
+    if kind == len(kinds):
+        return post(conn, "/search", b'{"q": "a cat", "k": ', "application/json")  # malformed
+    if kind == len(kinds) + 1:
+        return post(conn, "/search", b'{"q": "a cat"}', "text/plain")  # a cross-site simple POST
+    if kind == len(kinds) + 2:
+        return post(conn, "/search", json.dumps({"queries": ["x"] * (limits["max_batch"] + 1)}).encode())
+    conn.request("GET", kinds[kind])
+    response = conn.getresponse()
+    response.read()
+    return response.status
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def rss_after_abuse(port: int, pid: int, limits: dict, total: int = 10_000) -> dict:
+    """The service's RSS after 100 and after ``total`` abusive requests from one client; every answer must
+    be a refusal (4xx / 503) or, for the accepted kinds, a 200."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    statuses: dict[int, int] = {}
+    rss, t0 = {}, time.perf_counter()
+    for i in range(total):
+        status = abusive_request(conn, limits, i)
+        statuses[status] = statuses.get(status, 0) + 1
+        if i + 1 in (100, total):
+            rss[i + 1] = rss_mb(pid)
+        if (i + 1) % 2000 == 0:
+            rate = (i + 1) / (time.perf_counter() - t0)
+            print(f"[bench.serve] abusive requests {i + 1:,}/{total:,} {rate:.0f}/s "
+                  f"ETA {(total - i - 1) / rate:.0f}s RSS {rss_mb(pid):.0f} MB", flush=True)
+    return {"rss_100_mb": rss[100], "rss_10000_mb": rss[total], "rss_ratio": rss[total] / rss[100],
+            "abusive_statuses": {str(k): v for k, v in sorted(statuses.items())}}
 
 
 def record_results(record: BenchRecord, results: dict, args) -> None:
@@ -212,6 +326,7 @@ def record_results(record: BenchRecord, results: dict, args) -> None:
                              "(+500 videos) until 2 s after the service (polling CURRENT every 0.5 s) "
                              "serves it",
                  baseline="none", filtering="none")
+    record_abuse(record, results["abuse"], args)
     record.extra["results"] = results
     one, eight, big = rows[0], rows[1], rows[4]
     heads = [("1 client, k=10: p50 <= 15 ms", f"{one['p50_ms']:.1f} ms", one["p50_ms"] <= 15),
@@ -225,11 +340,51 @@ def record_results(record: BenchRecord, results: dict, args) -> None:
         record.add_headline("search service", floor, measured, "yes" if met else "no")
 
 
+def record_abuse(record: BenchRecord, abuse: dict, args) -> None:
+    limits = abuse["limits"]
+    rows = [{**abuse["alone"], "scenario": "8 normal clients alone"},
+            {**abuse["with_abuse"], "scenario": "8 normal clients + 1 looping the heaviest accepted request"}]
+    heavy = (f"POST of {limits['max_ranked'] // limits['max_depth']} queries, k={limits['max_k']:,}, "
+             f"offset={limits['max_depth'] - limits['max_k']:,} and a new min_duration filter (the most the "
+             f"default limits accept: max_ranked {limits['max_ranked']:,}), sent {abuse['heavy_requests']} "
+             f"times, answered {abuse['heavy_statuses']}, p50 {abuse['heavy_p50_ms']:.0f} ms")
+    record.table("abuse", columns=[col("scenario", "scenario"), col("requests", "normal requests"),
+                                   col("failed", "failed"), col("qps", "q/s", "{:.0f}"),
+                                   col("p50_ms", "p50 ms", "{:.1f}"), col("p99_ms", "p99 ms", "{:.1f}"),
+                                   col("max_ms", "max ms", "{:.1f}")],
+                 rows=rows, sample_size=f"{args.videos:,} videos; normal: k=10 GET, {args.abuse_requests} "
+                 f"requests over 8 keep-alive clients per row; abusive: {heavy}",
+                 baseline="the same 8 clients alone, same service, same run",
+                 filtering="none; 50 warm-up requests not counted")
+    answers = ", ".join(f"{k}: {v}" for k, v in abuse["abusive_statuses"].items())
+    mix = ("10,000 abusive requests from one client, in turn: k over max_k, offset + k over max_depth, a "
+           "where= filter never seen before, too many where conditions, an unknown video, a preview window "
+           "nobody lists, malformed JSON, a text/plain POST, a batch over max_batch; the heaviest accepted "
+           "request every 50th")
+    record.table("abuse_rss", columns=[col("rss_100_mb", "RSS after 100 MB", "{:.0f}"),
+                                       col("rss_10000_mb", "RSS after 10,000 MB", "{:.0f}"),
+                                       col("rss_ratio", "ratio", "{:.3f}"), col("statuses", "answers")],
+                 rows=[{**abuse, "statuses": answers}], sample_size=mix,
+                 baseline="the service's RSS after the first 100 of them", filtering="none")
+    alone, loaded = abuse["alone"], abuse["with_abuse"]
+    for floor, measured, met in [
+        ("abusive client: normal p99 <= 3 x alone", f"{loaded['p99_ms']:.1f} ms vs {alone['p99_ms']:.1f} ms "
+         f"({abuse['p99_ratio']:.2f}x)", abuse["p99_ratio"] <= 3),
+        ("abusive client: 0 failed normal requests", f"{loaded['failed']} of {loaded['requests']}",
+         loaded["failed"] == 0 and alone["failed"] == 0),
+        ("RSS after 10,000 abusive requests <= 1.1 x after 100",
+         f"{abuse['rss_10000_mb']:.0f} MB vs {abuse['rss_100_mb']:.0f} MB ({abuse['rss_ratio']:.3f}x)",
+         abuse["rss_ratio"] <= 1.1)]:
+        record.add_headline("search service", floor, measured, "yes" if met else "no")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--videos", type=int, default=20_000)
     p.add_argument("--requests", type=int, default=800, help="k=10 requests per concurrency level")
     p.add_argument("--big-k-requests", type=int, default=10)
+    p.add_argument("--abuse-requests", type=int, default=800,
+                   help="normal k=10 requests (over 8 clients) alone and again with the abusive client")
     p.add_argument("--workdir", default="/tmp/vidsift_bench_serve")
     add_record_args(p, "serve")
     args = p.parse_args(argv)

@@ -2,7 +2,8 @@
 
 Examples (the index and shards may be URIs: s3://, gs://, file://)::
     python -m jobs.serve --index runs/demo/index --shards runs/demo/ingest --captions runs/demo/captions
-    python -m jobs.serve --index s3://bucket/index --pretrained s3://bucket/train/model.pt --host 0.0.0.0
+    python -m jobs.serve --index s3://bucket/index --pretrained s3://bucket/train/model.pt --host 0.0.0.0 \
+        --auth-token-file /etc/vidsift/token --allowed-host search.example.org
     python -m jobs.serve --index OUT/index --allow-random-init --ray-serve   # same app behind Ray Serve
 Then open http://HOST:PORT/ or ``curl 'http://HOST:PORT/search?q=a+red+circle&k=5'`` (docs/serve.md)."""
 
@@ -13,6 +14,10 @@ import sys
 
 from models import PretrainedWeightsError
 from workflows.serve import serve_index
+from workflows.serve.pool import PoolConfig
+from workflows.serve.queries import Limits
+
+LIMITS, POOL = Limits(), PoolConfig()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,7 +31,25 @@ def _parser() -> argparse.ArgumentParser:
                    help="jobs.caption output folder/URI (repeatable): each hit carries its generated caption")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-k", type=int, default=10_000, help="largest k a request may ask for")
+    p.add_argument("--max-k", type=int, default=LIMITS.max_k, help="largest k a request may ask for")
+    p.add_argument("--max-depth", type=int, default=LIMITS.max_depth, help="largest offset + k")
+    p.add_argument("--max-ranked", type=int, default=LIMITS.max_ranked,
+                   help="largest queries x (offset + k) of one request")
+    p.add_argument("--max-where", type=int, default=LIMITS.max_where, help="most where= conditions")
+    p.add_argument("--search-threads", type=int, default=POOL.light_workers,
+                   help="threads searching requests of a small ranking (a heavy request gets 1 more)")
+    p.add_argument("--search-queue", type=int, default=POOL.light_queue,
+                   help="requests that may wait for those threads; one more is a 503 with Retry-After")
+    p.add_argument("--deadline-s", type=float, default=POOL.deadline_s,
+                   help="seconds a search may take (queued or running); later it is a 503")
+    p.add_argument("--auth-token-file", default=None,
+                   help="file holding a bearer token every API request must send (Authorization: Bearer)")
+    p.add_argument("--allowed-host", action="append", default=[],
+                   help="Host header name answered (repeatable; default: the --host name, loopback aliases)")
+    p.add_argument("--insecure-open", action="store_true",
+                   help="serve a non-loopback --host without --auth-token-file (anyone who reaches it)")
+    p.add_argument("--expose-sources", action="store_true", help="show the ingest source URIs of videos")
+    p.add_argument("--preview-cache-mb", type=int, default=256, help="size cap of the preview cache")
     p.add_argument("--poll-s", type=float, default=5.0, help="seconds between CURRENT checks (0: never)")
     p.add_argument("--preview-cache", default=None, help="folder for cached previews (default: $TMPDIR)")
     p.add_argument("--torch-threads", type=int, default=1, help="intra-op threads of the text encoder")
@@ -38,15 +61,17 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.max_k < 1:
-        print("error: --max-k must be >= 1", file=sys.stderr)
-        return 2
     try:
+        limits = Limits(args.max_k, args.max_depth, args.max_ranked, args.max_where)
+        pool = PoolConfig(light_workers=args.search_threads, light_queue=args.search_queue,
+                          deadline_s=args.deadline_s)
         return serve_index(args.index, host=args.host, port=args.port, ray_serve=args.ray_serve,
+                           allowed_hosts=args.allowed_host, auth_token_file=args.auth_token_file,
+                           insecure_open=args.insecure_open, limits=limits, pool=pool,
                            pretrained=args.pretrained, allow_random_init=args.allow_random_init,
-                           shards=args.shards, max_k=args.max_k, poll_s=args.poll_s,
-                           cache_dir=args.preview_cache, torch_threads=args.torch_threads,
-                           query_log=args.query_log, captions=args.captions)
+                           shards=args.shards, poll_s=args.poll_s, expose_sources=args.expose_sources,
+                           cache_dir=args.preview_cache, preview_cache_bytes=args.preview_cache_mb << 20,
+                           torch_threads=args.torch_threads, query_log=args.query_log, captions=args.captions)
     # A missing index, missing weights or a bad flag value: one clear line, not a traceback.
     except (FileNotFoundError, ValueError, PretrainedWeightsError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -28,9 +28,15 @@ class MissingMember(BadTar):
     reason = "missing_member"
 
 
-def read_tar_member(tar_uri: str | os.PathLike, name: str) -> bytes:
+class MemberTooLarge(BadTar):
+    """The member is larger than the caller reads whole; reason ``too_large``."""
+
+    reason = "too_large"
+
+
+def read_tar_member(tar_uri: str | os.PathLike, name: str, max_bytes: int | None = None) -> bytes:
     """The bytes of member ``name`` of a shard tar; :class:`MissingMember` naming the tar when it is not
-    there (or is not a file)."""
+    there (or is not a file), :class:`MemberTooLarge` before reading one over ``max_bytes``."""
     with storage.open_input(tar_uri) as fh, tarfile.open(fileobj=fh, mode="r:") as tar:
         try:
             member = tar.extractfile(name)
@@ -38,6 +44,9 @@ def read_tar_member(tar_uri: str | os.PathLike, name: str) -> bytes:
             raise MissingMember(f"{os.fspath(tar_uri)} has no member {name!r}") from None
         if member is None:
             raise MissingMember(f"{os.fspath(tar_uri)}: {name!r} is not a file")
+        size = tar.getmember(name).size
+        if max_bytes is not None and size > max_bytes:
+            raise MemberTooLarge(f"{os.fspath(tar_uri)}: {name!r} is {size:,} bytes")
         return member.read()
 
 

@@ -25,6 +25,7 @@ import models
 from index import VideoIndex, add_embeddings, build_index
 from index.testing import clustered_vectors, write_embeddings
 from workflows.serve import LiveIndex, SnapshotLoader, build_app, serving_in_thread
+from workflows.serve.previews import PreviewError, PreviewMaker
 
 MODEL = "clip4clip-meanP-tiny"
 CLIPS = 2  # per video: [0, 1] s and [1, 2] s
@@ -84,7 +85,7 @@ def service(ingested_shards, tmp_path_factory):
                     cache_dir=str(tmp / "previews"), max_k=500,
                     captions=[str(write_generated_captions(tmp / "captions", ids))])
     with serving_in_thread(app) as base:
-        yield {"base": base, "index": index, "ids": ids, "tmp": tmp,
+        yield {"base": base, "index": index, "ids": ids, "tmp": tmp, "app": app,
                "model_id": app.state.live.current.index.model_id}
 
 
@@ -124,7 +125,10 @@ def test_videos_health_and_page(service):
     assert 2.0 <= video["metadata"]["duration"] <= 4.0 and video["has_preview"]
     status, missing = call(base, "/videos/no-such-video")
     assert status == 404 and "no-such-video" in missing["error"]
-    assert call(base, "/healthz") == (200, {"ok": True, "version": call(base, "/version")[1]["version"]})
+    version = call(base, "/version")[1]["version"]
+    health = {"status": "ok", "ok": True, "version": version, "newest": version}
+    assert call(base, "/healthz") == (200, health)
+    assert "source" not in video["metadata"]  # the ingest source URI is hidden without --expose-sources
     status, html = call(base, "/")
     assert status == 200 and b'id="search-form"' in html and b"http" not in html.split(b"<body>")[1]
     assert call(base, "/static/app.js")[0] == 200 and call(base, "/static/style.css")[0] == 200
@@ -195,6 +199,62 @@ def test_preview_is_an_animated_webp_and_cached(service):
     assert time.perf_counter() - t0 < max(first, 0.5)
     status, err = call(base, "/previews/extra-000000.webp?start=0&end=1")
     assert status == 404 and "cannot reach its video" in err["error"]
+
+
+def test_previews_only_of_listed_windows(service):
+    """A window the index does not list for the video is refused before any decode: clients cannot make
+    the service decode and cache one file per millisecond."""
+    base, vid = service["base"], service["ids"][3]
+    catalog = service["app"].state.live.current.catalog
+    assert catalog.preview_window(vid, 0.0, 1.0) == (0.0, 1.0)
+    assert catalog.preview_window(vid, 0.0004, 2.0) == (0.0, 2.0)  # adjacent windows merged: one moment
+    assert catalog.preview_window(vid, 0.5, 1.0) is None and catalog.preview_window(vid, 1.0, 1.0) is None
+    status, err = call(base, f"/previews/{vid}.webp?start=0.123&end=0.987")
+    assert status == 404 and "windows the index lists" in err["error"]
+    files = len(list((service["tmp"] / "previews").glob("*.webp")))
+    for ms in range(1, 21):  # every millisecond is a new window: none of them is listed
+        assert call(base, f"/previews/{vid}.webp?start={ms / 1000:.3f}&end=1")[0] == 404
+    assert len(list((service["tmp"] / "previews").glob("*.webp"))) == files
+
+
+def test_preview_cache_never_exceeds_its_cap(service, tmp_path):
+    """Windows of 6 videos through a cache capped at about two previews: the folder never holds more than
+    the cap, the oldest go first, the newest is kept; a second maker adopts the folder within its cap."""
+    catalog = service["app"].state.live.current.catalog
+    videos = [v for v in service["ids"] if v in catalog.sources][:6]
+    size = len(PreviewMaker(tmp_path / "probe").render(catalog.sources[videos[0]], 0.0, 1.0))
+    cap = 2 * size + size // 2
+    maker = PreviewMaker(tmp_path / "capped", cache_bytes=cap)
+    for vid in videos:
+        maker.render(catalog.sources[vid], 0.0, 1.0)
+        on_disk = sum(f.stat().st_size for f in (tmp_path / "capped").glob("*.webp"))
+        assert on_disk <= cap and maker.status()["bytes"] == on_disk
+    assert maker.status()["evicted"] >= 2 and 1 <= maker.status()["files"] <= 3
+    again = PreviewMaker(tmp_path / "capped", cache_bytes=size + 1)  # a restart with a smaller cap
+    assert sum(f.stat().st_size for f in (tmp_path / "capped").glob("*.webp")) <= size + 1
+    assert again.status()["files"] <= 1
+
+
+def test_one_window_requested_together_is_decoded_once_and_big_members_are_refused(service, tmp_path):
+    catalog = service["app"].state.live.current.catalog
+    source = catalog.sources[service["ids"][5]]
+    maker = PreviewMaker(tmp_path / "together")
+    barrier, results = threading.Barrier(4), []
+
+    def render():
+        barrier.wait(timeout=60)
+        results.append(maker.render(source, 1.0, 2.0))
+
+    threads = [threading.Thread(target=render) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert len(results) == 4 and len(set(results)) == 1 and maker.status()["files"] == 1
+    small = PreviewMaker(tmp_path / "small", max_member_bytes=1000)
+    with pytest.raises(PreviewError, match="previews are made only of videos up to 1,000 bytes") as err:
+        small.render(source, 0.0, 1.0)
+    assert err.value.status == 413 and small.status()["files"] == 0
 
 
 BIG = "x" * (2 * 1024 * 1024)
@@ -319,7 +379,8 @@ def test_ray_serve_answers_healthz_and_search(tmp_path):
                 time.sleep(1)
             status, health = call(base, "/healthz")
             version = VideoIndex.open(tmp_path / "idx").version
-            assert status == 200 and health == {"ok": True, "version": version}
+            assert status == 200 and health == {"status": "ok", "ok": True, "version": version,
+                                                "newest": version}
             status, body = call(base, "/search?q=a+red+circle+moves+left&k=5")
             assert status == 200 and body["version"] == version
             assert [h["video_id"] for h in body["hits"]] == [h.video_id for h in expected]

@@ -5,13 +5,16 @@ Built from the index version's ``ids.parquet`` (``video_id``, ``key``, ``shard``
 ``end_s``, ``captions``) and, when the service is given the ingested shards, from each shard's
 ``NNNNNN.parquet`` (``duration``, ``fps``, ``width``, ``height``, ``codec``, manifest fields...). Without the
 shards a video's ``duration`` is the end of its last indexed clip, and no preview can be made. Given
-``jobs.caption`` outputs, each video also carries its generated caption.
+``jobs.caption`` outputs, each video also carries its generated caption. The ingest manifest's raw source
+URI (``source``: a bucket path, a signed URL) is dropped unless ``expose_sources`` says to keep it, so it is
+neither shown by ``/videos/{id}`` nor guessable through ``where=`` filters.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -28,6 +31,7 @@ log = logging.getLogger(__name__)
 # ids.parquet columns that describe one clip, not the video (never offered as where= columns)
 CLIP_COLUMNS = ("id", "clip_index", "start_s", "end_s", "captions")
 ALLOWED_CACHE = 64  # distinct filters whose allowed-id arrays a catalog keeps
+SOURCE_COLUMNS = ("source",)  # ingest fields that say where a video came from (URIs): hidden by default
 
 
 @dataclasses.dataclass
@@ -41,6 +45,8 @@ class Catalog:
     row_ids: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # video_id → its FAISS ids
     generated: dict[str, str] = dataclasses.field(default_factory=dict)  # video_id → a jobs.caption caption
     _allowed: dict[Filters, np.ndarray | None] = dataclasses.field(default_factory=dict, repr=False)
+    # searches run on several pool threads: the cache's evict-then-insert must not interleave
+    _allowed_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
     def __len__(self) -> int:
         return len(self.videos)
@@ -69,16 +75,35 @@ class Catalog:
         search ranks inside; ``None`` when every video passes (an id filter over every row only costs time:
         p50 6.0 ms against 2.3 ms unfiltered on bench.serve's 20,000 videos). The last ``ALLOWED_CACHE``
         distinct filters are kept (a page of results asks for the same filter again)."""
-        if filters not in self._allowed:
-            rows = [ids for vid, ids in self.row_ids.items() if self.matches(vid, filters)]
-            if len(rows) == len(self.row_ids):
-                allowed = None
-            else:
-                allowed = np.unique(np.concatenate(rows).astype(np.int64)) if rows else np.zeros(0, np.int64)
-            if len(self._allowed) >= ALLOWED_CACHE:
+        with self._allowed_lock:
+            if filters in self._allowed:
+                return self._allowed[filters]
+        rows = [ids for vid, ids in self.row_ids.items() if self.matches(vid, filters)]
+        if len(rows) == len(self.row_ids):
+            allowed = None
+        else:
+            allowed = np.unique(np.concatenate(rows).astype(np.int64)) if rows else np.zeros(0, np.int64)
+        with self._allowed_lock:
+            while len(self._allowed) >= ALLOWED_CACHE:
                 self._allowed.pop(next(iter(self._allowed)))
             self._allowed[filters] = allowed
-        return self._allowed[filters]
+        return allowed
+
+    def preview_window(self, video_id: str, start_s: float, end_s: float) -> tuple[float, float] | None:
+        """``(start_s, end_s)`` rounded to the millisecond when a preview of that window may be made: it
+        starts where one of the video's indexed clips starts and ends where one ends (a hit's moment, merged
+        from adjacent windows or not); None otherwise. Only these windows are decoded, so clients cannot make
+        the service decode and cache a new file per millisecond."""
+        start, end = round(start_s * 1000), round(end_s * 1000)
+        starts, ends = set(), set()
+        for moment in self.moments.get(video_id, []):
+            first = 0.0 if moment.get("start_s") is None else float(moment["start_s"])
+            last = first + 1.0 if moment.get("end_s") is None else float(moment["end_s"])
+            starts.add(round(first * 1000))
+            ends.add(round(last * 1000))
+        if start in starts and end in ends and end > start:
+            return start / 1000, end / 1000
+        return None
 
     def describe(self, video_id: str) -> dict[str, Any] | None:
         """``/videos/{id}``: metadata, captions and indexed moments; None for an unknown video."""
@@ -93,9 +118,11 @@ class Catalog:
                 "has_preview": video_id in self.sources}
 
 
-def build_catalog(ids: pa.Table, shards: Sequence[str] = (), captions: Sequence[str] = ()) -> Catalog:
+def build_catalog(ids: pa.Table, shards: Sequence[str] = (), captions: Sequence[str] = (),
+                  expose_sources: bool = False) -> Catalog:
     """The catalog of an index version from its ids table and (optionally) the ingested shards' folders and
-    ``jobs.caption`` output folders (their ``captions.parquet``: the generated caption of each video)."""
+    ``jobs.caption`` output folders (their ``captions.parquet``: the generated caption of each video);
+    ``expose_sources`` keeps the ingest ``source`` URIs (module docstring)."""
     videos: dict[str, dict[str, Any]] = {}
     moments: dict[str, list[dict[str, Any]]] = {}
     row_ids: dict[str, list[int]] = {}
@@ -116,7 +143,7 @@ def build_catalog(ids: pa.Table, shards: Sequence[str] = (), captions: Sequence[
         clips.sort(key=lambda m: (m["start_s"] is None, m["start_s"] or 0.0))
     sources: dict[str, tuple[str, str]] = {}
     for folder in shards:
-        _add_shard_metadata(folder, videos, sources)
+        _add_shard_metadata(folder, videos, sources, () if expose_sources else SOURCE_COLUMNS)
     generated = {}
     for folder in captions:
         generated.update(read_generated_captions(folder, videos))
@@ -133,8 +160,10 @@ def read_generated_captions(folder: str, videos: Mapping[str, Any]) -> dict[str,
     return {v: c for v, c in zip(table["video_id"].to_pylist(), table["caption"].to_pylist()) if v in videos}
 
 
-def _add_shard_metadata(folder: str, videos: dict[str, dict[str, Any]], sources: dict) -> None:
-    """Overlay the ingest shards' per-video scalar fields and record where each video's mp4 is."""
+def _add_shard_metadata(folder: str, videos: dict[str, dict[str, Any]], sources: dict,
+                        hidden: Sequence[str] = SOURCE_COLUMNS) -> None:
+    """Overlay the ingest shards' per-video scalar fields (but ``hidden`` ones) and record where each
+    video's mp4 is."""
     for tar in list_shards(folder):
         marker = tar[: -len(".tar")] + ".parquet"
         if not storage.exists(marker):
@@ -145,7 +174,7 @@ def _add_shard_metadata(folder: str, videos: dict[str, dict[str, Any]], sources:
         for row in table.select(scalar).to_pylist():
             vid = row.get("video_id")
             if vid in videos:
-                videos[vid].update({k: v for k, v in row.items() if k not in ("shard",)})
+                videos[vid].update({k: v for k, v in row.items() if k != "shard" and k not in hidden})
                 sources[vid] = (tar, row["key"])
 
 

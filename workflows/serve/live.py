@@ -5,7 +5,9 @@ version, that version is opened, checked (dims, count, one real query) and given
 request path; then the single ``LiveIndex.current`` reference is replaced. A request reads that reference
 once and uses that :class:`Snapshot` to the end, so a swap never fails or mixes a request, and every
 response names the version that answered it. A version that fails its checks is logged, never served, and
-retried only after ``retry_s``.
+retried only after ``retry_s``; one built by another model than the service's ``--pretrained`` checkpoint is
+refused once and never retried (no weights are reloaded for it). While the newest published version is not
+served, :meth:`LiveIndex.health` says ``degraded`` and why; a later version that loads clears it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 import models
 from index import store
 from index.query import VideoIndex
+from index.searcher import Searcher
 from runtime.periodic import PeriodicThread
 from workflows.serve.catalog import Catalog, build_catalog
 
@@ -36,6 +39,13 @@ class Snapshot:
     catalog: Catalog
     version: str
     loaded_at: float
+    ranker: Searcher | None = None  # another searcher over this version (a fan-out over shard replicas)
+
+    @property
+    def searcher(self) -> Searcher:
+        """What the request path ranks with (:mod:`index.searcher`): ``ranker`` when set, else this
+        process's ``VideoIndex``."""
+        return self.index if self.ranker is None else self.ranker
 
     def info(self) -> dict[str, Any]:
         meta = self.index.meta
@@ -46,13 +56,18 @@ class Snapshot:
                 "previews": bool(self.catalog.sources)}
 
 
+class ModelMismatch(ValueError):
+    """A version built by another model than the service's ``--pretrained`` checkpoint: never servable by
+    this process, so it is refused once, not retried."""
+
+
 class SnapshotLoader:
     """Opens and validates index versions; keeps the text encoder across versions of the same model."""
 
     def __init__(self, root: str, pretrained: str | None = None, allow_random_init: bool = False,
-                 shards: Sequence[str] = (), captions: Sequence[str] = ()):
+                 shards: Sequence[str] = (), captions: Sequence[str] = (), expose_sources: bool = False):
         self.root, self.pretrained, self.allow_random_init = root, pretrained, allow_random_init
-        self.shards, self.captions = list(shards), list(captions)
+        self.shards, self.captions, self.expose_sources = list(shards), list(captions), bool(expose_sources)
         self._encoder = None
 
     def load(self, version: str | None = None) -> Snapshot:
@@ -68,7 +83,8 @@ class SnapshotLoader:
                 f"index dim {index.dim}")
         if not index.search(vector[0], k=1):
             raise store.CorruptIndexError(f"index version {index.version!r}: no hit for a probe query")
-        catalog = build_catalog(store.read_ids(index.version_dir, index.meta), self.shards, self.captions)
+        catalog = build_catalog(store.read_ids(index.version_dir, index.meta), self.shards, self.captions,
+                                expose_sources=self.expose_sources)
         return Snapshot(index, catalog, index.version, time.time())
 
     def _encoder_for(self, version: str | None):
@@ -77,8 +93,15 @@ class SnapshotLoader:
         name = meta.get("model_name")
         if not name:
             raise ValueError(f"index {self.root!r} records no model_name: a text search service needs one")
-        if self._encoder is not None and getattr(self._encoder, "model_id", None) == meta.get("model_id"):
+        loaded = getattr(self._encoder, "model_id", None)
+        if self._encoder is not None and loaded == meta.get("model_id"):
             return self._encoder
+        if self._encoder is not None and self.pretrained:
+            # --pretrained pins the weights: reloading them cannot give another model_id
+            raise ModelMismatch(
+                f"index version {version or 'CURRENT'!r} was built by model {meta.get('model_id')!r}, but "
+                f"this service's --pretrained {self.pretrained!r} is model {loaded!r}: refused (restart the "
+                "service with that model's checkpoint, or without --pretrained, to serve it)")
         encoder, _transform, _tokenizer = models.create_inference_model(
             name, pretrained=self.pretrained or meta.get("pretrained"),
             allow_random_init=self.allow_random_init, seed=0)
@@ -95,26 +118,35 @@ class LiveIndex:
         self.root, self._load, self.poll_s, self.retry_s = root, load, float(poll_s), float(retry_s)
         self.current: Snapshot = load(None)
         self.swaps = 0
-        self.last_error: str | None = None
-        self._failed: dict[str, float] = {}  # version → when it failed its checks
+        self.last_error: str | None = None  # why the newest version is not served; None when it is
+        self.newest: str = self.current.version  # what CURRENT named at the last check
+        self._failed: dict[str, _Failure] = {}
         self._poller = PeriodicThread(self._poll_once, self.poll_s, "vidsift-index-poll")
 
     def check_now(self) -> bool:
         """Load the version CURRENT names if it is new; True when a swap happened."""
         version = store.read_current(self.root)
+        self.newest = version
         if version == self.current.version:
+            self.last_error = None  # CURRENT names what is served (again): nothing is wrong
             return False
-        if time.time() - self._failed.get(version, -float("inf")) < self.retry_s:
+        failed = self._failed.get(version)
+        if failed is not None and (failed.permanent or time.time() - failed.at < self.retry_s):
+            self.last_error = failed.error
             return False
         try:
             snapshot = self._load(version)
         except Exception as exc:  # noqa: BLE001 — any failure keeps the old version serving
-            self._failed[version] = time.time()
-            self.last_error = f"version {version!r} not served: {type(exc).__name__}: {exc}"
+            permanent = isinstance(exc, ModelMismatch)
+            reason = str(exc) if permanent else f"{type(exc).__name__}: {exc}"
+            self.last_error = f"version {version!r} not served: {reason}"
+            self._failed[version] = _Failure(time.time(), self.last_error, permanent)
             log.error("%s", self.last_error)
             return False
         self.current = snapshot  # the swap: one reference assignment, atomic under the GIL
         self.swaps += 1
+        self.last_error = None
+        self._failed.pop(version, None)
         log.warning("now serving index version %s (%d vectors)", snapshot.version, len(snapshot.index))
         return True
 
@@ -133,6 +165,23 @@ class LiveIndex:
             self.last_error = f"reading CURRENT failed: {type(exc).__name__}: {exc}"
             log.error("%s", self.last_error)
 
+    def health(self) -> dict[str, Any]:
+        """``ok`` while the newest published version is served (or still loading); ``degraded``, with the
+        reason, while it failed to load or CURRENT cannot be read: the old version still answers."""
+        error, serving = self.last_error, self.current.version
+        body = {"status": "ok" if error is None else "degraded", "ok": error is None, "version": serving,
+                "newest": self.newest}
+        if error is not None:
+            body["reason"] = error
+        return body
+
     def status(self) -> dict[str, Any]:
-        return {**self.current.info(), "swaps": self.swaps, "poll_s": self.poll_s,
+        return {**self.current.info(), "swaps": self.swaps, "poll_s": self.poll_s, "newest": self.newest,
                 "last_error": self.last_error}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Failure:
+    at: float  # time.time() of the failed load
+    error: str
+    permanent: bool  # never retried (ModelMismatch)

@@ -17,7 +17,7 @@ MAX_QUERY_CHARS = 1_000  # a text query longer than this is no search anyone typ
 MAX_BODY_BYTES = 256 * 1024  # a POST body above this is refused before it is read in full
 MAX_QUERY_STRING = 16 * 1024  # GET: the raw query string
 MAX_BATCH = 64  # queries in one POST
-MAX_OFFSET = 100_000
+JSON_TYPES = ("application/json",)  # what POST /search accepts (no cross-site form / text/plain POST)
 GET_PARAMS = ("q", "k", "offset", "min_duration", "max_duration", "where")
 BODY_FIELDS = ("q", "query", "queries", "k", "offset", "min_duration", "max_duration", "where")
 
@@ -47,6 +47,30 @@ class Filters:
 
 
 @dataclasses.dataclass(frozen=True)
+class Limits:
+    """How much work one search request may ask for; each breach is a 4xx naming the limit.
+
+    Each limit alone is not enough: ``k``, ``offset`` and the batch size multiply, so one 2 KB POST could ask
+    for 64 × 110,000 ranked videos. ``max_depth`` caps ``offset + k`` (the ranking each query needs),
+    ``max_ranked`` caps ``queries × (offset + k)`` (the ranking the whole request needs) and ``max_where``
+    the ``where`` conditions (a filter not seen before is a Python pass over every video)."""
+
+    max_k: int = 1_000
+    max_depth: int = 2_000
+    max_ranked: int = 4_000
+    max_where: int = 4
+    max_batch: int = MAX_BATCH
+
+    def __post_init__(self):
+        for name, value in dataclasses.asdict(self).items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not self.max_k <= self.max_depth <= self.max_ranked:
+            raise ValueError(f"limits must satisfy max_k <= max_depth <= max_ranked, got {self.max_k}, "
+                             f"{self.max_depth}, {self.max_ranked}")
+
+
+@dataclasses.dataclass(frozen=True)
 class SearchRequest:
     """One parsed search: the query texts, page (``k`` hits after ``offset``) and filters."""
 
@@ -55,6 +79,11 @@ class SearchRequest:
     offset: int = 0
     filters: Filters = Filters()
     batch: bool = False
+
+    @property
+    def ranked(self) -> int:
+        """The ranked videos this request needs: what :class:`Limits` ``max_ranked`` bounds."""
+        return len(self.queries) * (self.offset + self.k)
 
 
 def check_query_string(raw: str) -> None:
@@ -68,7 +97,15 @@ def check_body_size(size: int) -> None:
                          "shorter queries", 413)
 
 
-def parse_params(params: Sequence[tuple[str, str]], max_k: int) -> SearchRequest:
+def check_content_type(value: str | None) -> None:
+    """POST bodies must say they are JSON: a web page on any origin can POST ``text/plain`` or a form to this
+    service without a CORS preflight, and those requests would be answered and logged to ``--query-log``."""
+    kind = (value or "").split(";")[0].strip().lower()
+    if kind not in JSON_TYPES:
+        raise BadRequest(f"POST /search needs Content-Type: application/json, got {value or 'none'!r}", 415)
+
+
+def parse_params(params: Sequence[tuple[str, str]], limits: Limits) -> SearchRequest:
     """``GET /search``: ``q``, ``k``, ``offset``, ``min_duration``, ``max_duration``, ``where`` (repeats)."""
     unknown = sorted({name for name, _ in params if name not in GET_PARAMS})
     if unknown:
@@ -81,10 +118,10 @@ def parse_params(params: Sequence[tuple[str, str]], max_k: int) -> SearchRequest
     if "q" not in single:
         raise BadRequest("missing query: pass q=TEXT")
     where = [value for name, value in params if name == "where"]
-    return _request([single["q"]], single, where, max_k, batch=False)
+    return _request([single["q"]], single, where, limits, batch=False)
 
 
-def parse_body(body: bytes, max_k: int) -> SearchRequest:
+def parse_body(body: bytes, limits: Limits) -> SearchRequest:
     """``POST /search``: ``{"q": TEXT, ...}`` or ``{"queries": [TEXT, ...], ...}`` with the GET fields."""
     check_body_size(len(body))
     try:
@@ -103,8 +140,8 @@ def parse_body(body: bytes, max_k: int) -> SearchRequest:
     batch = given[0] == "queries"
     if batch and (not isinstance(texts, list) or not texts):
         raise BadRequest('"queries" must be a non-empty list of strings')
-    if batch and len(texts) > MAX_BATCH:
-        raise BadRequest(f'"queries" holds {len(texts)} queries; the limit is {MAX_BATCH}', 413)
+    if batch and len(texts) > limits.max_batch:
+        raise BadRequest(f'"queries" holds {len(texts)} queries; the limit is {limits.max_batch}', 413)
     where = payload.get("where") or []
     if isinstance(where, Mapping):
         where = [f"{c}:{v}" for c, v in where.items()]
@@ -113,21 +150,30 @@ def parse_body(body: bytes, max_k: int) -> SearchRequest:
     if not isinstance(where, list) or not all(isinstance(w, str) for w in where):
         raise BadRequest('"where" must be "col:value", a list of them or an object {col: value}')
     fields = {k: v for k, v in payload.items() if k in ("k", "offset", "min_duration", "max_duration")}
-    return _request(texts if batch else [texts], fields, where, max_k, batch=batch)
+    return _request(texts if batch else [texts], fields, where, limits, batch=batch)
 
 
 def _request(
-    texts: list, fields: Mapping[str, Any], where: list[str], max_k: int, batch: bool
+    texts: list, fields: Mapping[str, Any], where: list[str], limits: Limits, batch: bool
 ) -> SearchRequest:
+    if len(where) > limits.max_where:
+        raise BadRequest(f"{len(where)} where conditions; the limit (max_where) is {limits.max_where}")
     queries = tuple(_text(t, i if batch else None) for i, t in enumerate(texts))
     k = _integer("k", fields.get("k", 10))
     if k < 1:
         raise BadRequest(f"k must be >= 1, got {k}")
-    if k > max_k:
-        raise BadRequest(f"k={k} is above this service's maximum k of {max_k}")
+    if k > limits.max_k:
+        raise BadRequest(f"k={k} is above this service's maximum k of {limits.max_k}")
     offset = _integer("offset", fields.get("offset", 0))
-    if not 0 <= offset <= MAX_OFFSET:
-        raise BadRequest(f"offset must be between 0 and {MAX_OFFSET}, got {offset}")
+    if offset < 0:
+        raise BadRequest(f"offset must be >= 0, got {offset}")
+    if offset + k > limits.max_depth:
+        raise BadRequest(f"offset + k = {offset + k:,} is above this service's limit (max_depth) of "
+                         f"{limits.max_depth:,}: page no deeper into one ranking")
+    if len(queries) * (offset + k) > limits.max_ranked:
+        raise BadRequest(f"{len(queries)} queries × (offset + k = {offset + k:,}) = "
+                         f"{len(queries) * (offset + k):,} ranked videos is above this service's limit "
+                         f"(max_ranked) of {limits.max_ranked:,}: send fewer queries or a smaller k")
     lo = _seconds("min_duration", fields.get("min_duration"))
     hi = _seconds("max_duration", fields.get("max_duration"))
     if lo is not None and hi is not None and lo > hi:

@@ -4,8 +4,10 @@ Ray Serve deployment (``ray_serve=True``: the same ASGI app behind Ray Serve's H
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -18,43 +20,68 @@ import uvicorn
 
 from runtime import storage
 from runtime.ray_connect import connect_ray
-from workflows.serve.app import DEFAULT_MAX_K, create_app
+from workflows.serve.access import Access, access_for
+from workflows.serve.app import create_app
 from workflows.serve.live import LiveIndex, SnapshotLoader
-from workflows.serve.previews import PreviewMaker
+from workflows.serve.pool import PoolConfig
+from workflows.serve.previews import DEFAULT_CACHE_BYTES, PreviewMaker
+from workflows.serve.queries import Limits
 from workflows.serve.querylog import QueryLog
 
 log = logging.getLogger(__name__)
+# How long a thread may hold the GIL while another waits (CPython's default is 5 ms). A heavy search's
+# Python work (collapsing clips, building hit dicts) holds it in its pool thread; a small search needs it a
+# handful of times per request (parse, hop, hits, JSON, reply), so at 5 ms each its latency next to a heavy
+# request grows by tens of ms; at 1 ms by a few. Set only in a serving process (serve_index, a Serve replica).
+SERVING_SWITCH_INTERVAL_S = 0.001
 
 
 def build_app(index: str, pretrained: str | None = None, allow_random_init: bool = False,
-              shards: Sequence[str] = (), max_k: int = DEFAULT_MAX_K, poll_s: float = 5.0,
+              shards: Sequence[str] = (), max_k: int | None = None, poll_s: float = 5.0,
               cache_dir: str | None = None, torch_threads: int = 1, query_log: str | None = None,
-              captions: Sequence[str] = ()):
+              captions: Sequence[str] = (), limits: Limits = Limits(), pool: PoolConfig = PoolConfig(),
+              access: Access = Access(), expose_sources: bool = False,
+              preview_cache_bytes: int = DEFAULT_CACHE_BYTES):
     """The ASGI app over the index at ``index`` (its CURRENT version is loaded and checked now);
     ``query_log`` is a folder/URI the texts of answered searches are logged to (:mod:`.querylog`);
-    ``captions`` are ``jobs.caption`` output folders whose generated captions the hits carry."""
+    ``captions`` are ``jobs.caption`` output folders whose generated captions the hits carry; ``limits``,
+    ``pool`` and ``access`` are :func:`create_app`'s (``max_k`` overrides ``limits.max_k``, raising the
+    other limits to it where they are lower); ``expose_sources`` shows the ingest source URIs."""
+    if max_k is not None:
+        limits = dataclasses.replace(limits, max_k=max_k, max_depth=max(limits.max_depth, max_k),
+                                     max_ranked=max(limits.max_ranked, max_k))
     # One intra-op thread: a query's text encode is ~2 ms on one thread; on 2 shared cores more threads
     # only contend (measured 100x slower with 2 under load).
     torch.set_num_threads(max(1, int(torch_threads)))
     root = storage.normalize(index)
-    loader = SnapshotLoader(root, pretrained, allow_random_init, shards, captions)
+    loader = SnapshotLoader(root, pretrained, allow_random_init, shards, captions, expose_sources)
     live = LiveIndex(root, loader.load, poll_s=poll_s)
     previews = None
     if shards:
-        previews = PreviewMaker(cache_dir or Path(tempfile.gettempdir()) / "vidsift-previews")
+        previews = PreviewMaker(cache_dir or Path(tempfile.gettempdir()) / "vidsift-previews",
+                                cache_bytes=preview_cache_bytes)
     log_to = QueryLog(query_log) if query_log else None
-    return create_app(live, previews, max_k=max_k, query_log=log_to)
+    return create_app(live, previews, limits=limits, query_log=log_to, pool=pool, access=access)
 
 
 def serve_index(index: str, host: str = "127.0.0.1", port: int = 8000, ray_serve: bool = False,
-                **options) -> int:
-    """Serve until interrupted; ``options`` are :func:`build_app`'s. Returns an exit status."""
+                allowed_hosts: Sequence[str] = (), auth_token_file: str | None = None,
+                insecure_open: bool = False, **options) -> int:
+    """Serve until interrupted; ``options`` are :func:`build_app`'s; the access rules come from the bound
+    ``host`` and the flags (:func:`workflows.serve.access.access_for`). Returns an exit status."""
+    options["access"] = access_for(host, allowed_hosts, auth_token_file, insecure_open)
     if ray_serve:
         return _serve_with_ray(index, host, port, options)
-    app = build_app(index, **options)
+    app = build_serving_app(index, **options)
     print(f"[serve] index version {app.state.live.current.version} on http://{host}:{port}/", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, **_fast_http())
     return 0
+
+
+def build_serving_app(index: str, **options):
+    """:func:`build_app` in a process that does nothing but serve it: also sets the GIL switch interval."""
+    sys.setswitchinterval(SERVING_SWITCH_INTERVAL_S)
+    return build_app(index, **options)
 
 
 def _fast_http() -> dict[str, str]:
@@ -79,7 +106,7 @@ def _serve_with_ray(index: str, host: str, port: int, options: dict) -> int:
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill` stops it as cleanly as Ctrl-C
     try:
         serve.start(http_options={"host": host, "port": port})
-        deployment = serve.deployment(serve.ingress(lambda: build_app(index, **options))(),
+        deployment = serve.deployment(serve.ingress(lambda: build_serving_app(index, **options))(),
                                       name="vidsift-search")
         serve.run(deployment.bind(), name="vidsift", route_prefix="/", blocking=False)
         print(f"[serve] Ray Serve deployment 'vidsift-search' on http://{host}:{port}/", flush=True)

@@ -1,7 +1,14 @@
-"""Run a parsed search against one snapshot: encode the texts once, page with ``offset``, filter videos."""
+"""Run a parsed search against one snapshot: encode the texts once, page with ``offset``, filter videos.
+
+The request path asks the snapshot's :class:`index.searcher.Searcher` (``encode_text`` + ``rank``) and
+nothing else, so a one-process ``VideoIndex`` and a fan-out searcher over shard deployments plug in alike; a
+``partial`` ranking (shards that missed the deadline) is passed on to the client.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from typing import Any
 from urllib.parse import quote
 
@@ -10,20 +17,33 @@ from workflows.serve.live import Snapshot
 from workflows.serve.queries import SearchRequest
 
 
-def run_search(snapshot: Snapshot, request: SearchRequest) -> list[list[dict[str, Any]]]:
-    """One list of hit dicts per query: ``k`` videos after ``offset`` that pass the filters.
+@dataclasses.dataclass
+class SearchOutcome:
+    """One list of hit dicts per query, and whether some shards were missing from the ranking."""
+
+    pages: list[list[dict[str, Any]]]
+    partial: bool = False
+    missing_shards: tuple[str, ...] = ()
+
+
+def run_search(snapshot: Snapshot, request: SearchRequest, deadline: float | None = None) -> SearchOutcome:
+    """``k`` hit dicts per query after ``offset`` that pass the filters; ``deadline`` (monotonic seconds)
+    bounds the ranking (``Searcher.rank(timeout_s=...)``).
 
     Filters apply before ranking: FAISS ranks only the rows of the videos that pass them
     (:meth:`Catalog.allowed_ids` → ``VideoIndex.search(allowed_ids=...)``), so a page is full whenever
     enough videos pass, and ``offset`` pages through one ranking of exactly those videos."""
     snapshot.catalog.check(request.filters)
-    vectors = snapshot.index.encode_text(list(request.queries))
+    searcher = snapshot.searcher
+    vectors = searcher.encode_text(list(request.queries))
     wanted = request.offset + request.k
     allowed = snapshot.catalog.allowed_ids(request.filters) if request.filters else None
     if allowed is not None and not len(allowed):
-        return [[] for _ in request.queries]
-    ranked = snapshot.index.search(vectors, k=wanted, allowed_ids=allowed)
-    return [[hit_dict(snapshot, h) for h in hits[request.offset:wanted]] for hits in ranked]
+        return SearchOutcome([[] for _ in request.queries])
+    timeout_s = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+    ranked = searcher.rank(vectors, wanted, allowed_ids=allowed, timeout_s=timeout_s)
+    pages = [[hit_dict(snapshot, h) for h in hits[request.offset:wanted]] for hits in ranked.hits]
+    return SearchOutcome(pages, bool(ranked.partial), tuple(ranked.missing_shards))
 
 
 def hit_dict(snapshot: Snapshot, hit: Hit) -> dict[str, Any]:

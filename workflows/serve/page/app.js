@@ -3,6 +3,21 @@
 
 const $ = (id) => document.getElementById(id);
 
+// A service started with --auth-token-file wants `Authorization: Bearer TOKEN` on its API. The page is opened
+// as /#token=TOKEN once: the fragment never reaches a server (or its logs); the token is kept for this tab.
+const TOKEN = (() => {
+  const given = new URLSearchParams(location.hash.slice(1)).get("token");
+  if (given) {
+    sessionStorage.setItem("vidsift-token", given);
+    history.replaceState(null, "", location.pathname + location.search);
+  }
+  return sessionStorage.getItem("vidsift-token");
+})();
+
+function api(path) {
+  return fetch(path, TOKEN ? { headers: { Authorization: `Bearer ${TOKEN}` } } : {});
+}
+
 function fmt(seconds) {
   return seconds === null || seconds === undefined ? "?" : Number(seconds).toFixed(1);
 }
@@ -14,7 +29,9 @@ function setStatus(text, isError) {
 
 async function loadVersion() {
   try {
-    const info = await (await fetch("/version")).json();
+    const response = await api("/version");
+    const info = await response.json();
+    if (!response.ok) throw new Error(info.error);
     $("version").textContent = `index version ${info.version} · ${info.videos} videos · ${info.model_name}`;
     const columns = Object.keys(info.filter_columns || {});
     $("columns").replaceChildren(...columns.map((c) => Object.assign(document.createElement("option"),
@@ -22,7 +39,7 @@ async function loadVersion() {
     $("columns-help").textContent = columns.length ? `columns: ${columns.join(", ")}` : "";
     if (!info.previews) setStatus("This service cannot reach the videos: hits have no previews.");
   } catch (err) {
-    $("version").textContent = "service not reachable";
+    $("version").textContent = `service not reachable: ${err.message}`;
   }
 }
 
@@ -31,11 +48,16 @@ function card(hit) {
   const preview = node.querySelector(".preview");
   if (hit.preview_url) {
     const img = Object.assign(document.createElement("img"),
-      { src: hit.preview_url, alt: `${hit.video_id} ${fmt(hit.start_s)}–${fmt(hit.end_s)} s`, loading: "lazy" });
-    img.addEventListener("error", () => {
-      preview.replaceChildren(Object.assign(document.createElement("span"),
-        { className: "none", textContent: "preview failed to load" }));
-    });
+      { alt: `${hit.video_id} ${fmt(hit.start_s)}–${fmt(hit.end_s)} s`, loading: "lazy" });
+    const failed = () => preview.replaceChildren(Object.assign(document.createElement("span"),
+      { className: "none", textContent: "preview failed to load" }));
+    img.addEventListener("error", failed);
+    if (TOKEN) {  // an <img> cannot send the token: fetch the WebP with it and show the bytes
+      api(hit.preview_url).then((r) => (r.ok ? r.blob() : Promise.reject(new Error(r.status))))
+        .then((blob) => { img.src = URL.createObjectURL(blob); }, failed);
+    } else {
+      img.src = hit.preview_url;
+    }
     preview.replaceChildren(img);
   } else {
     preview.replaceChildren(Object.assign(document.createElement("span"),
@@ -68,10 +90,11 @@ async function search(event) {
   const started = performance.now();
   let body;
   try {
-    const response = await fetch(`/search?${params}`);
+    const response = await api(`/search?${params}`);
     body = await response.json();
     if (!response.ok) {
-      setStatus(body.error || `error ${response.status}`, true);
+      const hint = response.status === 401 ? ": open this page as /#token=TOKEN" : "";
+      setStatus((body.error || `error ${response.status}`) + hint, true);
       return;
     }
   } catch (err) {
