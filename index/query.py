@@ -79,6 +79,11 @@ class VideoIndex:
         self.allow_random_init = bool(allow_random_init)
         self.rows = ids if isinstance(ids, RowTable) else RowTable(ids)
         self.dead_ids = np.unique(np.asarray(dead_ids if dead_ids is not None else [], dtype=np.int64))
+        self._live_selector = None  # "not tombstoned", built once: an IDSelectorBatch costs O(dead) to make
+        if len(self.dead_ids):
+            dead = faiss.IDSelectorBatch(self.dead_ids)
+            self._live_selector = faiss.IDSelectorNot(dead)
+            self._live_selector.keep_alive = dead  # IDSelectorNot does not own the selector it negates
         for info, ix in zip(meta["shards"], indexes):
             apply_search_params(ix, info.get("search_params", {}))
         self._encoder = None
@@ -215,7 +220,8 @@ class VideoIndex:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Raw clip-level search over all shards: ``(scores [Q, k], ids [Q, k])`` merged by score.
 
-        ``allowed`` restricts the search to those ids inside FAISS (rows it rejects are never ranked);
+        ``allowed`` restricts the search to those ids inside FAISS (rows it rejects are never ranked; None:
+        every row a delete did not tombstone);
         ``exhaustive`` scans every IVF list (``nprobe = nlist``) / lets HNSW visit the whole graph, so a
         filtered search finds every allowed row however few the probed lists hold."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32).copy()
@@ -223,6 +229,8 @@ class VideoIndex:
         if (norms <= 1e-12).any():
             raise ValueError("query vector has zero norm")
         vectors /= norms
+        if allowed is None:
+            allowed = self._live_selector
         results = []
         for ix in self.indexes:
             kk = int(min(k, max(ix.ntotal, 1)))
@@ -291,12 +299,7 @@ class VideoIndex:
             if len(self.dead_ids):
                 allowed = allowed[~_sorted_contains(self.dead_ids, allowed)]
             return (faiss.IDSelectorBatch(allowed) if len(allowed) else None), len(allowed)
-        if len(self.dead_ids):
-            dead = faiss.IDSelectorBatch(self.dead_ids)
-            selector = faiss.IDSelectorNot(dead)
-            selector.keep_alive = dead  # IDSelectorNot does not own the selector it negates
-            return selector, len(self)
-        return None, len(self)
+        return self._live_selector, len(self)
 
     def rank(self, vectors: np.ndarray, k: int, allowed_ids: np.ndarray | None = None,
              timeout_s: float | None = None) -> RankedResult:

@@ -93,6 +93,8 @@ def test_deleted_videos_never_come_back(ivf_index):
         assert len(hits) == 20 and not gone_set & {h.video_id for h in hits}
         for h in hits:  # moments are made of live windows only
             assert h.moments and all(0.0 <= m.start_s < m.end_s <= 12.0 for m in h.moments)
+    _, raw = index.search_vectors(vecs[:100], 30)  # the clip-level search filters them too
+    assert len(index.dead_ids) == 5 * len(gone) and not np.isin(raw, index.dead_ids).any()
     # An id filter naming deleted rows finds only the live ones among them.
     table = store.read_row_table(index.version_dir, index.meta).table
     vids = np.asarray(table.column("video_id").to_pylist())
@@ -185,3 +187,24 @@ def test_a_corrupt_tombstone_file_is_a_clear_error(ivf_index):
     with pytest.raises(store.CorruptIndexError, match="tombstones.parquet"):
         VideoIndex.open(root)
     assert os.path.exists(version_path(root, meta["version"]))
+
+
+def test_delete_and_compaction_on_s3_share_objects_across_versions(s3_bucket, tmp_path, monkeypatch):
+    from runtime import storage
+
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
+    vecs = clustered_vectors(300, DIM, seed=6)
+    emb = write_embeddings(tmp_path / "emb", vecs, clips_per_video=3, model_id="toy@abc")
+    idx = f"{s3_bucket}/idx"
+    first = build_index(emb, idx, factory="Flat", progress=False)
+    gone = [f"vid-{v:06d}" for v in range(0, 100, 4)]
+    deleted = delete_videos(idx, gone)
+    objects = {storage.name(u) for u in storage.list_files(store.version_uri(idx, deleted["version"]))}
+    assert objects == {TOMBSTONES_FILE, store.PROBE_FILE, "index.json"}
+    index = VideoIndex.open(idx)  # the FAISS / ids objects come from the first version's prefix
+    assert len(index) == 300 - 75
+    for hits in index.search(vecs[::9], k=10):
+        assert not set(gone) & {h.video_id for h in hits}
+    compacted = compact_index(idx, threshold=0.2, progress=False)
+    assert compacted["count"] == 225 and VideoIndex.open(idx).indexes[0].ntotal == 225
+    assert VideoIndex.open(idx, version=first["version"]).search(vecs[0], k=1)[0].video_id == "vid-000000"
