@@ -128,6 +128,15 @@ def main(argv: list[str] | None = None) -> int:
         rows=rows, sample_size=f"{args.repeats} fresh processes per cell (fastest kept); 20 k=10 queries",
         baseline="main's open before ids.arrow (FAISS < 256 MiB read in, ids as Python objects), same files",
         filtering="none")
+    top = rows[-1]
+    raw = top["raw_vector_mb"]
+    met = top["queries_mb"] <= 0.25 * raw and top["open_s"] <= 2.0
+    floor = "anonymous RSS after open + queries <= 0.25 x raw vector bytes; open <= 2 s"
+    record.add_headline(
+        "index open (serving process)", floor,
+        f"{top['rows']:,} rows: +{top['queries_mb']:.1f} MB ({top['queries_mb'] / raw:.2f} x {raw:.0f} MB "
+        f"raw at dim 8), open {top['open_s']:.2f} s; main's open +{top['base_open_mb']:.0f} MB",
+        "yes" if met else "no")
     record.write(args.json, note=args.note)
     return 0
 
