@@ -23,7 +23,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import pyarrow.parquet as pq  # noqa: E402
+
 from bench.record import BenchRecord, add_record_args, col  # noqa: E402
+from index import store  # noqa: E402
 from index.testing import write_synthetic_version  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,10 +83,6 @@ def probe(code: str, *args: str) -> dict:
 
 
 def measure(work: Path, rows: int, repeats: int) -> dict:
-    import pyarrow.parquet as pq
-
-    from index import store
-
     t0 = time.perf_counter()
     root = work / f"idx-{rows}"
     write_synthetic_version(root, rows)
