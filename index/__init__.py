@@ -3,10 +3,11 @@
 ``from index import VideoIndex; VideoIndex.open(DIR).search("a red ball", k=10)``.
 """
 
-from index.build import add_embeddings, build_index, delete_videos, needs_retrain
+from index.build import add_embeddings, build_index, needs_retrain
 from index.factory import choose_factory, make_index
 from index.query import Hit, VideoIndex
 from index.store import CorruptIndexError, IndexNotFoundError
+from index.tombstones import compact_index, delete_videos
 
 __all__ = [
     "CorruptIndexError",
@@ -16,6 +17,7 @@ __all__ = [
     "add_embeddings",
     "build_index",
     "choose_factory",
+    "compact_index",
     "delete_videos",
     "make_index",
     "needs_retrain",

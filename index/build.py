@@ -2,8 +2,9 @@
 
 Build = one :func:`index.part.build_part` per shard (pass 1: sample training + held-out probe vectors →
 train → pass 2: add in chunks while computing exact top-k of the probes → tune nprobe/efSearch), in this
-process or as Ray tasks (:mod:`index.sharded`) → publish. Add / delete / upsert copy the current version,
-change it without retraining and publish a new version.
+process or as Ray tasks (:mod:`index.sharded`) → publish. Add / upsert copy the current version,
+change it without retraining and publish a new version; a delete publishes tombstones only
+(:mod:`index.tombstones`, re-exported here as :func:`delete_videos`).
 """
 
 from __future__ import annotations
@@ -39,10 +40,11 @@ from index.part import (
     row_progress,
 )
 from index.sharded import build_parts_with_ray
+from index.tombstones import delete_videos as delete_videos  # re-exported: jobs.index calls build's
+from index.tombstones import drop_from_probe, new_version_meta, remeasure
 from index.tuning import (
     ExactTopK,
     apply_search_params,
-    measure_recall,
     merge_topk,
     normalize_queries,
     pick_queries,
@@ -261,10 +263,16 @@ def _stack_probes(probes: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 
 def _open_writable(root: str | os.PathLike):
+    """The CURRENT version read into memory to be changed (its tombstoned rows removed for real: the new
+    version it becomes holds only live rows)."""
     vdir, meta, indexes, ids = store.load_version(root, mmap=False)
     probe = store.read_probe(vdir, meta)
-    for info, ix in zip(meta["shards"], indexes):
-        apply_search_params(ix, info["search_params"])
+    dead = store.read_dead_ids(vdir, meta)
+    for i, (info, ix) in enumerate(zip(meta["shards"], indexes)):
+        indexes[i] = _remove_ids(ix, info["factory"], dead)
+        apply_search_params(indexes[i], info["search_params"])
+    if len(dead):
+        meta = {k: v for k, v in meta.items() if k not in ("tombstones", "stored_count")}
     return vdir, meta, indexes, ids, probe
 
 
@@ -289,41 +297,6 @@ def _video_mask(ids: pa.Table, video_ids: set[str]) -> np.ndarray:
     """Rows of ``ids`` whose video_id is in ``video_ids`` (hash lookup: object-array isin is slow)."""
     mask = pc.is_in(ids.column("video_id"), value_set=pa.array(sorted(video_ids), pa.string()))
     return np.asarray(mask.fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
-
-
-def _drop_from_probe(probe: dict[str, np.ndarray] | None, removed: np.ndarray) -> None:
-    if probe is None or len(removed) == 0:
-        return
-    gone = np.isin(probe["gt_i"], removed)
-    probe["gt_i"] = np.where(gone, -1, probe["gt_i"])
-    probe["gt_d"] = np.where(gone, -np.inf, probe["gt_d"]).astype(np.float32)
-    order = np.argsort(-probe["gt_d"], axis=1, kind="stable")
-    probe["gt_i"] = np.take_along_axis(probe["gt_i"], order, axis=1)
-    probe["gt_d"] = np.take_along_axis(probe["gt_d"], order, axis=1)
-
-
-def _remeasure(meta: dict[str, Any], indexes: list[faiss.Index], probe: dict[str, np.ndarray] | None) -> None:
-    """Recall of each shard on its stored probes against their (maintained) exact neighbours."""
-    if probe is None:
-        return
-    k = int(meta.get("recall_k", DEFAULT_K))
-    for i, (info, ix) in enumerate(zip(meta["shards"], indexes)):
-        sel = probe["shard"] == i
-        info["recall"] = (
-            measure_recall(ix, probe["queries"][sel], probe["gt_i"][sel], k) if sel.any() else float("nan")
-        )
-        info["count"] = int(ix.ntotal)
-    meta["count"] = sum(int(ix.ntotal) for ix in indexes)
-    meta["recall"] = min(s["recall"] for s in meta["shards"])
-
-
-def _new_version_meta(meta: dict[str, Any], operation: str, parent: str) -> dict[str, Any]:
-    new = dict(meta)
-    new.pop("version", None)
-    new.pop("files", None)
-    new["shards"] = [dict(s) for s in meta["shards"]]
-    new.update(operation=operation, parent_version=parent, created_unix=time.time())
-    return new
 
 
 def add_embeddings(
@@ -353,8 +326,8 @@ def add_embeddings(
     finish_progress(bar)
     if probe is not None and exact is not None:
         _merge_new_truth(probe, exact, metas, len(indexes))
-    new_meta = _new_version_meta(meta, "add", storage.name(vdir))
-    _remeasure(new_meta, indexes, probe)
+    new_meta = new_version_meta(meta, "add", storage.name(vdir))
+    remeasure(new_meta, indexes, probe)
     new_meta["sources"] = list(meta.get("sources", [])) + list(source.files)
     new_meta["last_operation"] = {
         "added": sum(m.num_rows for m in metas),
@@ -403,7 +376,7 @@ def _remove_videos(
     for i in range(len(indexes)):
         indexes[i] = _remove_ids(indexes[i], meta["shards"][i]["factory"], removed[shard_col == i])
         apply_search_params(indexes[i], meta["shards"][i]["search_params"])
-    _drop_from_probe(probe, removed)
+    drop_from_probe(probe, removed)
     return hit
 
 
@@ -474,28 +447,6 @@ def _publish_version(root, indexes, ids_table, meta, probe, errors, keep) -> dic
     return meta
 
 
-def delete_videos(root: str | os.PathLike, video_ids: list[str], keep: int = 3) -> dict[str, Any]:
-    """Remove every row of ``video_ids`` (``remove_ids``), publish a new version.
-
-    The summary's ``last_operation.not_found`` lists requested videos the index did not hold.
-    """
-    t0 = time.perf_counter()
-    if not video_ids:
-        raise ValueError("delete needs at least one video id")
-    vdir, meta, indexes, ids, probe = _open_writable(root)
-    hit = _remove_videos(meta, indexes, ids, probe, set(video_ids))
-    new_meta = _new_version_meta(meta, "delete", storage.name(vdir))
-    _remeasure(new_meta, indexes, probe)
-    found = set(ids.filter(pa.array(hit)).column("video_id").to_pylist())
-    new_meta["last_operation"] = {
-        "deleted_rows": int(hit.sum()),
-        "deleted_videos": sorted(found),
-        "not_found": sorted(set(video_ids) - found),
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
-    return _publish_version(root, indexes, ids.filter(pa.array(~hit)), new_meta, probe, [], keep)
-
-
 def needs_retrain(
     root: str | os.PathLike, growth_factor: float = DEFAULT_GROWTH_FACTOR, recall_target: float | None = None
 ) -> tuple[bool, list[str]]:
@@ -506,6 +457,7 @@ def needs_retrain(
     """
     vdir, meta, indexes, _ids = store.load_version(root)
     probe = store.read_probe(vdir, meta)
+    dead = store.read_dead_ids(vdir, meta)
     target = float(recall_target if recall_target is not None else meta.get("recall_target", DEFAULT_RECALL))
     reasons = []
     if meta["count"] > growth_factor * max(1, int(meta.get("trained_on_count", meta["count"]))):
@@ -518,7 +470,7 @@ def needs_retrain(
             apply_search_params(ix, info["search_params"])
         measured = dict(meta)
         measured["shards"] = [dict(s) for s in meta["shards"]]
-        _remeasure(measured, indexes, probe)
+        remeasure(measured, indexes, probe, dead)
         if measured["recall"] < target:
             reasons.append(
                 f"recall@{meta.get('recall_k', DEFAULT_K)} on the probe set is "

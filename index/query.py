@@ -9,9 +9,11 @@ from typing import Any
 
 import faiss
 import numpy as np
+import pyarrow as pa
 
 from index import store
-from index.moments import DEFAULT_MAX_GAP_S, DEFAULT_REL_THRESHOLD, WINDOW_CLIP_BASE, Moment, merge_windows
+from index.moments import DEFAULT_MAX_GAP_S, DEFAULT_REL_THRESHOLD, Moment, merge_windows
+from index.rows import RowTable
 from index.searcher import RankedResult
 from index.sharded import merge_shard_results
 from index.tuning import apply_search_params
@@ -47,7 +49,11 @@ class Hit:
 class VideoIndex:
     """A published index version opened for search (all its shards), optionally with a text encoder.
 
-    Use :meth:`open`. Query vectors are L2-normalised; text is encoded with the model named by the
+    Use :meth:`open`. The FAISS files and the rows (``ids.arrow``) are memory-mapped: the process's own memory
+    does not grow with the corpus, and Python objects are made only for the hits returned. Rows a delete
+    tombstoned (``dead_ids``) are filtered inside FAISS and never ranked.
+
+    Query vectors are L2-normalised; text is encoded with the model named by the
     index's ``model_id``: built from index.json's ``model_name`` and trained weights (``pretrained``, else
     the checkpoint index.json records) on the first text query, or the ``encoder`` passed in, whose
     ``model_id`` must match. Without weights a text query refuses (:class:`models.MissingWeightsError`)
@@ -60,27 +66,25 @@ class VideoIndex:
         version_dir: str,
         meta: dict[str, Any],
         indexes: list,
-        ids,
+        ids: RowTable | pa.Table,
         encoder=None,
         tokenizer=None,
         pretrained: str | None = None,
         allow_random_init: bool = False,
+        dead_ids: np.ndarray | None = None,
     ):
         self.root, self.version_dir, self.meta, self.indexes = root, version_dir, meta, indexes
         self.dim = int(meta["dim"])
         self.model_id = meta.get("model_id")
         self.pretrained = pretrained
         self.allow_random_init = bool(allow_random_init)
-        all_ids = ids.column("id").to_numpy()
-        self._all_ids = all_ids
-        self._order = np.argsort(all_ids, kind="stable")
-        self._sorted_ids = all_ids[self._order]
-        self._video_id = np.asarray(ids.column("video_id").to_pylist(), dtype=object)
-        self._start = ids.column("start_s").to_numpy(zero_copy_only=False)
-        self._end = ids.column("end_s").to_numpy(zero_copy_only=False)
-        self._clip = ids.column("clip_index").to_numpy(zero_copy_only=False)
-        self._captions = ids.column("captions").to_pylist() if "captions" in ids.column_names else None
-        self._windows = _window_rows(self._video_id, self._clip)
+        self.rows = ids if isinstance(ids, RowTable) else RowTable(ids)
+        self.dead_ids = np.unique(np.asarray(dead_ids if dead_ids is not None else [], dtype=np.int64))
+        self._live_selector = None  # "not tombstoned", built once: an IDSelectorBatch costs O(dead) to make
+        if len(self.dead_ids):
+            dead = faiss.IDSelectorBatch(self.dead_ids)
+            self._live_selector = faiss.IDSelectorNot(dead)
+            self._live_selector.keep_alive = dead  # IDSelectorNot does not own the selector it negates
         for info, ix in zip(meta["shards"], indexes):
             apply_search_params(ix, info.get("search_params", {}))
         self._encoder = None
@@ -105,15 +109,25 @@ class VideoIndex:
 
         The version's files are read from local copies (remote ones cached under ``$VIDSIFT_CACHE`` and
         verified against the sha256 in index.json; ``verify`` forces / skips that check), so queries run at
-        local speed. ``mmap=None`` memory-maps FAISS files larger than ``store.MMAP_THRESHOLD_BYTES``.
+        local speed. FAISS files are memory-mapped unless ``mmap=False`` (then read into memory).
         ``pretrained`` overrides the text encoder's checkpoint recorded in index.json;
         ``allow_random_init`` permits a seeded random text encoder when there is none. Missing or corrupt
         indexes raise :class:`store.IndexNotFoundError` / :class:`store.CorruptIndexError`.
         """
         root = storage.normalize(path)
-        vdir, meta, indexes, ids = store.load_version(root, version=version, mmap=mmap, verify=verify)
-        return cls(root, vdir, meta, indexes, ids, encoder=encoder, tokenizer=tokenizer,
-                   pretrained=pretrained, allow_random_init=allow_random_init)
+        vdir = store.version_dir(root, version)
+        meta = store.read_meta(vdir)
+        indexes = [store.read_faiss(store.local_file(vdir, meta, s["file"], verify), mmap=mmap)
+                   for s in meta["shards"]]
+        rows = store.read_row_table(vdir, meta, verify)
+        dead = store.read_dead_ids(vdir, meta, verify)
+        store.check_counts(vdir, meta, sum(int(ix.ntotal) for ix in indexes), len(rows))
+        for ix in indexes:
+            if ix.d != int(meta["dim"]):
+                raise store.CorruptIndexError(
+                    f"index version {vdir!r}: faiss dim {ix.d} != index.json dim {meta['dim']}")
+        return cls(root, vdir, meta, indexes, rows, encoder=encoder, tokenizer=tokenizer,
+                   pretrained=pretrained, allow_random_init=allow_random_init, dead_ids=dead)
 
     @property
     def version(self) -> str:
@@ -207,7 +221,8 @@ class VideoIndex:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Raw clip-level search over all shards: ``(scores [Q, k], ids [Q, k])`` merged by score.
 
-        ``allowed`` restricts the search to those ids inside FAISS (rows it rejects are never ranked);
+        ``allowed`` restricts the search to those ids inside FAISS (rows it rejects are never ranked; None:
+        every row a delete did not tombstone);
         ``exhaustive`` scans every IVF list (``nprobe = nlist``) / lets HNSW visit the whole graph, so a
         filtered search finds every allowed row however few the probed lists hold."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32).copy()
@@ -215,13 +230,15 @@ class VideoIndex:
         if (norms <= 1e-12).any():
             raise ValueError("query vector has zero norm")
         vectors /= norms
+        if allowed is None:
+            allowed = self._live_selector
         results = []
         for ix in self.indexes:
             kk = int(min(k, max(ix.ntotal, 1)))
             if allowed is None and not exhaustive:
                 results.append(ix.search(vectors, kk))
             else:
-                params, keep_alive = _search_parameters(ix, allowed, exhaustive)
+                params, keep_alive = search_parameters(ix, allowed, exhaustive)
                 results.append(ix.search(vectors, kk, params=params))
                 del keep_alive  # the SWIG params point at these; they lived until the search returned
         return merge_shard_results([r[0] for r in results], [r[1] for r in results], int(k))
@@ -251,12 +268,9 @@ class VideoIndex:
         if int(k) < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         vectors, texts, single = self._query_vectors(query)
-        selector, total = None, len(self)
-        if allowed_ids is not None:
-            allowed = np.unique(np.asarray(allowed_ids, dtype=np.int64))
-            if not len(allowed):
-                return [] if single else [[] for _ in vectors]
-            selector, total = faiss.IDSelectorBatch(allowed), len(allowed)
+        selector, total = self._selector(allowed_ids)
+        if total == 0:
+            return [] if single else [[] for _ in vectors]
         fetch = min(total, max(int(k) * max(1, int(overfetch)), int(k)))
         exhaustive = False
         while True:
@@ -278,6 +292,16 @@ class VideoIndex:
             out.append(hits)
         return out[0] if single else out
 
+    def _selector(self, allowed_ids: np.ndarray | None) -> tuple[faiss.IDSelector | None, int]:
+        """The FAISS id filter of a search (the allowed ids less the tombstoned ones, or "not tombstoned")
+        and how many rows can pass it."""
+        if allowed_ids is not None:
+            allowed = np.unique(np.asarray(allowed_ids, dtype=np.int64))
+            if len(self.dead_ids):
+                allowed = allowed[~_sorted_contains(self.dead_ids, allowed)]
+            return (faiss.IDSelectorBatch(allowed) if len(allowed) else None), len(allowed)
+        return self._live_selector, len(self)
+
     def rank(self, vectors: np.ndarray, k: int, allowed_ids: np.ndarray | None = None,
              timeout_s: float | None = None) -> RankedResult:
         """:class:`index.searcher.Searcher`: :meth:`search` of ``[Q, D]`` vectors. One process searches every
@@ -288,17 +312,26 @@ class VideoIndex:
     def _attach_moments(self, vector: np.ndarray, hits: list[Hit], limit: int, rel_threshold: float,
                         max_gap_s: float) -> None:
         """Score every window of the hits' videos (one filtered search per shard) and set their moments."""
-        rows = {h.video_id: self._windows[h.video_id] for h in hits if h.video_id in self._windows}
+        rows = {}
+        for hit in hits:
+            row = int(self.rows.rows_of(np.array([-1 if hit.id is None else hit.id]))[0])
+            if row < 0:
+                continue
+            windows = self.rows.window_rows(row)
+            ids = np.asarray(self.rows.column("id", windows), dtype=np.int64)
+            live = ~_sorted_contains(self.dead_ids, ids)
+            if live.any():
+                rows[hit.video_id] = (windows[live], ids[live])
         if not rows:
             return
-        scores = self._score_ids(vector, self._all_ids[np.concatenate(list(rows.values()))])
+        scores = self._score_ids(vector, np.concatenate([ids for _, ids in rows.values()]))
         for hit in hits:
             if hit.video_id not in rows:
                 continue
-            r = rows[hit.video_id]
-            window_scores = [scores.get(int(i), np.nan) for i in self._all_ids[r]]
-            moments = merge_windows(self._start[r], self._end[r], window_scores, rel_threshold, max_gap_s,
-                                    limit=limit)
+            r, ids = rows[hit.video_id]
+            window_scores = [scores.get(int(i), np.nan) for i in ids]
+            moments = merge_windows(self.rows.numbers("start_s", r), self.rows.numbers("end_s", r),
+                                    window_scores, rel_threshold, max_gap_s, limit=limit)
             if moments:
                 hit.moments = moments
                 hit.start_s, hit.end_s = moments[0].start_s, moments[0].end_s
@@ -318,47 +351,38 @@ class VideoIndex:
             out.update((int(a), float(b)) for a, b in zip(i[0], d[0]) if a >= 0)
         return out
 
-    def _rows(self, ids: np.ndarray) -> np.ndarray:
-        pos = np.clip(np.searchsorted(self._sorted_ids, ids), 0, max(len(self._sorted_ids) - 1, 0))
-        found = self._sorted_ids[pos] == ids
-        return np.where(found, self._order[pos], -1)
-
     def _collapse(self, scores: np.ndarray, ids: np.ndarray, aggregate: str) -> list[Hit]:
+        """Clip hits → one :class:`Hit` per video (grouped by the video's first row; Python objects only for
+        each video's best row)."""
         valid = ids >= 0
-        rows = self._rows(ids[valid])
-        groups: dict[str, dict[str, Any]] = {}
-        for score, row in zip(scores[valid], rows):
-            if row < 0:
-                continue
-            vid = self._video_id[row]
-            g = groups.get(vid)
-            if g is None:
-                groups[vid] = {"best": float(score), "row": int(row), "sum": float(score), "n": 1}
-            else:
-                g["sum"] += float(score)
-                g["n"] += 1
-        hits = []
-        for vid, g in groups.items():
-            row = g["row"]
-            score = g["best"] if aggregate == "max" else g["sum"] / g["n"]
-            caps = self._captions[row] if self._captions is not None else None
-            hits.append(
-                Hit(
-                    video_id=str(vid),
-                    score=float(score),
-                    start_s=finite_float(self._start[row]),
-                    end_s=finite_float(self._end[row]),
-                    clip_index=None if finite_float(self._clip[row]) is None else int(self._clip[row]),
-                    caption=caps[0] if caps else None,
-                    num_clips=g["n"],
-                    id=int(self._all_ids[row]),
-                )
-            )
+        scores, ids = scores[valid].astype(np.float64), ids[valid]
+        rows = self.rows.rows_of(ids)
+        found = rows >= 0
+        scores, rows = scores[found], rows[found]
+        if not len(rows):
+            return []
+        order = np.argsort(-scores, kind="stable")  # best first, so a video's first occurrence is its best
+        scores, rows = scores[order], rows[order]
+        keys = self.rows.video_keys(rows)
+        groups, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        counts = np.bincount(inverse, minlength=len(groups))
+        value = scores[first] if aggregate == "max" else np.bincount(inverse, scores) / counts
+        best = rows[first]
+        video_ids = self.rows.column("video_id", best)
+        captions = self.rows.column("captions", best)
+        starts, ends = self.rows.numbers("start_s", best), self.rows.numbers("end_s", best)
+        clips, row_ids = self.rows.numbers("clip_index", best), self.rows.column("id", best)
+        hits = [
+            Hit(video_id=str(video_ids[g]), score=float(value[g]), start_s=finite_float(starts[g]),
+                end_s=finite_float(ends[g]), clip_index=None if finite_float(clips[g]) is None else int(clips[g]),
+                caption=captions[g][0] if captions[g] else None, num_clips=int(counts[g]), id=int(row_ids[g]))
+            for g in np.argsort(first, kind="stable")  # ties keep the order FAISS ranked them in
+        ]
         hits.sort(key=lambda h: -h.score)
         return hits
 
 
-def _search_parameters(ix: faiss.Index, allowed: faiss.IDSelector | None, exhaustive: bool):
+def search_parameters(ix: faiss.Index, allowed: faiss.IDSelector | None, exhaustive: bool):
     """FAISS search parameters for one shard: the id filter plus its stored nprobe / efSearch, or every list
     (IVF) / the whole graph (HNSW) when ``exhaustive``. Returns ``(params, objects to keep alive)``."""
     ivf = faiss.try_extract_index_ivf(ix)
@@ -378,18 +402,12 @@ def _search_parameters(ix: faiss.Index, allowed: faiss.IDSelector | None, exhaus
     return faiss.SearchParameters(sel=allowed), [allowed]
 
 
-def _window_rows(video_ids: np.ndarray, clips: np.ndarray) -> dict[str, np.ndarray]:
-    """Row positions of each video's window rows (``clip_index >= WINDOW_CLIP_BASE``); ``{}`` when none."""
-    clip = np.asarray(clips, dtype=np.float64)
-    rows = np.flatnonzero(np.nan_to_num(clip, nan=-1.0) >= WINDOW_CLIP_BASE)
-    if not len(rows):
-        return {}
-    vids = np.asarray([str(v) for v in video_ids[rows]], dtype=object)
-    order = np.argsort(vids, kind="stable")
-    vids, rows = vids[order], rows[order]
-    cuts = np.flatnonzero(vids[1:] != vids[:-1]) + 1
-    return {str(group_vids[0]): group_rows
-            for group_vids, group_rows in zip(np.split(vids, cuts), np.split(rows, cuts))}
+def _sorted_contains(sorted_values: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Which ``values`` are in the sorted array ``sorted_values``."""
+    if not len(sorted_values):
+        return np.zeros(len(values), bool)
+    pos = np.clip(np.searchsorted(sorted_values, values), 0, len(sorted_values) - 1)
+    return sorted_values[pos] == values
 
 
 def _apply_rerank(rerank: Reranker, text: str | None, hits: list[Hit]) -> list[Hit]:

@@ -1,6 +1,10 @@
 """Versioned index layout on any store (a local folder, ``s3://``, ``gs://``: :mod:`runtime.storage`):
-``NAME/versions/VERSION/{index.faiss | shard-NNNNN.faiss, ids.parquet, probe.npz, errors.parquet,
-index.json}`` plus ``NAME/CURRENT`` naming the live version.
+``NAME/versions/VERSION/{index.faiss | shard-NNNNN.faiss, ids.arrow (older versions: ids.parquet), probe.npz,
+errors.parquet, tombstones.parquet, index.json}`` plus ``NAME/CURRENT`` naming the live version.
+
+A version may use files of an older version of the same index (a delete publishes only its tombstones and
+refers to the unchanged FAISS / ids files): index.json records such a file with ``"version": OLDER``, and
+:func:`prune` keeps every version whose files a retained version uses (:func:`referenced_versions`).
 
 Publishing (docs/index.md, "Storage"): a version's files are written (FAISS writes local files) into a
 staging folder, then each is put under ``versions/VERSION/`` as one complete object; ``index.json``, which
@@ -27,8 +31,18 @@ from typing import Any
 import faiss
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from index.rows import (
+    HELPER_COLUMNS,
+    ROWS_FILE,
+    TOMBSTONES_FILE,
+    RowTable,
+    read_rows_table,
+    read_tombstones,
+    write_rows,
+)
 from runtime import storage
 
 INDEX_FILE = "index.faiss"
@@ -39,7 +53,6 @@ ERRORS_FILE = "errors.parquet"
 CURRENT_FILE = "CURRENT"
 VERSIONS_DIR = "versions"
 FORMAT = "vidsift-index-v1"
-MMAP_THRESHOLD_BYTES = 256 * 1024**2
 _VERSION_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -143,7 +156,7 @@ def write_version_files(
         if index is None:  # already uploaded by a (Ray) shard builder
             continue
         faiss.write_index(index, str(stage / shard_file(i, len(indexes))))
-    pq.write_table(ids_table, stage / IDS_FILE)
+    write_rows(ids_table, stage / ROWS_FILE)
     if probe is not None:
         with open(stage / PROBE_FILE, "wb") as fh:
             np.savez(fh, **probe)
@@ -252,8 +265,10 @@ def prune(root: str | os.PathLike, keep: int = 3) -> list[str]:
     current = read_current(root, missing_ok=True)
     removed = []
     versions = list_versions(root)
+    retained = versions[max(0, len(versions) - keep):] + ([current] if current else [])
+    used = referenced_versions(root, retained)
     for name in versions[: max(0, len(versions) - keep)]:
-        if name != current:
+        if name != current and name not in used:
             storage.remove(version_uri(root, name), recursive=True)
             removed.append(name)
     if current is not None:
@@ -261,6 +276,18 @@ def prune(root: str | os.PathLike, keep: int = 3) -> list[str]:
             if _seq(name) < _seq(current):
                 storage.remove(version_uri(root, name), recursive=True)
     return removed
+
+
+def referenced_versions(root: str, versions: list[str]) -> set[str]:
+    """The versions whose files the given ``versions`` use (index.json file records with ``"version"``)."""
+    used = set()
+    for name in versions:
+        try:
+            files = storage.read_json(storage.join(version_uri(root, name), META_FILE)).get("files") or {}
+        except FileNotFoundError:
+            continue
+        used.update(str(r["version"]) for r in files.values() if isinstance(r, dict) and r.get("version"))
+    return used
 
 
 def read_current(root: str | os.PathLike, missing_ok: bool = False) -> str | None:
@@ -314,8 +341,8 @@ def read_meta(vdir: str | os.PathLike) -> dict[str, Any]:
 def local_file(vdir: str, meta: dict[str, Any], name: str, verify: bool | None = None) -> Path:
     """A local path holding the version's file ``name``: the file itself for a local index, else a cached
     copy verified against the sha256 in index.json (``verify``: None = remote copies only)."""
-    uri = storage.join(vdir, name)
     record = (meta.get("files") or {}).get(name) or {}
+    uri = storage.join(file_dir(vdir, record), name)
     check = (not storage.is_local(uri)) if verify is None else verify
     try:
         return storage.cached_copy(uri, sha256=record.get("sha256") if check else None)
@@ -325,11 +352,30 @@ def local_file(vdir: str, meta: dict[str, Any], name: str, verify: bool | None =
         raise CorruptIndexError(f"index file {uri!r} is corrupt: {exc}") from exc
 
 
+def file_dir(vdir: str, record: dict[str, Any]) -> str:
+    """The folder holding a version's file: ``vdir``, or the older version named by its ``"version"``."""
+    other = record.get("version")
+    if not other:
+        return vdir
+    return storage.join(storage.parent(vdir), check_version_name(str(other)))
+
+
+def without_file_references(meta: dict[str, Any]) -> dict[str, Any]:
+    """``meta`` for a copy of the version that holds every file itself (no ``"version"`` references)."""
+    files = meta.get("files")
+    if files is None:
+        return meta
+    return {**meta, "files": {n: {k: v for k, v in r.items() if k != "version"} for n, r in files.items()}}
+
+
 def read_faiss(path: Path, mmap: bool | None = None) -> faiss.Index:
-    """Read one FAISS file; memory-mapped when ``mmap`` or (None) when larger than the threshold."""
+    """Read one FAISS file, memory-mapped unless ``mmap`` is False (a writer that changes it in memory).
+
+    A published file never changes, so mapping it costs nothing and keeps the inverted lists / codes out of
+    the process's own memory: the page cache holds them, shared by every process that opens the version."""
     if not path.is_file():
         raise CorruptIndexError(f"index file {str(path)!r} is missing")
-    use_mmap = path.stat().st_size >= MMAP_THRESHOLD_BYTES if mmap is None else bool(mmap)
+    use_mmap = True if mmap is None else bool(mmap)
     flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if use_mmap else 0
     try:
         return faiss.read_index(str(path), flags)
@@ -337,14 +383,47 @@ def read_faiss(path: Path, mmap: bool | None = None) -> faiss.Index:
         raise CorruptIndexError(f"index file {str(path)!r} could not be read: {exc}") from exc
 
 
-def read_ids(vdir: str, meta: dict[str, Any] | None = None, verify: bool | None = None) -> pa.Table:
-    path = local_file(vdir, meta or {}, IDS_FILE, verify)
+def _ids_file(vdir: str, meta: dict[str, Any]) -> str:
+    """``ids.arrow``, or the ``ids.parquet`` of a version published before it existed."""
+    files = meta.get("files")
+    if files is not None:
+        return ROWS_FILE if ROWS_FILE in files else IDS_FILE
+    return ROWS_FILE if storage.exists(storage.join(vdir, ROWS_FILE)) else IDS_FILE
+
+
+def read_row_table(vdir: str, meta: dict[str, Any] | None = None, verify: bool | None = None) -> RowTable:
+    """Every row of the version (tombstoned ones too) for id lookups; ``ids.arrow`` is memory-mapped."""
+    meta = meta or {}
+    name = _ids_file(vdir, meta)
+    path = local_file(vdir, meta, name, verify)
     try:
-        return pq.read_table(path)
+        return RowTable(read_rows_table(path))
     except FileNotFoundError as exc:
-        raise CorruptIndexError(f"index version {str(vdir)!r} has no {IDS_FILE}") from exc
+        raise CorruptIndexError(f"index version {str(vdir)!r} has no {name}") from exc
     except (pa.ArrowInvalid, OSError) as exc:
         raise CorruptIndexError(f"{str(path)!r} could not be read: {exc}") from exc
+
+
+def read_dead_ids(vdir: str, meta: dict[str, Any] | None = None, verify: bool | None = None) -> np.ndarray:
+    """Sorted ids the version's deletes tombstoned (empty when it has none)."""
+    meta = meta or {}
+    if TOMBSTONES_FILE not in (meta.get("files") or {}):
+        return np.zeros(0, np.int64)
+    path = local_file(vdir, meta, TOMBSTONES_FILE, verify)
+    try:
+        return read_tombstones(path)
+    except (pa.ArrowInvalid, OSError, KeyError) as exc:
+        raise CorruptIndexError(f"{str(path)!r} could not be read: {exc}") from exc
+
+
+def read_ids(vdir: str, meta: dict[str, Any] | None = None, verify: bool | None = None) -> pa.Table:
+    """The live rows of the version (tombstoned ones left out), without the lookup helper columns."""
+    table = read_row_table(vdir, meta, verify).table
+    table = table.drop_columns([c for c in HELPER_COLUMNS if c in table.column_names])
+    dead = read_dead_ids(vdir, meta, verify)
+    if len(dead):
+        table = table.filter(pc.invert(pc.is_in(table.column("id"), value_set=pa.array(dead, pa.int64()))))
+    return table
 
 
 def read_probe(
@@ -367,16 +446,23 @@ def load_version(
     vdir = version_dir(root, version)
     meta = read_meta(vdir)
     indexes = [read_faiss(local_file(vdir, meta, s["file"], verify), mmap=mmap) for s in meta["shards"]]
-    ids = read_ids(vdir, meta, verify)
-    total = sum(int(ix.ntotal) for ix in indexes)
-    if total != int(meta["count"]) or ids.num_rows != total:
-        raise CorruptIndexError(
-            f"index version {vdir!r} is inconsistent: index.json count "
-            f"{meta['count']}, faiss holds {total}, ids.parquet has {ids.num_rows} rows"
-        )
+    rows = read_row_table(vdir, meta, verify)
+    check_counts(vdir, meta, sum(int(ix.ntotal) for ix in indexes), len(rows))
     for ix in indexes:
         if ix.d != int(meta["dim"]):
             raise CorruptIndexError(
                 f"index version {vdir!r}: faiss dim {ix.d} != index.json dim {meta['dim']}"
             )
-    return vdir, meta, indexes, ids
+    return vdir, meta, indexes, read_ids(vdir, meta, verify)
+
+
+def check_counts(vdir: str, meta: dict[str, Any], in_faiss: int, in_rows: int) -> None:
+    """FAISS and the ids table hold the same rows (``stored_count``: tombstoned ones too), and index.json's
+    ``count`` is that less its tombstones."""
+    dead = int((meta.get("tombstones") or {}).get("count", 0))
+    stored = int(meta.get("stored_count", meta["count"]))
+    if in_faiss != stored or in_rows != stored or stored - dead != int(meta["count"]):
+        raise CorruptIndexError(
+            f"index version {vdir!r} is inconsistent: index.json count {meta['count']} + {dead} tombstoned, "
+            f"stored {stored}; faiss holds {in_faiss}, the ids table has {in_rows} rows"
+        )

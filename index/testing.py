@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pyarrow as pa
 
+from index import store
+from index.moments import WINDOW_CLIP_BASE
 from runtime import storage
 
 
@@ -79,3 +82,35 @@ def write_embeddings(
         json.dumps({"model_id": model_id, "model_name": model_name, "pretrained": pretrained, "dim": dim}),
     )
     return out if isinstance(out, str) else Path(out)
+
+
+def write_synthetic_version(root: Path | str, rows: int, dim: int = 8, windows_per_video: int = 10,
+                            seed: int = 0) -> str:
+    """Publish a version of ``rows`` random unit vectors (``IVF16,Flat``) whose ids table looks like
+    a windowed corpus: ``windows_per_video`` window rows per video, each with a caption. For open-time and
+    memory tests at corpus sizes a build would take too long to reach; returns the version name."""
+    rng = np.random.default_rng(seed)
+    vectors = rng.normal(size=(rows, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = np.arange(rows, dtype=np.int64) * 7 + 3  # not row positions: lookups must go through the ids
+    index = faiss.index_factory(dim, "IVF16,Flat", faiss.METRIC_INNER_PRODUCT)
+    index.train(vectors[:4096])
+    index.add_with_ids(vectors, ids)
+    window = np.arange(rows) % windows_per_video
+    video = np.char.add("video-", (np.arange(rows) // windows_per_video).astype(str))
+    table = pa.table({
+        "id": ids, "video_id": video, "key": video, "clip_index": WINDOW_CLIP_BASE + window,
+        "start_s": 2.0 * window, "end_s": 2.0 * window + 4.0,
+        "captions": pa.array([[f"caption {i} of a synthetic window"] for i in range(rows)]),
+        "shard": np.zeros(rows, np.int32),
+    })
+    root = storage.normalize(root)
+    version = store.new_version_name(root)
+    stage = store.staging_dir(root, version)
+    params = {"nprobe": 16}  # every list: exact
+    shard = {"file": store.INDEX_FILE, "factory": "IVF16,Flat", "search_params": params, "count": rows}
+    meta = {"dim": dim, "count": rows, "metric": "inner_product", "factory": "IVF16,Flat",
+            "search_params": params, "shards": [shard]}
+    store.write_version_files(stage, [index], table, meta)
+    store.publish(root, stage, meta, version, expected_current=store.read_current(root, missing_ok=True))
+    return version

@@ -67,7 +67,7 @@ def test_build_layout_metadata_and_recall(tmp_path):
                        progress=False)
     vdir = tmp_path / "idx" / "versions" / meta["version"]
     assert (tmp_path / "idx" / "CURRENT").read_text().strip() == meta["version"]
-    assert {"index.faiss", "ids.parquet", "index.json", "probe.npz"} <= set(os.listdir(vdir))
+    assert {"index.faiss", "ids.arrow", "index.json", "probe.npz"} <= set(os.listdir(vdir))
     on_disk = json.loads((vdir / "index.json").read_text())
     for field in ("factory", "metric", "dim", "model_id", "model_name", "pretrained", "count",
                   "search_params", "recall", "build_time_s", "sources", "training_size"):
@@ -77,7 +77,7 @@ def test_build_layout_metadata_and_recall(tmp_path):
     assert on_disk["count"] == 4000 and on_disk["dim"] == DIM and len(on_disk["sources"]) == 4
     assert 0 < on_disk["training_size"] <= 4000
     assert on_disk["recall"] >= 0.95 and 1 <= on_disk["search_params"]["nprobe"] <= 64
-    ids = pq.read_table(vdir / "ids.parquet").to_pandas()
+    ids = store.read_ids(str(vdir)).to_pandas()
     assert len(ids) == 4000 and set(ids.columns) >= {"id", "video_id", "clip_index", "start_s", "end_s",
                                                      "captions"}
     # Independent check with fresh queries: the tuned nprobe reaches the target against numpy exact search.
@@ -138,7 +138,7 @@ def test_incremental_add_upsert_delete_and_retention(tmp_path):
                               start_id=20_000, video_prefix="vid")
     up = add_embeddings(tmp_path / "idx", upsert, progress=False)
     assert up["count"] == first_count + 100 and up["last_operation"]["replaced"] == 2
-    ids = pq.read_table(tmp_path / "idx" / "versions" / up["version"] / "ids.parquet").to_pandas()
+    ids = store.read_ids(str(tmp_path / "idx" / "versions" / up["version"])).to_pandas()
     assert sorted(ids[ids.video_id == "vid-000000"].id.tolist()) == [20_000, 20_001]
     # Delete by video id.
     gone = delete_videos(tmp_path / "idx", ["new-000003", "no-such-video"])

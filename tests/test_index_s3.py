@@ -58,7 +58,7 @@ def test_build_on_s3_matches_local_and_records_checksums(s3_bucket, tmp_path, ca
     assert storage.read_text(f"{idx}/CURRENT").strip() == meta["version"]
     vdir = store.version_dir(idx)
     recorded = store.read_meta(vdir)["files"]
-    assert set(recorded) == {"index.faiss", "ids.parquet", "probe.npz"}
+    assert set(recorded) == {"index.faiss", "ids.arrow", "probe.npz"}
     for name, rec in recorded.items():
         data = storage.read_bytes(f"{vdir}/{name}")
         assert len(data) == rec["size"]
@@ -121,9 +121,9 @@ def test_corrupt_copies_are_detected_by_checksum(s3_bucket, cache, monkeypatch):
     assert [h.video_id for h in again.search(clustered_vectors(1, DIM, seed=4)[0], k=3)] == expected
     assert cached.read_bytes() != b"garbage" * 100
     vdir = store.version_dir(idx)
-    storage.write_bytes(f"{vdir}/ids.parquet", b"not the published bytes")  # the object itself changed
+    storage.write_bytes(f"{vdir}/ids.arrow", b"not the published bytes")  # the object itself changed
     monkeypatch.setenv(storage.CACHE_ENV, str(cache.parent / "fresh-cache"))  # (verified copies are reused)
-    with pytest.raises(CorruptIndexError, match="ids.parquet.*sha256"):
+    with pytest.raises(CorruptIndexError, match="ids.arrow.*sha256"):
         VideoIndex.open(idx)
 
 

@@ -433,3 +433,31 @@ def test_commit_state_advances_the_state_only_at_the_end(tmp_path):
     assert state["seq"] == 2 and state["index_version"] == "v1" and state["videos"] == run.live_records
     assert run.summary["live_rows"] == 3 and not Path(run.wd.staging).exists()
     assert run.wd.read_state()["seq"] == 2
+
+
+def test_incremental_deletes_compact_the_scratch_index_past_the_threshold(tmp_path):
+    """Deletes tombstone rows in the scratch copy; past ``index.compact_threshold`` the run compacts it, and
+    the published version holds its own files (a scratch version's references are resolved by the copy)."""
+    from index import VideoIndex, build_index, store
+    from index.testing import clustered_vectors, write_embeddings
+
+    vecs = clustered_vectors(60, 8, seed=2)
+    run = _run(tmp_path)
+    build_index(write_embeddings(tmp_path / "emb", vecs, clips_per_video=2, model_id="m@0"), run.wd.index,
+                factory="Flat", progress=False)
+    run.remove = ["vid-000000", "vid-000001"]  # 4 of 60 rows: below 20 %, tombstones stay
+    run_module.update_incrementally(run)
+    assert "compacted" not in run.summary
+    assert store.read_meta(store.version_dir(str(run.scratch)))["tombstones"]["count"] == 4
+    run_module.step_publish(run)
+    live = store.read_meta(store.version_dir(run.wd.index))
+    assert live["tombstones"]["count"] == 4 and all("version" not in r for r in live["files"].values())
+    assert len(VideoIndex.open(run.wd.index)) == 56
+    run.seq += 1
+    run.remove = [f"vid-{v:06d}" for v in range(2, 10)]  # 16 more: 20 of 60 rows
+    run_module.update_incrementally(run)
+    assert run.summary["compacted"]["dropped_rows"] == 20
+    run_module.step_publish(run)
+    index = VideoIndex.open(run.wd.index)
+    assert len(index) == index.indexes[0].ntotal == 40 and "tombstones" not in index.meta
+    assert not {f"vid-{v:06d}" for v in range(10)} & {h.video_id for h in index.search(vecs[:20], k=5)[0]}

@@ -22,6 +22,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "k": 10,
         "keep": 3,
         "growth_factor": 2.0,
+        "compact_threshold": 0.2,  # compact when tombstoned rows pass this share (index.tombstones)
     },
     "validate": {"min_recall": 0.9, "known_queries": 5},
     "lock": {"ttl_s": 3600.0, "heartbeat_s": 30.0},

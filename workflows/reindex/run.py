@@ -26,7 +26,7 @@ from typing import Any
 import pyarrow as pa
 import ray
 
-from index import add_embeddings, build_index, delete_videos, needs_retrain, store
+from index import add_embeddings, build_index, compact_index, delete_videos, needs_retrain, store
 from models import create_inference_model
 from pipeline.datasets import list_shards
 from pipeline.embedding import model_partition, plan_shards
@@ -329,6 +329,11 @@ def update_incrementally(run: ReindexRun) -> None:
     if run.delta_rows is not None:
         delta_dir = write_embeddings_dir(run.delta_rows, run.partition, staging / "delta", "delta")
         add_embeddings(run.scratch, delta_dir, keep=2, progress=run.progress)
+    # Deletes only tombstone rows; past the threshold the shards are rewritten without them.
+    compacted = compact_index(run.scratch, threshold=float(run.cfg["index"]["compact_threshold"]), keep=2,
+                              progress=run.progress)
+    if compacted is not None:
+        run.summary["compacted"] = compacted["last_operation"]
     retrain, reasons = needs_retrain(run.scratch, growth_factor=run.cfg["index"]["growth_factor"])
     if retrain:
         _log(f"needs_retrain: {'; '.join(reasons)} -> rebuilding from the live rows")

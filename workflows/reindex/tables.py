@@ -77,7 +77,7 @@ def copy_current(live_root: str, scratch_root: Path) -> str:
     stage = store.staging_dir(str(scratch_root), version)
     for name in store.version_files(vdir, meta):
         storage.upload(store.local_file(vdir, meta, name), str(stage / name))
-    store.write_json(str(stage / store.META_FILE), meta)
+    store.write_json(str(stage / store.META_FILE), store.without_file_references(meta))  # all copied here
     storage.write_text(str(scratch_root / store.CURRENT_FILE), version + "\n")
     return version
 

@@ -1,0 +1,167 @@
+"""The rows of an index version (one per FAISS id: ``video_id``, ``clip_index``, ``start_s`` / ``end_s``,
+``captions``...) as Arrow columns, looked up a few rows at a time.
+
+A version publishes them as ``ids.arrow``: an Arrow IPC file, one record batch, its rows sorted by
+``(video_id, id)``, with four helper columns (:data:`HELPER_COLUMNS`) that answer every lookup the search
+needs with numpy on the memory-mapped file:
+
+- ``_id_sorted`` / ``_row_of_id``: every id in ascending order and the row holding it (id → row by
+  ``searchsorted``);
+- ``_video_first`` / ``_video_rows``: the first row of the row's video and how many rows it has (a video's
+  rows are contiguous, so "every window of this video" is a slice).
+
+Opening one maps the file: nothing is read into the process until a query touches it, so the serving
+process's own memory does not grow with the corpus (tests/test_index_rows.py measures it). Older versions'
+``ids.parquet`` is read into Arrow and given the same helper columns in memory (numpy / Arrow compute, never
+Python objects per row).
+
+Tombstones (``tombstones.parquet``: the ids a delete removed, :mod:`index.tombstones`) are plain sorted id
+arrays; :func:`read_tombstones` / :func:`write_tombstones` are their codec.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from index.moments import WINDOW_CLIP_BASE
+
+ROWS_FILE = "ids.arrow"
+HELPER_COLUMNS = ("_id_sorted", "_row_of_id", "_video_first", "_video_rows")
+
+
+def prepare_rows(table: pa.Table) -> pa.Table:
+    """``table`` (an ids table) sorted by ``(video_id, id)`` in one chunk, with the helper columns added."""
+    table = table.drop_columns([c for c in HELPER_COLUMNS if c in table.column_names])
+    table = table.sort_by([("video_id", "ascending"), ("id", "ascending")]).combine_chunks()
+    ids = table.column("id").to_numpy()
+    by_id = np.argsort(ids, kind="stable")
+    first, counts = _video_runs(table.column("video_id"))
+    helpers = {
+        "_id_sorted": ids[by_id].astype(np.int64),
+        "_row_of_id": by_id.astype(np.int64),
+        "_video_first": np.repeat(first, counts).astype(np.int64),
+        "_video_rows": np.repeat(counts, counts).astype(np.int64),
+    }
+    for name, values in helpers.items():
+        table = table.append_column(name, pa.array(values, pa.int64()))
+    return table.combine_chunks()
+
+
+def _video_runs(video_ids: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """First row and length of each run of equal video_ids (the column is sorted)."""
+    n = len(video_ids)
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    ends = pc.run_end_encode(video_ids.combine_chunks()).run_ends.to_numpy().astype(np.int64)
+    starts = np.concatenate([[0], ends[:-1]])
+    return starts, ends - starts
+
+
+def write_rows(table: pa.Table, path: str | os.PathLike) -> pa.Table:
+    """Write ``table`` as an ``ids.arrow`` file (:func:`prepare_rows`, one record batch); returns the
+    prepared table."""
+    prepared = prepare_rows(table)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, prepared.schema) as writer:
+        writer.write_table(prepared, max_chunksize=max(prepared.num_rows, 1))
+    return prepared
+
+
+def public_columns(table: pa.Table) -> pa.Table:
+    """``table`` without the helper columns (what readers of the ids table see)."""
+    return table.drop_columns([c for c in HELPER_COLUMNS if c in table.column_names])
+
+
+def read_rows_table(path: str | os.PathLike) -> pa.Table:
+    """The table of an ``ids.arrow`` (memory-mapped: zero-copy) or ``ids.parquet`` (read, then prepared)."""
+    path = Path(path)
+    if path.suffix == ".arrow":
+        source = pa.memory_map(str(path), "r")
+        return pa.ipc.open_file(source).read_all()
+    return prepare_rows(pq.read_table(path))
+
+
+class RowTable:
+    """Row lookups on an ids table with helper columns (:func:`prepare_rows`); memory-mapped when opened
+    from an ``ids.arrow`` file. Python objects are made only for the rows asked for."""
+
+    def __init__(self, table: pa.Table):
+        missing = [c for c in HELPER_COLUMNS if c not in table.column_names]
+        if missing:
+            table = prepare_rows(table)
+        self.table = table
+        self._id_sorted = _numpy(table, "_id_sorted")
+        self._row_of_id = _numpy(table, "_row_of_id")
+        self._video_first = _numpy(table, "_video_first")
+        self._video_rows = _numpy(table, "_video_rows")
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> RowTable:
+        return cls(read_rows_table(path))
+
+    def __len__(self) -> int:
+        return int(self.table.num_rows)
+
+    def rows_of(self, ids: np.ndarray) -> np.ndarray:
+        """Row of each id (-1 where the table has no such id)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if not len(self._id_sorted):
+            return np.full(len(ids), -1, np.int64)
+        pos = np.clip(np.searchsorted(self._id_sorted, ids), 0, len(self._id_sorted) - 1)
+        return np.where(self._id_sorted[pos] == ids, self._row_of_id[pos], -1)
+
+    def video_keys(self, rows: np.ndarray) -> np.ndarray:
+        """An integer per row that is equal exactly for rows of the same video (its first row)."""
+        return self._video_first[np.asarray(rows, dtype=np.int64)]
+
+    def column(self, name: str, rows: np.ndarray) -> list:
+        """Python values of column ``name`` at ``rows`` (None where the column is absent or null)."""
+        if name not in self.table.column_names:
+            return [None] * len(rows)
+        return self.table.column(name).take(pa.array(np.asarray(rows, dtype=np.int64))).to_pylist()
+
+    def numbers(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """Float values of a numeric column at ``rows`` (NaN for nulls / an absent column)."""
+        values = self.column(name, rows)
+        return np.array([np.nan if v is None else float(v) for v in values], dtype=np.float64)
+
+    def video_rows(self, row: int) -> np.ndarray:
+        """Every row of the video of ``row`` (contiguous)."""
+        first = int(self._video_first[row])
+        return np.arange(first, first + int(self._video_rows[row]), dtype=np.int64)
+
+    def window_rows(self, row: int) -> np.ndarray:
+        """The window rows (``clip_index >= WINDOW_CLIP_BASE``) of the video of ``row``."""
+        rows = self.video_rows(row)
+        clips = self.numbers("clip_index", rows)
+        return rows[np.nan_to_num(clips, nan=-1.0) >= WINDOW_CLIP_BASE]
+
+
+def _numpy(table: pa.Table, name: str) -> np.ndarray:
+    """A helper column as numpy: a view of the (memory-mapped) buffer when the table has one chunk."""
+    column = table.column(name)
+    if column.num_chunks == 1:
+        return column.chunk(0).to_numpy(zero_copy_only=True)
+    return column.to_numpy()
+
+
+# ------------------------------------------------------------------------------------------- tombstones
+TOMBSTONES_FILE = "tombstones.parquet"
+
+
+def write_tombstones(ids: np.ndarray, path: str | os.PathLike) -> np.ndarray:
+    """Write the sorted unique ``ids`` to ``path`` (one int64 column ``id``); returns them."""
+    ids = np.unique(np.asarray(ids, dtype=np.int64))
+    pq.write_table(pa.table({"id": pa.array(ids, pa.int64())}), str(path))
+    return ids
+
+
+def read_tombstones(path: str | os.PathLike) -> np.ndarray:
+    """Sorted unique ids of a tombstones file."""
+    table = pq.read_table(str(path), columns=["id"])
+    return np.unique(table.column("id").to_numpy().astype(np.int64))
