@@ -374,7 +374,8 @@ class VideoIndex:
         clips, row_ids = self.rows.numbers("clip_index", best), self.rows.column("id", best)
         hits = [
             Hit(video_id=str(video_ids[g]), score=float(value[g]), start_s=finite_float(starts[g]),
-                end_s=finite_float(ends[g]), clip_index=None if finite_float(clips[g]) is None else int(clips[g]),
+                end_s=finite_float(ends[g]),
+                clip_index=None if finite_float(clips[g]) is None else int(clips[g]),
                 caption=captions[g][0] if captions[g] else None, num_clips=int(counts[g]), id=int(row_ids[g]))
             for g in np.argsort(first, kind="stable")  # ties keep the order FAISS ranked them in
         ]
