@@ -30,6 +30,7 @@ def _numbers(rows: list[dict]) -> list[float]:
     return [v for r in rows for v in r.values() if isinstance(v, (int, float)) and not isinstance(v, bool)]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_dry_run_runs_every_section_on_cpu(tmp_path):
     """``python -m bench.gpu --dry-run`` runs all six sections on CPU and writes the envelope: every section
