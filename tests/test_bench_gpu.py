@@ -154,7 +154,7 @@ def test_nvdec_gives_the_cpu_decoders_frames(tmp_path):
 def test_faiss_gpu_index_finds_what_the_cpu_index_finds():
     import faiss
 
-    assert faiss.get_num_gpus() > 0, "faiss-gpu-cu12 is not the faiss installed (docs/gpu.md: install)"
+    assert faiss.get_num_gpus() > 0, "faiss-gpu is not the faiss installed (docs/gpu.md: install)"
     xb = gpu.make_vectors(50_000, 64, seed=1)
     xq = xb[:200] + 0.01
     on_gpu = gpu.faiss_arm("IVF256,PQ16", xb, xq, nprobe=16, device="cuda", threads=4)
