@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -770,6 +771,8 @@ def main(argv: list[str] | None = None) -> int:
         statuses.append(run_section(name, SECTION_FUNCTIONS[name], settings, outs[name]))
         progress.update(1, f"{name} {statuses[-1]['status']}")
     write_record(record, settings, outs, statuses, args)
+    if args.workdir is None:  # a temp folder of this run's own (videos, shards, embeddings)
+        shutil.rmtree(settings.workdir, ignore_errors=True)
     failed = [s["section"] for s in statuses if s["status"] == "error"]
     print(f"[bench.gpu] done in {time.perf_counter() - record.t0:.0f} s; "
           f"{'failed sections: ' + ', '.join(failed) if failed else 'no section failed'}", flush=True)
