@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from index import ondisk
 from runtime import storage
 
 INDEX_FILE = "index.faiss"
@@ -337,6 +338,21 @@ def read_faiss(path: Path, mmap: bool | None = None) -> faiss.Index:
         raise CorruptIndexError(f"index file {str(path)!r} could not be read: {exc}") from exc
 
 
+def read_shard(vdir: str, meta: dict[str, Any], info: dict[str, Any], mmap: bool | None = None,
+               verify: bool | None = None) -> faiss.Index:
+    """One shard's index; an on-disk one (``info["ivfdata"]``: :mod:`index.ondisk`) is always memory-mapped
+    read-only, or copied into RAM when ``mmap`` is False (writers change a copy, never published lists)."""
+    path = local_file(vdir, meta, info["file"], verify)
+    if not info.get("ivfdata"):
+        return read_faiss(path, mmap=mmap)
+    data = local_file(vdir, meta, info["ivfdata"], verify)
+    try:
+        return ondisk.read_ondisk(path, data, writable=mmap is False)
+    except RuntimeError as exc:
+        pair = f"{str(path)!r} + {str(data)!r}"
+        raise CorruptIndexError(f"on-disk index {pair} could not be read: {exc}") from exc
+
+
 def read_ids(vdir: str, meta: dict[str, Any] | None = None, verify: bool | None = None) -> pa.Table:
     path = local_file(vdir, meta or {}, IDS_FILE, verify)
     try:
@@ -366,7 +382,7 @@ def load_version(
     read from local (cached, checksum-verified) copies."""
     vdir = version_dir(root, version)
     meta = read_meta(vdir)
-    indexes = [read_faiss(local_file(vdir, meta, s["file"], verify), mmap=mmap) for s in meta["shards"]]
+    indexes = [read_shard(vdir, meta, info, mmap=mmap, verify=verify) for info in meta["shards"]]
     ids = read_ids(vdir, meta, verify)
     total = sum(int(ix.ntotal) for ix in indexes)
     if total != int(meta["count"]) or ids.num_rows != total:
