@@ -5,6 +5,7 @@ one on-disk IVF index merged from their inverted lists. Real FAISS, real Ray (lo
 from __future__ import annotations
 
 import json
+import sys
 
 import faiss
 import numpy as np
@@ -236,7 +237,7 @@ def test_distributed_job_on_three_nodes_over_s3_equals_in_process(cluster3, s3_b
     build of the same data over the same trained quantizer."""
     emb, out = storage.join(s3_bucket, "emb"), storage.join(s3_bucket, "idx")
     messy_corpus(emb)
-    result = cluster3.run(["python", "-m", "jobs.index", "build", "--embeddings", emb, "--output", out,
+    result = cluster3.run([sys.executable, "-m", "jobs.index", "build", "--embeddings", emb, "--output", out,
                            "--distributed", "--slice-rows", "1000", "--probes", "64"], timeout=600)
     assert result.ok, result.tail(6000)
     vi = VideoIndex.open(out)
