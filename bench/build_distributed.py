@@ -29,14 +29,17 @@ if __package__ in (None, ""):
 from bench.record import BenchRecord, add_record_args, col  # noqa: E402
 from index.testing import clustered_vectors, embedding_schema  # noqa: E402
 
+# The peak is VmHWM (this process's own mm), not getrusage's ru_maxrss: Linux folds the parent's high-water
+# mark into a forked child's ru_maxrss, so it would report the bench process's corpus generation instead.
 CHILD = """
-import json, resource, sys, time
+import json, sys, time
 from index import build_index
 t0 = time.perf_counter()
 meta = build_index(sys.argv[1], sys.argv[2], distributed=sys.argv[3] == "1", slice_rows=int(sys.argv[4]),
                    text_queries=None)
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
 print("RESULT " + json.dumps({"wall_s": time.perf_counter() - t0, "meta": meta,
-                              "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                              "peak_rss_bytes": int(status["VmHWM"].split()[0]) * 1024}))
 """
 
 

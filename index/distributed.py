@@ -65,6 +65,7 @@ from runtime import storage
 from runtime.ray_connect import connect_ray
 
 DEFAULT_SLICE_ROWS = 262_144  # ~256 MiB of float32 at dim 256 per add task
+TASK_BATCH_ROWS = 16_384  # rows a task validates at once: a batch costs ~6 copies of its vectors in flight
 TRAIN_PER_LIST = 64  # k-means points per inverted list (FAISS warns below 39; 50-256 is the usual range)
 SLICES_DIR = "_slices"  # versions/<version>/_slices/: the add tasks' outputs, removed after the merge
 
@@ -160,6 +161,7 @@ def build_distributed(
     started_here, _ = connect_ray()
     try:
         slices = plan_slices(source, slice_rows)
+        batch_size = min(batch_size, TASK_BATCH_ROWS)  # a task's memory: its slice plus a few batches
         if not slices:
             raise ValueError(f"embeddings {source.root!r} hold no rows")
         factory = _check_factory(factory, trained, source, memory_budget, recall_target)
