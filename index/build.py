@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from index import store
+from index.distributed import DEFAULT_SLICE_ROWS, build_distributed
 from index.embeddings import (
     EmbeddingSource,
     errors_table,
@@ -114,10 +115,14 @@ def build_index(
     max_text_queries: int = DEFAULT_TEXT_QUERIES,
     encoder=None,
     allow_random_init: bool = False,
+    distributed: bool = False,
+    slice_rows: int = DEFAULT_SLICE_ROWS,
 ) -> dict[str, Any]:
     """Full (re)build of ``output`` from ``embeddings``; publishes a new version and returns its index.json.
 
-    ``shards > 1`` builds the shards in parallel as Ray tasks (see :mod:`index.sharded`).
+    ``shards > 1`` builds the shards in parallel as Ray tasks (see :mod:`index.sharded`). ``distributed``
+    builds one on-disk IVF index with Ray tasks over slices of ``slice_rows`` rows, none of which holds the
+    corpus (see :mod:`index.distributed`; docs/index.md says when to choose which).
 
     nprobe / efSearch are tuned on *text* queries when there are any (:func:`text_tuning_set`): caption
     embeddings (``text_queries``: Parquet files/folders; ``"auto"`` = the ``jobs.embed --with-text`` folder
@@ -127,6 +132,8 @@ def build_index(
     """
     if shards < 1:
         raise ValueError(f"shards must be >= 1, got {shards}")
+    if distributed and shards > 1:
+        raise ValueError(f"a distributed build makes one on-disk index: pass shards=1, not {shards}")
     t0 = time.perf_counter()
     source = resolve_embeddings(embeddings)
     text_vecs, tuning = text_tuning_set(source, text_queries, query_log, max_text_queries, seed, encoder,
@@ -143,13 +150,11 @@ def build_index(
         progress=progress,
     )
     output = storage.normalize(output)
+    expected_current = store.read_current(output, missing_ok=True)  # publish refuses if it moved meanwhile
     version = store.check_version_name(version or store.new_version_name(output))
     stage = store.staging_dir(output, version)
     try:
-        if shards == 1:
-            parts = [build_part(source, (0, 1), **kwargs)]
-        else:
-            parts = build_parts_with_ray(source, shards, target=(output, version), **kwargs)
+        parts = _build_parts(source, (output, version), stage, shards, distributed, slice_rows, kwargs)
         meta = _combine_meta(
             source, parts, factory, recall_target, k, memory_budget, time.perf_counter() - t0
         )
@@ -161,20 +166,42 @@ def build_index(
         errors = errors_table([e for p in parts for e in p["errors"]])
         store.write_version_files(stage, [p["index"] for p in parts], ids, meta, probe=probe, errors=errors)
         uploaded = {p["info"]["file"]: p["record"] for p in parts if p.get("record")}
-        meta["version"] = store.publish(output, stage, meta, version, keep=keep, uploaded=uploaded)
+        meta["version"] = store.publish(output, stage, meta, version, keep=keep, uploaded=uploaded,
+                                        expected_current=expected_current)
     except BaseException:
         store.discard_stage(output, stage, version)
         raise
     if progress:
-        print(
-            f"[index] published {storage.join(output, store.VERSIONS_DIR, meta['version'])}: "
-            f"{meta['count']} vectors, "
-            f"{meta['factory']}, recall@{k}={meta['recall']:.4f} on {tuning['kind']} queries, "
-            f"{meta['build_time_s']:.1f}s",
-            file=sys.stderr,
-            flush=True,
-        )
+        _print_published(output, meta, k, tuning["kind"])
     return meta
+
+
+def _print_published(output: str, meta: dict[str, Any], k: int, tuned_on: str) -> None:
+    print(
+        f"[index] published {storage.join(output, store.VERSIONS_DIR, meta['version'])}: "
+        f"{meta['count']} vectors, "
+        f"{meta['factory']}, recall@{k}={meta['recall']:.4f} on {tuned_on} queries, "
+        f"{meta['build_time_s']:.1f}s",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _build_parts(
+    source: EmbeddingSource,
+    target: tuple[str, str],
+    stage,
+    shards: int,
+    distributed: bool,
+    slice_rows: int,
+    kwargs: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """The built parts of a version: one in this process, ``shards`` Ray tasks, or a distributed build."""
+    if distributed:
+        return [build_distributed(source, target, stage, slice_rows=slice_rows, **kwargs)]
+    if shards == 1:
+        return [build_part(source, (0, 1), **kwargs)]
+    return build_parts_with_ray(source, shards, target=target, **kwargs)
 
 
 def text_tuning_set(
@@ -326,7 +353,7 @@ def add_embeddings(
     finish_progress(bar)
     if probe is not None and exact is not None:
         _merge_new_truth(probe, exact, metas, len(indexes))
-    new_meta = new_version_meta(meta, "add", storage.name(vdir))
+    new_meta = new_version_meta(meta, "add", storage.name(vdir), rewritten=True)
     remeasure(new_meta, indexes, probe)
     new_meta["sources"] = list(meta.get("sources", [])) + list(source.files)
     new_meta["last_operation"] = {

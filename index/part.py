@@ -89,19 +89,20 @@ def build_part(
     sampled = np.sort(rng.choice(source.num_rows, size=want, replace=False)) if want else np.zeros(0, int)
     train_vecs, probe_vecs = _sample(source, shard, sampled, n_train, num_probes, rng, batch_size)
     t_train = time.perf_counter()
-    index, on_gpu = _train(index, train_vecs, factory, shard_index)
+    index, on_gpu = train_index(index, train_vecs, factory, shard_index)
     train_s = time.perf_counter() - t_train
     bar = row_progress(f"add shard {shard_index}/{num_shards}", n_est, progress)
     text = np.zeros((0, source.dim), np.float32) if text_queries is None else text_queries
     queries = np.concatenate([probe_vecs, np.asarray(text, np.float32)])
-    index, ids_table, errors, exact = _add_stream(index, source, shard, queries, batch_size, bar)
+    index, ids_table, errors, exact = add_stream(index, source, shard, queries, batch_size, bar)
     add_s = finish_progress(bar)
     index = to_cpu(index, on_gpu)
     if index.ntotal == 0:
         raise ValueError(
             f"shard {shard_index}: no valid embeddings in {source.root} ({len(errors)} rows rejected)"
         )
-    params, recall, met, curve, probe, tuned = _tune(index, queries, len(probe_vecs), exact, k, recall_target)
+    params, recall, met, curve, probe, tuned = tune_on_queries(index, queries, len(probe_vecs),
+                                                               exact.result(), k, recall_target)
     if progress:
         print(f"[index] shard {shard_index}: {factory} n={index.ntotal} params={params} "
               f"recall@{k}={recall:.4f} on {tuned['tuned_on']} queries (target {recall_target}, met={met})",
@@ -133,15 +134,21 @@ def build_part(
             "record": record}
 
 
-def _tune(
-    index: faiss.Index, queries: np.ndarray, num_video: int, exact: ExactTopK, k: int, recall_target: float
+def tune_on_queries(
+    index: faiss.Index,
+    queries: np.ndarray,
+    num_video: int,
+    truth: tuple[np.ndarray, np.ndarray],
+    k: int,
+    recall_target: float,
 ) -> tuple[dict[str, int], float, bool, list, dict[str, np.ndarray], dict[str, Any]]:
     """Tune on the text queries (``queries[num_video:]``) when there are any, else on the video probes.
 
     Returns ``(params, recall, met, curve, probe, info)``: ``probe`` is the tuning set with its exact
     neighbours (``probe.npz``: re-measured on every add/delete), ``info`` says which set it was and the video
-    probes' recall at the chosen setting."""
-    gt_d, gt_i = exact.result()
+    probes' recall at the chosen setting. ``truth`` = the queries' exact ``(scores, ids)``, ``PROBE_DEPTH``
+    deep."""
+    gt_d, gt_i = truth
     gt_d, gt_i = gt_d.astype(np.float32), gt_i.astype(np.int64)
     on_text = len(queries) > num_video
     use = slice(num_video, None) if on_text else slice(0, num_video)
@@ -164,7 +171,7 @@ def _upload_index(index: faiss.Index, target: tuple[str, str], name: str) -> dic
         return store.upload_file(local, root, version, name)
 
 
-def _train(
+def train_index(
     index: faiss.Index, train_vecs: np.ndarray, factory: str, shard_index: int
 ) -> tuple[faiss.Index, bool]:
     """Move ``index`` to the GPUs when there are any and train it (when its structure needs training)."""
@@ -177,17 +184,21 @@ def _train(
     return to_gpu_if_available(index)
 
 
-def _add_stream(
+def add_stream(
     index: faiss.Index,
     source: EmbeddingSource,
     shard: tuple[int, int],
     queries: np.ndarray,
     batch_size: int,
     bar: Progress,
+    seen: set[int] | None = None,
 ) -> tuple[faiss.Index, pa.Table, list[dict[str, Any]], ExactTopK]:
-    """Pass 2: add every valid row of ``shard`` while accumulating the queries' exact neighbours."""
+    """Pass 2: add every valid row of ``shard`` while accumulating the queries' exact neighbours.
+
+    ``seen``: ids already taken (by earlier slices of a distributed build); rows with them are
+    ``duplicate_id`` errors, as are repeats within the stream."""
     exact = ExactTopK(queries, PROBE_DEPTH)
-    seen: set[int] = set()
+    seen = set() if seen is None else seen
     metas, errors = [], []
     for batch in iter_batches(source, batch_size=batch_size, shard=shard, seen_ids=seen):
         errors.extend(batch.errors)
@@ -218,6 +229,13 @@ def _sample(
         if sel.any():
             picked.append(batch.vectors[sel])
     vecs = np.concatenate(picked) if picked else np.zeros((0, source.dim), np.float32)
+    return split_sample(vecs, n_train, num_probes, rng)
+
+
+def split_sample(
+    vecs: np.ndarray, n_train: int, num_probes: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sampled vectors → (training vectors, held-out probes), shuffled with ``rng``."""
     vecs = vecs[rng.permutation(len(vecs))]
     probes = vecs[:num_probes]
     if len(vecs) >= n_train + num_probes:

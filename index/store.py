@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from index import ondisk
 from index.rows import (
     HELPER_COLUMNS,
     ROWS_FILE,
@@ -383,6 +384,21 @@ def read_faiss(path: Path, mmap: bool | None = None) -> faiss.Index:
         raise CorruptIndexError(f"index file {str(path)!r} could not be read: {exc}") from exc
 
 
+def read_shard(vdir: str, meta: dict[str, Any], info: dict[str, Any], mmap: bool | None = None,
+               verify: bool | None = None) -> faiss.Index:
+    """One shard's index; an on-disk one (``info["ivfdata"]``: :mod:`index.ondisk`) is always memory-mapped
+    read-only, or copied into RAM when ``mmap`` is False (writers change a copy, never published lists)."""
+    path = local_file(vdir, meta, info["file"], verify)
+    if not info.get("ivfdata"):
+        return read_faiss(path, mmap=mmap)
+    data = local_file(vdir, meta, info["ivfdata"], verify)
+    try:
+        return ondisk.read_ondisk(path, data, writable=mmap is False)
+    except RuntimeError as exc:
+        pair = f"{str(path)!r} + {str(data)!r}"
+        raise CorruptIndexError(f"on-disk index {pair} could not be read: {exc}") from exc
+
+
 def _ids_file(vdir: str, meta: dict[str, Any]) -> str:
     """``ids.arrow``, or the ``ids.parquet`` of a version published before it existed."""
     files = meta.get("files")
@@ -445,7 +461,7 @@ def load_version(
     read from local (cached, checksum-verified) copies."""
     vdir = version_dir(root, version)
     meta = read_meta(vdir)
-    indexes = [read_faiss(local_file(vdir, meta, s["file"], verify), mmap=mmap) for s in meta["shards"]]
+    indexes = [read_shard(vdir, meta, info, mmap=mmap, verify=verify) for info in meta["shards"]]
     rows = read_row_table(vdir, meta, verify)
     check_counts(vdir, meta, sum(int(ix.ntotal) for ix in indexes), len(rows))
     for ix in indexes:

@@ -14,9 +14,10 @@ vectors, reconstructed slice by slice. It is called by the nightly reindex (work
 
 from __future__ import annotations
 
+import functools
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +117,7 @@ def delete_videos(root: str | os.PathLike, video_ids: list[str], keep: int = 3) 
 
 def _open_shards(vdir: str, meta: dict[str, Any]) -> list[faiss.Index]:
     """The version's shards, memory-mapped, with their tuned search parameters."""
-    indexes = [store.read_faiss(store.local_file(vdir, meta, s["file"]), mmap=True) for s in meta["shards"]]
+    indexes = [store.read_shard(vdir, meta, s, mmap=True) for s in meta["shards"]]
     for info, ix in zip(meta["shards"], indexes):
         apply_search_params(ix, info.get("search_params", {}))
     return indexes
@@ -147,13 +148,13 @@ def compact_index(root: str | os.PathLike, threshold: float = DEFAULT_COMPACT_TH
     try:
         indexes = []
         for i, info in enumerate(meta["shards"]):
-            source = store.local_file(vdir, meta, info["file"])
-            indexes.append(_compact_shard(source, info["factory"], dead, stage / info["file"]))
+            open_shard = functools.partial(store.read_shard, vdir, meta, info, mmap=True)
+            indexes.append(_compact_shard(open_shard, info["factory"], dead, stage / info["file"]))
             apply_search_params(indexes[-1], info.get("search_params", {}))
             if progress:
                 print(f"[compact] shard {i + 1}/{len(meta['shards'])}: {indexes[-1].ntotal} rows kept",
                       flush=True)
-        new_meta = new_version_meta(meta, "compact", parent)
+        new_meta = new_version_meta(meta, "compact", parent, rewritten=True)
         new_meta.pop("tombstones", None)
         new_meta.pop("stored_count", None)
         probe = store.read_probe(vdir, meta)
@@ -170,21 +171,24 @@ def compact_index(root: str | os.PathLike, threshold: float = DEFAULT_COMPACT_TH
     return new_meta
 
 
-def _compact_shard(source: Path, factory: str, dead: np.ndarray, target: Path) -> faiss.Index:
-    """Write ``source`` without the ``dead`` ids to ``target``; returns the new index (memory-mapped)."""
-    reader = store.read_faiss(source, mmap=True)
+def _compact_shard(open_shard: Callable[[], faiss.Index], factory: str, dead: np.ndarray,
+                   target: Path) -> faiss.Index:
+    """Write the shard ``open_shard()`` opens (memory-mapped) without the ``dead`` ids to ``target``;
+    returns the new index (memory-mapped)."""
+    reader = open_shard()
     if faiss.try_extract_index_ivf(reader) is not None:
-        _compact_ivf(source, reader, dead, target)
+        _compact_ivf(open_shard, reader, dead, target)
     else:
         faiss.write_index(_compact_flat(reader, factory, dead), str(target))
     return store.read_faiss(target, mmap=True)
 
 
-def _compact_ivf(source: Path, reader: faiss.Index, dead: np.ndarray, target: Path) -> None:
-    """Copy the kept codes of every inverted list (one list at a time) into a second opening of ``source``
-    whose lists were replaced by empty ones, and write it."""
+def _compact_ivf(open_shard: Callable[[], faiss.Index], reader: faiss.Index, dead: np.ndarray,
+                 target: Path) -> None:
+    """Copy the kept codes of every inverted list (one list at a time) into a second opening of the shard
+    whose lists were replaced by empty in-RAM ones, and write it as a plain index file."""
     src = faiss.try_extract_index_ivf(reader).invlists
-    writer = store.read_faiss(source, mmap=True)
+    writer = open_shard()
     ivf = faiss.try_extract_index_ivf(writer)
     lists = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
     ivf.replace_invlists(lists, True)
@@ -224,12 +228,16 @@ def _compact_flat(reader: faiss.Index, factory: str, dead: np.ndarray) -> faiss.
 
 
 # ------------------------------------------------------------------------ version upkeep (shared with build)
-def new_version_meta(meta: dict[str, Any], operation: str, parent: str) -> dict[str, Any]:
-    """index.json of a version derived from ``meta`` by ``operation`` (its files are recorded at publish)."""
+def new_version_meta(meta: dict[str, Any], operation: str, parent: str,
+                     rewritten: bool = False) -> dict[str, Any]:
+    """index.json of a version derived from ``meta`` by ``operation`` (its files are recorded at publish).
+    ``rewritten``: the operation writes its shards anew from an in-RAM copy, as plain index files, so they
+    lose any on-disk lists file (:mod:`index.ondisk`); a delete shares the parent's files as they are."""
     new = dict(meta)
     new.pop("version", None)
     new.pop("files", None)
-    new["shards"] = [dict(s) for s in meta["shards"]]
+    dropped = {"ivfdata"} if rewritten else set()
+    new["shards"] = [{k: v for k, v in s.items() if k not in dropped} for s in meta["shards"]]
     new.update(operation=operation, parent_version=parent, created_unix=time.time())
     return new
 

@@ -27,15 +27,16 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--embeddings", required=True, help="embeddings OUT dir (or its model_id=... dir)")
     b.add_argument("--output", required=True, help="index directory (NAME)")
     b.add_argument("--factory", default=None, help="FAISS factory string (default: chosen automatically)")
-    b.add_argument("--memory", default=index_build.DEFAULT_MEMORY, help="memory budget, e.g. 4GB")
-    b.add_argument("--recall", type=float, default=index_build.DEFAULT_RECALL, help="recall@k target")
+    b.add_argument("--memory", dest="memory_budget", default=index_build.DEFAULT_MEMORY, help="e.g. 4GB")
+    b.add_argument("--recall", dest="recall_target", type=float, default=index_build.DEFAULT_RECALL)
     b.add_argument("-k", type=int, default=index_build.DEFAULT_K, help="k of the recall target")
     b.add_argument("--shards", type=int, default=1, help="build N shards in parallel as Ray tasks")
-    b.add_argument("--probes", type=int, default=index_build.DEFAULT_PROBES, help="held-out tuning queries")
-    b.add_argument("--ray-address", default=None, help="Ray for --shards > 1 (default: $RAY_ADDRESS/local)")
+    b.add_argument("--distributed", action="store_true", help="one on-disk index built by Ray tasks")
+    b.add_argument("--slice-rows", type=int, default=index_build.DEFAULT_SLICE_ROWS, help="rows per Ray task")
+    b.add_argument("--probes", dest="num_probes", type=int, default=index_build.DEFAULT_PROBES)
+    b.add_argument("--ray-address", default=None, help="Ray of --shards / --distributed ($RAY_ADDRESS/local)")
     b.add_argument("--text-queries", action="append", help="caption embeddings to tune on (or 'none')")
     b.add_argument("--query-log", action="append", help="a service's query log (JSONL) to tune on")
-
     a = sub.add_parser("add", help="add (upsert) embeddings to the CURRENT version without retraining")
     a.add_argument("--embeddings", required=True)
     a.add_argument("--output", "--index", dest="output", required=True)
@@ -47,7 +48,6 @@ def _parser() -> argparse.ArgumentParser:
         sub_parser.add_argument("--keep", type=int, default=3, help="versions to retain")
     for sub_parser in (b, a):
         sub_parser.add_argument("--batch-size", type=int, default=65536)
-
     q = sub.add_parser("query", help="text query against the CURRENT version")
     q.add_argument("--index", required=True)
     q.add_argument("--text", action="append", required=True, help="query text (repeatable)")
@@ -67,14 +67,14 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "build" and args.ray_address:
-        os.environ["RAY_ADDRESS"] = args.ray_address  # connect_ray (index.sharded) joins this cluster
+        os.environ["RAY_ADDRESS"] = args.ray_address  # connect_ray (index.sharded / distributed) joins it
     try:
         if args.command == "build":
             texts = None if args.text_queries == ["none"] else args.text_queries or index_build.AUTO
-            opts = {name: getattr(args, name) for name in ("factory", "k", "shards", "batch_size", "keep")}
-            _print(index_build.build_index(args.embeddings, args.output, memory_budget=args.memory,
-                                           recall_target=args.recall, num_probes=args.probes,
-                                           text_queries=texts, query_log=args.query_log, **opts))
+            names = ("factory", "memory_budget", "recall_target", "k", "shards", "num_probes", "query_log",
+                     "distributed", "slice_rows", "batch_size", "keep")
+            _print(index_build.build_index(args.embeddings, args.output, text_queries=texts,
+                                           **{name: getattr(args, name) for name in names}))
         elif args.command == "add":
             _print(index_build.add_embeddings(args.output, args.embeddings, batch_size=args.batch_size,
                                               keep=args.keep, upsert=not args.no_upsert))
