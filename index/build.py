@@ -126,6 +126,7 @@ def build_index(
     if shards < 1:
         raise ValueError(f"shards must be >= 1, got {shards}")
     t0 = time.perf_counter()
+    expected_current = store.read_current(output, missing_ok=True)  # the version this build replaces
     source = resolve_embeddings(embeddings)
     text_vecs, tuning = text_tuning_set(source, text_queries, query_log, max_text_queries, seed, encoder,
                                         allow_random_init)
@@ -159,20 +160,25 @@ def build_index(
         errors = errors_table([e for p in parts for e in p["errors"]])
         store.write_version_files(stage, [p["index"] for p in parts], ids, meta, probe=probe, errors=errors)
         uploaded = {p["info"]["file"]: p["record"] for p in parts if p.get("record")}
-        meta["version"] = store.publish(output, stage, meta, version, keep=keep, uploaded=uploaded)
+        meta["version"] = store.publish(output, stage, meta, version, keep=keep, uploaded=uploaded,
+                                        expected_current=expected_current)
     except BaseException:
         store.discard_stage(output, stage, version)
         raise
     if progress:
-        print(
-            f"[index] published {storage.join(output, store.VERSIONS_DIR, meta['version'])}: "
-            f"{meta['count']} vectors, "
-            f"{meta['factory']}, recall@{k}={meta['recall']:.4f} on {tuning['kind']} queries, "
-            f"{meta['build_time_s']:.1f}s",
-            file=sys.stderr,
-            flush=True,
-        )
+        _print_published(output, meta, k, tuning)
     return meta
+
+
+def _print_published(output: str, meta: dict[str, Any], k: int, tuning: dict[str, Any]) -> None:
+    print(
+        f"[index] published {storage.join(output, store.VERSIONS_DIR, meta['version'])}: "
+        f"{meta['count']} vectors, "
+        f"{meta['factory']}, recall@{k}={meta['recall']:.4f} on {tuning['kind']} queries, "
+        f"{meta['build_time_s']:.1f}s",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def text_tuning_set(
@@ -467,7 +473,9 @@ def _publish_version(root, indexes, ids_table, meta, probe, errors, keep) -> dic
     stage = store.staging_dir(root, version)
     try:
         store.write_version_files(stage, indexes, ids_table, meta, probe=probe, errors=errors_table(errors))
-        meta["version"] = store.publish(root, stage, meta, version, keep=keep)
+        # parent_version: the CURRENT version the change was applied to (_new_version_meta)
+        meta["version"] = store.publish(root, stage, meta, version, keep=keep,
+                                        expected_current=meta["parent_version"])
     except BaseException:
         store.discard_stage(root, stage, version)
         raise
