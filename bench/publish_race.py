@@ -188,12 +188,14 @@ def _old_prune(root, keep: int = 3, **_ignored) -> list[str]:
     return []
 
 
+_CONDITIONAL = (store._swap_current, store._check_complete, store.prune)
+_BASELINE = (_unconditional_swap, lambda *args: None, _old_prune)
+
+
 def use_protocol(protocol: str) -> None:
     """Install ``protocol`` ("conditional": the library as it is; "baseline": main's) in this process."""
-    if protocol == "baseline":
-        store._swap_current = _unconditional_swap
-        store._check_complete = lambda *args: None
-        store.prune = _old_prune
+    store._swap_current, store._check_complete, store.prune = (
+        _BASELINE if protocol == "baseline" else _CONDITIONAL)
 
 
 # -------------------------------------------------------------------------------------------- writers
@@ -296,15 +298,19 @@ def race_increment(start: Callable[[], None], uri: str, times: int) -> int:
 
 
 def race_lock_holder(start: Callable[[], None], path: str, duration_s: float) -> dict:
-    """Hold the reindex lock and beat for ``duration_s`` while others race to take it over."""
+    """Hold the reindex lock and beat while others race to take it over: for ``duration_s`` at least, and
+    on until a heartbeat has failed and 3 more after it (every later beat must fail too); 120 s at most."""
     from workflows.reindex.lock import RunLock  # local: workflows.reindex pulls in Ray + models (seconds)
 
     lock = RunLock(path, ttl_s=3600, heartbeat_s=0)
     lock.acquire()
     start()
-    beats, end = [], time.monotonic() + duration_s
-    while time.monotonic() < end:
+    beats, start_s = [], time.monotonic()
+    while time.monotonic() - start_s < 120:
         beats.append(lock.heartbeat())
+        failed_at = beats.index(False) if False in beats else None
+        if failed_at is not None and len(beats) - failed_at > 3 and time.monotonic() - start_s >= duration_s:
+            break
     return {"token": lock.token, "beats": beats, "lost": lock.lost}
 
 
