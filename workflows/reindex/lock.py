@@ -90,8 +90,10 @@ class RunLock:
             data = json.dumps(record).encode()
             if storage.create_exclusive(self.path, data) or self._take_over_if_stale(data):
                 self.record, self._written, self.lost = record, data, False
-                self._thread = threading.Thread(target=self._beat, name="reindex-lock-heartbeat", daemon=True)
-                self._thread.start()
+                if self.heartbeat_s > 0:  # 0: no thread, the caller beats (tests race heartbeat() itself)
+                    self._thread = threading.Thread(target=self._beat, name="reindex-lock-heartbeat",
+                                                    daemon=True)
+                    self._thread.start()
                 return
         raise LockHeldError(f"could not acquire {self.path}: it keeps changing hands")
 
@@ -101,6 +103,8 @@ class RunLock:
         raw = _read_raw(self.path)
         if raw is None:
             return False  # released between our create and read: race again
+        if raw == data:
+            return True  # our own create landed, but its reply was lost and the retried PUT got 412
         info = _parse_lock(raw)
         reason = self.stale_reason(info)
         if reason is None:
