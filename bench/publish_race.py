@@ -308,6 +308,7 @@ def race_lock_holder(start: Callable[[], None], path: str, duration_s: float) ->
     beats, start_s = [], time.monotonic()
     while time.monotonic() - start_s < 120:
         beats.append(lock.heartbeat())
+        time.sleep(0.02)  # a beat loop with no pause at all would starve every takeover (correctly)
         failed_at = beats.index(False) if False in beats else None
         if failed_at is not None and len(beats) - failed_at > 3 and time.monotonic() - start_s >= duration_s:
             break
@@ -320,11 +321,13 @@ def race_lock_taker(start: Callable[[], None], path: str) -> dict:
 
     lock = RunLock(path, ttl_s=0.0, heartbeat_s=0)
     start()
-    try:
-        lock.acquire()
-    except LockHeldError:
-        return {"token": lock.token, "acquired": False}
-    return {"token": lock.token, "acquired": True}
+    for _ in range(20):  # a beating holder can win each swap ("keeps changing hands"): start again
+        try:
+            lock.acquire()
+            return {"token": lock.token, "acquired": True}
+        except LockHeldError:
+            continue
+    return {"token": lock.token, "acquired": False}
 
 
 @contextmanager

@@ -267,7 +267,12 @@ def _stack_probes(probes: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 
 def _open_writable(root: str | os.PathLike):
-    vdir, meta, indexes, ids = store.load_version(root, mmap=False)
+    """The CURRENT version, loaded to be changed (again on the new CURRENT if it is pruned meanwhile)."""
+    return store.read_stable(root, lambda version: _load_writable(root, version))
+
+
+def _load_writable(root: str | os.PathLike, version: str):
+    vdir, meta, indexes, ids = store.load_version(root, version, mmap=False)
     probe = store.read_probe(vdir, meta)
     for info, ix in zip(meta["shards"], indexes):
         apply_search_params(ix, info["search_params"])

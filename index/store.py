@@ -201,6 +201,11 @@ def publish(
                         "(store.read_current(root, missing_ok=True))")
     root = storage.normalize(root)
     check_version_name(version)
+    if not storage.supports_conditional_writes(root):
+        raise ConditionalWriteUnsupported(
+            f"index {root!r}: cannot publish: the {storage.scheme(root)!r} store has no conditional "
+            "writes in vidsift, so two writers could both replace CURRENT (docs/storage.md); use a local "
+            "folder or S3")
     _current_bytes(root, expected_current, version)  # fail before uploading anything when it already moved
     files = dict(uploaded or {})
     for path in sorted(Path(stage).iterdir()):
@@ -482,11 +487,26 @@ def read_probe(
         return {k: data[k] for k in data.files}
 
 
+def read_stable(root: str | os.PathLike, read: Callable[[str], T], attempts: int = 3) -> T:
+    """``read(version)`` of the version CURRENT names; done again on the new CURRENT when that version
+    vanished under the read (superseded, then pruned), never when CURRENT still names it (damage raises)."""
+    for attempt in range(attempts):
+        version = read_current(root)
+        try:
+            return read(version)
+        except (FileNotFoundError, CorruptIndexError):  # IndexNotFoundError is a FileNotFoundError
+            if attempt + 1 >= attempts or read_current(root, missing_ok=True) == version:
+                raise
+    raise AssertionError("unreachable")
+
+
 def load_version(
     root: str | os.PathLike, version: str | None = None, mmap: bool | None = None, verify: bool | None = None
 ):
-    """``(version URI, meta, [faiss indexes], ids table)`` of a published version, validated; the files are
-    read from local (cached, checksum-verified) copies."""
+    """``(version URI, meta, [faiss indexes], ids table)`` of a published version (CURRENT's when None:
+    :func:`read_stable`), validated; the files are read from local (cached, checksum-verified) copies."""
+    if version is None:
+        return read_stable(root, lambda current: load_version(root, current, mmap, verify))
     vdir = version_dir(root, version)
     meta = read_meta(vdir)
     indexes = [read_faiss(local_file(vdir, meta, s["file"], verify), mmap=mmap) for s in meta["shards"]]
