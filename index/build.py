@@ -135,6 +135,7 @@ def build_index(
     if distributed and shards > 1:
         raise ValueError(f"a distributed build makes one on-disk index: pass shards=1, not {shards}")
     t0 = time.perf_counter()
+    expected_current = store.read_current(output, missing_ok=True)  # the version this build replaces
     source = resolve_embeddings(embeddings)
     text_vecs, tuning = text_tuning_set(source, text_queries, query_log, max_text_queries, seed, encoder,
                                         allow_random_init)
@@ -150,7 +151,6 @@ def build_index(
         progress=progress,
     )
     output = storage.normalize(output)
-    expected_current = store.read_current(output, missing_ok=True)  # publish refuses if it moved meanwhile
     version = store.check_version_name(version or store.new_version_name(output))
     stage = store.staging_dir(output, version)
     try:
@@ -290,9 +290,13 @@ def _stack_probes(probes: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 
 def _open_writable(root: str | os.PathLike):
-    """The CURRENT version read into memory to be changed (its tombstoned rows removed for real: the new
-    version it becomes holds only live rows)."""
-    vdir, meta, indexes, ids = store.load_version(root, mmap=False)
+    """The CURRENT version read into memory to be changed (again on the new CURRENT if it is pruned
+    meanwhile), its tombstoned rows removed for real: the new version it becomes holds only live rows."""
+    return store.read_stable(root, lambda version: _load_writable(root, version))
+
+
+def _load_writable(root: str | os.PathLike, version: str):
+    vdir, meta, indexes, ids = store.load_version(root, version, mmap=False)
     probe = store.read_probe(vdir, meta)
     dead = store.read_dead_ids(vdir, meta)
     for i, (info, ix) in enumerate(zip(meta["shards"], indexes)):
@@ -467,7 +471,9 @@ def _publish_version(root, indexes, ids_table, meta, probe, errors, keep) -> dic
     stage = store.staging_dir(root, version)
     try:
         store.write_version_files(stage, indexes, ids_table, meta, probe=probe, errors=errors_table(errors))
-        meta["version"] = store.publish(root, stage, meta, version, keep=keep)
+        # parent_version: the CURRENT version the change was applied to (_new_version_meta)
+        meta["version"] = store.publish(root, stage, meta, version, keep=keep,
+                                        expected_current=meta["parent_version"])
     except BaseException:
         store.discard_stage(root, stage, version)
         raise

@@ -22,11 +22,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import faiss
 import numpy as np
@@ -54,6 +56,7 @@ ERRORS_FILE = "errors.parquet"
 CURRENT_FILE = "CURRENT"
 VERSIONS_DIR = "versions"
 FORMAT = "vidsift-index-v1"
+T = TypeVar("T")
 _VERSION_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -64,6 +67,13 @@ class IndexNotFoundError(FileNotFoundError):
 class PublishConflict(RuntimeError):
     """``CURRENT`` no longer names the version a writer read before building on it: another writer published
     in between. Nothing of the loser's was published; it may re-read ``CURRENT`` and retry."""
+
+
+ConditionalWriteUnsupported = storage.ConditionalWriteUnsupported  # what publish raises on such a store
+
+
+# A publish refused for a reason the caller can act on (retry; use a store with conditional writes).
+PUBLISH_REFUSALS = (PublishConflict, ConditionalWriteUnsupported)
 
 
 class CorruptIndexError(ValueError):
@@ -176,6 +186,10 @@ def upload_file(local: str | os.PathLike, root: str | os.PathLike, version: str,
     return record
 
 
+_UNSET: Any = object()
+STAGING_RETENTION_S = 24 * 3600.0  # an unfinished version untouched this long is a dead writer's leftover
+
+
 def publish(
     root: str | os.PathLike,
     stage: Path,
@@ -183,37 +197,112 @@ def publish(
     version: str,
     keep: int = 3,
     uploaded: dict[str, dict[str, Any]] | None = None,
-    expected_current: str | None | object = ...,
+    expected_current: str | None = _UNSET,
+    before_swap: Callable[[], None] | None = None,
 ) -> str:
     """Publish the staged ``version``: every file of ``stage`` → ``versions/VERSION/``, then index.json
     (``meta`` + each file's sha256/size, with ``uploaded`` = files already put there by shard tasks), then
     ``CURRENT``; finally prune to ``keep`` versions. Returns the version name.
 
-    ``expected_current`` is the version the writer read (None: the index had none); when ``CURRENT`` names
-    another by the time it is written, :class:`PublishConflict` is raised. Every writer publishes through
-    here and never writes ``CURRENT`` itself (docs/architecture.md, "Seams")."""
+    ``expected_current`` (required; recorded as ``meta["parent_version"]``) is the version the writer read
+    before it started (None: the index had none). ``CURRENT`` is swapped with one conditional write
+    (:func:`runtime.storage.compare_and_swap`: a flock on a local folder, ``If-Match`` on S3), so of writers
+    that read the same CURRENT exactly one wins; the others get :class:`PublishConflict` and their version
+    is removed. ``before_swap`` runs just before the swap (the reindex re-checks its lock there). Every
+    writer publishes through here and never writes ``CURRENT`` itself (docs/architecture.md, "Seams")."""
+    if expected_current is _UNSET:
+        raise TypeError("publish() needs expected_current: the version read before the writer started "
+                        "(store.read_current(root, missing_ok=True))")
     root = storage.normalize(root)
     check_version_name(version)
+    if not storage.supports_conditional_writes(root):
+        raise ConditionalWriteUnsupported(
+            f"index {root!r}: cannot publish: the {storage.scheme(root)!r} store has no conditional "
+            "writes in vidsift, so two writers could both replace CURRENT (docs/storage.md); use a local "
+            "folder or S3")
+    _current_bytes(root, expected_current, version)  # fail before uploading anything when it already moved
     files = dict(uploaded or {})
     for path in sorted(Path(stage).iterdir()):
         if path.is_file() and path.name not in files and path.name != META_FILE and path.name[0] != ".":
             files[path.name] = upload_file(path, root, version, path.name)
+    meta["parent_version"] = expected_current  # the version this one replaces: the history stays linear
     meta = {k: v for k, v in meta.items() if k != "version"}
     meta_uri = storage.join(version_uri(root, version), META_FILE)
     write_json(meta_uri, {**meta, "format": FORMAT, "files": files})
-    if expected_current is not ... and read_current(root, missing_ok=True) != expected_current:
-        raise PublishConflict(f"{root!r}: CURRENT moved from {expected_current!r} to "
-                              f"{read_current(root, missing_ok=True)!r} while version {version!r} was built")
-    storage.write_text(storage.join(root, CURRENT_FILE), version + "\n", fsync=True)
+    _check_complete(root, version, files)
+    if before_swap is not None:
+        before_swap()
+    _swap_current(root, expected_current, version)
     if not _is_version_dir(stage, root, version):
         shutil.rmtree(stage, ignore_errors=True)
     prune(root, keep=keep)
     return version
 
 
-def publish_copy(src_vdir: str, meta: dict[str, Any], root: str | os.PathLike, keep: int = 3) -> str:
+def retry_on_conflict(retries: int, operation: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``operation(*args, **kwargs)`` (a build / add / delete: each call reads CURRENT and applies its change
+    to it); on :class:`PublishConflict` call it again, at most ``retries`` more times, then let it raise."""
+    for attempt in range(max(0, int(retries)) + 1):
+        try:
+            return operation(*args, **kwargs)
+        except PublishConflict as exc:
+            if attempt >= retries:
+                raise
+            print(f"[index] {exc}; retrying ({attempt + 1}/{retries})", file=sys.stderr, flush=True)
+    raise AssertionError("unreachable")
+
+
+def _current_bytes(root: str, expected: str | None, version: str) -> bytes | None:
+    """The raw CURRENT object when it names ``expected``; else :class:`PublishConflict`."""
+    try:
+        raw = storage.read_bytes(storage.join(root, CURRENT_FILE))
+    except FileNotFoundError:
+        raw = None
+    found = raw.decode("utf-8", "replace").strip() if raw is not None else None
+    if found != expected:
+        raise PublishConflict(
+            f"index {root!r}: CURRENT moved from {expected!r} to {found!r} (another writer published) while "
+            f"version {version!r} was built on {expected!r}; nothing was published: retry (re-read CURRENT "
+            "and re-apply the change)")
+    return raw
+
+
+def _swap_current(root: str, expected: str | None, version: str) -> None:
+    """CURRENT: ``expected`` → ``version``, atomically; a loser's (complete) version is removed."""
+    pointer = storage.join(root, CURRENT_FILE)
+    try:
+        old = _current_bytes(root, expected, version)
+        if storage.compare_and_swap(pointer, old, f"{version}\n".encode()):
+            return
+        if read_current(root, missing_ok=True) == version:  # the PUT landed, its reply was lost and retried
+            return
+        _current_bytes(root, expected, version)  # raises the conflict, naming the new CURRENT
+        raise PublishConflict(f"index {root!r}: CURRENT changed during the swap to {version!r}; nothing was "
+                              "published: retry")
+    except PublishConflict:
+        storage.remove(version_uri(root, version), recursive=True)
+        raise
+
+
+def _check_complete(root: str, version: str, files: dict[str, Any]) -> None:
+    """Every file index.json records exists under ``versions/VERSION/`` (else no CURRENT may name it)."""
+    present = {storage.name(u) for u in storage.list_files(version_uri(root, version))}
+    missing = sorted(set(files) - present)
+    if missing:
+        raise CorruptIndexError(f"index version {version!r} of {root!r} lost {missing} before it was "
+                                "published (removed as a dead writer's leftover?); not publishing")
+
+
+def publish_copy(
+    src_vdir: str,
+    meta: dict[str, Any],
+    root: str | os.PathLike,
+    keep: int = 3,
+    expected_current: str | None = _UNSET,
+    before_swap: Callable[[], None] | None = None,
+) -> str:
     """Publish the files of an existing version ``src_vdir`` (any store) with ``meta`` as a new version of
-    ``root`` (the reindex publishes its validated scratch version this way)."""
+    ``root`` (the reindex publishes its validated scratch version this way); see :func:`publish`."""
     root = storage.normalize(root)
     version = new_version_name(root)
     stage = staging_dir(root, version)
@@ -222,7 +311,8 @@ def publish_copy(src_vdir: str, meta: dict[str, Any], root: str | os.PathLike, k
             name: upload_file(local_file(src_vdir, meta, name), root, version, name)
             for name in version_files(src_vdir, meta)
         }
-        return publish(root, stage, meta, version, keep=keep, uploaded=uploaded)
+        return publish(root, stage, meta, version, keep=keep, uploaded=uploaded,
+                       expected_current=expected_current, before_swap=before_swap)
     except BaseException:
         discard_stage(root, stage, version)
         raise
@@ -258,24 +348,37 @@ def list_versions(root: str | os.PathLike, complete: bool = True) -> list[str]:
     return sorted(names, key=lambda n: (_seq(n), n))
 
 
-def prune(root: str | os.PathLike, keep: int = 3) -> list[str]:
-    """Delete the oldest versions beyond ``keep`` (never CURRENT), and unfinished versions (no index.json)
-    older than CURRENT: leftovers of a publish that died."""
+def prune(
+    root: str | os.PathLike, keep: int = 3, min_age_s: float = 0.0, staging_age_s: float = STAGING_RETENTION_S
+) -> list[str]:
+    """Delete versions no reader or writer can still need; returns their names.
+
+    * complete versions: the oldest beyond the newest ``keep``, ordered before CURRENT (never CURRENT, never
+      one published after it: that is another writer's publish in flight) and whose index.json is older
+      than ``min_age_s``;
+    * unfinished versions (no index.json): only when nothing in them changed for ``staging_age_s``, whatever
+      their number, since another writer may be staging there right now."""
     root = storage.normalize(root)
     keep = max(1, int(keep))
     current = read_current(root, missing_ok=True)
-    removed = []
+    if current is None:
+        return []
+    now = time.time()
     versions = list_versions(root)
-    retained = versions[max(0, len(versions) - keep):] + ([current] if current else [])
-    used = referenced_versions(root, retained)
+    order = {name: i for i, name in enumerate(versions)}
+    # A retained version may share files of an older one (a tombstone delete): those stay too.
+    used = referenced_versions(root, versions[max(0, len(versions) - keep):] + [current])
+    removed = []
     for name in versions[: max(0, len(versions) - keep)]:
-        if name != current and name not in used:
+        if name == current or name in used or current not in order or order[name] > order[current]:
+            continue
+        if now - _newest_change(root, name, META_FILE) >= min_age_s:
             storage.remove(version_uri(root, name), recursive=True)
             removed.append(name)
-    if current is not None:
-        for name in set(list_versions(root, complete=False)) - set(versions):
-            if _seq(name) < _seq(current):
-                storage.remove(version_uri(root, name), recursive=True)
+    for name in sorted(set(list_versions(root, complete=False)) - set(versions)):
+        if now - _newest_change(root, name) >= staging_age_s:
+            storage.remove(version_uri(root, name), recursive=True)
+            removed.append(name)
     return removed
 
 
@@ -289,6 +392,21 @@ def referenced_versions(root: str, versions: list[str]) -> set[str]:
             continue
         used.update(str(r["version"]) for r in files.values() if isinstance(r, dict) and r.get("version"))
     return used
+
+
+def _newest_change(root: str, version: str, name: str | None = None) -> float:
+    """Last modification of a version's file ``name`` (else of any of its files / its local folder)."""
+    vuri = version_uri(root, version)
+    uris = [storage.join(vuri, name)] if name else storage.list_files(vuri)
+    times = [float("-inf")]
+    if storage.is_local(vuri) and name is None:
+        uris.append(vuri)
+    for uri in uris:
+        try:
+            times.append(storage.modified(uri))
+        except FileNotFoundError:
+            pass
+    return max(times)
 
 
 def read_current(root: str | os.PathLike, missing_ok: bool = False) -> str | None:
@@ -315,6 +433,16 @@ def version_dir(root: str | os.PathLike, version: str | None = None) -> str:
     if not storage.exists(uri):
         raise IndexNotFoundError(f"index version {version!r} named by {str(root)!r} does not exist at {uri}")
     return uri
+
+
+SUMMARY_FIELDS = ("version", "factory", "count", "dim", "model_id", "search_params", "recall", "recall_k",
+                  "tuning_queries", "video_probe_recall", "build_time_s", "training_size", "errors",
+                  "operation", "last_operation", "num_shards")
+
+
+def summary(meta: dict[str, Any]) -> dict[str, Any]:
+    """The main fields of a version's index.json: what a build / add / delete reports (``jobs.index``)."""
+    return {k: meta[k] for k in SUMMARY_FIELDS if k in meta}
 
 
 def describe(root: str | os.PathLike) -> dict[str, Any]:
@@ -454,11 +582,26 @@ def read_probe(
         return {k: data[k] for k in data.files}
 
 
+def read_stable(root: str | os.PathLike, read: Callable[[str], T], attempts: int = 3) -> T:
+    """``read(version)`` of the version CURRENT names; done again on the new CURRENT when that version
+    vanished under the read (superseded, then pruned), never when CURRENT still names it (damage raises)."""
+    for attempt in range(attempts):
+        version = read_current(root)
+        try:
+            return read(version)
+        except (FileNotFoundError, CorruptIndexError):  # IndexNotFoundError is a FileNotFoundError
+            if attempt + 1 >= attempts or read_current(root, missing_ok=True) == version:
+                raise
+    raise AssertionError("unreachable")
+
+
 def load_version(
     root: str | os.PathLike, version: str | None = None, mmap: bool | None = None, verify: bool | None = None
 ):
-    """``(version URI, meta, [faiss indexes], ids table)`` of a published version, validated; the files are
-    read from local (cached, checksum-verified) copies."""
+    """``(version URI, meta, [faiss indexes], ids table)`` of a published version (CURRENT's when None:
+    :func:`read_stable`), validated; the files are read from local (cached, checksum-verified) copies."""
+    if version is None:
+        return read_stable(root, lambda current: load_version(root, current, mmap, verify))
     vdir = version_dir(root, version)
     meta = read_meta(vdir)
     indexes = [read_shard(vdir, meta, info, mmap=mmap, verify=verify) for info in meta["shards"]]

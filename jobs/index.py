@@ -46,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--video-ids", nargs="+", required=True)
     for sub_parser in (b, a, d):
         sub_parser.add_argument("--keep", type=int, default=3, help="versions to retain")
+        sub_parser.add_argument("--retries", type=int, default=2, help="redo after a PublishConflict")
     for sub_parser in (b, a):
         sub_parser.add_argument("--batch-size", type=int, default=65536)
     q = sub.add_parser("query", help="text query against the CURRENT version")
@@ -73,13 +74,16 @@ def main(argv: list[str] | None = None) -> int:
             texts = None if args.text_queries == ["none"] else args.text_queries or index_build.AUTO
             names = ("factory", "memory_budget", "recall_target", "k", "shards", "num_probes", "query_log",
                      "distributed", "slice_rows", "batch_size", "keep")
-            _print(index_build.build_index(args.embeddings, args.output, text_queries=texts,
-                                           **{name: getattr(args, name) for name in names}))
+            opts = {name: getattr(args, name) for name in names}
+            _print(store.retry_on_conflict(args.retries, index_build.build_index, args.embeddings,
+                                           args.output, text_queries=texts, **opts))
         elif args.command == "add":
-            _print(index_build.add_embeddings(args.output, args.embeddings, batch_size=args.batch_size,
-                                              keep=args.keep, upsert=not args.no_upsert))
+            _print(store.retry_on_conflict(args.retries, index_build.add_embeddings, args.output,
+                                           args.embeddings, batch_size=args.batch_size, keep=args.keep,
+                                           upsert=not args.no_upsert))
         elif args.command == "delete":
-            _print(index_build.delete_videos(args.output, args.video_ids, keep=args.keep))
+            _print(store.retry_on_conflict(args.retries, index_build.delete_videos, args.output,
+                                           args.video_ids, keep=args.keep))
         elif args.command == "query":
             return _query(args)
         elif args.command == "info":
@@ -89,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
                                                         recall_target=args.recall)
             print(json.dumps({"needs_retrain": needed, "reasons": reasons}))
             return 3 if needed else 0
-    except (FileNotFoundError, ValueError, TypeError, KeyError) as exc:
+    except (FileNotFoundError, ValueError, TypeError, KeyError, *store.PUBLISH_REFUSALS) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return 4 if isinstance(exc, store.PublishConflict) else 2  # 4: another writer published first
     return 0
 
 
@@ -109,11 +113,7 @@ def _query(args: argparse.Namespace) -> int:
 
 
 def _print(meta: dict) -> None:
-    """The summary of a build / add / delete: the main fields of the new version's index.json, as JSON."""
-    keys = ("version", "factory", "count", "dim", "model_id", "search_params", "recall", "recall_k",
-            "tuning_queries", "video_probe_recall", "build_time_s", "training_size", "errors", "operation",
-            "last_operation", "num_shards")
-    print(json.dumps({k: meta[k] for k in keys if k in meta}, indent=2))
+    print(json.dumps(store.summary(meta), indent=2))
 
 
 if __name__ == "__main__":

@@ -11,14 +11,16 @@ Atomicity rules (docs/storage.md):
   never shows half an object;
 * a set of objects (a shard and its index, an index version) is published by writing a marker / pointer
   object LAST (``manifest.json``, ``CURRENT``); readers trust only what the marker names;
-* :func:`create_exclusive` is a conditional create (local ``O_EXCL``; S3 ``If-None-Match: *``; GCS
-  generation-match): the primitive behind locks.
+* conditional writes (:func:`create_exclusive`, :func:`compare_and_swap`, :func:`remove_if`; local: a
+  ``flock`` around read-compare-rename; S3: ``If-None-Match: *`` / ``If-Match: <ETag>``) are the primitives
+  behind locks and ``CURRENT``; other stores raise :class:`ConditionalWriteUnsupported`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import io
 import json
@@ -31,6 +33,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import fsspec
+import fsspec.asyn
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -306,33 +309,172 @@ def _staging_dir(uri: str) -> str | None:
     return None
 
 
+# ------------------------------------------------------------------------------------ conditional writes
+class ConditionalWriteUnsupported(NotImplementedError):
+    """The store cannot write conditionally (no atomic create / compare-and-swap): a lock or an index
+    publish there could let two writers both succeed, so vidsift refuses (docs/storage.md, "Conditional
+    writes")."""
+
+
+_CONDITIONAL_SCHEMES = ("s3", "s3a")  # plus local folders
+_S3_CONDITION_FAILED = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409", "NoSuchKey", "404"}
+_S3_NOT_IMPLEMENTED = {"NotImplemented", "501"}
+
+
+def supports_conditional_writes(uri: str | os.PathLike) -> bool:
+    """Whether :func:`create_exclusive` / :func:`compare_and_swap` / :func:`remove_if` are atomic on the
+    store of ``uri``: a local folder (flock) or S3 (``If-None-Match`` / ``If-Match``)."""
+    return is_local(uri) or scheme(uri) in _CONDITIONAL_SCHEMES
+
+
+def _require_conditional(text: str, operation: str) -> None:
+    if not supports_conditional_writes(text):
+        raise ConditionalWriteUnsupported(
+            f"{text!r}: cannot {operation}: the {scheme(text)!r} store has no conditional writes in vidsift "
+            "(supported: local folders, S3 with If-None-Match / If-Match); refusing rather than letting two "
+            "writers both succeed (docs/storage.md)")
+
+
+@contextlib.contextmanager
+def _local_guard(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``.NAME.lock`` beside ``path`` for one read-compare-write. Every
+    conditional write of ``path`` takes it, so they are atomic across threads (each opens its own file
+    description) and processes; the kernel drops it when a holder dies, so it never goes stale."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.parent / f".{path.name}.lock", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _read_local(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def _s3_error_code(exc: BaseException) -> str | None:
+    """The S3 error code behind an exception (s3fs keeps botocore's ClientError as ``__cause__``)."""
+    for err in (exc, exc.__cause__):
+        response = getattr(err, "response", None)
+        if isinstance(response, dict):
+            code = response.get("Error", {}).get("Code")
+            return str(code or response.get("ResponseMetadata", {}).get("HTTPStatusCode"))
+    return None
+
+
+def _s3_conditional(fs: Any, uri: str, method: str, **kwargs: Any) -> bool:
+    """One conditional S3 request: True when it was applied, False when its condition failed."""
+    try:
+        fs.call_s3(method, **kwargs)
+    except (OSError, ValueError) as exc:
+        code = _s3_error_code(exc)
+        if code in _S3_CONDITION_FAILED:
+            return False
+        if code in _S3_NOT_IMPLEMENTED:
+            raise ConditionalWriteUnsupported(
+                f"{uri!r}: the S3 endpoint does not implement conditional requests ({code}); refusing "
+                "(docs/storage.md)") from exc
+        raise
+    finally:
+        fs.invalidate_cache(kwargs["Bucket"] + "/" + kwargs["Key"])
+    return True
+
+
+def _s3_read(fs: Any, bucket: str, key: str) -> tuple[bytes | None, str | None]:
+    """``(content, ETag)`` of an object from ONE GET (so the ETag is the content's); ``(None, None)``."""
+
+    async def get() -> tuple[bytes | None, str | None]:
+        try:
+            resp = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+        except FileNotFoundError:
+            return None, None
+        try:
+            return await resp["Body"].read(), resp["ETag"]
+        finally:
+            resp["Body"].close()
+
+    return fsspec.asyn.sync(fs.loop, get)
+
+
+def _s3_target(text: str) -> tuple[Any, str, str]:
+    fs, path = filesystem(text)
+    bucket, key, _ = fs.split_path(path)
+    return fs, bucket, key
+
+
 def create_exclusive(uri: str | os.PathLike, data: bytes) -> bool:
     """Create ``uri`` only if it does not exist; ``False`` when it already does (someone else won).
 
-    Local: ``O_CREAT | O_EXCL``. S3: ``PUT`` with ``If-None-Match: *`` (AWS S3 since 2024, MinIO, moto).
-    Stores without conditional writes raise ``NotImplementedError`` from fsspec: see docs/storage.md.
+    Local: under the file's flock guard, then an atomic rename (a reader never sees it half written). S3:
+    ``PUT`` with ``If-None-Match: *`` (AWS S3 since 2024, MinIO, moto). Any other store raises
+    :class:`ConditionalWriteUnsupported`: fsspec's generic ``mode="create"`` is exists-then-write, which
+    lets two callers both succeed.
     """
     text = os.fspath(uri)
+    _require_conditional(text, "create it exclusively")
     if is_local(text):
         path = local_path(text)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+        with _local_guard(path):
+            if path.exists():
+                return False
+            _local_atomic_write(path, data, fsync=True)
         return True
-    fs, path = filesystem(text)
-    try:
-        fs.pipe_file(path, data, mode="create")
-    except FileExistsError:
+    fs, bucket, key = _s3_target(text)
+    return _s3_conditional(fs, text, "put_object", Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+
+
+def compare_and_swap(uri: str | os.PathLike, expected: bytes | None, data: bytes) -> bool:
+    """Write ``data`` to ``uri`` only if it holds exactly ``expected`` (None: only if it does not exist);
+    ``False`` (nothing written) when it holds anything else, or changed while we looked.
+
+    Local: read, compare and rename under the file's flock guard. S3: one GET gives the content and its
+    ETag, then ``PUT`` with ``If-Match: <ETag>`` (``If-None-Match: *`` when absent): a write in between
+    fails the PUT (412/409). Other stores raise :class:`ConditionalWriteUnsupported`.
+    """
+    text = os.fspath(uri)
+    _require_conditional(text, "compare-and-swap it")
+    if is_local(text):
+        path = local_path(text)
+        with _local_guard(path):
+            if _read_local(path) != expected:
+                return False
+            _local_atomic_write(path, data, fsync=True)
+        return True
+    fs, bucket, key = _s3_target(text)
+    current, etag = _s3_read(fs, bucket, key)
+    if current != expected:
         return False
-    except OSError as exc:  # s3fs maps 412 Precondition Failed to an OSError subclass on some versions
-        if "PreconditionFailed" in str(exc) or "412" in str(exc):
-            return False
-        raise
-    return True
+    condition = {"IfNoneMatch": "*"} if etag is None else {"IfMatch": etag}
+    return _s3_conditional(fs, text, "put_object", Bucket=bucket, Key=key, Body=data, **condition)
+
+
+def remove_if(uri: str | os.PathLike, expected: bytes) -> bool:
+    """Delete ``uri`` only if it holds exactly ``expected`` (S3: ``DELETE`` with ``If-Match``); ``False``
+    when it holds anything else or is gone."""
+    text = os.fspath(uri)
+    _require_conditional(text, "remove it conditionally")
+    if is_local(text):
+        path = local_path(text)
+        with _local_guard(path):
+            if _read_local(path) != expected:
+                return False
+            path.unlink()
+        return True
+    fs, bucket, key = _s3_target(text)
+    current, etag = _s3_read(fs, bucket, key)
+    if current != expected:
+        return False
+    return _s3_conditional(fs, text, "delete_object", Bucket=bucket, Key=key, IfMatch=etag)
+
+
+def modified(uri: str | os.PathLike) -> float:
+    """Last-modified time of a file / object (unix seconds)."""
+    fs, path = filesystem(uri)
+    return fs.modified(path).timestamp()
 
 
 def remove(uri: str | os.PathLike, recursive: bool = False) -> None:

@@ -183,7 +183,7 @@ def test_build_index_distributed_publishes_opens_and_deletes(ray_local, tmp_path
     assert meta["count"] == 5995 and meta["errors"] == 5 and shard["ivfdata"] == "index.ivfdata"
     assert meta["factory"].startswith("IVF") and meta["recall"] >= 0.9
     files = set(store.describe(tmp_path / "idx")["files"])
-    assert {"index.faiss", "index.ivfdata", "ids.parquet", "probe.npz"} <= files
+    assert {"index.faiss", "index.ivfdata", "ids.arrow", "probe.npz"} <= files
     single = build_index(tmp_path / "emb", tmp_path / "single", num_probes=64, progress=False)
     vi = VideoIndex.open(tmp_path / "idx")
     assert ondisk.is_ondisk(vi.indexes[0])

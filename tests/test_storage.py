@@ -113,3 +113,26 @@ def test_read_bytes_is_one_request_on_s3(s3_bucket):
     assert storage.read_bytes(uri) == b"x" * 1000
     assert storage.read_bytes(uri, limit=11) == b"x" * 11
     assert calls == ["GetObject", "GetObject"]
+
+
+def test_compare_and_swap_and_remove_if(root):
+    uri = storage.join(root, "ptr", "CURRENT")
+    assert storage.compare_and_swap(uri, b"v0\n", b"v1\n") is False  # absent, not v0
+    assert not storage.exists(uri)
+    assert storage.compare_and_swap(uri, None, b"v1\n") is True
+    assert storage.compare_and_swap(uri, None, b"other\n") is False  # exists now
+    assert storage.compare_and_swap(uri, b"v0\n", b"v2\n") is False and storage.read_bytes(uri) == b"v1\n"
+    assert storage.compare_and_swap(uri, b"v1\n", b"v2\n") is True and storage.read_bytes(uri) == b"v2\n"
+    assert storage.remove_if(uri, b"v1\n") is False and storage.exists(uri)
+    assert storage.remove_if(uri, b"v2\n") is True and not storage.exists(uri)
+    assert storage.remove_if(uri, b"v2\n") is False
+
+
+def test_conditional_writes_are_refused_where_the_store_has_none():
+    assert storage.supports_conditional_writes("/tmp/x") and storage.supports_conditional_writes("s3://b/x")
+    for uri in ("memory://vidsift-test/lock", "gs://bucket/lock"):
+        assert not storage.supports_conditional_writes(uri)
+        for call, args in ((storage.create_exclusive, (uri, b"x")), (storage.remove_if, (uri, b"x")),
+                           (storage.compare_and_swap, (uri, None, b"x"))):
+            with pytest.raises(storage.ConditionalWriteUnsupported, match="no conditional writes"):
+                call(*args)

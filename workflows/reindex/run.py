@@ -363,12 +363,20 @@ def step_validate(run: ReindexRun) -> None:
 def step_publish(run: ReindexRun) -> None:
     """Stamp the scratch version with this run and publish it into ``WORKDIR/index``: its files, then
     index.json, then the single CURRENT object (readers never see a partial version). A run whose lock was
-    taken over stops here (:class:`LockLostError`) and publishes nothing."""
-    if run.lock is not None:
-        run.lock.check_held()
+    taken over stops here (:class:`LockLostError`, checked again just before CURRENT is swapped) and
+    publishes nothing. CURRENT is swapped only if it still names ``run.parent``, the version this run
+    read: a successor that took the lock over and published first makes this swap fail
+    (:class:`index.store.PublishConflict`), and one that publishes after it fails in the same way."""
+    check_lock = run.lock.check_held if run.lock is not None else None
+    if check_lock is not None:
+        check_lock()
     staged, meta = stamped_meta(run.scratch, {"run": run.seq, "parent_version": run.parent, "mode": run.mode,
                                               **run.delta.counts(), "source": run.source})
-    run.published = store.publish_copy(staged, meta, run.wd.index, keep=int(run.cfg["index"]["keep"]))
+    try:
+        run.published = store.publish_copy(staged, meta, run.wd.index, keep=int(run.cfg["index"]["keep"]),
+                                           expected_current=run.parent, before_swap=check_lock)
+    except store.PublishConflict as exc:
+        raise ReindexError(f"{exc} (state.json was not advanced: the next run redoes this one)") from exc
 
 
 def commit_state(run: ReindexRun) -> None:
