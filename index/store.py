@@ -285,9 +285,13 @@ def _swap_current(root: str, expected: str | None, version: str) -> None:
 
 
 def _check_complete(root: str, version: str, files: dict[str, Any]) -> None:
-    """Every file index.json records exists under ``versions/VERSION/`` (else no CURRENT may name it)."""
-    present = {storage.name(u) for u in storage.list_files(version_uri(root, version))}
-    missing = sorted(set(files) - present)
+    """Every file index.json records exists: under ``versions/VERSION/``, or under the older version a
+    shared file's record names (else no CURRENT may name it)."""
+    own = {storage.name(u) for u in storage.list_files(version_uri(root, version))}
+    shared = {name: rec for name, rec in files.items() if isinstance(rec, dict) and rec.get("version")}
+    missing = sorted(name for name in set(files) - own if name not in shared)
+    missing += sorted(name for name, rec in shared.items()
+                      if not storage.exists(storage.join(file_dir(version_uri(root, version), rec), name)))
     if missing:
         raise CorruptIndexError(f"index version {version!r} of {root!r} lost {missing} before it was "
                                 "published (removed as a dead writer's leftover?); not publishing")
