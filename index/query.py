@@ -115,10 +115,12 @@ class VideoIndex:
         indexes raise :class:`store.IndexNotFoundError` / :class:`store.CorruptIndexError`.
         """
         root = storage.normalize(path)
+        if version is None:  # CURRENT's, opened again on the new CURRENT if it is pruned under the read
+            return store.read_stable(root, lambda current: cls.open(
+                root, encoder, tokenizer, current, mmap, pretrained, allow_random_init, verify))
         vdir = store.version_dir(root, version)
         meta = store.read_meta(vdir)
-        indexes = [store.read_faiss(store.local_file(vdir, meta, s["file"], verify), mmap=mmap)
-                   for s in meta["shards"]]
+        indexes = [store.read_shard(vdir, meta, info, mmap=mmap, verify=verify) for info in meta["shards"]]
         rows = store.read_row_table(vdir, meta, verify)
         dead = store.read_dead_ids(vdir, meta, verify)
         store.check_counts(vdir, meta, sum(int(ix.ntotal) for ix in indexes), len(rows))

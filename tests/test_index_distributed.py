@@ -184,19 +184,20 @@ def test_build_index_distributed_publishes_opens_and_deletes(ray_local, tmp_path
     assert meta["factory"].startswith("IVF") and meta["recall"] >= 0.9
     files = set(store.describe(tmp_path / "idx")["files"])
     assert {"index.faiss", "index.ivfdata", "ids.arrow", "probe.npz"} <= files
-    single = build_index(tmp_path / "emb", tmp_path / "single", num_probes=64, progress=False)
+    build_index(tmp_path / "emb", tmp_path / "single", num_probes=64, progress=False)
     vi = VideoIndex.open(tmp_path / "idx")
     assert ondisk.is_ondisk(vi.indexes[0])
-    assert pq.read_table(tmp_path / "idx" / "versions" / meta["version"] / "ids.parquet").equals(
-        pq.read_table(tmp_path / "single" / "versions" / single["version"] / "ids.parquet"))
+    distributed_ids = store.read_ids(store.version_dir(tmp_path / "idx"))
+    assert distributed_ids.equals(store.read_ids(store.version_dir(tmp_path / "single")))
     batches = list(iter_batches(source))
     vectors, ids = np.concatenate([b.vectors for b in batches]), np.concatenate([b.ids for b in batches])
     query = vectors[[int(np.flatnonzero(ids == i)[0]) for i in (100, 2000)]]  # rows 100 and 2000
     hits = vi.search(query, k=3)
     assert [h[0].video_id for h in hits] == ["vid-000050", "vid-001000"]
-    # A delete changes an in-RAM copy and publishes a plain index; the on-disk version stays intact.
+    # A delete tombstones the rows and shares the on-disk lists; they stay intact.
     after = delete_videos(tmp_path / "idx", ["vid-000050"])
-    assert after["count"] == 5993 and "ivfdata" not in after["shards"][0]
+    assert after["count"] == 5993 and after["shards"][0]["ivfdata"] == "index.ivfdata"
+    assert after["files"]["index.ivfdata"]["version"] == meta["version"]
     assert VideoIndex.open(tmp_path / "idx").search(query, k=1)[0][0].video_id != "vid-000050"
     assert VideoIndex.open(tmp_path / "idx", version=meta["version"]).search(query, k=1)[0][0].video_id == \
         "vid-000050"
