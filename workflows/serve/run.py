@@ -19,6 +19,7 @@ import uvicorn
 from runtime import storage
 from runtime.ray_connect import connect_ray
 from workflows.serve.app import DEFAULT_MAX_K, create_app
+from workflows.serve.fanout import FanoutPlan, FanoutSnapshotLoader, deploy_shards, deployments_for
 from workflows.serve.live import LiveIndex, SnapshotLoader
 from workflows.serve.previews import PreviewMaker
 from workflows.serve.querylog import QueryLog
@@ -29,15 +30,17 @@ log = logging.getLogger(__name__)
 def build_app(index: str, pretrained: str | None = None, allow_random_init: bool = False,
               shards: Sequence[str] = (), max_k: int = DEFAULT_MAX_K, poll_s: float = 5.0,
               cache_dir: str | None = None, torch_threads: int = 1, query_log: str | None = None,
-              captions: Sequence[str] = ()):
+              captions: Sequence[str] = (), fanout: FanoutPlan | None = None):
     """The ASGI app over the index at ``index`` (its CURRENT version is loaded and checked now);
     ``query_log`` is a folder/URI the texts of answered searches are logged to (:mod:`.querylog`);
-    ``captions`` are ``jobs.caption`` output folders whose generated captions the hits carry."""
+    ``captions`` are ``jobs.caption`` output folders whose generated captions the hits carry; ``fanout``
+    searches through those shard deployments (:mod:`.fanout`) instead of opening every shard here."""
     # One intra-op thread: a query's text encode is ~2 ms on one thread; on 2 shared cores more threads
     # only contend (measured 100x slower with 2 under load).
     torch.set_num_threads(max(1, int(torch_threads)))
     root = storage.normalize(index)
-    loader = SnapshotLoader(root, pretrained, allow_random_init, shards, captions)
+    loader = (SnapshotLoader(root, pretrained, allow_random_init, shards, captions) if fanout is None else
+              FanoutSnapshotLoader(fanout, root, pretrained, allow_random_init, shards, captions))
     live = LiveIndex(root, loader.load, poll_s=poll_s)
     previews = None
     if shards:
@@ -47,10 +50,15 @@ def build_app(index: str, pretrained: str | None = None, allow_random_init: bool
 
 
 def serve_index(index: str, host: str = "127.0.0.1", port: int = 8000, ray_serve: bool = False,
+                shards_per_deployment: int = 0, shard_replicas: int = 1, shard_cpus: float = 1.0,
                 **options) -> int:
-    """Serve until interrupted; ``options`` are :func:`build_app`'s. Returns an exit status."""
+    """Serve until interrupted; ``options`` are :func:`build_app`'s. ``shards_per_deployment`` > 0 (Ray Serve
+    only) fans searches out over shard deployments of ``shard_replicas`` replicas. Returns an exit status."""
+    if shards_per_deployment and not ray_serve:
+        raise ValueError("fan-out over shard deployments (--fanout-shards-per-deployment) needs --ray-serve")
     if ray_serve:
-        return _serve_with_ray(index, host, port, options)
+        fanout = (shards_per_deployment, shard_replicas, shard_cpus) if shards_per_deployment else None
+        return _serve_with_ray(index, host, port, options, fanout)
     app = build_app(index, **options)
     print(f"[serve] index version {app.state.live.current.version} on http://{host}:{port}/", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, **_fast_http())
@@ -71,7 +79,7 @@ def _fast_http() -> dict[str, str]:
     return options
 
 
-def _serve_with_ray(index: str, host: str, port: int, options: dict) -> int:
+def _serve_with_ray(index: str, host: str, port: int, options: dict, fanout: tuple | None = None) -> int:
     """The app as a Ray Serve deployment until SIGINT/SIGTERM; then Serve, and a Ray started here, stop."""
     from ray import serve  # optional: only --ray-serve starts Ray Serve's controller and proxy
 
@@ -79,6 +87,10 @@ def _serve_with_ray(index: str, host: str, port: int, options: dict) -> int:
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill` stops it as cleanly as Ctrl-C
     try:
         serve.start(http_options={"host": host, "port": port})
+        if fanout is not None:  # the shard deployments first: the ingress opens its searcher over them
+            per_deployment, replicas, cpus = fanout
+            options = dict(options, fanout=deploy_shards(index, deployments_for(index, per_deployment),
+                                                         replicas, cpus))
         deployment = serve.deployment(serve.ingress(lambda: build_app(index, **options))(),
                                       name="vidsift-search")
         serve.run(deployment.bind(), name="vidsift", route_prefix="/", blocking=False)
