@@ -5,6 +5,7 @@ Examples (the index and shards may be URIs: s3://, gs://, file://)::
     python -m jobs.serve --index s3://bucket/index --pretrained s3://bucket/train/model.pt --host 0.0.0.0 \
         --auth-token-file /etc/vidsift/token --allowed-host search.example.org
     python -m jobs.serve --index OUT/index --allow-random-init --ray-serve   # same app behind Ray Serve
+    python -m jobs.serve --index OUT/index --ray-serve --fanout-shards-per-deployment 1 --shard-replicas 2
 Then open http://HOST:PORT/ or ``curl 'http://HOST:PORT/search?q=a+red+circle&k=5'`` (docs/serve.md)."""
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--preview-cache", default=None, help="folder for cached previews (default: $TMPDIR)")
     p.add_argument("--torch-threads", type=int, default=1, help="intra-op threads of the text encoder")
     p.add_argument("--ray-serve", action="store_true", help="run the app as a Ray Serve deployment")
+    p.add_argument("--fanout-shards-per-deployment", type=int, default=0,
+                   help="with --ray-serve: index shards per shard deployment, searched by fan-out (0: off)")
+    p.add_argument("--shard-replicas", type=int, default=1, help="replicas of each shard deployment")
+    p.add_argument("--shard-cpus", type=float, default=1.0, help="CPUs each shard replica reserves")
     p.add_argument("--query-log", default=None,
                    help="folder/URI to log query texts to (JSONL; jobs.index build --query-log reads it)")
     return p
@@ -68,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         return serve_index(args.index, host=args.host, port=args.port, ray_serve=args.ray_serve,
                            allowed_hosts=args.allowed_host, auth_token_file=args.auth_token_file,
                            insecure_open=args.insecure_open, limits=limits, pool=pool,
+                           shards_per_deployment=args.fanout_shards_per_deployment,
+                           shard_replicas=args.shard_replicas, shard_cpus=args.shard_cpus,
                            pretrained=args.pretrained, allow_random_init=args.allow_random_init,
                            shards=args.shards, poll_s=args.poll_s, expose_sources=args.expose_sources,
                            cache_dir=args.preview_cache, preview_cache_bytes=args.preview_cache_mb << 20,

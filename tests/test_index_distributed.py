@@ -197,7 +197,8 @@ def test_build_index_distributed_publishes_opens_and_deletes(ray_local, tmp_path
     # A delete tombstones the rows and shares the on-disk lists; they stay intact.
     after = delete_videos(tmp_path / "idx", ["vid-000050"])
     assert after["count"] == 5993 and after["shards"][0]["ivfdata"] == "index.ivfdata"
-    assert after["files"]["index.ivfdata"]["version"] == meta["version"]
+    shared = store.describe(tmp_path / "idx")["files"]["index.ivfdata"]
+    assert shared["version"] == meta["version"]
     assert VideoIndex.open(tmp_path / "idx").search(query, k=1)[0][0].video_id != "vid-000050"
     assert VideoIndex.open(tmp_path / "idx", version=meta["version"]).search(query, k=1)[0][0].video_id == \
         "vid-000050"

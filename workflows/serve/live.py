@@ -72,8 +72,7 @@ class SnapshotLoader:
 
     def load(self, version: str | None = None) -> Snapshot:
         """Open ``version`` (CURRENT when None) with the encoder, check that it answers, build its catalog."""
-        index = VideoIndex.open(self.root, version=version, encoder=self._encoder_for(version),
-                                pretrained=self.pretrained, allow_random_init=self.allow_random_init)
+        index = self.open_index(version, self._encoder_for(version))
         if len(index) == 0:
             raise store.CorruptIndexError(f"index version {index.version!r} is empty")
         vector = index.encode_text([VALIDATION_QUERY])
@@ -86,6 +85,11 @@ class SnapshotLoader:
         catalog = build_catalog(store.read_ids(index.version_dir, index.meta), self.shards, self.captions,
                                 expose_sources=self.expose_sources)
         return Snapshot(index, catalog, index.version, time.time())
+
+    def open_index(self, version: str | None, encoder) -> VideoIndex:
+        """The searcher of ``version`` (a one-process ``VideoIndex``; the fan-out loader overrides it)."""
+        return VideoIndex.open(self.root, version=version, encoder=encoder, pretrained=self.pretrained,
+                               allow_random_init=self.allow_random_init)
 
     def _encoder_for(self, version: str | None):
         """The encoder of the last version when the new one records the same model, else a new one."""

@@ -22,6 +22,7 @@ from runtime import storage
 from runtime.ray_connect import connect_ray
 from workflows.serve.access import Access, access_for
 from workflows.serve.app import create_app
+from workflows.serve.fanout import FanoutPlan, FanoutSnapshotLoader, deploy_shards, deployments_for
 from workflows.serve.live import LiveIndex, SnapshotLoader
 from workflows.serve.pool import PoolConfig
 from workflows.serve.previews import DEFAULT_CACHE_BYTES, PreviewMaker
@@ -41,12 +42,13 @@ def build_app(index: str, pretrained: str | None = None, allow_random_init: bool
               cache_dir: str | None = None, torch_threads: int = 1, query_log: str | None = None,
               captions: Sequence[str] = (), limits: Limits = Limits(), pool: PoolConfig = PoolConfig(),
               access: Access = Access(), expose_sources: bool = False,
-              preview_cache_bytes: int = DEFAULT_CACHE_BYTES):
+              preview_cache_bytes: int = DEFAULT_CACHE_BYTES, fanout: FanoutPlan | None = None):
     """The ASGI app over the index at ``index`` (its CURRENT version is loaded and checked now);
     ``query_log`` is a folder/URI the texts of answered searches are logged to (:mod:`.querylog`);
     ``captions`` are ``jobs.caption`` output folders whose generated captions the hits carry; ``limits``,
     ``pool`` and ``access`` are :func:`create_app`'s (``max_k`` overrides ``limits.max_k``, raising the
-    other limits to it where they are lower); ``expose_sources`` shows the ingest source URIs."""
+    other limits to it where they are lower); ``expose_sources`` shows the ingest source URIs; ``fanout``
+    searches through those shard deployments (:mod:`.fanout`) instead of opening every shard here."""
     if max_k is not None:
         limits = dataclasses.replace(limits, max_k=max_k, max_depth=max(limits.max_depth, max_k),
                                      max_ranked=max(limits.max_ranked, max_k))
@@ -54,7 +56,8 @@ def build_app(index: str, pretrained: str | None = None, allow_random_init: bool
     # only contend (measured 100x slower with 2 under load).
     torch.set_num_threads(max(1, int(torch_threads)))
     root = storage.normalize(index)
-    loader = SnapshotLoader(root, pretrained, allow_random_init, shards, captions, expose_sources)
+    loader_args = (root, pretrained, allow_random_init, shards, captions, expose_sources)
+    loader = SnapshotLoader(*loader_args) if fanout is None else FanoutSnapshotLoader(fanout, *loader_args)
     live = LiveIndex(root, loader.load, poll_s=poll_s)
     previews = None
     if shards:
@@ -66,12 +69,18 @@ def build_app(index: str, pretrained: str | None = None, allow_random_init: bool
 
 def serve_index(index: str, host: str = "127.0.0.1", port: int = 8000, ray_serve: bool = False,
                 allowed_hosts: Sequence[str] = (), auth_token_file: str | None = None,
-                insecure_open: bool = False, **options) -> int:
+                insecure_open: bool = False, shards_per_deployment: int = 0, shard_replicas: int = 1,
+                shard_cpus: float = 1.0, **options) -> int:
     """Serve until interrupted; ``options`` are :func:`build_app`'s; the access rules come from the bound
-    ``host`` and the flags (:func:`workflows.serve.access.access_for`). Returns an exit status."""
+    ``host`` and the flags (:func:`workflows.serve.access.access_for`). ``shards_per_deployment`` > 0 (Ray
+    Serve only) fans searches out over shard deployments of ``shard_replicas`` replicas. Returns an exit
+    status."""
+    if shards_per_deployment and not ray_serve:
+        raise ValueError("fan-out over shard deployments (--fanout-shards-per-deployment) needs --ray-serve")
     options["access"] = access_for(host, allowed_hosts, auth_token_file, insecure_open)
     if ray_serve:
-        return _serve_with_ray(index, host, port, options)
+        fanout = (shards_per_deployment, shard_replicas, shard_cpus) if shards_per_deployment else None
+        return _serve_with_ray(index, host, port, options, fanout)
     app = build_serving_app(index, **options)
     print(f"[serve] index version {app.state.live.current.version} on http://{host}:{port}/", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, **_fast_http())
@@ -98,7 +107,7 @@ def _fast_http() -> dict[str, str]:
     return options
 
 
-def _serve_with_ray(index: str, host: str, port: int, options: dict) -> int:
+def _serve_with_ray(index: str, host: str, port: int, options: dict, fanout: tuple | None = None) -> int:
     """The app as a Ray Serve deployment until SIGINT/SIGTERM; then Serve, and a Ray started here, stop."""
     from ray import serve  # optional: only --ray-serve starts Ray Serve's controller and proxy
 
@@ -106,6 +115,10 @@ def _serve_with_ray(index: str, host: str, port: int, options: dict) -> int:
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill` stops it as cleanly as Ctrl-C
     try:
         serve.start(http_options={"host": host, "port": port})
+        if fanout is not None:  # the shard deployments first: the ingress opens its searcher over them
+            per_deployment, replicas, cpus = fanout
+            options = dict(options, fanout=deploy_shards(index, deployments_for(index, per_deployment),
+                                                         replicas, cpus))
         deployment = serve.deployment(serve.ingress(lambda: build_serving_app(index, **options))(),
                                       name="vidsift-search")
         serve.run(deployment.bind(), name="vidsift", route_prefix="/", blocking=False)

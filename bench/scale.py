@@ -1,0 +1,347 @@
+"""The index past one process (issue #26): vidsift vs FAISS HNSW32,Flat vs LanceDB IVF_PQ on the same clip
+vectors, and fan-out search over 2 and 4 shard deployments on Ray Serve against one process.
+
+Corpus per size (``--sizes``): ``N`` clip vectors of ``--dim`` dims, ``--clips`` per video, clustered: a
+video's *semantic* vector is a cluster centre plus noise; its clips are that vector plus one offset shared by
+every clip (the text/video modality gap) plus per-video and per-clip noise. Text-like queries are a video's
+semantic vector plus noise and no gap: they lie off the clips' distribution, as users' text queries do
+(bench/text_recall.py). 1,000 queries of the first half of the videos are the build's tuning set (written
+where ``jobs.embed --with-text`` writes caption embeddings); ``--queries`` held-out ones of the second half
+are scored. Ground truth: the exact top 10 videos by best clip (brute force over every vector).
+
+Each build runs in its own process, sampled every 0.2 s with its whole process tree (Ray workers included):
+build wall time and every process's peak RSS. Each system is then opened in a fresh process, which reports its
+open time, its anonymous RSS after open + every query, single-query p50 / p99, q/s from 8 client threads and
+video-level recall@10, at its tuned setting and along a sweep (the curves in docs/scale.md). Fan-out: the
+vidsift index (4 shards) behind 2 and 4 shard deployments against the same index in one process, same run.
+
+    python -m bench.scale --sizes 1000000            # writes docs/data/scale.json (+ docs/scale.png)
+    python -m bench.scale --dry-run --json /tmp/scale.json --plot /tmp/scale.png   # tiny: the test's run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.record import BenchRecord, add_record_args, col  # noqa: E402
+from bench.scale_corpus import write_corpus  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SYSTEMS = ("vidsift", "lancedb", "hnsw")
+
+
+class TreeSampler:
+    """Peak RSS of a process and every descendant (Ray's raylet, GCS, workers), sampled every ``every_s``."""
+
+    def __init__(self, pid: int, every_s: float = 0.2):
+        self.root, self.every_s, self.peaks = psutil.Process(pid), every_s, {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> TreeSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                procs = [self.root, *self.root.children(recursive=True)]
+            except psutil.Error:
+                return
+            for p in procs:
+                try:
+                    rss, name = p.memory_info().rss, _role(p)
+                except psutil.Error:
+                    continue
+                key = (p.pid, name)
+                self.peaks[key] = max(self.peaks.get(key, 0), rss)
+            self._stop.wait(self.every_s)
+
+    def summary(self) -> dict:
+        """Driver peak, the largest worker peak (``ray::`` processes) and Ray's own processes' peak, bytes."""
+        driver = max((v for (pid, _), v in self.peaks.items() if pid == self.root.pid), default=0)
+        workers = [v for (_, name), v in self.peaks.items() if name == "worker"]
+        infra = [v for (_, name), v in self.peaks.items() if name == "ray"]
+        return {
+            "driver_peak_rss": driver,
+            "worker_peak_rss": max(workers, default=0),
+            "workers": len(workers),
+            "ray_infra_peak_rss": max(infra, default=0),
+        }
+
+
+def _role(p: psutil.Process) -> str:
+    name = " ".join(p.cmdline()[:2])
+    if "ray::" in name or "default_worker" in name:
+        return "worker"
+    return "ray" if ("raylet" in name or "gcs_server" in name or "ray/" in name) else "other"
+
+
+def run_child(task: str, spec: dict, log: Path) -> tuple[dict, dict, float]:
+    """Run ``bench.scale_tasks`` ``task`` on ``spec`` in a fresh process; returns (its JSON result, RSS
+    peaks, wall s)."""
+    out = log.with_suffix(".json")
+    cmd = [sys.executable, "-m", "bench.scale_tasks", task, json.dumps(spec), str(out)]
+    env = dict(os.environ, PYTHONPATH=str(REPO), RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"))
+    t0 = time.perf_counter()
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        with TreeSampler(proc.pid) as sampler:
+            rc = proc.wait()
+    wall = time.perf_counter() - t0
+    if rc != 0:
+        raise RuntimeError(f"{task} failed (exit {rc}); its log {log}:\n{log.read_text()[-3000:]}")
+    print(f"[scale] {task}: {wall:.1f} s", flush=True)
+    return json.loads(out.read_text()), sampler.summary(), wall
+
+
+def measure_size(n: int, args, work: Path) -> dict:
+    """Corpus, three builds, three serving runs and the fan-out run for ``n`` vectors."""
+    corpus = write_corpus(work / f"n{n}", n, args.dim, args.clips, args.queries, args.seed)
+    raw = n * args.dim * 4
+    result = {"n": n, "raw_bytes": raw, "corpus": corpus["stats"], "systems": {}}
+    target = None  # vidsift's recall: the others are measured at their fastest setting reaching it
+    for system in args.systems.split(","):
+        spec = {
+            **corpus["spec"],
+            "system": system,
+            "shards": args.shards,
+            "threads": args.client_threads,
+            "target_recall": target,
+        }
+        built, peaks, wall = run_child(f"build_{system}", spec, work / f"n{n}-build-{system}.log")
+        served, serve_peaks, _ = run_child("serve", {**spec, **built}, work / f"n{n}-serve-{system}.log")
+        result["systems"][system] = {
+            "build_s": wall,
+            **peaks,
+            **built,
+            **served,
+            "serve_driver_peak_rss": serve_peaks["driver_peak_rss"],
+        }
+        print(f"[scale] n={n:,} {system}: " + json.dumps(_brief(result["systems"][system], raw)), flush=True)
+        target = result["systems"]["vidsift"]["tuned"]["recall"]
+    if "vidsift" in result["systems"]:
+        fan_spec = {**corpus["spec"], "index": result["systems"]["vidsift"]["index"], "deployments": [2, 4],
+                    "threads": args.client_threads}
+        result["fanout"], _, _ = run_child("fanout", fan_spec, work / f"n{n}-fanout.log")
+    return result
+
+
+def _brief(s: dict, raw: int) -> dict:
+    return {
+        "build_s": round(s["build_s"], 1),
+        "peak_worker/raw": round(s["worker_peak_rss"] / raw, 3),
+        "peak_driver/raw": round(s["driver_peak_rss"] / raw, 3),
+        "recall@10": s["tuned"]["recall"],
+        "p50_ms": s["tuned"]["p50_ms"],
+        "qps": s["tuned"]["qps"],
+    }
+
+
+def record_results(record: BenchRecord, results: list[dict], args) -> None:
+    rows = []
+    for r in results:
+        for system, s in r["systems"].items():
+            t = s["tuned"]
+            rows.append(
+                {
+                    "n": r["n"],
+                    "system": system,
+                    "setting": t["setting"],
+                    "build_s": s["build_s"],
+                    "driver_peak_x": s["driver_peak_rss"] / r["raw_bytes"],
+                    "worker_peak_x": s["worker_peak_rss"] / r["raw_bytes"],
+                    "bytes_per_vector": s["index_bytes"] / r["n"],
+                    "open_s": s["open_s"],
+                    "anon_x": s["anon_rss_after"] / r["raw_bytes"],
+                    "p50_ms": t["p50_ms"],
+                    "p99_ms": t["p99_ms"],
+                    "qps": t["qps"],
+                    "recall": t["recall"],
+                }
+            )
+    record.table(
+        "systems",
+        title="Build, open and search, same vectors and queries",
+        columns=[
+            col("n", "vectors", "{:,}"),
+            col("system", "system"),
+            col("setting", "setting"),
+            col("build_s", "build s", "{:.1f}"),
+            col("driver_peak_x", "driver peak / raw", "{:.2f}"),
+            col("worker_peak_x", "worker peak / raw", "{:.2f}"),
+            col("bytes_per_vector", "bytes/vector", "{:.0f}"),
+            col("open_s", "open s", "{:.2f}"),
+            col("anon_x", "serving anon RSS / raw", "{:.3f}"),
+            col("p50_ms", "p50 ms", "{:.2f}"),
+            col("p99_ms", "p99 ms", "{:.2f}"),
+            col("qps", f"q/s ({args.client_threads} threads)", "{:.0f}"),
+            col("recall", "video recall@10", "{:.3f}"),
+        ],
+        rows=rows,
+        sample_size=f"{args.queries} held-out text-like queries per size, k=10",
+        baseline="exact top 10 videos by best clip (brute force), same run",
+        filtering="none; peak RSS sampled every 0.2 s over the build's process tree",
+    )
+    fan_rows = [{"n": r["n"], **row} for r in results for row in r["fanout"]["rows"]]
+    record.table(
+        "fanout",
+        title="Fan-out over shard deployments (Ray Serve) vs one process, same index",
+        columns=[
+            col("n", "vectors", "{:,}"),
+            col("mode", "mode"),
+            col("p50_ms", "p50 ms", "{:.2f}"),
+            col("added_p50_ms", "p50 added ms", "{:+.2f}"),
+            col("p99_ms", "p99 ms", "{:.2f}"),
+            col("qps", f"q/s ({args.client_threads} threads)", "{:.0f}"),
+            col("identical", "same top 10 as one process"),
+        ],
+        rows=fan_rows,
+        sample_size=f"{args.queries} held-out queries, k=10",
+        baseline="the same 4-shard index searched in one process (VideoIndex.rank), same run",
+    )
+    record.extra["results"] = results
+
+
+# --------------------------------------------------------------------------------- cost model, 100M videos
+VIDEOS = 100_000_000
+ASSUME = {
+    "mb_per_video": 10.0,
+    "clips_per_video": 4,
+    "gpu_videos_per_s": 1500.0,
+    "gpu_node_cores": 16,
+    "peak_qps": 1000.0,
+    "serve_node_cores": 16,
+}
+
+
+def cost_model(results: list[dict], data_dir: Path) -> list[dict]:
+    """Node-hours per stage for 100M videos from this machine's measured rates (per core: this machine has 2)
+    and the stated assumptions (``ASSUME``: video size, clips, an H100's embed rate, the query load)."""
+    ingest = json.loads((data_dir / "ingest.json").read_text())["tables"]["runs"]["rows"]
+    mb_s = max(r["mb_per_s"] for r in ingest if r["corpus"] == "large" and r["runner"] == "ray 2 workers")
+    decode = json.loads((data_dir / "decode.json").read_text())["tables"]["timings"]["rows"]
+    decode_ms = min(
+        r["ms"] for r in decode if r["method"].startswith("vidsift keyframe") and r["plan"] == "4x2"
+    )
+    big = max(results, key=lambda r: r["n"])
+    vid = big["systems"]["vidsift"]
+    build_core_s_per_vector = vid["build_s"] * 2 / big["n"]
+    qps_per_core = big["fanout"]["rows"][0]["qps"] / 2
+    vectors = VIDEOS * ASSUME["clips_per_video"]
+    decode_per_node = ASSUME["gpu_node_cores"] * 1000 / decode_ms  # videos/s the node's CPUs can decode
+    embed_rate = min(ASSUME["gpu_videos_per_s"], decode_per_node)
+    rows = [
+        {
+            "stage": "ingest (copy + probe + tar)",
+            "rate": f"{mb_s / 2:.0f} MB/s per core (ingest.json)",
+            "node": "16-core CPU",
+            "node_hours": VIDEOS * ASSUME["mb_per_video"] / (mb_s / 2 * 16) / 3600,
+        },
+        {
+            "stage": "embed (decode on CPU, encode on GPU)",
+            "rate": f"decode {1000 / decode_ms:.0f} videos/s per core (decode.json), GPU "
+            f"{ASSUME['gpu_videos_per_s']:.0f} videos/s assumed",
+            "node": "1x H100 + 16 cores",
+            "node_hours": VIDEOS / embed_rate / 3600,
+        },
+        {
+            "stage": "index build",
+            "rate": f"{1 / build_core_s_per_vector:,.0f} vectors/s per core (this run, {big['n']:,} vectors)",
+            "node": "16-core CPU",
+            "node_hours": vectors * build_core_s_per_vector / 16 / 3600,
+        },
+        {
+            "stage": "serve (per hour at peak)",
+            "rate": f"{qps_per_core:.0f} q/s per core at {big['n']:,} vectors (this run; scales ~1/size)",
+            "node": "16-core CPU",
+            "node_hours": ASSUME["peak_qps"]
+            / (qps_per_core * big["n"] / vectors)
+            / ASSUME["serve_node_cores"],
+        },
+    ]
+    return rows
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """recall@10 vs single-query p50 per system and size (the sweep of each system's search setting)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in results:
+        for system, s in r["systems"].items():
+            pts = sorted((p["p50_ms"], p["recall"]) for p in s["sweep"])
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{system}, {r['n']:,}")
+    ax.set_xscale("log")
+    ax.set_xlabel("single-query p50 (ms, log)")
+    ax.set_ylabel("video recall@10, held-out text-like queries")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="1000000", help="comma-separated corpus sizes (clip vectors)")
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--clips", type=int, default=4, help="clips per video")
+    p.add_argument("--queries", type=int, default=1000, help="held-out text-like queries")
+    p.add_argument("--shards", type=int, default=4, help="shards of the vidsift index (fan-out uses them)")
+    p.add_argument("--client-threads", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--systems", default=",".join(SYSTEMS), help="vidsift first: the others aim at its recall")
+    p.add_argument("--workdir", default="/tmp/vidsift_bench_scale")
+    p.add_argument("--plot", type=Path, default=REPO / "docs" / "scale.png")
+    p.add_argument(
+        "--dry-run", action="store_true", help="tiny sizes (4,000 vectors, 50 queries): a smoke run"
+    )
+    add_record_args(p, "scale")
+    args = p.parse_args(argv)
+    if args.dry_run:
+        args.sizes, args.queries = "4000", 50
+    record = BenchRecord.start("scale", sys.argv[1:] if argv is None else argv)
+    work = Path(args.workdir)  # a corpus already written there for the same size is reused
+    results = [measure_size(int(n), args, work) for n in args.sizes.split(",")]
+    record_results(record, results, args)
+    record.table(
+        "cost",
+        title="Cost model: 100M videos",
+        rows=cost_model(results, REPO / "docs" / "data"),
+        columns=[
+            col("stage", "stage"),
+            col("rate", "measured / assumed rate"),
+            col("node", "node"),
+            col("node_hours", "node-hours", "{:,.0f}"),
+        ],
+        sample_size="rates from docs/data/ingest.json, decode.json and this run",
+        baseline="none: an estimate",
+        filtering=json.dumps(ASSUME),
+    )
+    plot(results, args.plot)
+    record.write(args.json, note=args.note + (" (dry run)" if args.dry_run else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""Fan-out search on Ray Serve (workflows/serve/fanout.py): the merged answer of shard deployments is the
+top k of one process searching every shard; a blocked or killed shard replica gives a partial result
+within the deadline, never a hang; replicas of a shard deployment share its load; the service runs over it."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+
+import numpy as np
+import pytest
+import ray
+from conftest import REPO_ROOT, free_port
+from ray import serve
+
+import models
+from index import VideoIndex, build_index
+from index.testing import clustered_vectors, write_embeddings
+from workflows.serve import build_app, serving_in_thread
+from workflows.serve.fanout import FanoutError, FanoutSearcher, ShardReplica, deploy_shards, deployments_for
+
+MODEL = "clip4clip-meanP-tiny"
+CLIPS = 3  # per video
+
+
+def blocking_shard_class():
+    """A shard replica that never answers a search in time: the stand-in for a stuck machine. (Made in a
+    function so Ray pickles the class by value: replicas cannot import this test module.)"""
+
+    class BlockingShard(ShardReplica):
+        def search(self, *args, **kwargs):
+            time.sleep(120)
+            return super().search(*args, **kwargs)
+
+    return BlockingShard
+
+
+@pytest.fixture(scope="module")
+def fanout(ray_local, tmp_path_factory):
+    """A 4-shard IVF index over a seeded tiny CLIP4Clip's space, Ray Serve (started once) with 2 shard
+    deployments of 2 replicas each, plus one blocking shard deployment."""
+    tmp = tmp_path_factory.mktemp("fanout")
+    model, _, _ = models.create_model(MODEL, seed=0)
+    ckpt = models.save_checkpoint(model, tmp / "c4c.pt")
+    dim = model.encode_text(["x"]).shape[1]
+    vectors = clustered_vectors(600 * CLIPS, dim, seed=5, clusters=24)
+    emb = write_embeddings(tmp / "emb", vectors, clips_per_video=CLIPS, model_id=model.model_id,
+                           model_name=MODEL, pretrained=str(ckpt), rows_per_file=600)
+    build_index(emb, tmp / "idx", factory="IVF8,Flat", shards=4, progress=False, text_queries=None)
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+    plan = deploy_shards(str(tmp / "idx"), deployments_for(str(tmp / "idx"), 2), replicas=2, num_cpus=0)
+    serve.run(serve.deployment(blocking_shard_class(), name="shard", ray_actor_options={"num_cpus": 0})
+              .bind(str(tmp / "idx")), name="blocked", route_prefix=None)
+    one = VideoIndex.open(tmp / "idx", encoder=model)
+    yield {"root": str(tmp / "idx"), "plan": plan, "one": one, "model": model, "vectors": vectors}
+    serve.shutdown()
+
+
+def test_bench_scale_dry_run(tmp_path):
+    """``bench/scale.py --dry-run`` end to end (tiny corpus: every build, serve sweep, fan-out, plot and
+    record), so the script cannot rot. First in the module: it starts its own Ray before the fixture's."""
+    out, png = tmp_path / "scale.json", tmp_path / "scale.png"
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONPATH=str(REPO_ROOT))
+    proc = subprocess.run([sys.executable, "-m", "bench.scale", "--dry-run", "--json", str(out), "--plot",
+                           str(png), "--workdir", str(tmp_path / "work")], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = json.loads(out.read_text())
+    systems = {r["system"]: r for r in record["tables"]["systems"]["rows"]}
+    assert set(systems) == {"vidsift", "hnsw", "lancedb"}
+    for row in systems.values():
+        assert 0 <= row["recall"] <= 1 and row["p50_ms"] > 0 and row["qps"] > 0 and row["build_s"] > 0
+        assert row["bytes_per_vector"] > 0 and row["anon_x"] > 0
+    assert systems["vidsift"]["recall"] > 0.9  # exact (Flat) at this size: the ground truth must agree
+    fan = {r["mode"]: r for r in record["tables"]["fanout"]["rows"]}
+    assert set(fan) == {"1 process", "2 shard deployments", "4 shard deployments"}
+    assert all(r["identical"] == "yes" for r in fan.values())
+    assert [r["stage"] for r in record["tables"]["cost"]["rows"]][0].startswith("ingest")
+    assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def _queries(n: int, dim: int, seed: int) -> np.ndarray:
+    """Text-like queries: off the data (random directions), so the hits spread over every shard."""
+    return np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+
+
+def _same(got, want) -> None:
+    assert [[h.video_id for h in q] for q in got] == [[h.video_id for h in q] for q in want]
+    for g, w in zip(got, want):
+        assert [h.score for h in g] == pytest.approx([h.score for h in w], abs=1e-6)
+        assert [(h.id, h.clip_index, h.start_s, h.end_s, h.caption, h.num_clips) for h in g] == \
+               [(h.id, h.clip_index, h.start_s, h.end_s, h.caption, h.num_clips) for h in w]
+
+
+def test_fanout_gives_the_top_k_of_one_process(fanout):
+    one, root = fanout["one"], fanout["root"]
+    searcher = FanoutSearcher(root, None, fanout["plan"].handles(), names=fanout["plan"].apps)
+    assert searcher.positions == [[0, 2], [1, 3]] and searcher.version == one.version
+    queries = _queries(16, one.dim, seed=1)
+    for k in (1, 10, 37):
+        result = searcher.rank(queries, k, timeout_s=60)
+        assert not result.partial and result.missing_shards == ()
+        _same(result.hits, one.rank(queries, k).hits)
+    hit_ids = np.array([h.id for q in result.hits for h in q])
+    for group in ((0, 2), (1, 3)):  # both deployments contributed hits
+        assert np.isin(hit_ids, _ids_of_shards(root, group)).any()
+    # a filter ranks only the allowed rows: a small one makes the probed lists run dry (the exhaustive retry)
+    allowed = np.arange(0, len(fanout["vectors"]), 29, dtype=np.int64)
+    _same(searcher.rank(queries, 10, allowed_ids=allowed, timeout_s=60).hits,
+          one.rank(queries, 10, allowed_ids=allowed).hits)
+    assert searcher.rank(queries[:2], 5, allowed_ids=np.array([], np.int64)).hits == [[], []]
+    with pytest.raises(ValueError, match="zero norm"):
+        searcher.rank(np.zeros((1, one.dim), np.float32), 5)
+    with pytest.raises(ValueError, match=r"\[Q, "):
+        searcher.rank(np.ones((1, one.dim + 1), np.float32), 5)
+
+
+def test_a_blocked_shard_gives_a_partial_result_by_the_deadline(fanout):
+    one, plan = fanout["one"], fanout["plan"]
+    handles = [plan.handles()[0], serve.get_deployment_handle("shard", app_name="blocked")]
+    searcher = FanoutSearcher(fanout["root"], None, handles, names=[plan.apps[0], "blocked"])
+    queries = _queries(4, one.dim, seed=2)
+    t0 = time.monotonic()
+    result = searcher.rank(queries, 10, timeout_s=3)
+    assert time.monotonic() - t0 < 10
+    assert result.partial and result.missing_shards == ("blocked",)
+    # what came back is exactly the one-process answer restricted to the shards that answered (0 and 2)
+    allowed = _ids_of_shards(fanout["root"], (0, 2))
+    _same(result.hits, one.rank(queries, 10, allowed_ids=allowed).hits)
+    health = {h["deployment"]: h for h in searcher.health(timeout_s=2)}
+    assert health[plan.apps[0]]["ok"] and health[plan.apps[0]]["shards"] == [0, 2]
+    assert health[plan.apps[0]]["open"] in ([], [[one.version, [0, 2]]])  # which replica answered
+    assert isinstance(health["blocked"]["ok"], bool)  # busy but alive: answered, or a timeout error
+    only_blocked = FanoutSearcher(fanout["root"], None, handles[1:], names=["blocked"])
+    with pytest.raises(FanoutError, match="blocked"):
+        only_blocked.rank(queries, 10, timeout_s=2)
+
+
+def test_a_killed_shard_replica_gives_a_partial_result_not_a_hang(fanout):
+    plan = fanout["plan"]
+    handles = [plan.handles()[1], serve.get_deployment_handle("shard", app_name="blocked")]
+    searcher = FanoutSearcher(fanout["root"], None, handles, names=[plan.apps[1], "blocked"])
+    queries = _queries(2, fanout["one"].dim, seed=3)
+    done = {}
+
+    def ask():
+        done["result"] = searcher.rank(queries, 10, timeout_s=90)
+        done["at"] = time.monotonic()
+
+    thread = threading.Thread(target=ask)
+    thread.start()
+    time.sleep(2)  # the blocked replica now holds the request
+    killed_at = time.monotonic()
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                if "blocked" in a["name"] and "REPLICA" in a["name"]]
+    assert replicas, ray.util.list_named_actors(all_namespaces=True)
+    for actor in replicas:
+        ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "the search hung on a dead shard replica"
+    assert done["at"] - killed_at < 30
+    assert done["result"].partial and done["result"].missing_shards == ("blocked",)
+    assert all(q for q in done["result"].hits)
+
+
+def test_replicas_of_a_shard_deployment_share_its_load(fanout):
+    plan = fanout["plan"]
+    searcher = FanoutSearcher(fanout["root"], None, plan.handles(), names=plan.apps)
+    queries = _queries(32, fanout["one"].dim, seed=4)
+    expected = fanout["one"].rank(queries, 5).hits
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda i: searcher.rank(queries[i:i + 1], 5, timeout_s=60), range(32)))
+    _same([r.hits[0] for r in results], expected)
+    # each of the 2 deployments has 2 replicas; concurrent searches reach all 4
+    assert len(searcher.served_by) == 4, searcher.served_by
+    assert sum(searcher.served_by.values()) == 2 * 32
+
+
+def test_the_service_answers_through_the_shard_deployments(fanout):
+    root, one = fanout["root"], fanout["one"]
+    app = build_app(root, allow_random_init=False, poll_s=0, fanout=fanout["plan"])
+    snapshot = app.state.live.current
+    assert isinstance(snapshot.index, FanoutSearcher) and snapshot.version == one.version
+    text = "a red circle moves left"
+    want = one.search(text, k=5)
+    with serving_in_thread(app) as base:
+        url = f"{base}/search?q={urllib.parse.quote(text)}&k=5"
+        with urllib.request.urlopen(url, timeout=60) as response:
+            body = json.loads(response.read())
+    assert body["version"] == one.version
+    assert [h["video_id"] for h in body["hits"]] == [h.video_id for h in want]
+    assert [h["score"] for h in body["hits"]] == pytest.approx([h.score for h in want], abs=1e-5)
+
+
+def _ids_of_shards(root: str, shards: tuple[int, ...]) -> np.ndarray:
+    from index import store
+
+    table = store.read_ids(store.version_dir(root))
+    keep = np.isin(table.column("shard").to_numpy(), shards)
+    return table.column("id").to_numpy()[keep]
