@@ -394,6 +394,9 @@ def referenced_versions(root: str, versions: list[str]) -> set[str]:
             files = storage.read_json(storage.join(version_uri(root, name), META_FILE)).get("files") or {}
         except FileNotFoundError:
             continue
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            # A damaged index.json hides which files it shares: keep every version rather than guess.
+            return set(list_versions(root))
         used.update(str(r["version"]) for r in files.values() if isinstance(r, dict) and r.get("version"))
     return used
 
