@@ -9,6 +9,9 @@ ifeq ($(IN_VENV),1)
 PYTHON ?= $(SYSTEM_PYTHON)
 else
 PYTHON ?= .venv/bin/python
+# Recipes run as if .venv were activated: Ray's job entrypoints and workers that say `python` get it.
+export PATH := $(CURDIR)/.venv/bin:$(PATH)
+export VIRTUAL_ENV := $(CURDIR)/.venv
 endif
 # import-linter's `lint-imports`, run with this Python (the layer contracts are in pyproject.toml).
 LINT_IMPORTS = $(PYTHON) -c "import sys; from importlinter.cli import lint_imports; sys.exit(lint_imports())"

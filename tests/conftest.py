@@ -22,6 +22,12 @@ from pipeline.ingest import run_ingest
 from synthetic import generate_corpus
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# The interpreter running the tests comes first on PATH, as if its virtualenv were activated: `ray job
+# submit` entrypoints, `ray start` and every subprocess that says `python` must get the environment that
+# has vidsift's dependencies (`make test` runs .venv/bin/python without activating .venv).
+_BIN = str(Path(sys.executable).parent)
+if os.environ.get("PATH", "").split(os.pathsep)[0] != _BIN:
+    os.environ["PATH"] = os.pathsep.join([_BIN, os.environ.get("PATH", "")])
 
 
 def free_port() -> int:
