@@ -411,7 +411,7 @@ def _newest_change(root: str, version: str, name: str | None = None) -> float:
     for uri in uris:
         try:
             times.append(storage.modified(uri))
-        except FileNotFoundError:
+        except FileNotFoundError:  # removed since it was listed (another prune): it has no age to count
             pass
     return max(times)
 
