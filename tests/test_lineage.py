@@ -40,7 +40,7 @@ QUERY = "/search?q=a+red+circle+moves+left&k=10"
 
 
 @pytest.fixture(scope="module")
-def chain(ingested_shards, ray_local, tmp_path_factory):
+def chain(ray_local, ingested_shards, tmp_path_factory):
     """ingest (copied here) → embed (saved checkpoint) → index: the paths of each artifact."""
     tmp = tmp_path_factory.mktemp("lineage")
     ingest = tmp / "ingest"
