@@ -36,7 +36,7 @@ from pipeline.decode import (  # noqa: E402
     keyframe_meta,
     probe_video,
 )
-from pipeline.probe import probe_video as ingest_probe  # noqa: E402
+from pipeline.probe import probe_record as ingest_probe  # noqa: E402
 from pipeline.sampling import SamplingConfig, plan_from_config  # noqa: E402
 
 

@@ -88,12 +88,34 @@ def _combine_meta(
         "memory_budget_bytes": parse_memory(memory_budget),
         "build_time_s": round(elapsed, 3),
         "sources": list(source.files),
+        "lineage": build_lineage(source),
         "num_shards": len(shards),
         "shards": shards,
         "errors": sum(s["errors"] for s in shards),
         "created_unix": time.time(),
         "operation": "build",
     }
+
+
+def build_lineage(source: EmbeddingSource) -> dict[str, Any]:
+    """index.json's ``lineage``: the embeddings a version was built from, the shard tars their rows record
+    (where the service finds previews and metadata), the part files that record none, and the model."""
+    card = source.model
+    model = {"model_id": card.get("model_id"), "model_name": card.get("model_name"),
+             "checkpoint": card.get("pretrained"), "random_init": card.get("random_init")}
+    return {**source.lineage(), "model": model}
+
+
+def merge_lineage(before: dict[str, Any], source: EmbeddingSource) -> dict[str, Any]:
+    """The lineage of a version that adds ``source`` to one recorded in ``before`` (index.json); rows of a
+    version built before index.json recorded lineage count as unrecorded (its embedding files are named)."""
+    unknown = list(before.get("sources", []))
+    old = before.get("lineage") or {"embeddings": [], "shards": [], "unrecorded": unknown}
+    new = build_lineage(source)
+    return {"embeddings": list(dict.fromkeys(old["embeddings"] + new["embeddings"])),
+            "shards": sorted(set(old["shards"]) | set(new["shards"])),
+            "unrecorded": list(dict.fromkeys(old["unrecorded"] + new["unrecorded"])),
+            "model": old.get("model") or new["model"]}
 
 
 def build_index(
@@ -360,6 +382,7 @@ def add_embeddings(
     new_meta = new_version_meta(meta, "add", storage.name(vdir), rewritten=True)
     remeasure(new_meta, indexes, probe)
     new_meta["sources"] = list(meta.get("sources", [])) + list(source.files)
+    new_meta["lineage"] = merge_lineage(meta, source)
     new_meta["last_operation"] = {
         "added": sum(m.num_rows for m in metas),
         "replaced": int(replaced.sum()),

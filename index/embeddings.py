@@ -40,6 +40,9 @@ IDS_SCHEMA = pa.schema(
 )
 NON_DATA_FILES = {"errors.parquet"}
 MODEL_CARD = "_model.json"
+# the embeddings' lineage column (pipeline.embedding.LINEAGE_COLUMNS; index/ does not import pipeline/,
+# tests/test_lineage.py checks that the names agree): the shard tar each row was embedded from
+SHARD_URI_COLUMN = "shard_uri"
 
 
 @dataclasses.dataclass
@@ -55,6 +58,23 @@ class EmbeddingSource:
     @property
     def model_id(self) -> str | None:
         return self.model.get("model_id")
+
+    def lineage(self) -> dict[str, Any]:
+        """Where these embeddings came from: ``embeddings`` (this folder / file), ``shards`` (the shard tar
+        URIs their rows record, sorted) and ``unrecorded`` (part files that record none: written before
+        embeddings carried lineage, or by another writer), so a reader knows when ``shards`` is partial."""
+        shards: set[str] = set()
+        unrecorded: list[str] = []
+        for uri, fragment in zip(self.files, self.dataset().get_fragments()):
+            if SHARD_URI_COLUMN not in fragment.physical_schema.names:
+                unrecorded.append(uri)
+                continue
+            column = fragment.to_table(columns=[SHARD_URI_COLUMN]).column(0)
+            found = {u for u in pc.unique(column).to_pylist() if u}
+            if column.null_count or not found and len(column):
+                unrecorded.append(uri)
+            shards |= found
+        return {"embeddings": [self.root], "shards": sorted(shards), "unrecorded": unrecorded}
 
     def dataset(self) -> ds.Dataset:
         """The part files as one pyarrow dataset, read through the store's pyarrow filesystem."""

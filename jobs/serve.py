@@ -1,7 +1,8 @@
 """``python -m jobs.serve --index URI``: the text-to-video search service (HTTP API + page) over an index.
 
-Examples (the index and shards may be URIs: s3://, gs://, file://)::
-    python -m jobs.serve --index runs/demo/index --shards runs/demo/ingest --captions runs/demo/captions
+Examples (the index and shards may be URIs: s3://, gs://, file://; previews and metadata come from the shard
+tars the index's lineage records, ``--shards`` overrides them)::
+    python -m jobs.serve --index runs/demo/index --captions runs/demo/captions
     python -m jobs.serve --index s3://bucket/index --pretrained s3://bucket/train/model.pt --host 0.0.0.0 \
         --auth-token-file /etc/vidsift/token --allowed-host search.example.org
     python -m jobs.serve --index OUT/index --allow-random-init --ray-serve   # same app behind Ray Serve
@@ -27,7 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", default=None, help="text encoder checkpoint URI (default: index.json's)")
     p.add_argument("--allow-random-init", action="store_true", help="permit a seeded random text encoder")
     p.add_argument("--shards", action="append", default=[],
-                   help="ingested shards folder/URI (repeatable): video metadata filters and previews")
+                   help="ingested shards folder/URI (repeatable): video metadata filters and previews; "
+                        "default: the shard tars index.json's lineage records (this overrides them)")
     p.add_argument("--captions", action="append", default=[],
                    help="jobs.caption output folder/URI (repeatable): each hit carries its generated caption")
     p.add_argument("--host", default="127.0.0.1")

@@ -26,7 +26,7 @@ from pipeline.decode import (
     keyframe_meta,
     probe_video,
 )
-from pipeline.probe import probe_video as ingest_probe
+from pipeline.probe import probe_record as ingest_probe
 from pipeline.sampling import SamplingConfig
 from runtime.errors import DecodeFailure, NotAVideo, UnreadableInput, should_record
 

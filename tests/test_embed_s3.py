@@ -8,6 +8,7 @@ import pandas as pd
 import pyarrow.dataset as pads
 
 import workflows.embed as embed_workflow
+from index import build_index, store
 from pipeline.captioning import CaptionTables
 from pipeline.datasets import list_shards
 from pipeline.embedding import (
@@ -21,6 +22,8 @@ from pipeline.embedding import (
     staging_dir,
 )
 from runtime import storage
+from workflows.serve.catalog import build_catalog
+from workflows.serve.previews import PreviewMaker
 
 MODEL = "clip4clip-meanP-tiny"
 SAMPLING = {"num_clips": 2, "frames_per_clip": 2, "mode": "eval"}
@@ -87,8 +90,9 @@ def test_embed_local_shards_to_s3(s3_bucket, ray_local, ingested_shards, monkeyp
     assert set(_part_objects(partition)) == set(before)
 
 
-def test_embed_s3_shards(s3_bucket, ray_local, ingested_shards, monkeypatch):
-    """Shards on S3 in (listed by pipeline.datasets.list_shards), embeddings on S3 out."""
+def test_embed_s3_shards(s3_bucket, ray_local, ingested_shards, monkeypatch, tmp_path):
+    """Shards on S3 in (listed by pipeline.datasets.list_shards), embeddings on S3 out, and the lineage
+    chain on S3: index.json records the s3:// shard tars and the catalog reads previews from them."""
     for tar in list_shards(ingested_shards):
         for suffix in (".tar", ".parquet"):
             local = tar[: -len(".tar")] + suffix
@@ -104,6 +108,19 @@ def test_embed_s3_shards(s3_bucket, ray_local, ingested_shards, monkeypatch):
     table = read_embeddings(run.partition)
     assert len(set(table.column("id").to_pylist())) == table.num_rows
     assert summary["videos"] == len(set(table.column("video_id").to_pylist()))
+    # Lineage on S3: the rows record the s3:// shard tars; the index records them; they resolve.
+    assert sorted(set(table.column("shard_uri").to_pylist())) == sorted(remote)
+    assert all(t.startswith(f"{s3_bucket}/ingest/shards/") for t in remote)
+    meta = build_index(f"{s3_bucket}/emb", f"{s3_bucket}/idx", factory="Flat", progress=False)
+    assert meta["lineage"]["shards"] == sorted(remote) and meta["lineage"]["embeddings"] == [run.partition]
+    ids = store.read_ids(store.version_dir(f"{s3_bucket}/idx", meta["version"]), meta)
+    catalog = build_catalog(ids, meta=meta)
+    assert catalog.shards_from == "lineage" and catalog.degraded is None and catalog.previews_note is None
+    assert len(catalog.sources) == summary["videos"] and catalog.videos["synth-000000"]["fps"] == 10
+    tar, key = catalog.sources["synth-000000"]
+    assert tar in remote
+    webp = PreviewMaker(tmp_path / "previews").render((tar, key), 0.0, 1.0)
+    assert webp[:4] == b"RIFF" and webp[8:12] == b"WEBP"
 
 
 def test_caption_tables_on_s3(s3_bucket):

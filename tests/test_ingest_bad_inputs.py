@@ -19,7 +19,7 @@ from jobs.ingest import main as ingest_main
 from pipeline.ingest import run_ingest
 from pipeline.inputs import BadManifestRow, BadURI, InputError, read_inputs
 from pipeline.keys import is_safe_key
-from pipeline.probe import ProbeError, probe_video
+from pipeline.probe import ProbeError, probe_record
 from runtime.errors import DecodeFailure, NotAVideo, UnreadableInput, should_record
 
 
@@ -218,13 +218,13 @@ def test_cli_exit_zero_with_bad_inputs(bad_corpus, ray_local, tmp_path, capsys):
 def test_probe_counts_by_demuxing_and_optional_decode_check(bad_corpus):
     manifest, _ = bad_corpus
     good = (manifest.parent / "videos" / "good.mp4").read_bytes()
-    fast = probe_video(good)
-    assert fast == probe_video(good, decode_check=True)
+    fast = probe_record(good)
+    assert fast == probe_record(good, decode_check=True)
     assert (fast["width"], fast["height"], fast["codec"], fast["num_frames"]) == (64, 48, "h264", 12)
     assert fast["fps"] == pytest.approx(12.0) and fast["duration"] == pytest.approx(1.0)
     assert fast["num_keyframes"] >= 1
     with pytest.raises(ProbeError) as info:
-        probe_video((manifest.parent / "videos" / "huge.mp4").read_bytes(), max_pixels=1000)
+        probe_record((manifest.parent / "videos" / "huge.mp4").read_bytes(), max_pixels=1000)
     assert info.value.reason == "too_large"
 
 
@@ -234,7 +234,7 @@ def test_probe_errors_are_named_input_failures(bad_corpus):
     kinds = {"random.mp4": NotAVideo, "audio.mp4": NotAVideo, "truncated.mp4": DecodeFailure}
     for name, kind in kinds.items():
         with pytest.raises(ProbeError) as info:
-            probe_video((videos / name).read_bytes())
+            probe_record((videos / name).read_bytes())
         assert isinstance(info.value, kind) and should_record(info.value, "record"), name
         again = pickle.loads(pickle.dumps(info.value))
         assert type(again) is type(info.value) and again.message == info.value.message

@@ -22,7 +22,7 @@ from pipeline.embedding import (
     window_clip_plan,
     window_span,
 )
-from pipeline.probe import probe_video
+from pipeline.probe import probe_record
 from runtime import storage
 from synthetic import (
     COLOUR_WORDS,
@@ -165,7 +165,7 @@ def _embed_rows(data: bytes, record: dict, window_s=None, stride_s=None, samplin
 def test_windows_20s_video_window_4_stride_2(long_corpus):
     root, manifest = long_corpus
     data = (root / manifest.iloc[0]["path"]).read_bytes()
-    record = {**probe_video(data), "video_id": "v0", "sha256": "x", "captions": ["c"]}
+    record = {**probe_record(data), "video_id": "v0", "sha256": "x", "captions": ["c"]}
     record["duration"] = 20.0  # plan over the first 20 s: 9 windows
     decoded, out = _embed_rows(data, record, window_s=4.0, stride_s=2.0)
     assert len(decoded["key"]) == 1 + 5  # the sparse row + 9 windows in rows of 2 (last one padded)
@@ -186,7 +186,7 @@ def test_windows_20s_video_window_4_stride_2(long_corpus):
 def test_fragment_bookkeeping_counts_decoded_rows(long_corpus, tmp_path):
     root, manifest = long_corpus
     data = (root / manifest.iloc[0]["path"]).read_bytes()
-    record = {**probe_video(data), "video_id": "v0", "sha256": "x", "captions": ["c"], "duration": 20.0}
+    record = {**probe_record(data), "video_id": "v0", "sha256": "x", "captions": ["c"], "duration": 20.0}
     _, out = _embed_rows(data, record, window_s=4.0, stride_s=2.0)
     dim = out["embedding"].shape[1]
     halves = [{k: v[sl] for k, v in out.items()} for sl in (slice(0, 4), slice(4, None))]
@@ -199,7 +199,7 @@ def test_fragment_bookkeeping_counts_decoded_rows(long_corpus, tmp_path):
 def test_windows_default_to_the_sampling_span_and_bad_json_is_an_error_row(long_corpus):
     root, manifest = long_corpus
     data = (root / manifest.iloc[1]["path"]).read_bytes()
-    record = {**probe_video(data), "video_id": "v1", "sha256": "x", "captions": ["c"]}
+    record = {**probe_record(data), "video_id": "v1", "sha256": "x", "captions": ["c"]}
     sampling = {"num_clips": 2, "frames_per_clip": 4, "fps": 2.0, "mode": "eval"}  # 2 s clips
     _, out = _embed_rows(data, record, sampling=sampling)
     bounds = [(s, e) for c, s, e in zip(out["clip_index"], out["start_s"], out["end_s"]) if c >= 0]

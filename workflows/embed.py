@@ -174,7 +174,8 @@ def prepare_embed(shards: str | list[str], model: str, output: str, pretrained: 
     run = EmbedRun(model=model, pretrained=pretrained, sampling=sampling, dtype=dtype, tar_paths=tar_paths,
                    model_id=model_id, image_size=image_size, dim=dim, partition=partition, work=work,
                    progress=Progress("embed", todo_total, unit="videos", every_s=progress_every), **options)
-    run.results += [finalize_shard(partition, w.label, dim, dtype) for w in work if not w.todo_keys]
+    run.results += [finalize_shard(partition, w.label, dim, dtype, shard_uri=w.path)
+                    for w in work if not w.todo_keys]
     return run
 
 
@@ -260,12 +261,14 @@ def stream_embeddings(run: EmbedRun) -> None:
     todo_total = run.todo_total
     pending = {w.label: set(w.todo_keys) for w in run.work if w.todo_keys}
     expected = {w.label: w.todo_keys for w in run.work}
+    shard_uris = {w.label: w.path for w in run.work}  # lineage: each part records its shard tar
     futures = []
     try:
         ds = build_embed_dataset(run, use_gpu)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
             for shard in account_batch(run, pending, batch):
-                futures.append(finalize.remote(run.partition, shard, run.dim, run.dtype, expected[shard]))
+                futures.append(finalize.remote(run.partition, shard, run.dim, run.dtype, expected[shard],
+                                               shard_uris[shard]))
             run.progress.set_done(todo_total - sum(len(k) for k in pending.values()), f"errors {run.errors}")
     finally:
         ctx.target_max_block_size = previous_block_size  # later pipelines in this driver: Ray's default

@@ -1,18 +1,24 @@
 """Probing: a video's timeline (every frame and keyframe timestamp, duration, fps, size, rotation) by demuxing
-packets only, and the keyframe timeline rebuilt from a shard sample's json."""
+packets only, and the keyframe timeline rebuilt from a shard sample's json.
+
+:func:`probe_video` is the one probe of the project: ingest calls it with its options (``max_pixels``,
+``decode_check``, ``strict``) and records :meth:`VideoMeta.ingest_record`; the decoders and the clip
+sampler build their timelines from it. One demux pass, one result type (:class:`VideoMeta`), one error type
+(:class:`VideoDecodeError`, naming the input and the reason)."""
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, BinaryIO
 
 import av
 import numpy as np
 
 from pipeline.decode.errors import VideoDecodeError
-from pipeline.decode.source import Source, describe_source, normalize_source, open_container
+from pipeline.decode.source import Source, describe_source, normalize_source
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +28,8 @@ class VideoMeta:
     """What :func:`probe_video` learns from the container without decoding a single frame.
 
     ``frame_times`` are the sorted presentation timestamps (seconds) of every frame, ``keyframe_times``
-    those of the keyframes. ``width``/``height`` are as displayed (after rotation).
+    those of the keyframes. ``width``/``height`` are as displayed (after rotation), ``coded_width`` /
+    ``coded_height`` as stored (what ingest records: it decodes nothing, so it knows no rotation).
     """
 
     duration: float
@@ -39,6 +46,25 @@ class VideoMeta:
     pts: np.ndarray  # int64 stream units, sorted (same order as frame_times); -1 when the stream has none
     has_timestamps: bool = True
     keyframes_only: bool = False  # probed with keyframes_only=True: frame_times lists keyframes only
+    coded_width: int = 0
+    coded_height: int = 0
+    num_keyframes: int = 0  # keyframe packets of the stream (0: unknown)
+    time_base_ratio: tuple[int, int] | None = None  # the stream's time base as (num, den)
+
+    def ingest_record(self) -> dict[str, Any]:
+        """The fields ingest writes to a sample's json and its shard's Parquet: ``duration``, ``fps``
+        (rounded to the microsecond), coded ``width`` / ``height``, ``codec``, ``num_frames``,
+        ``num_keyframes``, and the keyframe timeline (``start_time``, ``time_base`` ``[num, den]``, sorted
+        ``keyframe_pts``; ``0.0, [], []`` for a stream without timestamps) that :func:`keyframe_meta`
+        rebuilds, so keyframe-mode training seeks without probing again."""
+        record = {"duration": round(self.duration, 6), "fps": round(self.fps, 6), "width": self.coded_width,
+                  "height": self.coded_height, "codec": self.codec, "num_frames": self.num_frames,
+                  "num_keyframes": self.num_keyframes}
+        if not self.has_timestamps or self.time_base_ratio is None or not self.num_keyframes:
+            return {**record, "start_time": 0.0, "time_base": [], "keyframe_pts": []}
+        keyframe_pts = self.pts if self.keyframes_only else self.pts[self.keyframe_indices]
+        return {**record, "start_time": float(self.start_time), "time_base": list(self.time_base_ratio),
+                "keyframe_pts": sorted(int(p) for p in keyframe_pts)}
 
     @property
     def keyframe_indices(self) -> np.ndarray:
@@ -79,6 +105,87 @@ def keyframe_meta(info: Mapping[str, Any]) -> VideoMeta | None:
     )
 
 
+# Magic numbers of containers we recognise: bytes that start like a video but do not open are a decode_error
+# (e.g. a truncated mp4), anything else is not_a_video.
+_CONTAINER_MAGIC = (
+    (4, b"ftyp"), (4, b"moov"), (4, b"mdat"), (4, b"free"), (4, b"wide"), (0, b"\x1a\x45\xdf\xa3"),
+    (0, b"RIFF"), (0, b"\x00\x00\x01\xba"), (0, b"\x00\x00\x01\xb3"), (0, b"FLV"), (0, b"\x47"),
+)
+# Open without decoding: avformat_find_stream_info would otherwise decode frames (tens of ms for one 720p
+# keyframe) only to learn the pixel format, which a keyframes-only probe does not need. Small probe window.
+FAST_OPEN_OPTIONS = {"skip_frame": "all", "analyzeduration": "0", "probesize": "65536"}
+
+
+def looks_like_video(data: bytes) -> bool:
+    """True when the bytes start with a known container signature."""
+    for offset, magic in _CONTAINER_MAGIC:
+        if data[offset : offset + len(magic)] == magic and (magic != b"\x47" or data[188:189] == b"\x47"):
+            return True
+    return False
+
+
+def _head(src: str | bytes | BinaryIO) -> bytes:
+    """The first bytes of a normalised source (for :func:`looks_like_video`)."""
+    if isinstance(src, bytes):
+        return src[:256]
+    if isinstance(src, str):
+        with open(src, "rb") as fh:
+            return fh.read(256)
+    src.seek(0)
+    return src.read(256)
+
+
+def open_probe(src: str | bytes | BinaryIO, name: str, fast: bool = False):
+    """Open a normalised source with PyAV (``fast``: :data:`FAST_OPEN_OPTIONS`); an open failure is a
+    ``VideoDecodeError`` naming the input: ``decode_error`` when the bytes start like a container
+    (truncated or corrupt), else ``not_a_video``."""
+    if isinstance(src, bytes) and not src:
+        raise VideoDecodeError("not_a_video", f"{name}: empty file (0 bytes)")
+    try:
+        if isinstance(src, bytes):
+            return av.open(io.BytesIO(src), mode="r", options=FAST_OPEN_OPTIONS if fast else {})
+        if hasattr(src, "seek"):
+            src.seek(0)
+        return av.open(src, mode="r", options=FAST_OPEN_OPTIONS if fast else {})
+    except (av.error.FFmpegError, OSError) as exc:
+        looks = looks_like_video(_head(src))
+        reason = "decode_error" if looks else "not_a_video"
+        hint = " (container signature found: truncated or corrupt?)" if looks else ""
+        raise VideoDecodeError(reason, f"{name}: cannot open container{hint}: {type(exc).__name__}: {exc}"
+                               ) from exc
+
+
+def _open_for_probe(src: str | bytes | BinaryIO, name: str, fast: bool):
+    """Fast open when it yields the video geometry and rate (mp4/mkv headers do), else a full open (also when
+    no video stream showed up: formats like MPEG-TS may need more than the small probe window to find it).
+    ``fast=False`` (the probe decodes a frame) always opens fully: ``skip_frame`` would stay set."""
+    if not fast:
+        return open_probe(src, name)
+    try:
+        container = open_probe(src, name, fast=True)
+    except VideoDecodeError:
+        return open_probe(src, name)  # a format that needs a longer look; the full open reports the error
+    video = container.streams.video
+    if video and video[0].codec_context.width and (video[0].average_rate or video[0].guessed_rate):
+        return container
+    container.close()
+    return open_probe(src, name)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeOptions:
+    """How strictly :func:`probe_video` reads (ingest's options; the decoders take the defaults).
+
+    ``max_pixels``: a larger frame is ``too_large``. ``decode_check``: decode the first keyframe (headers
+    that parse over frames that do not decode are a ``decode_error``). ``strict``: a stream that breaks off
+    after some packets, or holds fewer frames than its header declares, or whose duration is known only by
+    guessing a rate, is a ``decode_error`` / ``zero_duration`` instead of a logged warning."""
+
+    max_pixels: int | None = None
+    decode_check: bool = False
+    strict: bool = False
+
+
 @dataclasses.dataclass
 class _Demuxed:
     """Packets of the first video stream (timestamps, keyframe flags, durations) and its header fields."""
@@ -94,30 +201,43 @@ class _Demuxed:
     height: int
     codec: str
     header_frames: int
-    header_duration: float
+    header_duration: float  # the stream's declared duration (0 when it declares none)
+    container_duration: float  # the container's (0 when none)
 
 
-def _read_packets(container, stream, name: str, keyframes_only: bool) -> tuple[list, list, list, bool, float]:
-    """(pts, keyframe flags, durations, has timestamps, rotation) of every packet, by demuxing only.
+def _first_frame(decoder, packet, name: str, options: ProbeOptions) -> float | None:
+    """Decode one keyframe packet and flush (one frame of work): its rotation; ``None`` when it does not
+    decode (a ``decode_error`` under ``decode_check``)."""
+    try:
+        decoder.thread_count = 1
+        frames = list(decoder.decode(packet)) + list(decoder.decode(None))
+    except av.error.FFmpegError as exc:
+        if options.decode_check:
+            raise VideoDecodeError("decode_error", f"{name}: first keyframe does not decode: {exc}") from exc
+        return None
+    frames = [f for f in frames if f.width and f.height]
+    if not frames:
+        if options.decode_check:
+            raise VideoDecodeError("decode_error", f"{name}: first keyframe decoded to no frame")
+        return None
+    return float(frames[0].rotation or 0.0)
 
-    The rotation is read off the first decoded frame (display-matrix side data: one frame's work), unless
-    ``keyframes_only``. A stream that breaks off after some packets keeps them (logged).
-    """
+
+def _read_packets(container, stream, name: str, decode_first: bool,
+                  options: ProbeOptions) -> tuple[list, list, list, bool, float | None]:
+    """(pts, keyframe flags, durations, has timestamps, rotation) of every non-empty packet, by demuxing
+    only; the first keyframe is decoded when ``decode_first`` (rotation, ``decode_check``). A stream that
+    breaks off after some packets keeps them (logged), or is a ``decode_error`` when ``strict``."""
     pts_list: list[int] = []
     key_list: list[bool] = []
     durations: list[int] = []
-    has_ts, rotation = True, None
+    has_ts, rotation, decoded = True, None, not decode_first
     try:
         for packet in container.demux(stream):
-            if rotation is None and packet.size and not keyframes_only:
-                try:
-                    first = packet.decode()
-                except av.error.FFmpegError:
-                    first = []
-                if first:
-                    rotation = float(first[0].rotation or 0.0)
-            if packet.size == 0 and packet.pts is None:
+            if packet.size == 0:
                 continue  # the flush packet at end of stream
+            if not decoded and packet.is_keyframe:
+                rotation, decoded = _first_frame(stream.codec_context, packet, name, options), True
             ts = packet.pts if packet.pts is not None else packet.dts
             if ts is None:
                 has_ts, ts = False, -1
@@ -125,39 +245,59 @@ def _read_packets(container, stream, name: str, keyframes_only: bool) -> tuple[l
             key_list.append(bool(packet.is_keyframe))
             durations.append(int(packet.duration or 0))
     except av.error.FFmpegError as exc:
-        if not pts_list:
-            raise VideoDecodeError("not_a_video", f"{name}: {exc}") from exc
+        if not pts_list or options.strict:
+            raise VideoDecodeError("decode_error", f"{name}: demux failed after {len(pts_list)} packets: "
+                                   f"{exc}") from exc
         log.warning("probe %s: stream ends early (%s); using %d packets", name, exc, len(pts_list))
-    return pts_list, key_list, durations, has_ts, rotation or 0.0
+    if options.decode_check and not decoded:
+        raise VideoDecodeError("decode_error", f"{name}: no keyframe among {len(pts_list)} packets")
+    return pts_list, key_list, durations, has_ts, rotation
 
 
-def _demux(source: Source, keyframes_only: bool) -> _Demuxed:
-    """Open ``source`` and demux its first video stream (see :func:`_read_packets`)."""
+def _demux(source: Source, keyframes_only: bool, options: ProbeOptions) -> _Demuxed:
+    """Open ``source`` and demux its first video stream in one pass (see :func:`_read_packets`)."""
     name = describe_source(source)
-    with open_container(normalize_source(source), name) as container:
+    decode_first = options.decode_check or not keyframes_only  # the rotation takes one decoded frame
+    src = normalize_source(source)
+    container = _open_for_probe(src, name, fast=not decode_first)
+    try:
+        if not container.streams:
+            reason = "decode_error" if looks_like_video(_head(src)) else "not_a_video"
+            raise VideoDecodeError(reason, f"{name}: container has no streams (truncated?)")
         if not container.streams.video:
-            raise VideoDecodeError("no_video_stream", f"{name}: no video stream")
+            kinds = sorted({s.type for s in container.streams})
+            raise VideoDecodeError("no_video_stream",
+                                   f"{name}: no video stream (streams: {', '.join(kinds)})")
         stream = container.streams.video[0]
-        pts, keys, durations, has_ts, rotation = _read_packets(container, stream, name, keyframes_only)
+        cc = stream.codec_context
+        width, height = int(cc.width or 0), int(cc.height or 0)
+        if options.max_pixels is not None and width * height > options.max_pixels:
+            raise VideoDecodeError("too_large", f"{name}: {width}x{height}={width * height} px > "
+                                   f"max_pixels={options.max_pixels}")
+        pts, keys, durations, has_ts, rotation = _read_packets(container, stream, name, decode_first, options)
         if not pts:
             raise VideoDecodeError("zero_duration", f"{name}: video stream has no frames")
-        tb_frac, cc = stream.time_base, stream.codec_context
-        if stream.duration and tb_frac:
-            header_duration = float(stream.duration * tb_frac)
-        elif container.duration:
-            header_duration = container.duration / 1e6
-        else:
-            header_duration = 0.0
+        declared = int(stream.frames or 0)
+        if declared and len(pts) < declared:
+            if options.strict:
+                raise VideoDecodeError("decode_error",
+                                       f"{name}: truncated: {len(pts)} of {declared} declared frames present")
+            log.warning("probe %s: %d of %d declared frames present", name, len(pts), declared)
+        tb_frac = stream.time_base
         return _Demuxed(
-            pts=pts, keys=keys, durations=durations, has_ts=has_ts, rotation=rotation, time_base=tb_frac,
-            rate=stream.average_rate or stream.guessed_rate or stream.base_rate, width=cc.width,
-            height=cc.height, codec=cc.name, header_frames=int(stream.frames or 0),
-            header_duration=header_duration,
+            pts=pts, keys=keys, durations=durations, has_ts=has_ts, rotation=rotation or 0.0,
+            time_base=tb_frac, rate=stream.average_rate or stream.guessed_rate or stream.base_rate,
+            width=width, height=height, codec=cc.name, header_frames=declared,
+            header_duration=float(stream.duration * tb_frac) if stream.duration and tb_frac else 0.0,
+            container_duration=container.duration / av.time_base if container.duration else 0.0,
         )
+    finally:
+        container.close()
 
 
 def _frame_timeline(d: _Demuxed) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float, bool]:
-    """(frame_times, pts, keyframe flags, start, duration, has_timestamps), sorted by presentation time."""
+    """(frame_times, pts, keyframe flags, start, timeline duration, has_timestamps), sorted by presentation
+    time; the duration is the span from the first frame's start to the last frame's end."""
     pts = np.asarray(d.pts, dtype=np.int64)
     keys = np.asarray(d.keys, dtype=bool)
     n = len(pts)
@@ -179,30 +319,44 @@ def _frame_timeline(d: _Demuxed) -> tuple[np.ndarray, np.ndarray, np.ndarray, fl
     return np.arange(n) / fps_guess, np.full(n, -1, dtype=np.int64), keys, 0.0, n / fps_guess, False
 
 
-def probe_video(source: Source, keyframes_only: bool = False) -> VideoMeta:
-    """Duration, fps, size, rotation and every frame/keyframe timestamp, by demuxing packets only.
+def _duration(d: _Demuxed, timeline: float, has_ts: bool, name: str, options: ProbeOptions) -> float:
+    """The one duration rule: the stream's declared duration, else the timeline's span (timestamps), else
+    the container's; a stream with none of them has only a guessed rate (``zero_duration`` when strict)."""
+    for duration in (d.header_duration, timeline if has_ts else 0.0, d.container_duration):
+        if duration > 0:
+            return float(duration)
+    if options.strict or not timeline > 0:
+        raise VideoDecodeError("zero_duration", f"{name}: duration unknown ({len(d.pts)} packets without "
+                               "timestamps, no declared duration)")
+    return float(timeline)
+
+
+def probe_video(source: Source, keyframes_only: bool = False, max_pixels: int | None = None,
+                decode_check: bool = False, strict: bool = False) -> VideoMeta:
+    """Duration, fps, size, rotation and every frame/keyframe timestamp, by demuxing packets only: the one
+    probe of every stage (ingest records its :meth:`VideoMeta.ingest_record`; the decoders build their
+    timelines from it), so ingest metadata and decode timelines agree.
 
     Works on streams without a seek index (packets are read in order); raises :class:`VideoDecodeError`
-    with reason ``not_a_video`` / ``no_video_stream`` / ``zero_duration`` on unusable input.
-    ``keyframes_only=True`` returns keyframes only (``frame_times == keyframe_times``) and skips reading
-    the rotation (no decoding at all); it is enough for keyframe mode, not for exact decoding. Every
-    packet is still demuxed: demuxer-level discarding mis-times keyframes of B-frame mp4 streams.
+    naming the input, with reason ``missing`` / ``not_a_video`` / ``no_video_stream`` / ``zero_duration`` /
+    ``decode_error`` / ``too_large`` on unusable input. ``keyframes_only=True`` returns keyframes only
+    (``frame_times == keyframe_times``) and decodes nothing (no rotation read, fast open); it is enough for
+    keyframe mode and ingest, not for exact decoding. Every packet is still demuxed: demuxer-level
+    discarding mis-times keyframes of B-frame mp4 streams. ``max_pixels``, ``decode_check``, ``strict``:
+    :class:`ProbeOptions`. ``fps`` is the stream's nominal rate, else frames / duration.
     """
-    d = _demux(source, keyframes_only)
-    if keyframes_only and not d.has_ts:
-        return probe_video(source)  # raw streams: no timestamps to seek by, count every frame
-    frame_times, pts, keys, start, duration, has_ts = _frame_timeline(d)
+    options = ProbeOptions(max_pixels, decode_check, strict)
+    d = _demux(source, keyframes_only, options)
+    if keyframes_only and not d.has_ts and not strict:
+        return probe_video(source, max_pixels=max_pixels)  # raw streams: no timestamps to seek by
+    frame_times, pts, keys, start, timeline, has_ts = _frame_timeline(d)
     n = len(pts)
+    duration = _duration(d, timeline, has_ts, describe_source(source), options)
     if not keys.any():
         keys[0] = True
     if keyframes_only:
         frame_times, pts, keys = np.asarray(frame_times)[keys], pts[keys], keys[keys]
-        n = d.header_frames or n
-        rate_f = float(d.rate) if d.rate else 0.0
-        duration = d.header_duration or (n / rate_f if rate_f else duration)
-    if not duration > 0:
-        raise VideoDecodeError("zero_duration", f"{describe_source(source)}: duration {duration}")
-    fps = n / duration if n > 1 else (float(d.rate) if d.rate else 1.0 / duration)
+    fps = float(d.rate) if d.rate else n / duration
     width, height = d.width, d.height
     if int(round(d.rotation / 90.0)) % 2:
         width, height = height, width
@@ -212,5 +366,7 @@ def probe_video(source: Source, keyframes_only: bool = False) -> VideoMeta:
         codec=str(d.codec), rotation=float(d.rotation), start_time=start,
         frame_times=np.asarray(frame_times, dtype=np.float64),
         keyframe_times=np.asarray(frame_times, dtype=np.float64)[keys], time_base=tb, pts=pts,
-        has_timestamps=has_ts, keyframes_only=keyframes_only,
+        has_timestamps=has_ts, keyframes_only=keyframes_only, coded_width=d.width, coded_height=d.height,
+        num_keyframes=int(np.count_nonzero(d.keys)),
+        time_base_ratio=(int(d.time_base.numerator), int(d.time_base.denominator)) if d.time_base else None,
     )

@@ -20,8 +20,11 @@ ERROR_ROW = -2  # clip_index of the one row an input failure leaves (never in a 
 # reads the same constant (pipeline/ and index/ do not import each other; tests/test_moments.py checks it).
 WINDOW_CLIP_BASE = 1_000_000
 
-EMBEDDING_COLUMNS = ("id", "video_id", "key", "shard", "clip_index", "start_s", "end_s", "model_id",
-                     "sha256", "captions", "embedding")
+# shard_uri: lineage, the absolute path / URI of the shard tar a row was embedded from (index.json records
+# them; the service finds previews and metadata through them). Parts written before it lack the column.
+EMBEDDING_COLUMNS = ("id", "video_id", "key", "shard", "shard_uri", "clip_index", "start_s", "end_s",
+                     "model_id", "sha256", "captions", "embedding")
+LINEAGE_COLUMNS = ("shard_uri",)  # added by finalize_shard: the workers' fragments do not carry them
 ERROR_COLUMNS = ("key", "shard", "video_id", "reason", "message")
 
 PART_PREFIX = "part-"  # the only data files of a partition: part-<shard>.parquet
@@ -109,7 +112,8 @@ def embedding_schema(dim: int, dtype: str = "float32") -> pa.Schema:
     value = pa.float16() if dtype == "float16" else pa.float32()
     return pa.schema([
         ("id", pa.int64()), ("video_id", pa.string()), ("key", pa.string()), ("shard", pa.string()),
-        ("clip_index", pa.int64()), ("start_s", pa.float64()), ("end_s", pa.float64()),
+        ("shard_uri", pa.string()), ("clip_index", pa.int64()), ("start_s", pa.float64()),
+        ("end_s", pa.float64()),
         ("model_id", pa.string()), ("sha256", pa.string()), ("captions", pa.list_(pa.string())),
         ("embedding", pa.list_(value, dim)),
     ])

@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 from pipeline.embedding.layout import (
     EMBEDDING_COLUMNS,
     ERROR_SCHEMA,
+    LINEAGE_COLUMNS,
     PART_PREFIX,
     VIDEO_ROW,
     embedding_schema,
@@ -34,9 +35,12 @@ PARTS_COLUMNS = ("parts", "parts_done")
 
 
 def fragment_schema(dim: int, dtype: str = "float32") -> pa.Schema:
-    """A staged fragment: the embedding schema plus the input failure (``error``, ``error_message``)."""
-    return embedding_schema(dim, dtype).append(pa.field("error", pa.string())).append(
-        pa.field("error_message", pa.string()))
+    """A staged fragment: the embedding schema (but the lineage columns, which :func:`finalize_shard` adds)
+    plus the input failure (``error``, ``error_message``)."""
+    schema = embedding_schema(dim, dtype)
+    for name in LINEAGE_COLUMNS:
+        schema = schema.remove(schema.get_field_index(name))
+    return schema.append(pa.field("error", pa.string())).append(pa.field("error_message", pa.string()))
 
 
 def encoded_table(batch: Mapping[str, Any], dim: int, dtype: str = "float32") -> pa.Table:
@@ -121,13 +125,13 @@ def _shard_summary(label: str, clip_index: pa.ChunkedArray, errors: int, part: s
 
 
 def finalize_shard(partition: str, label: str, dim: int, dtype: str = "float32",
-                   expected_keys: Sequence[str] = ()) -> dict[str, Any]:
+                   expected_keys: Sequence[str] = (), shard_uri: str | None = None) -> dict[str, Any]:
     """Write a shard's outputs from its fragments (a Ray task; idempotent): its error table, then
     ``part-<shard>.parquet`` — each one complete object, the part last because it marks the shard done —
     then drop the fragments. Returns bookkeeping: ``shard``, ``videos``, ``clips``, ``errors``, ``path``.
 
     Every key in ``expected_keys`` must have a row (an embedding or an error): a shard is never marked
-    done with rows missing."""
+    done with rows missing. ``shard_uri`` (the shard tar's absolute path / URI) is the rows' lineage."""
     part = part_uri(partition, label)
     error_part = storage.join(errors_dir(partition), f"{PART_PREFIX}{label}.parquet")
     if storage.exists(part):  # a retry of a task that got as far as the part: the shard is done
@@ -143,11 +147,17 @@ def finalize_shard(partition: str, label: str, dim: int, dtype: str = "float32",
     bad = table.filter(failed)
     sources = ("key", "shard", "video_id", "error", "error_message")  # → ERROR_COLUMNS
     errors = pa.Table.from_arrays([bad.column(c) for c in sources], schema=ERROR_SCHEMA)
-    data = table.filter(pc.invert(failed)).select(list(EMBEDDING_COLUMNS))
+    data = with_lineage(table.filter(pc.invert(failed)), shard_uri).select(list(EMBEDDING_COLUMNS))
     storage.write_parquet(errors, error_part)  # errors first: the part marks the shard done
     storage.write_parquet(data, part)
     storage.remove(staging_dir(partition, label), recursive=True)
     return _shard_summary(label, data.column("clip_index"), errors.num_rows, part)
+
+
+def with_lineage(table: pa.Table, shard_uri: str | None) -> pa.Table:
+    """``table`` with the :data:`LINEAGE_COLUMNS`: every row's ``shard_uri`` (null when not known)."""
+    return table.append_column(pa.field("shard_uri", pa.string()),
+                               pa.array([shard_uri] * table.num_rows, pa.string()))
 
 
 def clear_staging(partition: str | os.PathLike) -> None:
@@ -160,7 +170,8 @@ def read_embeddings(partition: str | os.PathLike, video_level: bool | None = Non
     parts = list_parts(partition)
     if not parts:
         raise FileNotFoundError(f"no embedding parts under {os.fspath(partition)!r}")
-    table = pa.concat_tables([storage.read_parquet(p) for p in parts])
+    # parts written before the lineage columns lack them: they read as nulls
+    table = pa.concat_tables([storage.read_parquet(p) for p in parts], promote_options="default")
     if video_level is None:
         return table
     is_video = pc.equal(table.column("clip_index"), VIDEO_ROW)

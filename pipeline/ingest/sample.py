@@ -9,7 +9,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from pipeline.ingest.layout import IngestConfig
-from pipeline.probe import ProbeError, probe_video, transcode_video
+from pipeline.probe import ProbeError, probe_record, transcode_video
 from runtime import storage
 
 
@@ -40,13 +40,13 @@ def process_sample(row: dict[str, Any], config: IngestConfig,
     ProbeError with the reason class."""
     data = read_source(row["source"], config.max_bytes) if data is None else data
     source_sha = hashlib.sha256(data).hexdigest()
-    meta = probe_video(data, max_pixels=config.max_pixels, decode_check=config.decode_check)
+    meta = probe_record(data, max_pixels=config.max_pixels, decode_check=config.decode_check)
     video, transcoded = data, False
     if config.transcode:
         video = transcode_video(
             data, short_side=config.short_side, fps=config.fps, keyframe_interval=config.keyframe_interval
         )
-        meta = probe_video(video)
+        meta = probe_record(video)
         transcoded = True
     record = {
         "video_id": row["video_id"],

@@ -171,8 +171,8 @@ async def preview(request: Request) -> Response:
     maker: PreviewMaker | None = request.app.state.previews
     source = request.app.state.live.current.catalog.sources.get(video_id)
     if maker is None or source is None:
-        raise PreviewError(f"no preview for {video_id!r}: the service cannot reach its video "
-                           "(serve with --shards INGEST_DIR)")
+        note = request.app.state.live.current.catalog.previews_note or "serve with --shards INGEST_DIR"
+        raise PreviewError(f"no preview for {video_id!r}: the service cannot reach its video ({note})")
     start = _float_param(request, "start", 0.0)
     end = _float_param(request, "end", start + 1.0)
     window = request.app.state.live.current.catalog.preview_window(video_id, start, end)

@@ -2,9 +2,13 @@
 captions and moments for ``/videos/{id}``, and where its bytes are (for previews).
 
 Built from the index version's ``ids.parquet`` (``video_id``, ``key``, ``shard``, clips with ``start_s`` /
-``end_s``, ``captions``) and, when the service is given the ingested shards, from each shard's
-``NNNNNN.parquet`` (``duration``, ``fps``, ``width``, ``height``, ``codec``, manifest fields...). Without the
-shards a video's ``duration`` is the end of its last indexed clip, and no preview can be made. Given
+``end_s``, ``captions``) and from each ingested shard's ``NNNNNN.parquet`` (``duration``, ``fps``, ``width``,
+``height``, ``codec``, manifest fields...). The shards are the ones the version's lineage records (index.json
+``lineage.shards``: the shard tars its embeddings came from) unless the service is given ``--shards``, which
+override it. A recorded shard that cannot be read (a moved or deleted tree) leaves its videos without
+previews or ingest metadata and the catalog ``degraded`` with the reason; a version without lineage (built
+before it was recorded) needs ``--shards``, and ``previews_note`` says so. Without the shards a video's
+``duration`` is the end of its last indexed clip, and no preview can be made. Given
 ``jobs.caption`` outputs, each video also carries its generated caption. The ingest manifest's raw source
 URI (``source``: a bucket path, a signed URL) is dropped unless ``expose_sources`` says to keep it, so it is
 neither shown by ``/videos/{id}`` nor guessable through ``where=`` filters.
@@ -44,6 +48,9 @@ class Catalog:
     sources: dict[str, tuple[str, str]]  # video_id → (shard tar URI, key): previews
     row_ids: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # video_id → its FAISS ids
     generated: dict[str, str] = dataclasses.field(default_factory=dict)  # video_id → a jobs.caption caption
+    shards_from: str | None = None  # where the shard tars came from: "flags" | "lineage" | None (none known)
+    previews_note: str | None = None  # why (some) videos have no preview; None when every video has one
+    degraded: str | None = None  # a shard tar the lineage records that cannot be read (moved / deleted)
     _allowed: dict[Filters, np.ndarray | None] = dataclasses.field(default_factory=dict, repr=False)
     # searches run on several pool threads: the cache's evict-then-insert must not interleave
     _allowed_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
@@ -119,8 +126,9 @@ class Catalog:
 
 
 def build_catalog(ids: pa.Table, shards: Sequence[str] = (), captions: Sequence[str] = (),
-                  expose_sources: bool = False) -> Catalog:
-    """The catalog of an index version from its ids table and (optionally) the ingested shards' folders and
+                  expose_sources: bool = False, meta: Mapping[str, Any] | None = None) -> Catalog:
+    """The catalog of an index version from its ids table, the ingested shards (``shards``: folders, which
+    override the shard tars ``meta``'s lineage records; ``meta`` is the version's index.json) and
     ``jobs.caption`` output folders (their ``captions.parquet``: the generated caption of each video);
     ``expose_sources`` keeps the ingest ``source`` URIs (module docstring)."""
     videos: dict[str, dict[str, Any]] = {}
@@ -142,12 +150,64 @@ def build_catalog(ids: pa.Table, shards: Sequence[str] = (), captions: Sequence[
     for clips in moments.values():
         clips.sort(key=lambda m: (m["start_s"] is None, m["start_s"] or 0.0))
     sources: dict[str, tuple[str, str]] = {}
-    for folder in shards:
-        _add_shard_metadata(folder, videos, sources, () if expose_sources else SOURCE_COLUMNS)
+    located = locate_shards(shards, meta or {})
+    unreadable = _add_shard_metadata(located.tars, videos, sources, () if expose_sources else SOURCE_COLUMNS)
     generated = {}
     for folder in captions:
         generated.update(read_generated_captions(folder, videos))
-    return Catalog(videos, _kinds(videos), moments, sources, row_ids, generated=generated)
+    note, degraded = located.explain(unreadable, len(sources), len(videos))
+    return Catalog(videos, _kinds(videos), moments, sources, row_ids, generated=generated,
+                   shards_from=located.origin, previews_note=note, degraded=degraded)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardLocation:
+    """The shard tars a catalog reads, where they came from, and what the version's lineage leaves out."""
+
+    tars: list[str]
+    origin: str | None  # "flags" (--shards), "lineage" (index.json), None (neither)
+    version: str
+    unrecorded: list[str]  # embedding files of the version that record no shard tar
+
+    def explain(self, unreadable: Sequence[str], with_source: int, videos: int) -> tuple[str | None,
+                                                                                          str | None]:
+        """``(previews_note, degraded)``: why videos lack previews, and the degraded reason when tars the
+        lineage records cannot be read (a moved or deleted tree)."""
+        override = "serve with --shards INGEST_DIR (where the shards are now) for previews and metadata"
+        if self.origin is None:
+            why = ("records no lineage (built before index.json recorded the shards it came from)"
+                   if not self.unrecorded else
+                   f"records no shard tars (its embeddings predate lineage, e.g. {self.unrecorded[0]!r})")
+            return f"index version {self.version!r} {why}: {override}", None
+        degraded = None
+        if unreadable and self.origin == "lineage":
+            degraded = (f"index version {self.version!r}: {len(unreadable)} of {len(self.tars)} shard tars "
+                        f"its lineage records cannot be read (moved or deleted?), e.g. {unreadable[0]!r}: "
+                        f"their videos have no previews or ingest metadata; {override}")
+        if with_source == videos:
+            return None, degraded
+        missing = videos - with_source
+        if degraded:
+            return degraded, degraded
+        if self.origin == "lineage" and self.unrecorded:
+            return (f"{missing} of {videos} videos come from embeddings that record no shard tar (e.g. "
+                    f"{self.unrecorded[0]!r}): {override}"), None
+        where = "the --shards given" if self.origin == "flags" else "the shard tars the lineage records"
+        return f"{missing} of {videos} videos are in none of {where}", None
+
+
+def locate_shards(flags: Sequence[str], meta: Mapping[str, Any]) -> ShardLocation:
+    """The shard tars to read: every tar of the ``--shards`` folders when given (a folder without shards
+    is an error naming it), else the tars index.json's ``lineage.shards`` records (absolute paths / URIs,
+    as the embeddings recorded them)."""
+    lineage = meta.get("lineage") or {}
+    version = str(meta.get("version", "?"))
+    unrecorded = list(lineage.get("unrecorded") or [])
+    if flags:
+        tars = [tar for folder in flags for tar in list_shards(folder)]
+        return ShardLocation(tars, "flags", version, unrecorded)
+    recorded = list(lineage.get("shards") or [])
+    return ShardLocation(recorded, "lineage" if recorded else None, version, unrecorded)
 
 
 def read_generated_captions(folder: str, videos: Mapping[str, Any]) -> dict[str, str]:
@@ -160,22 +220,29 @@ def read_generated_captions(folder: str, videos: Mapping[str, Any]) -> dict[str,
     return {v: c for v, c in zip(table["video_id"].to_pylist(), table["caption"].to_pylist()) if v in videos}
 
 
-def _add_shard_metadata(folder: str, videos: dict[str, dict[str, Any]], sources: dict,
-                        hidden: Sequence[str] = SOURCE_COLUMNS) -> None:
+def _add_shard_metadata(tars: Sequence[str], videos: dict[str, dict[str, Any]], sources: dict,
+                        hidden: Sequence[str] = SOURCE_COLUMNS) -> list[str]:
     """Overlay the ingest shards' per-video scalar fields (but ``hidden`` ones) and record where each
-    video's mp4 is."""
-    for tar in list_shards(folder):
+    video's mp4 is; returns the tars that could not be read (no ``NNNNNN.parquet`` beside them)."""
+    unreadable = []
+    for tar in tars:
         marker = tar[: -len(".tar")] + ".parquet"
-        if not storage.exists(marker):
-            log.warning("%s has no %s: its videos get no previews", tar, storage.name(marker))
+        try:
+            table = storage.read_parquet(marker) if storage.exists(marker) else None
+        except (OSError, ValueError) as exc:  # a store that refuses (no such bucket, no access)
+            log.warning("%s cannot be read: %s", marker, exc)
+            table = None
+        if table is None:
+            log.warning("%s has no readable %s: its videos get no previews", tar, storage.name(marker))
+            unreadable.append(tar)
             continue
-        table = storage.read_parquet(marker)
         scalar = [f.name for f in table.schema if _is_scalar(f.type)]
         for row in table.select(scalar).to_pylist():
             vid = row.get("video_id")
             if vid in videos:
                 videos[vid].update({k: v for k, v in row.items() if k != "shard" and k not in hidden})
                 sources[vid] = (tar, row["key"])
+    return unreadable
 
 
 def _is_scalar(kind: pa.DataType) -> bool:

@@ -53,7 +53,8 @@ class Snapshot:
                 "dim": self.index.dim, "model_id": self.index.model_id, "model_name": meta.get("model_name"),
                 "factory": meta.get("factory"), "loaded_at": self.loaded_at,
                 "filter_columns": dict(sorted(self.catalog.kinds.items())),
-                "previews": bool(self.catalog.sources)}
+                "previews": bool(self.catalog.sources), "previews_note": self.catalog.previews_note,
+                "shards_from": self.catalog.shards_from}
 
 
 class ModelMismatch(ValueError):
@@ -82,8 +83,9 @@ class SnapshotLoader:
                 f"index dim {index.dim}")
         if not index.search(vector[0], k=1):
             raise store.CorruptIndexError(f"index version {index.version!r}: no hit for a probe query")
+        meta = {**index.meta, "version": index.version}  # the catalog finds the shards through its lineage
         catalog = build_catalog(store.read_ids(index.version_dir, index.meta), self.shards, self.captions,
-                                expose_sources=self.expose_sources)
+                                expose_sources=self.expose_sources, meta=meta)
         return Snapshot(index, catalog, index.version, time.time())
 
     def open_index(self, version: str | None, encoder) -> VideoIndex:
@@ -171,8 +173,10 @@ class LiveIndex:
 
     def health(self) -> dict[str, Any]:
         """``ok`` while the newest published version is served (or still loading); ``degraded``, with the
-        reason, while it failed to load or CURRENT cannot be read: the old version still answers."""
-        error, serving = self.last_error, self.current.version
+        reason, while it failed to load or CURRENT cannot be read (the old version still answers), or while
+        shard tars the served version's lineage records cannot be read (searches answer, those videos have
+        no previews)."""
+        error, serving = self.last_error or self.current.catalog.degraded, self.current.version
         body = {"status": "ok" if error is None else "degraded", "ok": error is None, "version": serving,
                 "newest": self.newest}
         if error is not None:

@@ -59,10 +59,9 @@ def build_app(index: str, pretrained: str | None = None, allow_random_init: bool
     loader_args = (root, pretrained, allow_random_init, shards, captions, expose_sources)
     loader = SnapshotLoader(*loader_args) if fanout is None else FanoutSnapshotLoader(fanout, *loader_args)
     live = LiveIndex(root, loader.load, poll_s=poll_s)
-    previews = None
-    if shards:
-        previews = PreviewMaker(cache_dir or Path(tempfile.gettempdir()) / "vidsift-previews",
-                                cache_bytes=preview_cache_bytes)
+    # the shards come from --shards or from each version's lineage (index.json): any version may have some
+    previews = PreviewMaker(cache_dir or Path(tempfile.gettempdir()) / "vidsift-previews",
+                            cache_bytes=preview_cache_bytes)
     log_to = QueryLog(query_log) if query_log else None
     return create_app(live, previews, limits=limits, query_log=log_to, pool=pool, access=access)
 

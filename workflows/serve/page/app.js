@@ -38,6 +38,7 @@ async function loadVersion() {
       { value: `${c}:` })));
     $("columns-help").textContent = columns.length ? `columns: ${columns.join(", ")}` : "";
     if (!info.previews) setStatus("This service cannot reach the videos: hits have no previews.");
+    if (info.previews_note) setStatus(`Some or all hits have no preview: ${info.previews_note}`);
   } catch (err) {
     $("version").textContent = `service not reachable: ${err.message}`;
   }
