@@ -15,6 +15,8 @@ time. A heavy search holds the GIL for much of its run (collapsing clips, buildi
 JSON) and a core for all of it, so one client looping the heaviest accepted request would otherwise slow
 every small search in the process. After a heavy search that ran ``d`` seconds the lane refuses new heavy
 searches (503, ``Retry-After``) for about ``d × (1 / heavy_share − 1)``; an idle service answers one at once.
+A refused request gets its 503 when the refusal ends (1 s at most), so a client looping on 503s cannot make
+them a busy loop.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+MAX_REFUSAL_DELAY_S = 1.0  # the longest a heavy search refused by the time budget waits for its 503
 
 
 class Overloaded(Exception):
@@ -36,9 +39,9 @@ class Overloaded(Exception):
 
     status = 503
 
-    def __init__(self, message: str, retry_after_s: int = 1):
+    def __init__(self, message: str, retry_after_s: int = 1, wait_s: float = 0.0):
         super().__init__(message)
-        self.retry_after_s = retry_after_s
+        self.retry_after_s, self.wait_s = retry_after_s, wait_s  # wait_s: until the refusal ends
 
 
 class DeadlineExceeded(Exception):
@@ -110,8 +113,9 @@ class TimeBudget:
             self.throttled += 1
         wait_s = -credit / self.share
         raise Overloaded(f"the service is busy: heavy searches (many queries or a deep page) may use "
-                         f"{self.share:.0%} of its time and used it; retry in {wait_s:.1f} s, or ask for "
-                         "fewer results", retry_after_s=max(1, math.ceil(wait_s)))
+                         f"{self.share:.0%} of its time and used it, so they are refused for {wait_s:.1f} s; "
+                         "retry then, or ask for fewer results", retry_after_s=max(1, math.ceil(wait_s)),
+                         wait_s=wait_s)
 
     def pay(self, seconds: float) -> None:
         with self._lock:
@@ -140,7 +144,7 @@ class Lane:
     async def run(self, fn: Callable[..., T], deadline: float, *args: Any) -> T:
         """``fn(*args)`` on a lane thread, awaited until the monotonic ``deadline``."""
         if self.budget is not None:
-            self.budget.admit()
+            await self._admit_by_budget()
         with self._lock:
             if self.in_flight >= self.capacity:
                 self.refused += 1
@@ -161,6 +165,19 @@ class Lane:
                 self.expired += 1
             raise DeadlineExceeded("the search did not finish within the service's deadline; retry with "
                                    "a smaller k or fewer queries, or later") from None
+
+    async def _admit_by_budget(self) -> None:
+        """Return if the budget admits a request; else answer its refusal only once the refusal is over
+        (:data:`MAX_REFUSAL_DELAY_S` at most): a client that retries at once, ignoring ``Retry-After``,
+        waits anyway instead of making the service answer refusals in a busy loop. The wait is a timer on
+        the event loop: no thread, no CPU."""
+        try:
+            self.budget.admit()
+        except Overloaded as refused:
+            delay = min(refused.wait_s, MAX_REFUSAL_DELAY_S)
+            await asyncio.sleep(delay)
+            refused.retry_after_s = max(1, math.ceil(refused.wait_s - delay))
+            raise
 
     def _timed(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)``, its run time (on this thread, wall clock) paid to the budget however it ends."""
