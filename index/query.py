@@ -277,7 +277,8 @@ class VideoIndex:
         exhaustive = False
         while True:
             scores, ids = self.search_vectors(vectors, fetch, selector, exhaustive)
-            per_query = [self._collapse(s, i, aggregate) for s, i in zip(scores, ids)]
+            limit = None if rerank is not None else int(k)  # a reranker may promote any fetched video
+            per_query = [self._collapse(s, i, aggregate, limit) for s, i in zip(scores, ids)]
             if all(len(h) >= k for h in per_query):
                 break
             if selector is not None and not exhaustive and ((ids >= 0).sum(axis=1) < fetch).any():
@@ -313,27 +314,26 @@ class VideoIndex:
 
     def _attach_moments(self, vector: np.ndarray, hits: list[Hit], limit: int, rel_threshold: float,
                         max_gap_s: float) -> None:
-        """Score every window of the hits' videos (one filtered search per shard) and set their moments."""
-        rows = {}
-        for hit in hits:
-            row = int(self.rows.rows_of(np.array([-1 if hit.id is None else hit.id]))[0])
-            if row < 0:
-                continue
-            windows = self.rows.window_rows(row)
-            ids = np.asarray(self.rows.column("id", windows), dtype=np.int64)
-            live = ~_sorted_contains(self.dead_ids, ids)
-            if live.any():
-                rows[hit.video_id] = (windows[live], ids[live])
-        if not rows:
+        """Score every window of the hits' videos (one filtered search per shard) and set their moments.
+
+        The windows of every hit are looked up together (a few numpy / Arrow calls per page, not per hit):
+        a page of thousands of hits is Python work that holds the GIL, next to every other request."""
+        hit_rows = self.rows.rows_of(np.array([-1 if h.id is None else h.id for h in hits], dtype=np.int64))
+        found = np.flatnonzero(hit_rows >= 0)
+        owner, windows = self.rows.window_rows_of(hit_rows[found])
+        ids = self.rows.integers("id", windows)
+        live = ~_sorted_contains(self.dead_ids, ids)
+        owner, windows, ids = found[owner[live]], windows[live], ids[live]
+        if not len(ids):
             return
-        scores = self._score_ids(vector, np.concatenate([ids for _, ids in rows.values()]))
-        for hit in hits:
-            if hit.video_id not in rows:
-                continue
-            r, ids = rows[hit.video_id]
-            window_scores = [scores.get(int(i), np.nan) for i in ids]
-            moments = merge_windows(self.rows.numbers("start_s", r), self.rows.numbers("end_s", r),
-                                    window_scores, rel_threshold, max_gap_s, limit=limit)
+        scores = self._score_ids(vector, ids)
+        starts, ends = self.rows.numbers("start_s", windows), self.rows.numbers("end_s", windows)
+        bounds = np.flatnonzero(np.diff(owner)) + 1  # owner is grouped: one run of windows per hit
+        for run in np.split(np.arange(len(owner)), bounds):
+            hit = hits[int(owner[run[0]])]
+            window_scores = [scores.get(int(i), np.nan) for i in ids[run]]
+            moments = merge_windows(starts[run], ends[run], window_scores, rel_threshold, max_gap_s,
+                                    limit=limit)
             if moments:
                 hit.moments = moments
                 hit.start_s, hit.end_s = moments[0].start_s, moments[0].end_s
@@ -353,9 +353,10 @@ class VideoIndex:
             out.update((int(a), float(b)) for a, b in zip(i[0], d[0]) if a >= 0)
         return out
 
-    def _collapse(self, scores: np.ndarray, ids: np.ndarray, aggregate: str) -> list[Hit]:
-        """Clip hits → one :class:`Hit` per video (grouped by the video's first row; Python objects only for
-        each video's best row)."""
+    def _collapse(self, scores: np.ndarray, ids: np.ndarray, aggregate: str,
+                  limit: int | None = None) -> list[Hit]:
+        """Clip hits → one :class:`Hit` per video, best first (grouped by the video's first row); only the
+        best ``limit`` videos (all when None) become Python objects, which hold the GIL to make."""
         valid = ids >= 0
         scores, ids = scores[valid].astype(np.float64), ids[valid]
         rows = self.rows.rows_of(ids)
@@ -369,20 +370,20 @@ class VideoIndex:
         groups, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
         counts = np.bincount(inverse, minlength=len(groups))
         value = scores[first] if aggregate == "max" else np.bincount(inverse, scores) / counts
-        best = rows[first]
+        by_rank = np.argsort(first, kind="stable")  # ties keep the order FAISS ranked them in
+        chosen = by_rank[np.argsort(-value[by_rank], kind="stable")][:limit]
+        best = rows[first[chosen]]
         video_ids = self.rows.column("video_id", best)
         captions = self.rows.column("captions", best)
         starts, ends = self.rows.numbers("start_s", best), self.rows.numbers("end_s", best)
-        clips, row_ids = self.rows.numbers("clip_index", best), self.rows.column("id", best)
-        hits = [
-            Hit(video_id=str(video_ids[g]), score=float(value[g]), start_s=finite_float(starts[g]),
-                end_s=finite_float(ends[g]),
-                clip_index=None if finite_float(clips[g]) is None else int(clips[g]),
-                caption=captions[g][0] if captions[g] else None, num_clips=int(counts[g]), id=int(row_ids[g]))
-            for g in np.argsort(first, kind="stable")  # ties keep the order FAISS ranked them in
+        clips, row_ids = self.rows.numbers("clip_index", best), self.rows.integers("id", best)
+        return [
+            Hit(video_id=str(video_ids[j]), score=float(value[g]), start_s=finite_float(starts[j]),
+                end_s=finite_float(ends[j]),
+                clip_index=None if finite_float(clips[j]) is None else int(clips[j]),
+                caption=captions[j][0] if captions[j] else None, num_clips=int(counts[g]), id=int(row_ids[j]))
+            for j, g in enumerate(chosen)
         ]
-        hits.sort(key=lambda h: -h.score)
-        return hits
 
 
 def search_parameters(ix: faiss.Index, allowed: faiss.IDSelector | None, exhaustive: bool):

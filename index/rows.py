@@ -126,9 +126,17 @@ class RowTable:
         return self.table.column(name).take(pa.array(np.asarray(rows, dtype=np.int64))).to_pylist()
 
     def numbers(self, name: str, rows: np.ndarray) -> np.ndarray:
-        """Float values of a numeric column at ``rows`` (NaN for nulls / an absent column)."""
-        values = self.column(name, rows)
-        return np.array([np.nan if v is None else float(v) for v in values], dtype=np.float64)
+        """Float values of a numeric column at ``rows`` (NaN for nulls / an absent column), in Arrow and
+        numpy: a page of thousands of hits makes no Python object per value."""
+        if name not in self.table.column_names:
+            return np.full(len(rows), np.nan, dtype=np.float64)
+        taken = self.table.column(name).take(pa.array(np.asarray(rows, dtype=np.int64)))
+        return pc.fill_null(taken.cast(pa.float64()), np.nan).to_numpy()
+
+    def integers(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """Values of an integer column without nulls (``id``) at ``rows``, as int64."""
+        taken = self.table.column(name).take(pa.array(np.asarray(rows, dtype=np.int64)))
+        return taken.to_numpy().astype(np.int64, copy=False)
 
     def video_rows(self, row: int) -> np.ndarray:
         """Every row of the video of ``row`` (contiguous)."""
@@ -140,6 +148,17 @@ class RowTable:
         rows = self.video_rows(row)
         clips = self.numbers("clip_index", rows)
         return rows[np.nan_to_num(clips, nan=-1.0) >= WINDOW_CLIP_BASE]
+
+    def window_rows_of(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The window rows of the videos of many ``rows`` at once: ``(owner, window)``, where ``owner[j]`` is
+        the position in ``rows`` whose video has window row ``window[j]``; grouped by owner, in order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        counts = self._video_rows[rows]
+        owner = np.repeat(np.arange(len(rows), dtype=np.int64), counts)
+        within = np.arange(len(owner), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+        every = np.repeat(self._video_first[rows], counts) + within  # each video's rows are contiguous
+        windows = np.nan_to_num(self.numbers("clip_index", every), nan=-1.0) >= WINDOW_CLIP_BASE
+        return owner[windows], every[windows]
 
 
 def _numpy(table: pa.Table, name: str) -> np.ndarray:

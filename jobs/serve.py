@@ -45,6 +45,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="requests that may wait for those threads; one more is a 503 with Retry-After")
     p.add_argument("--deadline-s", type=float, default=POOL.deadline_s,
                    help="seconds a search may take (queued or running); later it is a 503")
+    p.add_argument("--heavy-share", type=float, default=POOL.heavy_share,
+                   help="the most of its time heavy searches may take; later ones are a 503 (1: no limit)")
+    p.add_argument("--heavy-burst-s", type=float, default=POOL.heavy_burst_s,
+                   help="seconds of heavy searches an idle service runs back to back")
     p.add_argument("--auth-token-file", default=None,
                    help="file holding a bearer token every API request must send (Authorization: Bearer)")
     p.add_argument("--allowed-host", action="append", default=[],
@@ -71,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         limits = Limits(args.max_k, args.max_depth, args.max_ranked, args.max_where)
         pool = PoolConfig(light_workers=args.search_threads, light_queue=args.search_queue,
-                          deadline_s=args.deadline_s)
+                          deadline_s=args.deadline_s, heavy_share=args.heavy_share,
+                          heavy_burst_s=args.heavy_burst_s)
         return serve_index(args.index, host=args.host, port=args.port, ray_serve=args.ray_serve,
                            allowed_hosts=args.allowed_host, auth_token_file=args.auth_token_file,
                            insecure_open=args.insecure_open, limits=limits, pool=pool,
