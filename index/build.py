@@ -320,12 +320,15 @@ def _open_writable(root: str | os.PathLike):
 def _load_writable(root: str | os.PathLike, version: str):
     vdir, meta, indexes, ids = store.load_version(root, version, mmap=False)
     probe = store.read_probe(vdir, meta)
-    dead = store.read_dead_ids(vdir, meta)
+    hidden = store.shard_hidden_ids(vdir, meta)  # tombstoned, or superseded by an upsert delta
     for i, (info, ix) in enumerate(zip(meta["shards"], indexes)):
-        indexes[i] = _remove_ids(ix, info["factory"], dead)
+        indexes[i] = _remove_ids(ix, info["factory"], hidden[i])
         apply_search_params(indexes[i], info["search_params"])
-    if len(dead):
-        meta = {k: v for k, v in meta.items() if k not in ("tombstones", "stored_count")}
+    gone = ("tombstones", "stored_count", "superseded", "row_parts")
+    meta = {k: v for k, v in meta.items() if k not in gone}
+    # every shard is written anew under its position's name (a delta shard's own name included)
+    n = len(indexes)
+    meta["shards"] = [{**info, "file": store.shard_file(i, n)} for i, info in enumerate(meta["shards"])]
     return vdir, meta, indexes, ids, probe
 
 
@@ -368,10 +371,10 @@ def add_embeddings(
     """
     t0 = time.perf_counter()
     vdir, meta, indexes, ids, probe = _open_writable(root)
-    source = _check_compatible(resolve_embeddings(embeddings), meta, embeddings, root)
+    source = check_compatible(resolve_embeddings(embeddings), meta, embeddings, root)
     replaced = np.zeros(len(ids), bool)
     if upsert:
-        replaced = _remove_videos(meta, indexes, ids, probe, _video_ids_of(source, batch_size))
+        replaced = _remove_videos(meta, indexes, ids, probe, video_ids_of(source, batch_size))
     kept = ids.filter(pa.array(~replaced))
     exact = ExactTopK(probe["queries"], probe["gt_i"].shape[1]) if probe is not None else None
     bar = row_progress("add", source.num_rows, progress)
@@ -393,7 +396,7 @@ def add_embeddings(
     return _publish_version(root, indexes, ids_table, new_meta, probe, errors, keep)
 
 
-def _check_compatible(source: EmbeddingSource, meta: dict[str, Any], embeddings, root) -> EmbeddingSource:
+def check_compatible(source: EmbeddingSource, meta: dict[str, Any], embeddings, root) -> EmbeddingSource:
     """Refuse embeddings of another dim or model; rows without a model id are checked against the index's."""
     if source.dim != int(meta["dim"]):
         raise ValueError(
@@ -409,7 +412,7 @@ def _check_compatible(source: EmbeddingSource, meta: dict[str, Any], embeddings,
     return source
 
 
-def _video_ids_of(source: EmbeddingSource, batch_size: int) -> set[str]:
+def video_ids_of(source: EmbeddingSource, batch_size: int) -> set[str]:
     videos: set[str] = set()
     for batch in iter_batches(source, batch_size=batch_size, columns_only_meta=True):
         videos.update(batch.meta.column("video_id").to_pylist())
@@ -526,7 +529,7 @@ def needs_retrain(
             apply_search_params(ix, info["search_params"])
         measured = dict(meta)
         measured["shards"] = [dict(s) for s in meta["shards"]]
-        remeasure(measured, indexes, probe, dead)
+        remeasure(measured, indexes, probe, dead, store.shard_hidden_ids(vdir, meta))
         if measured["recall"] < target:
             reasons.append(
                 f"recall@{meta.get('recall_k', DEFAULT_K)} on the probe set is "

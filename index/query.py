@@ -72,6 +72,7 @@ class VideoIndex:
         pretrained: str | None = None,
         allow_random_init: bool = False,
         dead_ids: np.ndarray | None = None,
+        shard_hidden: Sequence[np.ndarray] | None = None,
     ):
         self.root, self.version_dir, self.meta, self.indexes = root, version_dir, meta, indexes
         self.dim = int(meta["dim"])
@@ -85,6 +86,11 @@ class VideoIndex:
             dead = faiss.IDSelectorBatch(self.dead_ids)
             self._live_selector = faiss.IDSelectorNot(dead)
             self._live_selector.keep_alive = dead  # IDSelectorNot does not own the selector it negates
+        # After an upsert delta (index.build.upsert_embeddings) a shard also skips the ids a later shard
+        # supersedes: one "live here" selector per shard instead of the version's "not tombstoned".
+        self._shard_live = None
+        if shard_hidden is not None and any(len(h) > len(self.dead_ids) for h in shard_hidden):
+            self._shard_live = [selector_excluding(h) for h in shard_hidden]
         for info, ix in zip(meta["shards"], indexes):
             apply_search_params(ix, info.get("search_params", {}))
         self._encoder = None
@@ -128,8 +134,10 @@ class VideoIndex:
             if ix.d != int(meta["dim"]):
                 raise store.CorruptIndexError(
                     f"index version {vdir!r}: faiss dim {ix.d} != index.json dim {meta['dim']}")
+        hidden = store.shard_hidden_ids(vdir, meta, verify) if meta.get("superseded") else None
         return cls(root, vdir, meta, indexes, rows, encoder=encoder, tokenizer=tokenizer,
-                   pretrained=pretrained, allow_random_init=allow_random_init, dead_ids=dead)
+                   pretrained=pretrained, allow_random_init=allow_random_init, dead_ids=dead,
+                   shard_hidden=hidden)
 
     @property
     def version(self) -> str:
@@ -235,12 +243,13 @@ class VideoIndex:
         if allowed is None:
             allowed = self._live_selector
         results = []
-        for ix in self.indexes:
+        for i, ix in enumerate(self.indexes):
             kk = int(min(k, max(ix.ntotal, 1)))
-            if allowed is None and not exhaustive:
+            selector = self._for_shard(i, allowed)
+            if selector is None and not exhaustive:
                 results.append(ix.search(vectors, kk))
             else:
-                params, keep_alive = search_parameters(ix, allowed, exhaustive)
+                params, keep_alive = search_parameters(ix, selector, exhaustive)
                 results.append(ix.search(vectors, kk, params=params))
                 del keep_alive  # the SWIG params point at these; they lived until the search returned
         return merge_shard_results([r[0] for r in results], [r[1] for r in results], int(k))
@@ -281,7 +290,8 @@ class VideoIndex:
             per_query = [self._collapse(s, i, aggregate, limit) for s, i in zip(scores, ids)]
             if all(len(h) >= k for h in per_query):
                 break
-            if selector is not None and not exhaustive and ((ids >= 0).sum(axis=1) < fetch).any():
+            filtered = selector is not None or self._shard_live is not None
+            if filtered and not exhaustive and ((ids >= 0).sum(axis=1) < fetch).any():
                 exhaustive = True  # the probed lists held fewer allowed rows than asked for: scan them all
                 continue
             if fetch >= total:
@@ -304,6 +314,17 @@ class VideoIndex:
                 allowed = allowed[~_sorted_contains(self.dead_ids, allowed)]
             return (faiss.IDSelectorBatch(allowed) if len(allowed) else None), len(allowed)
         return self._live_selector, len(self)
+
+    def _for_shard(self, shard: int, selector: faiss.IDSelector | None) -> faiss.IDSelector | None:
+        """``selector`` narrowed to the rows live in ``shard`` (not superseded by a later delta shard)."""
+        live = self._shard_live[shard] if self._shard_live is not None else None
+        if live is None:
+            return selector
+        if selector is None or selector is self._live_selector:
+            return live
+        both = faiss.IDSelectorAnd(selector, live)
+        both.keep_alive = (selector, live)  # IDSelectorAnd does not own its operands
+        return both
 
     def rank(self, vectors: np.ndarray, k: int, allowed_ids: np.ndarray | None = None,
              timeout_s: float | None = None) -> RankedResult:
@@ -345,10 +366,11 @@ class VideoIndex:
         q = q / max(float(np.linalg.norm(q)), 1e-12)
         selector = faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64))
         out: dict[int, float] = {}
-        for ix in self.indexes:
+        for i, ix in enumerate(self.indexes):
             ivf = faiss.try_extract_index_ivf(ix)
-            params = (faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nprobe) if ivf is not None
-                      else faiss.SearchParameters(sel=selector))
+            sel = self._for_shard(i, selector)
+            params = (faiss.SearchParametersIVF(sel=sel, nprobe=ivf.nprobe) if ivf is not None
+                      else faiss.SearchParameters(sel=sel))
             d, i = ix.search(q, int(min(len(ids), max(ix.ntotal, 1))), params=params)
             out.update((int(a), float(b)) for a, b in zip(i[0], d[0]) if a >= 0)
         return out
@@ -404,6 +426,16 @@ def search_parameters(ix: faiss.Index, allowed: faiss.IDSelector | None, exhaust
         ef = max(inner.hnsw.efSearch, int(ix.ntotal)) if exhaustive else inner.hnsw.efSearch
         return faiss.SearchParametersHNSW(sel=allowed, efSearch=ef), [allowed]
     return faiss.SearchParameters(sel=allowed), [allowed]
+
+
+def selector_excluding(ids: np.ndarray) -> faiss.IDSelector | None:
+    """A selector of every id not in ``ids`` (None when ``ids`` is empty)."""
+    if not len(ids):
+        return None
+    batch = faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64))
+    selector = faiss.IDSelectorNot(batch)
+    selector.keep_alive = batch  # IDSelectorNot does not own the selector it negates
+    return selector
 
 
 def _sorted_contains(sorted_values: np.ndarray, values: np.ndarray) -> np.ndarray:

@@ -22,6 +22,7 @@ arrays; :func:`read_tombstones` / :func:`write_tombstones` are their codec.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +161,79 @@ class RowTable:
         windows = np.nan_to_num(self.numbers("clip_index", every), nan=-1.0) >= WINDOW_CLIP_BASE
         return owner[windows], every[windows]
 
+    def rows_of_videos(self, video_ids: Sequence[str]) -> np.ndarray:
+        """Every row of ``video_ids`` (binary search per video in the sorted column: O(videos · log n))."""
+        column = self.table.column("video_id")
+        out = []
+        for vid in sorted(set(video_ids)):
+            lo, hi = 0, len(self)
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if column[mid].as_py() < vid:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            if lo < len(self) and column[lo].as_py() == vid:
+                out.append(self.video_rows(lo))
+        return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
+class RowParts(RowTable):
+    """The rows of a version made of several ``ids`` files: its parent's ``ids.arrow`` (shared, memory-mapped)
+    and one part per upsert delta after it (:func:`index.build.upsert_embeddings`). Rows are numbered part
+    after part; an id held by several parts is the newest part's row (the older rows are superseded)."""
+
+    def __init__(self, parts: Sequence[RowTable]):
+        self.parts = list(parts)
+        self.offsets = np.cumsum([0] + [len(p) for p in self.parts]).astype(np.int64)
+        tables = [public_columns(p.table) for p in self.parts]
+        self.table = pa.concat_tables(tables, promote_options="default")
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def _split(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        rows = np.asarray(rows, dtype=np.int64)
+        part = np.searchsorted(self.offsets, rows, side="right") - 1
+        return part, rows - self.offsets[part]
+
+    def rows_of(self, ids: np.ndarray) -> np.ndarray:
+        out = np.full(len(np.asarray(ids)), -1, np.int64)
+        for part, offset in zip(self.parts, self.offsets):  # oldest first: a newer part's row wins
+            local = part.rows_of(ids)
+            out = np.where(local >= 0, local + offset, out)
+        return out
+
+    def video_keys(self, rows: np.ndarray) -> np.ndarray:
+        part, local = self._split(rows)
+        out = np.zeros(len(local), np.int64)
+        for p in np.unique(part):
+            sel = part == p
+            out[sel] = self.parts[p].video_keys(local[sel]) + self.offsets[p]
+        return out
+
+    def video_rows(self, row: int) -> np.ndarray:
+        part, local = self._split(np.array([row]))
+        return self.parts[int(part[0])].video_rows(int(local[0])) + self.offsets[int(part[0])]
+
+    def rows_of_videos(self, video_ids: Sequence[str]) -> np.ndarray:
+        found = [p.rows_of_videos(video_ids) + off for p, off in zip(self.parts, self.offsets)]
+        return np.concatenate(found)
+
+    def window_rows_of(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # Each part answers for its own rows (a video's rows are contiguous within one part); the owners are
+        # then put back in order, each owner's windows in their part's order.
+        part, local = self._split(rows)
+        owners, windows = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+        for p in np.unique(part):
+            positions = np.flatnonzero(part == p)
+            owner, window = self.parts[int(p)].window_rows_of(local[positions])
+            owners.append(positions[owner])
+            windows.append(window + self.offsets[int(p)])
+        owner, window = np.concatenate(owners), np.concatenate(windows)
+        order = np.argsort(owner, kind="stable")
+        return owner[order], window[order]
+
 
 def _numpy(table: pa.Table, name: str) -> np.ndarray:
     """A helper column as numpy: a view of the (memory-mapped) buffer when the table has one chunk."""
@@ -184,3 +258,44 @@ def read_tombstones(path: str | os.PathLike) -> np.ndarray:
     """Sorted unique ids of a tombstones file."""
     table = pq.read_table(str(path), columns=["id"])
     return np.unique(table.column("id").to_numpy().astype(np.int64))
+
+
+# ------------------------------------------------------------------------------------------- superseded
+SUPERSEDED_FILE = "superseded.parquet"
+
+
+def write_superseded(ids: np.ndarray, before_shard: np.ndarray, path: str | os.PathLike) -> int:
+    """Write the superseded ids of a version: the row of ``ids[i]`` in every shard below ``before_shard[i]``
+    is replaced by the row of a later (delta) shard. One row per id (the highest bound); returns the count."""
+    ids = np.asarray(ids, dtype=np.int64)
+    before = np.asarray(before_shard, dtype=np.int32)
+    order = np.lexsort((-before, ids))
+    ids, before = ids[order], before[order]
+    first = np.concatenate([[True], ids[1:] != ids[:-1]]) if len(ids) else np.zeros(0, bool)
+    table = pa.table({"id": pa.array(ids[first], pa.int64()),
+                      "before_shard": pa.array(before[first], pa.int32())})
+    pq.write_table(table, str(path))
+    return int(first.sum())
+
+
+def read_superseded(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids sorted, before_shard)`` of a superseded file."""
+    table = pq.read_table(str(path), columns=["id", "before_shard"]).sort_by("id")
+    return table.column("id").to_numpy().astype(np.int64), table.column("before_shard").to_numpy()
+
+
+def superseded_mask(ids: np.ndarray, shards: np.ndarray,
+                    superseded: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """Which rows (``ids`` with their ``shards``) are superseded by a row of a later shard."""
+    sup_ids, before = superseded
+    ids = np.asarray(ids, dtype=np.int64)
+    if not len(sup_ids) or not len(ids):
+        return np.zeros(len(ids), bool)
+    pos = np.clip(np.searchsorted(sup_ids, ids), 0, len(sup_ids) - 1)
+    return (sup_ids[pos] == ids) & (np.asarray(shards) < before[pos])
+
+
+def hidden_in_shard(dead: np.ndarray, superseded: tuple[np.ndarray, np.ndarray], shard: int) -> np.ndarray:
+    """Sorted ids a search of ``shard`` must skip: the tombstoned ones and those a later shard supersedes."""
+    sup_ids, before = superseded
+    return np.union1d(dead, sup_ids[before > shard]).astype(np.int64)

@@ -40,12 +40,17 @@ from index import ondisk
 from index.rows import (
     HELPER_COLUMNS,
     ROWS_FILE,
+    SUPERSEDED_FILE,
     TOMBSTONES_FILE,
+    RowParts,
     RowTable,
+    hidden_in_shard,
     read_rows_table,
     read_tombstones,
+    superseded_mask,
     write_rows,
 )
+from index.rows import read_superseded as read_superseded_file
 from runtime import storage
 
 INDEX_FILE = "index.faiss"
@@ -543,16 +548,40 @@ def _ids_file(vdir: str, meta: dict[str, Any]) -> str:
 
 
 def read_row_table(vdir: str, meta: dict[str, Any] | None = None, verify: bool | None = None) -> RowTable:
-    """Every row of the version (tombstoned ones too) for id lookups; ``ids.arrow`` is memory-mapped."""
+    """Every row of the version (tombstoned and superseded ones too) for id lookups; ``ids.arrow`` is
+    memory-mapped. A version with upsert deltas has several parts (``row_parts``): a :class:`RowParts`."""
     meta = meta or {}
-    name = _ids_file(vdir, meta)
-    path = local_file(vdir, meta, name, verify)
+    names = meta.get("row_parts") or [_ids_file(vdir, meta)]
+    parts = []
+    for name in names:
+        path = local_file(vdir, meta, name, verify)
+        try:
+            parts.append(RowTable(read_rows_table(path)))
+        except FileNotFoundError as exc:
+            raise CorruptIndexError(f"index version {str(vdir)!r} has no {name}") from exc
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise CorruptIndexError(f"{str(path)!r} could not be read: {exc}") from exc
+    return parts[0] if len(parts) == 1 else RowParts(parts)
+
+
+def read_superseded(vdir: str, meta: dict[str, Any] | None = None,
+                    verify: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids, before_shard)``: rows an upsert delta replaced (empty when the version has none)."""
+    meta = meta or {}
+    if SUPERSEDED_FILE not in (meta.get("files") or {}):
+        return np.zeros(0, np.int64), np.zeros(0, np.int32)
+    path = local_file(vdir, meta, SUPERSEDED_FILE, verify)
     try:
-        return RowTable(read_rows_table(path))
-    except FileNotFoundError as exc:
-        raise CorruptIndexError(f"index version {str(vdir)!r} has no {name}") from exc
-    except (pa.ArrowInvalid, OSError) as exc:
+        return read_superseded_file(path)
+    except (pa.ArrowInvalid, OSError, KeyError) as exc:
         raise CorruptIndexError(f"{str(path)!r} could not be read: {exc}") from exc
+
+
+def shard_hidden_ids(vdir: str, meta: dict[str, Any], verify: bool | None = None) -> list[np.ndarray]:
+    """Per shard, the sorted ids a search of it skips: tombstoned, or superseded by a later (delta) shard."""
+    dead = read_dead_ids(vdir, meta, verify)
+    superseded = read_superseded(vdir, meta, verify)
+    return [hidden_in_shard(dead, superseded, i) for i in range(len(meta["shards"]))]
 
 
 def read_dead_ids(vdir: str, meta: dict[str, Any] | None = None, verify: bool | None = None) -> np.ndarray:
@@ -574,6 +603,10 @@ def read_ids(vdir: str, meta: dict[str, Any] | None = None, verify: bool | None 
     dead = read_dead_ids(vdir, meta, verify)
     if len(dead):
         table = table.filter(pc.invert(pc.is_in(table.column("id"), value_set=pa.array(dead, pa.int64()))))
+    superseded = read_superseded(vdir, meta, verify)
+    if len(superseded[0]):
+        gone = superseded_mask(table.column("id").to_numpy(), table.column("shard").to_numpy(), superseded)
+        table = table.filter(pa.array(~gone))
     return table
 
 
@@ -626,9 +659,11 @@ def check_counts(vdir: str, meta: dict[str, Any], in_faiss: int, in_rows: int) -
     """FAISS and the ids table hold the same rows (``stored_count``: tombstoned ones too), and index.json's
     ``count`` is that less its tombstones."""
     dead = int((meta.get("tombstones") or {}).get("count", 0))
+    superseded = int((meta.get("superseded") or {}).get("count", 0))
     stored = int(meta.get("stored_count", meta["count"]))
-    if in_faiss != stored or in_rows != stored or stored - dead != int(meta["count"]):
+    if in_faiss != stored or in_rows != stored or stored - dead - superseded != int(meta["count"]):
         raise CorruptIndexError(
-            f"index version {vdir!r} is inconsistent: index.json count {meta['count']} + {dead} tombstoned, "
-            f"stored {stored}; faiss holds {in_faiss}, the ids table has {in_rows} rows"
+            f"index version {vdir!r} is inconsistent: index.json count {meta['count']} + {dead} tombstoned "
+            f"+ {superseded} superseded, stored {stored}; faiss holds {in_faiss}, the ids table has "
+            f"{in_rows} rows"
         )

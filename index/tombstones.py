@@ -23,37 +23,27 @@ from typing import Any
 
 import faiss
 import numpy as np
+import pyarrow as pa
 
 from index import store
 from index.factory import make_index
 from index.part import DEFAULT_K
-from index.query import search_parameters
-from index.rows import TOMBSTONES_FILE, RowTable, write_tombstones
-from index.tuning import apply_search_params, recall_at_k
+from index.query import search_parameters, selector_excluding
+from index.rows import TOMBSTONES_FILE, RowTable, hidden_in_shard, write_tombstones
+from index.tuning import apply_search_params, merge_topk, recall_at_k
 from runtime import storage
 
 DEFAULT_COMPACT_THRESHOLD = 0.2  # tombstoned share of the stored rows past which compaction pays
+DEFAULT_MAX_DELTAS = 8  # upsert delta shards (each searched on its own) past which compaction folds them in
 RECONSTRUCT_SLICE = 65536  # vectors a non-IVF shard reconstructs at a time while compacting
 
 
 def video_rows(rows: RowTable, video_ids: Sequence[str]) -> np.ndarray:
-    """Rows of ``video_ids`` in a table sorted by video_id (binary search per video: O(videos · log n))."""
-    column = rows.table.column("video_id")
-    out = []
-    for vid in sorted(set(video_ids)):
-        lo, hi = 0, len(rows)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if column[mid].as_py() < vid:
-                lo = mid + 1
-            else:
-                hi = mid
-        if lo < len(rows) and column[lo].as_py() == vid:
-            out.append(rows.video_rows(lo))
-    return np.concatenate(out) if out else np.zeros(0, np.int64)
+    """Rows of ``video_ids`` (every part's: :meth:`index.rows.RowTable.rows_of_videos`)."""
+    return rows.rows_of_videos(video_ids)
 
 
-def _shared_files(vdir: str, meta: dict[str, Any], parent: str, own: set[str]) -> dict[str, dict[str, Any]]:
+def shared_files(vdir: str, meta: dict[str, Any], parent: str, own: set[str]) -> dict[str, dict[str, Any]]:
     """The parent's files a new version reuses (all but ``own``), each recorded with the version that holds
     it: the parent, or the older version the parent itself referred to (references never chain)."""
     records = meta.get("files")
@@ -99,14 +89,16 @@ def delete_videos(root: str | os.PathLike, video_ids: list[str], keep: int = 3) 
             own.add(store.PROBE_FILE)
         new_meta["stored_count"] = stored
         new_meta["tombstones"] = {"file": TOMBSTONES_FILE, "count": int(len(all_dead))}
-        remeasure(new_meta, _open_shards(vdir, meta), probe, all_dead)
+        superseded = store.read_superseded(vdir, meta)
+        hidden = [hidden_in_shard(all_dead, superseded, i) for i in range(len(meta["shards"]))]
+        remeasure(new_meta, _open_shards(vdir, meta), probe, all_dead, hidden)
         new_meta["last_operation"] = {
             "deleted_rows": int(len(removed)),
             "deleted_videos": sorted(found),
             "not_found": sorted(set(video_ids) - found),
             "seconds": round(time.perf_counter() - t0, 3),
         }
-        shared = _shared_files(vdir, meta, parent, own)
+        shared = shared_files(vdir, meta, parent, own)
         new_meta["version"] = store.publish(root, stage, new_meta, version, keep=keep, uploaded=shared,
                                             expected_current=parent)
     except BaseException:
@@ -124,45 +116,63 @@ def _open_shards(vdir: str, meta: dict[str, Any]) -> list[faiss.Index]:
 
 
 def tombstone_share(meta: dict[str, Any]) -> float:
-    """Tombstoned rows / stored rows of a version (0 without tombstones)."""
+    """Rows no search returns (tombstoned, or superseded by an upsert delta) / stored rows of a version."""
     dead = int((meta.get("tombstones") or {}).get("count", 0))
+    dead += int((meta.get("superseded") or {}).get("count", 0))
     return dead / max(1, int(meta.get("stored_count", meta["count"])))
 
 
+def delta_shards(meta: dict[str, Any]) -> list[int]:
+    """Positions of the version's upsert delta shards (folded into their base shard by compaction)."""
+    return [i for i, s in enumerate(meta["shards"]) if s.get("delta_of") is not None]
+
+
 def compact_index(root: str | os.PathLike, threshold: float = DEFAULT_COMPACT_THRESHOLD, keep: int = 3,
-                  progress: bool = True) -> dict[str, Any] | None:
-    """When the CURRENT version's tombstoned share is at least ``threshold``, publish a version whose shards
-    and ids hold only the live rows (same trained structures, so no retraining); returns its index.json, or
-    None when there was nothing to do."""
+                  progress: bool = True, max_deltas: int = DEFAULT_MAX_DELTAS) -> dict[str, Any] | None:
+    """When the CURRENT version's share of rows no search returns (tombstoned or superseded) is at least
+    ``threshold``, or it has ``max_deltas`` upsert delta shards, publish a version whose shards and ids hold
+    only the live rows, each delta folded into its base shard (same trained structures, so no retraining);
+    returns its index.json, or None when there was nothing to do."""
     t0 = time.perf_counter()
     root = storage.normalize(root)
     parent = store.read_current(root)
     vdir = store.version_dir(root, parent)
     meta = store.read_meta(vdir)
-    share = tombstone_share(meta)
-    if share == 0 or share < threshold:
+    share, deltas = tombstone_share(meta), delta_shards(meta)
+    if (share == 0 or share < threshold) and len(deltas) < max(1, int(max_deltas)):
         return None
-    dead = store.read_dead_ids(vdir, meta)
+    bases = len(meta["shards"]) - len(deltas)
+    if deltas != list(range(bases, len(meta["shards"]))):
+        raise store.CorruptIndexError(f"index version {vdir!r}: delta shards {deltas} are not the last ones")
+    dead, superseded = store.read_dead_ids(vdir, meta), store.read_superseded(vdir, meta)
     version = store.new_version_name(root)
     stage = store.staging_dir(root, version)
     try:
         indexes = []
-        for i, info in enumerate(meta["shards"]):
-            open_shard = functools.partial(store.read_shard, vdir, meta, info, mmap=True)
-            indexes.append(_compact_shard(open_shard, info["factory"], dead, stage / info["file"]))
+        for i, info in enumerate(meta["shards"][:bases]):
+            members = [i] + [j for j in deltas if meta["shards"][j]["delta_of"] == i]
+            sources = [(functools.partial(store.read_shard, vdir, meta, meta["shards"][j], mmap=True),
+                        hidden_in_shard(dead, superseded, j)) for j in members]
+            indexes.append(_compact_shard(sources, info["factory"], stage / info["file"]))
             apply_search_params(indexes[-1], info.get("search_params", {}))
             if progress:
-                print(f"[compact] shard {i + 1}/{len(meta['shards'])}: {indexes[-1].ntotal} rows kept",
-                      flush=True)
+                print(f"[compact] shard {i + 1}/{bases} (+{len(members) - 1} deltas folded): "
+                      f"{indexes[-1].ntotal} rows kept", flush=True)
         new_meta = new_version_meta(meta, "compact", parent, rewritten=True)
-        new_meta.pop("tombstones", None)
-        new_meta.pop("stored_count", None)
-        probe = store.read_probe(vdir, meta)
+        new_meta["shards"] = new_meta["shards"][:bases]
+        for key in ("tombstones", "stored_count", "superseded", "row_parts"):
+            new_meta.pop(key, None)
+        probe = fold_probes(store.read_probe(vdir, meta), meta, bases)
         remeasure(new_meta, indexes, probe)
-        new_meta["last_operation"] = {"dropped_rows": int(len(dead)), "tombstone_share": round(share, 4),
+        dropped = int(meta.get("stored_count", meta["count"])) - int(meta["count"])
+        new_meta["last_operation"] = {"dropped_rows": dropped, "tombstone_share": round(share, 4),
+                                      "folded_deltas": len(deltas),
                                       "seconds": round(time.perf_counter() - t0, 3)}
-        store.write_version_files(stage, [None] * len(indexes), store.read_ids(vdir, meta), new_meta,
-                                  probe=probe)
+        ids = store.read_ids(vdir, meta)  # the live rows; a delta's rows move to its base shard
+        base_of = np.array([s.get("delta_of", i) for i, s in enumerate(meta["shards"])], np.int32)
+        ids = ids.set_column(ids.schema.get_field_index("shard"), "shard",
+                             pa.array(base_of[ids.column("shard").to_numpy()], pa.int32()))
+        store.write_version_files(stage, [None] * len(indexes), ids, new_meta, probe=probe)
         new_meta["version"] = store.publish(root, stage, new_meta, version, keep=keep,
                                             expected_current=parent)
     except BaseException:
@@ -171,41 +181,67 @@ def compact_index(root: str | os.PathLike, threshold: float = DEFAULT_COMPACT_TH
     return new_meta
 
 
-def _compact_shard(open_shard: Callable[[], faiss.Index], factory: str, dead: np.ndarray,
-                   target: Path) -> faiss.Index:
-    """Write the shard ``open_shard()`` opens (memory-mapped) without the ``dead`` ids to ``target``;
-    returns the new index (memory-mapped)."""
-    reader = open_shard()
+def fold_probes(probe: dict[str, np.ndarray] | None, meta: dict[str, Any],
+                bases: int) -> dict[str, np.ndarray] | None:
+    """The probe set of the compacted version: a delta shard's probes are its base shard's queries (same
+    order) with exact neighbours among the delta's rows, merged here into the base's neighbour lists."""
+    if probe is None:
+        return None
+    depth = probe["gt_i"].shape[1]
+    for j in range(bases, len(meta["shards"])):
+        base, delta = probe["shard"] == meta["shards"][j]["delta_of"], probe["shard"] == j
+        if base.sum() != delta.sum():
+            raise store.CorruptIndexError(f"probe set: delta shard {j} has {int(delta.sum())} probes, "
+                                          f"its base {int(base.sum())}")
+        merged = merge_topk(probe["gt_d"][base], probe["gt_i"][base], probe["gt_d"][delta],
+                            probe["gt_i"][delta], depth)
+        probe["gt_d"][base], probe["gt_i"][base] = merged
+    keep = probe["shard"] < bases
+    return {key: value[keep] for key, value in probe.items()}
+
+
+Source = tuple[Callable[[], faiss.Index], np.ndarray]  # (open the shard memory-mapped, ids it hides)
+
+
+def _compact_shard(sources: Sequence[Source], factory: str, target: Path) -> faiss.Index:
+    """Write the rows of the shards ``sources`` open (memory-mapped; the first is the base, the others its
+    upsert deltas), less the ids each hides, as one shard at ``target``; returns it (memory-mapped)."""
+    reader = sources[0][0]()
     if faiss.try_extract_index_ivf(reader) is not None:
-        _compact_ivf(open_shard, reader, dead, target)
+        _compact_ivf(sources, target)
     else:
-        faiss.write_index(_compact_flat(reader, factory, dead), str(target))
+        faiss.write_index(_compact_flat(sources, factory, reader.d), str(target))
     return store.read_faiss(target, mmap=True)
 
 
-def _compact_ivf(open_shard: Callable[[], faiss.Index], reader: faiss.Index, dead: np.ndarray,
-                 target: Path) -> None:
-    """Copy the kept codes of every inverted list (one list at a time) into a second opening of the shard
-    whose lists were replaced by empty in-RAM ones, and write it as a plain index file."""
-    src = faiss.try_extract_index_ivf(reader).invlists
-    writer = open_shard()
+def _compact_ivf(sources: Sequence[Source], target: Path) -> None:
+    """Copy the kept codes of every inverted list of every source (one list at a time) into a second opening
+    of the base shard whose lists were replaced by empty in-RAM ones, and write it as a plain index file.
+    A delta's codes are the base's (its trained quantizer and codec are a copy of the base's)."""
+    writer = sources[0][0]()
     ivf = faiss.try_extract_index_ivf(writer)
     lists = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
     ivf.replace_invlists(lists, True)
     lists.this.disown()  # the index owns it now
     kept_total = 0
-    for no in range(ivf.nlist):
-        n = src.list_size(no)
-        if not n:
-            continue
-        ids = faiss.rev_swig_ptr(src.get_ids(no), n).copy()
-        codes = faiss.rev_swig_ptr(src.get_codes(no), n * ivf.code_size).reshape(n, ivf.code_size)
-        keep = ~np.isin(ids, dead)
-        if keep.any():
-            kept_ids = np.ascontiguousarray(ids[keep])
-            kept_codes = np.ascontiguousarray(codes[keep])
-            lists.add_entries(no, int(keep.sum()), faiss.swig_ptr(kept_ids), faiss.swig_ptr(kept_codes))
-            kept_total += int(keep.sum())
+    for open_shard, hidden in sources:
+        reader = open_shard()  # held: its lists are read below
+        src_ivf = faiss.try_extract_index_ivf(reader)
+        if (src_ivf.nlist, src_ivf.code_size) != (ivf.nlist, ivf.code_size):
+            raise store.CorruptIndexError("a delta shard's lists do not match its base shard's")
+        src = src_ivf.invlists
+        for no in range(ivf.nlist):
+            n = src.list_size(no)
+            if not n:
+                continue
+            ids = faiss.rev_swig_ptr(src.get_ids(no), n).copy()
+            codes = faiss.rev_swig_ptr(src.get_codes(no), n * ivf.code_size).reshape(n, ivf.code_size)
+            keep = ~np.isin(ids, hidden)
+            if keep.any():
+                kept_ids = np.ascontiguousarray(ids[keep])
+                kept_codes = np.ascontiguousarray(codes[keep])
+                lists.add_entries(no, int(keep.sum()), faiss.swig_ptr(kept_ids), faiss.swig_ptr(kept_codes))
+                kept_total += int(keep.sum())
     ivf.ntotal = kept_total
     writer.ntotal = kept_total
     if ivf.direct_map.type != faiss.DirectMap.NoMap:
@@ -213,17 +249,19 @@ def _compact_ivf(open_shard: Callable[[], faiss.Index], reader: faiss.Index, dea
     faiss.write_index(writer, str(target))
 
 
-def _compact_flat(reader: faiss.Index, factory: str, dead: np.ndarray) -> faiss.Index:
-    """A fresh ``factory`` index of the kept vectors of an id-mapped flat / HNSW shard (read in slices)."""
-    external = faiss.vector_to_array(reader.id_map).astype(np.int64)
-    inner = faiss.downcast_index(reader.index)
-    rebuilt = make_index(factory, reader.d)
-    for start in range(0, int(reader.ntotal), RECONSTRUCT_SLICE):
-        n = min(RECONSTRUCT_SLICE, int(reader.ntotal) - start)
-        keep = ~np.isin(external[start:start + n], dead)
-        if keep.any():
-            vectors = inner.reconstruct_n(start, n)[keep]
-            rebuilt.add_with_ids(np.ascontiguousarray(vectors), external[start:start + n][keep])
+def _compact_flat(sources: Sequence[Source], factory: str, dim: int) -> faiss.Index:
+    """A fresh ``factory`` index of the kept vectors of id-mapped flat / HNSW shards (read in slices)."""
+    rebuilt = make_index(factory, dim)
+    for open_shard, hidden in sources:
+        reader = open_shard()
+        external = faiss.vector_to_array(reader.id_map).astype(np.int64)
+        inner = faiss.downcast_index(reader.index)
+        for start in range(0, int(reader.ntotal), RECONSTRUCT_SLICE):
+            n = min(RECONSTRUCT_SLICE, int(reader.ntotal) - start)
+            keep = ~np.isin(external[start:start + n], hidden)
+            if keep.any():
+                vectors = inner.reconstruct_n(start, n)[keep]
+                rebuilt.add_with_ids(np.ascontiguousarray(vectors), external[start:start + n][keep])
     return rebuilt
 
 
@@ -255,20 +293,54 @@ def drop_from_probe(probe: dict[str, np.ndarray] | None, removed: np.ndarray) ->
 
 
 def remeasure(meta: dict[str, Any], indexes: list[faiss.Index], probe: dict[str, np.ndarray] | None,
-              dead: np.ndarray | None = None) -> None:
+              dead: np.ndarray | None = None, shard_hidden: Sequence[np.ndarray] | None = None) -> None:
     """Recall of each shard on its stored probes against their (maintained) exact neighbours, the ``dead``
-    (tombstoned) ids filtered out as a search does; ``count`` = the rows FAISS holds less ``dead``."""
+    (tombstoned) ids filtered out as a search does (``shard_hidden``: per shard, when upsert deltas
+    supersede rows); ``count`` = the rows FAISS holds less ``dead`` and the superseded rows."""
     dead = np.zeros(0, np.int64) if dead is None else np.asarray(dead, np.int64)
     if probe is not None:
         k = int(meta.get("recall_k", DEFAULT_K))
         for i, (info, ix) in enumerate(zip(meta["shards"], indexes)):
             sel = probe["shard"] == i
-            info["recall"] = (_probe_recall(ix, probe["queries"][sel], probe["gt_i"][sel], k, dead)
-                              if sel.any() else float("nan"))
-        meta["recall"] = min(s["recall"] for s in meta["shards"])
+            hidden = dead if shard_hidden is None else shard_hidden[i]
+            if info.get("delta_of") is not None and sel.any():
+                info["recall"] = delta_recall(ix, probe, i, info["delta_of"], k, hidden)
+            else:
+                info["recall"] = (_probe_recall(ix, probe["queries"][sel], probe["gt_i"][sel], k, hidden)
+                                  if sel.any() else float("nan"))
+        meta["recall"] = version_recall(meta["shards"])
     for info, ix in zip(meta["shards"], indexes):
         info["count"] = int(ix.ntotal)
-    meta["count"] = sum(int(ix.ntotal) for ix in indexes) - len(dead)
+    superseded = int((meta.get("superseded") or {}).get("count", 0))
+    meta["count"] = sum(int(ix.ntotal) for ix in indexes) - len(dead) - superseded
+
+
+def delta_recall(index: faiss.Index, probe: dict[str, np.ndarray], delta: int, base_shard: int, k: int,
+                 hidden: np.ndarray) -> float:
+    """Share of the delta rows that belong in a probe's merged top ``k`` (an exact neighbour among the delta
+    rows scoring at least the base shard's k-th exact neighbour) that a search of the delta finds. A small
+    delta's own top k is mostly rows far from the probe, which no search needs: they do not count. NaN
+    when no delta row enters any probe's top k."""
+    base, sel = probe["shard"] == base_shard, probe["shard"] == delta
+    k = int(min(k, probe["gt_i"].shape[1]))
+    bar = probe["gt_d"][base][:, k - 1]
+    truth_d, truth_i = probe["gt_d"][sel][:, :k], probe["gt_i"][sel][:, :k]
+    relevant = (truth_i >= 0) & (truth_d >= bar[:, None])
+    if not relevant.any():
+        return float("nan")
+    queries = np.ascontiguousarray(probe["queries"][sel], dtype=np.float32)
+    params, keep_alive = search_parameters(index, selector_excluding(hidden), exhaustive=False)
+    _, found = index.search(queries, int(min(k, max(index.ntotal, 1))), params=params)
+    del keep_alive
+    hits = sum(int(np.isin(truth_i[q][relevant[q]], found[q]).sum()) for q in range(len(queries)))
+    return hits / int(relevant.sum())
+
+
+def version_recall(shards: list[dict[str, Any]]) -> float:
+    """The version's recall: its worst shard's (a delta no probe's top k reaches, NaN, is left out)."""
+    recalls = [float(s.get("recall", float("nan"))) for s in shards]
+    measured = [r for r in recalls if r == r]
+    return min(measured) if measured else float("nan")
 
 
 def _probe_recall(ix: faiss.Index, queries: np.ndarray, truth: np.ndarray, k: int, dead: np.ndarray) -> float:

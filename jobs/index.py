@@ -15,7 +15,7 @@ import os
 import sys
 
 from index import build as index_build
-from index import store
+from index import store, upsert
 from index.query import VideoIndex
 
 
@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--ray-address", default=None, help="Ray of --shards / --distributed ($RAY_ADDRESS/local)")
     b.add_argument("--text-queries", action="append", help="caption embeddings to tune on (or 'none')")
     b.add_argument("--query-log", action="append", help="a service's query log (JSONL) to tune on")
-    a = sub.add_parser("add", help="add (upsert) embeddings to the CURRENT version without retraining")
+    a = sub.add_parser("add", help="add (upsert) embeddings as a delta shard: no copy, no retraining")
     a.add_argument("--embeddings", required=True)
     a.add_argument("--output", "--index", dest="output", required=True)
     a.add_argument("--no-upsert", action="store_true", help="reject rows of videos already indexed")
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             _print(store.retry_on_conflict(args.retries, index_build.build_index, args.embeddings,
                                            args.output, text_queries=texts, **opts))
         elif args.command == "add":
-            _print(store.retry_on_conflict(args.retries, index_build.add_embeddings, args.output,
+            _print(store.retry_on_conflict(args.retries, upsert.upsert_embeddings, args.output,
                                            args.embeddings, batch_size=args.batch_size, keep=args.keep,
                                            upsert=not args.no_upsert))
         elif args.command == "delete":

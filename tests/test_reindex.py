@@ -242,6 +242,39 @@ def test_hard_killed_cli_run_leaves_a_stale_lock_that_the_next_run_takes_over(sc
     assert not (wd / "reindex.lock").exists()
 
 
+@pytest.mark.slow
+def test_reindex_builds_what_a_hand_build_builds(corpora, ray_local, tmp_path):
+    """A recipe that asks for moments: the nightly run embeds windows and caption text and tunes on text, as
+    `jobs.embed --with-text --windows` + `jobs.index build` over the same shards do by hand."""
+    from index import store
+    from index.moments import WINDOW_CLIP_BASE
+    from jobs import embed as embed_job
+    from jobs import index as index_job
+
+    ids = [f"synth-{i:06d}" for i in range(4)]
+    source = write_source(tmp_path / "src", corpora[0], ids)
+    cfg = {**TINY, "embed": {**TINY["embed"], "windows": True, "with_text": True}}
+    run = rx.run_reindex(source, tmp_path / "wd", config=cfg, allow_random_init=True, progress=False)
+    assert run["build"] == {"distributed": False, "rows": run["live_rows"], "tuned_on": "text"}
+    shards = str(tmp_path / "wd" / "ingest" / "run-000001")
+    assert embed_job.main(["--shards", shards, "--model", TINY["model"], "--allow-random-init",
+                           "--output", str(tmp_path / "hand_emb"), "--batch-size", "4",
+                           "--num-clips", "2", "--frames-per-clip", "2", "--with-text", "--windows"]) == 0
+    partition = next((tmp_path / "hand_emb").glob("model_id=*"))
+    assert index_job.main(["build", "--embeddings", str(partition), "--output", str(tmp_path / "hand")]) == 0
+    nightly_dir, hand_dir = store.version_dir(tmp_path / "wd" / "index"), store.version_dir(tmp_path / "hand")
+    nightly, hand = store.read_meta(nightly_dir), store.read_meta(hand_dir)
+    for key in ("factory", "count", "dim", "model_id", "search_params", "num_shards"):
+        assert nightly[key] == hand[key], key
+    assert nightly["tuning_queries"]["kind"] == hand["tuning_queries"]["kind"] == "text"
+    assert nightly["tuning_queries"]["count"] == hand["tuning_queries"]["count"] > 0
+    rows = {name: store.read_ids(vdir).select(["video_id", "clip_index"]).to_pylist()
+            for name, vdir in (("nightly", nightly_dir), ("hand", hand_dir))}
+    assert sorted(map(str, rows["nightly"])) == sorted(map(str, rows["hand"]))
+    windows = [r for r in rows["nightly"] if r["clip_index"] >= WINDOW_CLIP_BASE]
+    assert {r["video_id"] for r in windows} == set(ids)
+
+
 # ------------------------------------------------------------------------------------------ unit: lock
 def _write_lock(path: Path, **fields) -> None:
     now = time.time()
@@ -461,3 +494,40 @@ def test_incremental_deletes_compact_the_scratch_index_past_the_threshold(tmp_pa
     index = VideoIndex.open(run.wd.index)
     assert len(index) == index.indexes[0].ntotal == 40 and "tombstones" not in index.meta
     assert not {f"vid-{v:06d}" for v in range(10)} & {h.video_id for h in index.search(vecs[:20], k=5)[0]}
+
+
+def test_full_build_is_distributed_past_the_threshold_and_tunes_on_live_captions(ray_local, tmp_path):
+    """``index.distributed_rows`` live rows make the full build a distributed one (on-disk lists, Ray
+    tasks); fewer build in process. Both tune on the caption text of the live videos only."""
+    import pyarrow as pa
+
+    from index import store
+    from index.testing import clustered_vectors, write_embeddings
+    from runtime import storage
+
+    vecs = clustered_vectors(3000, 16, seed=4)
+    run = _run(tmp_path, model_id="m_0", full=True)
+    write_embeddings(run.wd.embeddings, vecs, clips_per_video=3, model_id="m_0")
+    parts = sorted(Path(run.partition).glob("part-*"))
+    run.live_rows = pa.concat_tables([storage.read_parquet(p) for p in parts])
+    run.live_records = {f"vid-{v:06d}": {} for v in range(1, 1000)}  # vid-000000 was deleted
+    rng = np.random.default_rng(0)
+    text = pa.table({"video_id": [f"vid-{v:06d}" for v in range(1000)],
+                     "caption": [f"caption {v}" for v in range(1000)],
+                     "embedding": (vecs[::3] + rng.normal(size=(1000, 16))).astype(np.float32).tolist()})
+    storage.write_parquet(text, str(Path(run.wd.embeddings) / "_text" / "model_id=m_0" / "part-000.parquet"))
+    run.cfg["index"].update(distributed_rows=3000, slice_rows=1000, factory="IVF16,Flat")
+    built = {}
+    for threshold in (3000, 3001):
+        run.cfg["index"]["distributed_rows"] = threshold
+        run_module.rebuild_from_live_rows(run)
+        built[threshold] = (dict(run.summary["build"]), store.read_meta(store.version_dir(str(run.scratch))))
+    (dist_summary, dist), (local_summary, local) = built[3000], built[3001]
+    assert dist_summary == {"distributed": True, "rows": 3000, "tuned_on": "text"}
+    assert local_summary == {"distributed": False, "rows": 3000, "tuned_on": "text"}
+    assert "ivfdata" in dist["shards"][0] and "ivfdata" not in local["shards"][0]
+    for meta in (dist, local):
+        assert meta["factory"] == "IVF16,Flat" and meta["count"] == 3000
+        assert meta["tuning_queries"]["kind"] == "text"
+        assert meta["tuning_queries"]["captions"]["distinct"] == 999  # not the deleted video's caption
+    assert dist["search_params"] == local["search_params"]

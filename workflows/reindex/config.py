@@ -14,7 +14,15 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "model": "clip4clip-meanP-tiny",
     "pretrained": None,
     "ingest": {"samples_per_shard": 64, "workers": None},
-    "embed": {"batch_size": 16, "encoders": 1, "sampling": {"num_clips": 4, "frames_per_clip": 4}},
+    "embed": {
+        "batch_size": 16,
+        "encoders": 1,
+        "sampling": {"num_clips": 4, "frames_per_clip": 4},
+        "windows": False,  # moment windows (jobs.embed --windows): the recipe asks for moments
+        "window_s": None,  # window length (null: the sampling's clip span), docs/moments.md
+        "stride_s": None,  # window stride (null: half the window)
+        "with_text": True,  # caption text embeddings (jobs.embed --with-text): a build tunes nprobe on text
+    },
     "index": {
         "factory": None,
         "memory_budget": "4GB",
@@ -23,6 +31,9 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "keep": 3,
         "growth_factor": 2.0,
         "compact_threshold": 0.2,  # compact when tombstoned rows pass this share (index.tombstones)
+        # a full build of at least this many live rows is distributed (index.distributed, docs/reindex.md)
+        "distributed_rows": 1_000_000,
+        "slice_rows": 262_144,  # rows per add task of a distributed build (index.DEFAULT_SLICE_ROWS)
     },
     "validate": {"min_recall": 0.9, "known_queries": 5},
     "lock": {"ttl_s": 3600.0, "heartbeat_s": 30.0},

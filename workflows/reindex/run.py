@@ -2,10 +2,12 @@
 
 lock → :func:`step_scan` (read + hash the source, delta vs the last successful run) → :func:`step_ingest`
 (the delta into ``WORKDIR/ingest/run-<seq>/``; WORKDIR on any store) → :func:`step_embed` (into
-``WORKDIR/embeddings/model_id=<id>/``) → :func:`step_index` (the live set; ``delete_videos`` +
-``add_embeddings`` on a scratch copy of the CURRENT index, or a full rebuild from the live rows when there is
-no index yet, the model changed or ``needs_retrain`` says so) → :func:`step_validate` → :func:`step_publish`
-(atomic ``CURRENT`` swap) → :func:`commit_state` (``WORKDIR/state/state.json``, atomic).
+``WORKDIR/embeddings/model_id=<id>/``, with caption text and, when asked, moment windows) →
+:func:`step_index` (the live set; ``delete_videos`` + ``upsert_embeddings`` + ``compact_index`` on a scratch
+copy of the CURRENT index, or a full rebuild from the live rows, distributed past ``index.distributed_rows``
+and tuned on the live captions, when there is no index yet, the model changed or ``needs_retrain`` says so)
+→ :func:`step_validate` → :func:`step_publish` (atomic ``CURRENT`` swap) → :func:`commit_state`
+(``WORKDIR/state/state.json``, atomic).
 
 State only advances after publish, and every step is idempotent (ingest skips finished shards, embed skips
 finished parts, index work happens in a scratch copy), so a run killed at any point leaves the current
@@ -26,10 +28,11 @@ from typing import Any
 import pyarrow as pa
 import ray
 
-from index import add_embeddings, build_index, compact_index, delete_videos, needs_retrain, store
+from index import build_index, compact_index, delete_videos, needs_retrain, store
+from index.upsert import upsert_embeddings
 from models import create_inference_model
 from pipeline.datasets import list_shards
-from pipeline.embedding import model_partition, plan_shards
+from pipeline.embedding import list_parts, model_partition, plan_shards, text_dir
 from pipeline.ingest import run_ingest
 from runtime import storage
 from runtime.ray_connect import connect_ray
@@ -42,6 +45,7 @@ from workflows.reindex.tables import (
     collect_rows,
     copy_current,
     embed_errors,
+    live_captions,
     stamped_meta,
     write_embeddings_dir,
 )
@@ -220,7 +224,9 @@ def step_embed(run: ReindexRun) -> None:
     if not run.ingested:
         return
     ec = run.cfg["embed"]
-    if any(w.todo_keys for w in plan_shards(list_shards(run.run_dir), run.partition)):
+    with_text = bool(ec.get("with_text"))
+    todo = any(w.todo_keys for w in plan_shards(list_shards(run.run_dir), run.partition))
+    if todo or (with_text and captions_missing(run.partition)):  # a rerun skips Ray start-up when done
         run.connect_ray()
     run.summary["embed"] = run_embed(
         run.run_dir,
@@ -231,9 +237,19 @@ def step_embed(run: ReindexRun) -> None:
         sampling=dict(ec.get("sampling") or {}),
         batch_size=int(ec.get("batch_size", 16)),
         encoders=int(ec.get("encoders", 1)),
+        with_text=with_text,
+        windows=bool(ec.get("windows")),
+        window_s=ec.get("window_s"),
+        stride_s=ec.get("stride_s"),
     )
     for vid, err in embed_errors(run.partition, f"{storage.name(run.run_dir)}-").items():
         run.failed[vid] = {"stage": "embed", **err}
+
+
+def captions_missing(partition: str) -> bool:
+    """Whether an embedding part of ``partition`` has no caption text part yet (``--with-text`` layout)."""
+    done = {storage.name(u) for u in storage.list_files(text_dir(partition), ".parquet")}
+    return any(storage.name(part) not in done for part in list_parts(partition))
 
 
 def step_index(run: ReindexRun) -> None:
@@ -320,16 +336,20 @@ def update_scratch_index(run: ReindexRun) -> None:
 
 
 def update_incrementally(run: ReindexRun) -> None:
-    """Copy CURRENT into the scratch dir, delete the removed videos, add the delta rows; switch to a
+    """Copy CURRENT into the scratch dir, delete the removed videos, upsert the delta rows as a delta shard
+    (:func:`index.upsert.upsert_embeddings`: nothing of the index is loaded into memory); switch to a
     rebuild when ``needs_retrain`` says the updated index has drifted too far."""
     staging = run.wd.run_staging(run.seq)
     run.parent = copy_current(run.wd.index, run.scratch)
-    if run.remove:
-        delete_videos(run.scratch, run.remove, keep=2)
+    upserted = set(run.delta_rows.column("video_id").to_pylist()) if run.delta_rows is not None else set()
+    deleted = [vid for vid in run.remove if vid not in upserted]  # a changed video's rows are superseded
+    if deleted:
+        delete_videos(run.scratch, deleted, keep=2)
     if run.delta_rows is not None:
         delta_dir = write_embeddings_dir(run.delta_rows, run.partition, staging / "delta", "delta")
-        add_embeddings(run.scratch, delta_dir, keep=2, progress=run.progress)
-    # Deletes only tombstone rows; past the threshold the shards are rewritten without them.
+        upsert_embeddings(run.scratch, delta_dir, keep=2, progress=run.progress)
+    # Deletes and upserts only hide rows; past the threshold the shards are rewritten without them (and
+    # the delta shards folded into their base shard).
     compacted = compact_index(run.scratch, threshold=float(run.cfg["index"]["compact_threshold"]), keep=2,
                               progress=run.progress)
     if compacted is not None:
@@ -342,13 +362,26 @@ def update_incrementally(run: ReindexRun) -> None:
 
 
 def rebuild_from_live_rows(run: ReindexRun) -> None:
-    """A fresh scratch index built from exactly the live rows (old parts may hold stale rows)."""
+    """A fresh scratch index built from exactly the live rows (old parts may hold stale rows), as a user
+    builds one by hand: tuned on the live videos' caption text embeddings when the embed step wrote them,
+    and distributed over Ray tasks (:mod:`index.distributed`) from ``index.distributed_rows`` live rows."""
     icfg = run.cfg["index"]
     shutil.rmtree(run.scratch, ignore_errors=True)
     staging = run.wd.run_staging(run.seq)
     live_dir = write_embeddings_dir(run.live_rows, run.partition, staging / "live", "live")
+    captions = live_captions(text_dir(run.partition), set(run.live_records))
+    text_queries = None
+    if captions is not None:
+        text_queries = str(staging / "live_text")
+        storage.write_parquet(captions, storage.join(text_queries, "part-live.parquet"))
+    distributed = run.live_rows.num_rows >= int(icfg["distributed_rows"])
+    if distributed:
+        run.connect_ray()
     build_index(live_dir, run.scratch, keep=1, factory=icfg["factory"], memory_budget=icfg["memory_budget"],
-                recall_target=icfg["recall_target"], k=icfg["k"], progress=run.progress)
+                recall_target=icfg["recall_target"], k=icfg["k"], progress=run.progress,
+                text_queries=text_queries, distributed=distributed, slice_rows=int(icfg["slice_rows"]))
+    run.summary["build"] = {"distributed": distributed, "rows": int(run.live_rows.num_rows),
+                            "tuned_on": "text" if text_queries else "video"}
     run.parent = run.current
 
 

@@ -51,6 +51,23 @@ def collect_rows(partition: str | os.PathLike, pairs: Iterable[tuple[str, str]])
     return table.take(pa.array(keep))
 
 
+def live_captions(text_folder: str, live_videos: set[str]) -> pa.Table | None:
+    """The caption text embeddings (``jobs.embed --with-text`` parts of every run) of the live videos, one
+    row per distinct (video, caption): what a hand build of the live corpus tunes on. None when none."""
+    wanted = pa.array(sorted(live_videos), pa.string())
+    tables = []
+    for part in storage.list_files(text_folder, ".parquet"):
+        table = storage.read_parquet(part, columns=["video_id", "caption", "embedding"])
+        tables.append(table.filter(pc.is_in(table.column("video_id"), value_set=wanted)))
+    tables = [t for t in tables if t.num_rows]
+    if not tables:
+        return None
+    table = pa.concat_tables(tables)
+    keys = pc.binary_join_element_wise(table.column("video_id"), table.column("caption"), "\x00")
+    _, last = np.unique(keys.to_numpy(zero_copy_only=False)[::-1], return_index=True)  # the newest run's
+    return table.take(pa.array(np.sort(len(keys) - 1 - last)))
+
+
 def write_embeddings_dir(table: pa.Table, partition: str | os.PathLike, out_dir: Path, name: str) -> Path:
     """Write ``table`` as ``out_dir/part-<name>.parquet`` beside a copy of the partition's ``_model.json``."""
     out_dir = Path(out_dir)

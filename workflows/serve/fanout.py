@@ -38,6 +38,7 @@ import pyarrow.compute as pc
 
 from index import store
 from index.query import Hit, search_parameters
+from index.rows import hidden_in_shard, superseded_mask
 from index.searcher import RankedResult
 from index.tuning import apply_search_params
 from runtime import storage
@@ -96,21 +97,27 @@ class ShardSet:
             raise store.CorruptIndexError(
                 f"index version {version!r}: shards {list(self.positions)} hold {expected} vectors, "
                 f"its ids table has {table.num_rows} rows for them")
+        superseded = store.read_superseded(vdir, meta)
+        if len(superseded[0]):  # rows an upsert delta replaced (same ids): the newest shard's row answers
+            gone = superseded_mask(table["id"].to_numpy(), table["shard"].to_numpy(), superseded)
+            table = table.filter(pa_bool(~gone))
         ids = table["id"].to_numpy()
         self._order = np.argsort(ids, kind="stable")
         self._sorted_ids = ids[self._order]
         self._rows = table.drop_columns(["shard", "id"])
-        self._dead = store.read_dead_ids(vdir, meta)
+        dead = store.read_dead_ids(vdir, meta)
+        # per shard: the tombstoned ids and those a later (delta) shard supersedes
+        self._hidden = {p: hidden_in_shard(dead, superseded, p) for p in self.positions}
 
-    def _selector(self, allowed_ids: np.ndarray | None):
-        """The FAISS id filter: the allowed ids less the tombstoned ones, or "not tombstoned" (None when the
-        version has no deletes and no filter is asked for)."""
+    def _selector(self, allowed_ids: np.ndarray | None, position: int):
+        """The FAISS id filter of shard ``position``: the allowed ids less the hidden ones (tombstoned or
+        superseded), or "not hidden" (None when nothing is hidden and no filter is asked for)."""
+        hidden = self._hidden[position]
         if allowed_ids is not None:
-            return faiss.IDSelectorBatch(np.setdiff1d(allowed_ids, self._dead) if len(self._dead)
-                                         else allowed_ids)
-        if not len(self._dead):
+            return faiss.IDSelectorBatch(np.setdiff1d(allowed_ids, hidden) if len(hidden) else allowed_ids)
+        if not len(hidden):
             return None
-        dead = faiss.IDSelectorBatch(self._dead)
+        dead = faiss.IDSelectorBatch(hidden)
         live = faiss.IDSelectorNot(dead)
         live.keep_alive = dead  # IDSelectorNot does not own the selector it negates
         return live
@@ -119,9 +126,9 @@ class ShardSet:
                exhaustive: bool) -> dict[int, dict[str, Any]]:
         """Per shard position: its top ``fetch`` ``scores`` / ``ids`` ``[Q, kk]`` and the ``rows`` (fields of
         each distinct hit id: ``id``, video_id, start_s, end_s, clip_index, caption)."""
-        selector = self._selector(allowed_ids)
         out = {}
         for p, ix in self.indexes.items():
+            selector = self._selector(allowed_ids, p)
             kk = int(min(fetch, max(ix.ntotal, 1)))
             if selector is None and not exhaustive:
                 scores, ids = ix.search(vectors, kk)
@@ -148,6 +155,12 @@ def pa_int32(values: Sequence[int]):
     import pyarrow as pa
 
     return pa.array(list(values), pa.int32())
+
+
+def pa_bool(values: np.ndarray):
+    import pyarrow as pa
+
+    return pa.array(values, pa.bool_())
 
 
 class ShardReplica:
