@@ -278,26 +278,53 @@ def cost_model(results: list[dict], data_dir: Path) -> list[dict]:
     return rows
 
 
+CURVES = (  # (title, y label, value of one system at one size, log y)
+    ("Build time", "build wall s", lambda s, raw: s["build_s"], True),
+    ("Memory", "RSS / raw vectors (squares: build peak, circles: serving anon)",
+     lambda s, raw: max(s["driver_peak_rss"], s["worker_peak_rss"]) / raw, False),
+    ("Latency", "single-query p50 ms (tuned)", lambda s, raw: s["tuned"]["p50_ms"], True),
+    ("Recall", "video recall@10 (tuned)", lambda s, raw: s["tuned"]["recall"], False),
+)
+
+
 def plot(results: list[dict], path: Path) -> None:
-    """recall@10 vs single-query p50 per system and size (the sweep of each system's search setting)."""
+    """One panel each of build time, memory, latency and recall against corpus size (per system), and
+    recall@10 against single-query p50 along each system's sweep of its search setting."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, axes = plt.subplots(2, 3, figsize=(14, 8))
+    results = sorted(results, key=lambda r: r["n"])
+    systems = sorted({system for r in results for system in r["systems"]})
+    for ax, (title, label, value, log) in zip(axes.flat, CURVES):
+        for i, system in enumerate(systems):
+            pts = [(r["n"], value(r["systems"][system], r["raw_bytes"])) for r in results
+                   if system in r["systems"]]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="s", color=f"C{i}", label=system)
+            if title == "Memory":
+                anon = [(r["n"], r["systems"][system]["anon_rss_after"] / r["raw_bytes"]) for r in results
+                        if system in r["systems"]]
+                ax.plot([p[0] for p in anon], [p[1] for p in anon], "o--", color=f"C{i}", alpha=0.6)
+        ax.set(title=title, xlabel="clip vectors", ylabel=label, xscale="log")
+        ax.set_yscale("log" if log else "linear")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    ax = axes.flat[len(CURVES)]
     for r in results:
-        for system, s in r["systems"].items():
+        for system, s in sorted(r["systems"].items()):
             pts = sorted((p["p50_ms"], p["recall"]) for p in s["sweep"])
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{system}, {r['n']:,}")
-    ax.set_xscale("log")
-    ax.set_xlabel("single-query p50 (ms, log)")
-    ax.set_ylabel("video recall@10, held-out text-like queries")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=f"C{systems.index(system)}",
+                    alpha=0.4 + 0.6 * (r["n"] == results[-1]["n"]), label=f"{system}, {r['n']:,}")
+    ax.set(title="Recall vs latency (each system's sweep)", xlabel="single-query p50 ms (log)",
+           ylabel="video recall@10", xscale="log")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
+    axes.flat[-1].axis("off")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 

@@ -64,7 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fanout-shards-per-deployment", type=int, default=0,
                    help="with --ray-serve: index shards per shard deployment, searched by fan-out (0: off)")
     p.add_argument("--shard-replicas", type=int, default=1, help="replicas of each shard deployment")
-    p.add_argument("--shard-cpus", type=float, default=1.0, help="CPUs each shard replica reserves")
+    p.add_argument("--shard-cpus", type=float, default=1.0,
+                   help="CPUs each shard replica reserves (fractions share a core: 0.25 fits 4 on 2 cores "
+                        "beside the ingress's 1)")
     p.add_argument("--query-log", default=None,
                    help="folder/URI to log query texts to (JSONL; jobs.index build --query-log reads it)")
     return p

@@ -229,11 +229,12 @@ def test_fanout_shards_of_an_upserted_version_answer_as_one_process(index_root, 
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     want_d, want_i = index.search_vectors(queries, 8)
     shards = [ShardSet(str(root), meta["version"], [p]) for p in range(len(meta["shards"]))]
-    answers = [s.search(queries, 8, None, False) for s in shards]
-    scores = np.concatenate([a[p]["scores"] for p, a in enumerate(answers)], axis=1)
-    ids = np.concatenate([a[p]["ids"] for p, a in enumerate(answers)], axis=1)
+    answers = [s.search(queries, 8, None, False)[0] for s in shards]  # (scores, ids) of its one shard
+    scores = np.concatenate([a[0] for a in answers], axis=1)
+    ids = np.concatenate([a[1] for a in answers], axis=1)
     order = np.argsort(-scores, axis=1, kind="stable")[:, :8]
     np.testing.assert_array_equal(np.take_along_axis(ids, order, axis=1), want_i)
     np.testing.assert_allclose(np.take_along_axis(scores, order, axis=1), want_d, atol=1e-5)
-    delta_rows = answers[-1][len(meta["shards"]) - 1]["rows"]
-    assert set(delta_rows["video_id"]) <= {f"vid-{v:06d}" for v in range(3)}
+    delta_ids = answers[-1][1]
+    delta_rows = index.rows.rows_of(np.unique(delta_ids[delta_ids >= 0]))
+    assert set(index.rows.column("video_id", delta_rows)) <= {f"vid-{v:06d}" for v in range(3)}

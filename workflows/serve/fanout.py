@@ -5,13 +5,15 @@ answers.
 deployments (:func:`deploy_shards`, ``--shard-replicas`` replicas each) before the service's own deployment,
 whose snapshots then hold a :class:`FanoutSearcher` instead of a one-process ``VideoIndex``:
 
-* the ingress encodes a query's text once and sends the normalised vectors to every shard deployment;
+* the ingress encodes a query's text once and runs ``VideoIndex``'s own ranking over the version's
+  memory-mapped rows (:class:`FanoutSearcher` is a ``VideoIndex`` whose FAISS searches go to the shard
+  deployments): over-fetch and doubling, the exhaustive retry of a filtered search, collapse per video, the
+  fields of the final hits, moments of windowed videos;
 * a shard replica (:class:`ShardReplica`) searches its shards (FAISS files memory-mapped, opened from the
-  published version's files, only its shards' rows of ids.parquet, kept as arrays) and returns its top
-  ``fetch`` clips per shard with their rows' fields;
-* the ingress merges the clips of all shards by score, in shard order, and collapses them per video exactly as
-  :class:`index.query.VideoIndex` does (same over-fetch, same doubling, same exhaustive retry of a filtered
-  search), so its answer is the top k of one process searching every shard;
+  published version's files) and answers compact arrays: each shard's top ``fetch`` scores and ids, and for
+  moments the scores of the window ids it is asked for;
+* the ingress merges the shards' answers by score in shard order, as ``VideoIndex`` merges its own shards, so
+  its answer is the top k of one process searching every shard, fields and moments included;
 * a shard deployment that fails or has not answered by the deadline is left out: the result is
   ``RankedResult(partial=True, missing_shards=...)``; when no shard answers :class:`FanoutError` is raised.
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import copy
 import dataclasses
 import math
 import threading
@@ -34,12 +37,12 @@ from typing import Any
 
 import faiss
 import numpy as np
-import pyarrow.compute as pc
 
 from index import store
-from index.query import Hit, search_parameters
-from index.rows import hidden_in_shard, superseded_mask
+from index.query import VideoIndex, search_parameters, selector_excluding
+from index.rows import hidden_in_shard
 from index.searcher import RankedResult
+from index.sharded import merge_shard_results
 from index.tuning import apply_search_params
 from runtime import storage
 from workflows.serve.live import SnapshotLoader
@@ -47,7 +50,6 @@ from workflows.serve.live import SnapshotLoader
 APP_PREFIX = "vidsift-shards"
 DEFAULT_TIMEOUT_S = 30.0  # a request without a deadline still never waits on a shard for longer
 VERSIONS_KEPT = 2  # per replica: the serving version and the one a swap is moving to
-_ROW_FIELDS = ("video_id", "start_s", "end_s", "clip_index")
 _WAITERS = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="vidsift-fanout-wait")
 
 
@@ -71,8 +73,8 @@ class FanoutPlan:
 # --------------------------------------------------------------------------------------- shard replica
 class ShardSet:
     """Some shards of one published version, opened for search: FAISS files memory-mapped (on-disk lists
-    too: ``store.read_shard``), those shards' rows of the version's ids table as Arrow columns, and the ids
-    its deletes tombstoned (never returned)."""
+    too: ``store.read_shard``) and the ids its deletes tombstoned (never returned). No rows: replicas answer
+    ids and scores, and the ingress attaches fields (memory-mapped ids.arrow) to the final hits only."""
 
     def __init__(self, root: str, version: str, positions: Sequence[int], mmap: bool | None = None):
         vdir = store.version_dir(root, version)
@@ -85,86 +87,66 @@ class ShardSet:
         for p in self.positions:
             info = meta["shards"][p]
             ix = store.read_shard(vdir, meta, info, mmap=mmap)
+            if ix.d != int(meta["dim"]):
+                raise store.CorruptIndexError(
+                    f"index version {version!r}: shard {p} has dim {ix.d}, index.json says {meta['dim']}")
             apply_search_params(ix, info.get("search_params", {}))
             self.indexes[p] = ix
-        table = store.read_row_table(vdir, meta).table  # every stored row, tombstoned ones too
-        columns = ["id", "shard", *_ROW_FIELDS] + (["captions"] if "captions" in table.column_names else [])
-        table = table.select(columns)
-        if len(meta["shards"]) > 1:
-            table = table.filter(pc.is_in(table["shard"], value_set=pa_int32(self.positions)))
-        expected = sum(int(ix.ntotal) for ix in self.indexes.values())
-        if table.num_rows != expected:
-            raise store.CorruptIndexError(
-                f"index version {version!r}: shards {list(self.positions)} hold {expected} vectors, "
-                f"its ids table has {table.num_rows} rows for them")
-        superseded = store.read_superseded(vdir, meta)
-        if len(superseded[0]):  # rows an upsert delta replaced (same ids): the newest shard's row answers
-            gone = superseded_mask(table["id"].to_numpy(), table["shard"].to_numpy(), superseded)
-            table = table.filter(pa_bool(~gone))
-        ids = table["id"].to_numpy()
-        self._order = np.argsort(ids, kind="stable")
-        self._sorted_ids = ids[self._order]
-        self._rows = table.drop_columns(["shard", "id"])
         dead = store.read_dead_ids(vdir, meta)
-        # per shard: the tombstoned ids and those a later (delta) shard supersedes
+        superseded = store.read_superseded(vdir, meta)
+        # Per shard: the ids its search skips, the tombstoned ones and those a later (upsert delta) shard
+        # supersedes (same ids, so the ingress's allowed ids cannot exclude them); built once, O(hidden).
         self._hidden = {p: hidden_in_shard(dead, superseded, p) for p in self.positions}
+        self._live = {p: selector_excluding(hidden) for p, hidden in self._hidden.items()}
 
     def _selector(self, allowed_ids: np.ndarray | None, position: int):
-        """The FAISS id filter of shard ``position``: the allowed ids less the hidden ones (tombstoned or
-        superseded), or "not hidden" (None when nothing is hidden and no filter is asked for)."""
+        """The FAISS id filter of shard ``position``: the allowed ids less the hidden ones, or "not hidden"
+        (None when nothing is hidden and no filter is asked for)."""
+        if allowed_ids is None:
+            return self._live[position]
         hidden = self._hidden[position]
-        if allowed_ids is not None:
-            return faiss.IDSelectorBatch(np.setdiff1d(allowed_ids, hidden) if len(hidden) else allowed_ids)
-        if not len(hidden):
-            return None
-        dead = faiss.IDSelectorBatch(hidden)
-        live = faiss.IDSelectorNot(dead)
-        live.keep_alive = dead  # IDSelectorNot does not own the selector it negates
-        return live
+        return faiss.IDSelectorBatch(np.setdiff1d(allowed_ids, hidden) if len(hidden) else allowed_ids)
 
     def search(self, vectors: np.ndarray, fetch: int, allowed_ids: np.ndarray | None,
-               exhaustive: bool) -> dict[int, dict[str, Any]]:
-        """Per shard position: its top ``fetch`` ``scores`` / ``ids`` ``[Q, kk]`` and the ``rows`` (fields of
-        each distinct hit id: ``id``, video_id, start_s, end_s, clip_index, caption)."""
-        out = {}
+               exhaustive: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Each shard's top ``fetch`` ``(scores, ids)`` ``[Q, kk]``, in position order: what
+        ``VideoIndex.search_vectors`` asks of each of its shards. ``allowed_ids`` are live ids (the ingress
+        removed the tombstoned ones)."""
+        out = []
         for p, ix in self.indexes.items():
             selector = self._selector(allowed_ids, p)
             kk = int(min(fetch, max(ix.ntotal, 1)))
             if selector is None and not exhaustive:
-                scores, ids = ix.search(vectors, kk)
+                out.append(ix.search(vectors, kk))
             else:
                 params, keep_alive = search_parameters(ix, selector, exhaustive)
-                scores, ids = ix.search(vectors, kk, params=params)
+                out.append(ix.search(vectors, kk, params=params))
                 del keep_alive  # the SWIG params point at these; they lived until the search returned
-            out[p] = {"scores": scores, "ids": ids, "rows": self._fields(np.unique(ids[ids >= 0]))}
         return out
 
-    def _fields(self, ids: np.ndarray) -> dict[str, Any]:
-        pos = np.clip(np.searchsorted(self._sorted_ids, ids), 0, max(len(self._sorted_ids) - 1, 0))
-        found = self._sorted_ids[pos] == ids if len(self._sorted_ids) else np.zeros(len(ids), bool)
-        taken = self._rows.take(self._order[pos[found]])
-        rows = {"id": ids[found]}
-        for name in _ROW_FIELDS:
-            rows[name] = taken[name].to_pylist()
-        caps = taken["captions"].to_pylist() if "captions" in taken.column_names else [None] * len(taken)
-        rows["caption"] = [c[0] if c else None for c in caps]
-        return rows
-
-
-def pa_int32(values: Sequence[int]):
-    import pyarrow as pa
-
-    return pa.array(list(values), pa.int32())
-
-
-def pa_bool(values: np.ndarray):
-    import pyarrow as pa
-
-    return pa.array(values, pa.bool_())
+    def score_ids(self, vector: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids, scores)`` of the query against the rows ``ids`` that these shards hold and the query's
+        probed lists reach: ``VideoIndex._score_ids`` on these shards (the same search, the same ``k``)."""
+        q = np.ascontiguousarray(vector[None, :], dtype=np.float32)
+        q = q / max(float(np.linalg.norm(q)), 1e-12)
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        found, scores = [], []
+        for p, ix in self.indexes.items():
+            selector = self._selector(ids, p)
+            ivf = faiss.try_extract_index_ivf(ix)
+            params = (faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nprobe) if ivf is not None
+                      else faiss.SearchParameters(sel=selector))
+            d, i = ix.search(q, int(min(len(ids), max(ix.ntotal, 1))), params=params)
+            found.append(i[0][i[0] >= 0])
+            scores.append(d[0][i[0] >= 0])
+        return np.concatenate(found), np.concatenate(scores)
 
 
 class ShardReplica:
-    """The body of a shard deployment (one per replica): opens the versions and shards it is asked for."""
+    """The body of a shard deployment (one per replica): opens the versions and shards it is asked for.
+
+    Answers are compact (numpy ids and scores, with the replica's id and its receive / reply
+    ``time.perf_counter`` stamps: the ingress's hop timings, :attr:`FanoutSearcher.trace`)."""
 
     def __init__(self, root: str, mmap: bool | None = None, omp_threads: int | None = None):
         self.root, self.mmap = storage.normalize(root), mmap
@@ -173,6 +155,7 @@ class ShardReplica:
         self._open: collections.OrderedDict[tuple, ShardSet] = collections.OrderedDict()
         self._lock = threading.Lock()
         self.searches = 0
+        self.replica = _replica_id()
 
     def _shards(self, version: str, positions: Sequence[int]) -> ShardSet:
         key = (version, tuple(positions))
@@ -186,12 +169,20 @@ class ShardReplica:
 
     def search(self, version: str, positions: Sequence[int], vectors: np.ndarray, fetch: int,
                allowed_ids: np.ndarray | None = None, exhaustive: bool = False) -> dict[str, Any]:
-        shards = self._shards(version, positions)
+        received = time.perf_counter()
+        answer = self._shards(version, positions).search(vectors, fetch, allowed_ids, exhaustive)
         self.searches += 1
-        return {"shards": shards.search(vectors, fetch, allowed_ids, exhaustive), "replica": _replica_id()}
+        return {"answer": dict(zip(positions, answer)), "replica": self.replica,
+                "t": (received, time.perf_counter())}
+
+    def score_ids(self, version: str, positions: Sequence[int], vector: np.ndarray,
+                  ids: np.ndarray) -> dict[str, Any]:
+        received = time.perf_counter()
+        answer = self._shards(version, positions).score_ids(vector, ids)
+        return {"answer": answer, "replica": self.replica, "t": (received, time.perf_counter())}
 
     def health(self) -> dict[str, Any]:
-        return {"replica": _replica_id(), "open": [[v, list(p)] for v, p in self._open],
+        return {"replica": self.replica, "open": [[v, list(p)] for v, p in self._open],
                 "searches": self.searches}
 
 
@@ -205,16 +196,30 @@ def _replica_id() -> str:
 
 
 def deploy_shards(root: str, num_deployments: int, replicas: int = 1, num_cpus: float = 1.0,
-                  mmap: bool | None = None, prefix: str = APP_PREFIX, omp_threads: int | None = None
-                  ) -> FanoutPlan:
-    """Run ``num_deployments`` shard deployments (``replicas`` replicas of ``num_cpus`` each) as Serve
-    applications ``{prefix}-{i}`` (no HTTP route); returns the plan the ingress reaches them by.
-    ``omp_threads`` caps each replica's FAISS (OpenMP) threads: 1 when requests, not one query's scan, are
-    what run in parallel."""
+                  mmap: bool | None = None, prefix: str = APP_PREFIX, omp_threads: int | None = None,
+                  reserve_cpus: float = 0.0) -> FanoutPlan:
+    """Run ``num_deployments`` shard deployments (``replicas`` replicas of ``num_cpus`` each, fractions
+    allowed) as Serve applications ``{prefix}-{i}`` (no HTTP route); returns the plan the ingress reaches
+    them by. ``omp_threads`` caps each replica's FAISS (OpenMP) threads: 1 when requests, not one query's
+    scan, are what run in parallel. Refuses, before deploying anything, a plan that asks for more CPUs than
+    the cluster has, less ``reserve_cpus`` (what deployments started after these need: the service's
+    ingress): Serve would wait for them forever."""
+    import ray
     from ray import serve
 
     if num_deployments < 1 or replicas < 1:
         raise ValueError(f"shard deployments and replicas must be >= 1, got {num_deployments}, {replicas}")
+    if num_cpus < 0:
+        raise ValueError(f"CPUs per shard replica must be >= 0, got {num_cpus}")
+    wanted = num_deployments * replicas * float(num_cpus)
+    free = ray.cluster_resources().get("CPU", 0.0) - float(reserve_cpus)
+    if wanted > free:
+        kept = f" ({reserve_cpus:g} kept for the service's ingress)" if reserve_cpus else ""
+        raise ValueError(
+            f"{num_deployments} shard deployments x {replicas} replicas x {num_cpus:g} CPUs = {wanted:g} "
+            f"CPUs, the Ray cluster has {free:g}{kept}: pass --shard-cpus "
+            f"{max(free, 0.0) / (num_deployments * replicas):.2g} or less (fractions share a core), fewer "
+            "replicas, or more shards per deployment")
     deployment = serve.deployment(ShardReplica, name="shard", num_replicas=int(replicas),
                                   ray_actor_options={"num_cpus": float(num_cpus)},
                                   max_ongoing_requests=8)
@@ -234,113 +239,165 @@ def deployments_for(root: str, shards_per_deployment: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------- ingress
-class FanoutSearcher:
+@dataclasses.dataclass
+class _Request:
+    """One ranking's state (a searcher is shared by the service's pool threads): its deadline, the shard
+    deployments that failed or were late (skipped by its later rounds) and its hop timings."""
+
+    deadline: float
+    missing: set[str] = dataclasses.field(default_factory=set)
+    hops: list[dict[str, float]] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ShardFilter:
+    """What the ranking passes to :meth:`FanoutSearcher.search_vectors` where ``VideoIndex`` passes a FAISS
+    selector: the allowed live ids (None: every live row), sent to the shard replicas."""
+
+    ids: np.ndarray | None
+
+
+class FanoutSearcher(VideoIndex):
     """:class:`index.searcher.Searcher` over shard deployments: one published version, its shards dealt
-    round-robin over ``handles`` (shard ``i`` → deployment ``i % len(handles)``)."""
+    round-robin over ``handles`` (shard ``i`` → deployment ``i % len(handles)``).
+
+    The ranking is ``VideoIndex``'s own, run in the ingress over the version's memory-mapped rows (collapse
+    per video, over-fetch and doubling, the exhaustive retry of a filtered search, moments of windowed
+    videos); only its FAISS searches go to the shard deployments, all at once, merged in shard order as
+    ``VideoIndex`` merges its shards. So the answer is the one-process answer, fields and moments included.
+    """
 
     def __init__(self, root: str, version: str | None, handles: Sequence, encoder=None,
-                 names: Sequence[str] | None = None, overfetch: int = 4):
-        self.root = storage.normalize(root)
-        self.version_dir = store.version_dir(self.root, version)
-        self.meta = store.read_meta(self.version_dir)
-        self.dim, self.model_id = int(self.meta["dim"]), self.meta.get("model_id")
+                 names: Sequence[str] | None = None, by_reference: bool = False):
+        root = storage.normalize(root)
+        vdir = store.version_dir(root, version)
+        meta = store.read_meta(vdir)
+        super().__init__(root, vdir, meta, [], store.read_row_table(vdir, meta), encoder=encoder,
+                         dead_ids=store.read_dead_ids(vdir, meta))
         self.handles = list(handles)
         if not self.handles:
             raise ValueError("a fan-out searcher needs at least one shard deployment")
         self.names = list(names or [f"shard-deployment-{i}" for i in range(len(self.handles))])
-        n = len(self.meta["shards"])
+        n = len(meta["shards"])
         self.positions = [list(range(d, n, len(self.handles))) for d in range(len(self.handles))]
-        self._encoder, self.overfetch = encoder, int(overfetch)
+        # Handles made once (``handle.method`` makes a new one per call); by value (``by_reference=False``):
+        # the reply comes straight back over the replica's gRPC connection, not through the object store
+        # (Serve's default, ~2x the round trip for these small replies: bench/scale_hops.py).
+        self._methods = {m: [h.options(method_name=m, _by_reference=bool(by_reference)) for h in self.handles]
+                         for m in ("search", "score_ids")}
         self.served_by: collections.Counter[str] = collections.Counter()  # replica id → searches answered
         self.last_failure: dict[str, str] = {}  # deployment → why it last failed or was late
+        self.trace: collections.deque | None = None  # when a deque: every request's hops (bench/scale_hops)
+        self._request: _Request | None = None  # set on a per-request copy (:meth:`_for_request`)
 
-    @property
-    def version(self) -> str:
-        return storage.name(self.version_dir)
-
-    def __len__(self) -> int:
-        return int(self.meta["count"])
-
-    def encode_text(self, texts: Sequence[str]) -> np.ndarray:
-        import torch  # optional heavy dependency: only text queries need it
-
+    def _ensure_encoder(self):
         if self._encoder is None:
             raise ValueError(f"the fan-out searcher of {self.root!r} has no text encoder: query with vectors")
-        with torch.no_grad():
-            out = self._encoder.encode_text(list(texts))
-        return np.asarray(out.detach().cpu().float().numpy() if hasattr(out, "detach") else out, np.float32)
+        return self._encoder
 
-    def search(self, vectors: np.ndarray, k: int = 10, allowed_ids: np.ndarray | None = None):
-        """``VideoIndex.search`` of vectors (one list for a ``[D]`` vector): what the service's snapshot
-        loader probes a new version with."""
-        single = np.asarray(vectors).ndim == 1
-        hits = self.rank(np.atleast_2d(vectors), k, allowed_ids).hits
-        return hits[0] if single else hits
+    def _for_request(self, timeout_s: float | None) -> FanoutSearcher:
+        """A shallow copy carrying one request's state; everything else is shared."""
+        call = copy.copy(self)
+        budget = DEFAULT_TIMEOUT_S if timeout_s is None else float(timeout_s)
+        call._request = _Request(time.monotonic() + budget)
+        return call
 
     def rank(self, vectors: np.ndarray, k: int, allowed_ids: np.ndarray | None = None,
              timeout_s: float | None = None) -> RankedResult:
-        """The merged top ``k`` videos per row of ``vectors``; shards missing at the deadline are reported.
+        """``VideoIndex.rank`` through the shard deployments; those that failed or missed the deadline
+        (``timeout_s``, 30 s when None) are left out and reported (``partial``, ``missing_shards``).
 
         Called on a thread that runs an asyncio loop (an async request handler), the wait happens on a helper
         thread: Serve refuses blocking waits on a loop's thread. The loop is still held for the search, as a
         one-process search holds it; the service's bounded pool calls from worker threads instead."""
         if _loop_running():
-            return _WAITERS.submit(self._rank, vectors, k, allowed_ids, timeout_s).result()
-        return self._rank(vectors, k, allowed_ids, timeout_s)
-
-    def _rank(self, vectors: np.ndarray, k: int, allowed_ids: np.ndarray | None,
-              timeout_s: float | None) -> RankedResult:
-        if int(k) < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        vectors = _normalised(vectors, self.dim)
-        deadline = time.monotonic() + (DEFAULT_TIMEOUT_S if timeout_s is None else float(timeout_s))
-        total = len(self)
-        if allowed_ids is not None:
-            allowed_ids = np.unique(np.asarray(allowed_ids, dtype=np.int64))
-            if not len(allowed_ids):
-                return RankedResult(hits=[[] for _ in vectors])
-            total = len(allowed_ids)
-        fetch = min(total, max(int(k) * max(1, self.overfetch), int(k)))
-        exhaustive, missing = False, set()
-        while True:
-            merged = self._gather(vectors, fetch, allowed_ids, exhaustive, deadline, missing)
-            per_query = [_collapse(s, i, merged["rows"]) for s, i in zip(merged["scores"], merged["ids"])]
-            if all(len(h) >= k for h in per_query):
-                break
-            short = ((merged["ids"] >= 0).sum(axis=1) < fetch).any()
-            if allowed_ids is not None and not exhaustive and short:
-                exhaustive = True  # the probed lists held fewer allowed rows than asked for: scan them all
-                continue
-            if fetch >= total:
-                break
-            fetch = min(total, fetch * 2)
-        hits = [h[: int(k)] for h in per_query]
+            return _WAITERS.submit(self.rank, vectors, k, allowed_ids, timeout_s).result()
+        call = self._for_request(timeout_s)
+        hits = VideoIndex.rank(call, vectors, k, allowed_ids).hits
+        if self.trace is not None:
+            self.trace.append(call._request.hops)
+        missing = call._request.missing
         return RankedResult(hits=hits, partial=bool(missing), missing_shards=tuple(sorted(missing)))
 
-    def _gather(self, vectors: np.ndarray, fetch: int, allowed_ids: np.ndarray | None, exhaustive: bool,
-                deadline: float, missing: set[str]) -> dict[str, Any]:
-        """Ask every shard deployment at once; merge the answers that came by ``deadline``, in shard order.
-        Deployments that failed or were late (now or in an earlier round) are added to ``missing``."""
+    def search(self, query, k: int = 10, **kwargs):
+        """``VideoIndex.search`` through the shard deployments (what the service's snapshot loader probes a
+        new version with); a partial answer is not flagged here: :meth:`rank` reports it."""
+        if self._request is None:
+            if _loop_running():
+                return _WAITERS.submit(self.search, query, k, **kwargs).result()
+            return self._for_request(None).search(query, k, **kwargs)
+        return super().search(query, k, **kwargs)
+
+    def _selector(self, allowed_ids: np.ndarray | None) -> tuple[_ShardFilter | None, int]:
+        """``VideoIndex._selector`` as ids for the replicas: the allowed ids less the tombstoned ones, or
+        "every live row" (None when there is neither a filter nor a delete), and how many rows pass."""
+        if allowed_ids is not None:
+            allowed = np.unique(np.asarray(allowed_ids, dtype=np.int64))
+            if len(self.dead_ids):
+                allowed = allowed[~np.isin(allowed, self.dead_ids)]
+            return (_ShardFilter(allowed) if len(allowed) else None), len(allowed)
+        return (_ShardFilter(None) if len(self.dead_ids) else None), len(self)
+
+    def search_vectors(self, vectors: np.ndarray, k: int, allowed: _ShardFilter | None = None,
+                       exhaustive: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """``VideoIndex.search_vectors`` with every shard deployment searching its shards at once; the
+        shards' answers are merged in shard order (ties keep it), as one process merges its shards."""
+        if allowed is not None and not isinstance(allowed, _ShardFilter):
+            raise TypeError("a fan-out search filters by ids (rank/search allowed_ids), not a FAISS selector")
+        if self._request is None:
+            return self._for_request(None).search_vectors(vectors, k, allowed, exhaustive)
+        vectors = _normalised(vectors, self.dim)
+        ids = None if allowed is None else allowed.ids
+        answers = self._ask("search", range(len(self.handles)),
+                            lambda d: (self.version, self.positions[d], vectors, int(k), ids, exhaustive))
+        if not answers:
+            raise FanoutError(f"no shard deployment of {self.root!r} answered: " + "; ".join(
+                f"{n}: {self.last_failure.get(n)}" for n in sorted(self._request.missing)))
+        per_shard = {p: result for answer in answers.values() for p, result in answer.items()}
+        shards = sorted(per_shard)
+        return merge_shard_results([per_shard[p][0] for p in shards], [per_shard[p][1] for p in shards],
+                                   int(k))
+
+    def _score_ids(self, vector: np.ndarray, ids: np.ndarray) -> dict[int, float]:
+        """``VideoIndex._score_ids`` (a moment's window scores), asked of the deployments that hold those
+        rows' shards; each searches its shards with the same ids and ``k`` as one process would."""
+        rows = self.rows.rows_of(ids)
+        shards = (set(np.asarray(self.rows.column("shard", rows[rows >= 0]), dtype=np.int64).tolist())
+                  if len(self.meta["shards"]) > 1 else {0})
+        targets = [d for d, positions in enumerate(self.positions) if shards & set(positions)]
+        answers = self._ask("score_ids", targets, lambda d: (self.version, self.positions[d], vector, ids))
+        out: dict[int, float] = {}
+        for d in sorted(answers):
+            found, scores = answers[d]
+            out.update(zip(found.tolist(), scores.tolist()))
+        return out
+
+    def _ask(self, method: str, targets, args) -> dict[int, Any]:
+        """Call ``method`` on the ``targets`` deployments at once (``args(d)``: deployment ``d``'s arguments)
+        and wait for each until the request's deadline: ``{d: answer}`` of those that answered. Deployments
+        that fail or are late (now or in an earlier round of the request) are added to its ``missing``."""
+        request = self._request
         pending = {}
-        for name, handle, positions in zip(self.names, self.handles, self.positions):
-            if positions and name not in missing:
-                pending[name] = handle.search.remote(self.version, positions, vectors, fetch, allowed_ids,
-                                                     exhaustive)
-        answers: dict[int, dict[str, Any]] = {}
-        for name, response in pending.items():
+        for d in targets:
+            if self.positions[d] and not {self.names[d], self.names[d] + " (moments)"} & request.missing:
+                pending[d] = (self._methods[method][d].remote(*args(d)), time.perf_counter())
+        answers = {}
+        for d, (response, sent) in pending.items():
             try:
-                reply = response.result(timeout_s=max(0.0, deadline - time.monotonic()))
+                reply = response.result(timeout_s=max(0.0, request.deadline - time.monotonic()))
             except Exception as exc:  # noqa: BLE001 — a dead, failing or late shard is reported, never raised
                 response.cancel()
-                missing.add(name)
-                self.last_failure[name] = f"{type(exc).__name__}: {exc}"[:500]
+                # A deployment that ranked but missed the moments round is named as such: its hits are in the
+                # ranking with their best clip's span, not their moments.
+                request.missing.add(self.names[d] + ("" if method == "search" else " (moments)"))
+                self.last_failure[self.names[d]] = f"{type(exc).__name__}: {exc}"[:500]
                 continue
-            answers.update(reply["shards"])
-            self.served_by[reply["replica"]] += 1
-        if not answers:
-            raise FanoutError(f"no shard deployment of {self.root!r} answered: "
-                              + "; ".join(f"{n}: {self.last_failure.get(n)}" for n in sorted(missing)))
-        return _merge([answers[p] for p in sorted(answers)], fetch)
+            answers[d] = reply["answer"]
+            if method == "search":
+                self.served_by[reply["replica"]] += 1
+            request.hops.append({"method": method, "deployment": d, "sent": sent, "received": reply["t"][0],
+                                 "replied": reply["t"][1], "back": time.perf_counter()})
+        return answers
 
     def health(self, timeout_s: float = 2.0) -> list[dict[str, Any]]:
         """One entry per shard deployment: its shard positions of this version and whether a replica
@@ -377,45 +434,6 @@ def _normalised(vectors: np.ndarray, dim: int) -> np.ndarray:
     if (norms <= 1e-12).any():
         raise ValueError("query vector has zero norm")
     return vectors / norms
-
-
-def _merge(answers: list[dict[str, Any]], fetch: int) -> dict[str, Any]:
-    """The global top ``fetch`` clips of the shards' answers (in shard order; ties keep it, as
-    ``index.sharded.merge_shard_results`` does) and the fields of every row they name."""
-    d = np.concatenate([a["scores"] for a in answers], axis=1)
-    i = np.concatenate([a["ids"] for a in answers], axis=1)
-    d = np.where(i < 0, -np.inf, d)
-    order = np.argsort(-d, axis=1, kind="stable")[:, :fetch]
-    rows: dict[int, tuple] = {}
-    for a in answers:
-        r = a["rows"]
-        rows.update(zip(r["id"].tolist(), zip(*(r[f] for f in (*_ROW_FIELDS, "caption")))))
-    return {"scores": np.take_along_axis(d, order, axis=1), "ids": np.take_along_axis(i, order, axis=1),
-            "rows": rows}
-
-
-def _collapse(scores: np.ndarray, ids: np.ndarray, rows: dict[int, tuple]) -> list[Hit]:
-    """Clip hits → one :class:`Hit` per video, the best clip's score and fields (``VideoIndex._collapse``
-    with ``aggregate="max"``, the service's)."""
-    best: dict[str, list] = {}
-    for score, id_ in zip(scores.tolist(), ids.tolist()):
-        row = rows.get(id_) if id_ >= 0 else None
-        if row is None:
-            continue
-        entry = best.get(row[0])
-        if entry is None:
-            best[row[0]] = [float(score), id_, row, 1]
-        else:
-            entry[3] += 1
-    hits = [Hit(video_id=str(vid), score=s, start_s=_num(row[1]), end_s=_num(row[2]),
-                clip_index=None if _num(row[3]) is None else int(row[3]), caption=row[4], num_clips=n, id=id_)
-            for vid, (s, id_, row, n) in best.items()]
-    hits.sort(key=lambda h: -h.score)
-    return hits
-
-
-def _num(value) -> float | None:
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
 
 
 # ------------------------------------------------------------------------------------- service snapshots

@@ -106,6 +106,9 @@ def _fast_http() -> dict[str, str]:
     return options
 
 
+INGRESS_CPUS = 1.0  # what Serve reserves for the service's own deployment (its default num_cpus)
+
+
 def _serve_with_ray(index: str, host: str, port: int, options: dict, fanout: tuple | None = None) -> int:
     """The app as a Ray Serve deployment until SIGINT/SIGTERM; then Serve, and a Ray started here, stop."""
     from ray import serve  # optional: only --ray-serve starts Ray Serve's controller and proxy
@@ -117,7 +120,7 @@ def _serve_with_ray(index: str, host: str, port: int, options: dict, fanout: tup
         if fanout is not None:  # the shard deployments first: the ingress opens its searcher over them
             per_deployment, replicas, cpus = fanout
             options = dict(options, fanout=deploy_shards(index, deployments_for(index, per_deployment),
-                                                         replicas, cpus))
+                                                         replicas, cpus, reserve_cpus=INGRESS_CPUS))
         deployment = serve.deployment(serve.ingress(lambda: build_serving_app(index, **options))(),
                                       name="vidsift-search")
         serve.run(deployment.bind(), name="vidsift", route_prefix="/", blocking=False)
