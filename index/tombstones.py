@@ -27,7 +27,8 @@ import numpy as np
 from index import store
 from index.factory import make_index
 from index.part import DEFAULT_K
-from index.query import search_parameters
+from index.query import open_refine, rerank_depth, search_shard
+from index.rerank import RefineVectors
 from index.rows import TOMBSTONES_FILE, RowTable, write_tombstones
 from index.tuning import apply_search_params, recall_at_k
 from runtime import storage
@@ -99,7 +100,7 @@ def delete_videos(root: str | os.PathLike, video_ids: list[str], keep: int = 3) 
             own.add(store.PROBE_FILE)
         new_meta["stored_count"] = stored
         new_meta["tombstones"] = {"file": TOMBSTONES_FILE, "count": int(len(all_dead))}
-        remeasure(new_meta, _open_shards(vdir, meta), probe, all_dead)
+        remeasure(new_meta, _open_shards(vdir, meta), probe, all_dead, open_refines(vdir, meta))
         new_meta["last_operation"] = {
             "deleted_rows": int(len(removed)),
             "deleted_videos": sorted(found),
@@ -113,6 +114,15 @@ def delete_videos(root: str | os.PathLike, video_ids: list[str], keep: int = 3) 
         store.discard_stage(root, stage, version)
         raise
     return new_meta
+
+
+def open_refines(vdir: str, meta: dict[str, Any]) -> list[RefineVectors | None]:
+    """Each shard's float16 re-rank copy, memory-mapped (None for a shard without one)."""
+    return [open_refine(vdir, meta, info) for info in meta["shards"]]
+
+
+def _refine_files(meta: dict[str, Any]) -> set[str]:
+    return {s["rerank"][key] for s in meta["shards"] if s.get("rerank") for key in ("vectors", "ids")}
 
 
 def _open_shards(vdir: str, meta: dict[str, Any]) -> list[faiss.Index]:
@@ -158,12 +168,15 @@ def compact_index(root: str | os.PathLike, threshold: float = DEFAULT_COMPACT_TH
         new_meta.pop("tombstones", None)
         new_meta.pop("stored_count", None)
         probe = store.read_probe(vdir, meta)
-        remeasure(new_meta, indexes, probe)
+        remeasure(new_meta, indexes, probe, refines=open_refines(vdir, meta))
         new_meta["last_operation"] = {"dropped_rows": int(len(dead)), "tombstone_share": round(share, 4),
                                       "seconds": round(time.perf_counter() - t0, 3)}
         store.write_version_files(stage, [None] * len(indexes), store.read_ids(vdir, meta), new_meta,
                                   probe=probe)
-        new_meta["version"] = store.publish(root, stage, new_meta, version, keep=keep,
+        # The float16 copies are shared as they are: their dead rows are never a candidate to re-rank.
+        refine_names = _refine_files(meta)
+        shared = {n: r for n, r in _shared_files(vdir, meta, parent, set()).items() if n in refine_names}
+        new_meta["version"] = store.publish(root, stage, new_meta, version, keep=keep, uploaded=shared,
                                             expected_current=parent)
     except BaseException:
         store.discard_stage(root, stage, version)
@@ -171,12 +184,19 @@ def compact_index(root: str | os.PathLike, threshold: float = DEFAULT_COMPACT_TH
     return new_meta
 
 
-def _compact_shard(open_shard: Callable[[], faiss.Index], factory: str, dead: np.ndarray,
+def _compact_shard(open_shard: Callable[..., faiss.Index], factory: str, dead: np.ndarray,
                    target: Path) -> faiss.Index:
-    """Write the shard ``open_shard()`` opens (memory-mapped) without the ``dead`` ids to ``target``;
-    returns the new index (memory-mapped)."""
+    """Write the shard ``open_shard()`` opens (memory-mapped; ``open_shard(mmap=False)``: a copy in RAM)
+    without the ``dead`` ids to ``target``; returns the new index (memory-mapped)."""
     reader = open_shard()
-    if faiss.try_extract_index_ivf(reader) is not None:
+    ivf = faiss.try_extract_index_ivf(reader)
+    if ivf is not None and isinstance(faiss.downcast_index(ivf), faiss.IndexIVFFastScan):
+        # Fast-scan lists hold codes packed in SIMD blocks, which a list-by-list copy would scramble; their
+        # codes are small (m/2 bytes a vector), so an in-RAM copy drops the dead ids.
+        writable = open_shard(mmap=False)
+        writable.remove_ids(faiss.IDSelectorBatch(np.asarray(dead, np.int64)))
+        faiss.write_index(writable, str(target))
+    elif ivf is not None:
         _compact_ivf(open_shard, reader, dead, target)
     else:
         faiss.write_index(_compact_flat(reader, factory, dead), str(target))
@@ -255,15 +275,18 @@ def drop_from_probe(probe: dict[str, np.ndarray] | None, removed: np.ndarray) ->
 
 
 def remeasure(meta: dict[str, Any], indexes: list[faiss.Index], probe: dict[str, np.ndarray] | None,
-              dead: np.ndarray | None = None) -> None:
+              dead: np.ndarray | None = None, refines: list[RefineVectors | None] | None = None) -> None:
     """Recall of each shard on its stored probes against their (maintained) exact neighbours, the ``dead``
-    (tombstoned) ids filtered out as a search does; ``count`` = the rows FAISS holds less ``dead``."""
+    (tombstoned) ids filtered out and the candidates re-ranked (``refines``) as a search does; ``count`` =
+    the rows FAISS holds less ``dead``."""
     dead = np.zeros(0, np.int64) if dead is None else np.asarray(dead, np.int64)
+    refines = refines if refines is not None else [None] * len(indexes)
     if probe is not None:
         k = int(meta.get("recall_k", DEFAULT_K))
         for i, (info, ix) in enumerate(zip(meta["shards"], indexes)):
             sel = probe["shard"] == i
-            info["recall"] = (_probe_recall(ix, probe["queries"][sel], probe["gt_i"][sel], k, dead)
+            info["recall"] = (_probe_recall(ix, probe["queries"][sel], probe["gt_i"][sel], k, dead,
+                                            refines[i], rerank_depth(info))
                               if sel.any() else float("nan"))
         meta["recall"] = min(s["recall"] for s in meta["shards"])
     for info, ix in zip(meta["shards"], indexes):
@@ -271,15 +294,14 @@ def remeasure(meta: dict[str, Any], indexes: list[faiss.Index], probe: dict[str,
     meta["count"] = sum(int(ix.ntotal) for ix in indexes) - len(dead)
 
 
-def _probe_recall(ix: faiss.Index, queries: np.ndarray, truth: np.ndarray, k: int, dead: np.ndarray) -> float:
+def _probe_recall(ix: faiss.Index, queries: np.ndarray, truth: np.ndarray, k: int, dead: np.ndarray,
+                  refine: RefineVectors | None = None, depth: int = 0) -> float:
     k = int(min(k, truth.shape[1]))
     queries = np.ascontiguousarray(queries, dtype=np.float32)
-    if not len(dead):
-        _, found = ix.search(queries, k)
-    else:
+    selector = None
+    if len(dead):
         negated = faiss.IDSelectorBatch(dead)
         selector = faiss.IDSelectorNot(negated)
-        params, keep_alive = search_parameters(ix, selector, exhaustive=False)
-        _, found = ix.search(queries, k, params=params)
-        del keep_alive, negated
+        selector.keep_alive = negated  # IDSelectorNot does not own the selector it negates
+    _, found = search_shard(ix, queries, k, selector, False, refine, depth)
     return recall_at_k(found, truth, k)

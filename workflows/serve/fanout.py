@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from index import store
-from index.query import Hit, search_parameters
+from index.query import Hit, open_refine, rerank_depth, search_shard
 from index.searcher import RankedResult
 from index.tuning import apply_search_params
 from runtime import storage
@@ -80,12 +80,13 @@ class ShardSet:
         bad = [p for p in self.positions if not 0 <= p < len(meta["shards"])]
         if bad:
             raise ValueError(f"index version {version!r} has {len(meta['shards'])} shards, not {bad}")
-        self.indexes = {}
+        self.indexes, self.refines, self.depths = {}, {}, {}
         for p in self.positions:
             info = meta["shards"][p]
             ix = store.read_shard(vdir, meta, info, mmap=mmap)
             apply_search_params(ix, info.get("search_params", {}))
             self.indexes[p] = ix
+            self.refines[p], self.depths[p] = open_refine(vdir, meta, info), rerank_depth(info)
         table = store.read_row_table(vdir, meta).table  # every stored row, tombstoned ones too
         columns = ["id", "shard", *_ROW_FIELDS] + (["captions"] if "captions" in table.column_names else [])
         table = table.select(columns)
@@ -123,12 +124,7 @@ class ShardSet:
         out = {}
         for p, ix in self.indexes.items():
             kk = int(min(fetch, max(ix.ntotal, 1)))
-            if selector is None and not exhaustive:
-                scores, ids = ix.search(vectors, kk)
-            else:
-                params, keep_alive = search_parameters(ix, selector, exhaustive)
-                scores, ids = ix.search(vectors, kk, params=params)
-                del keep_alive  # the SWIG params point at these; they lived until the search returned
+            scores, ids = search_shard(ix, vectors, kk, selector, exhaustive, self.refines[p], self.depths[p])
             out[p] = {"scores": scores, "ids": ids, "rows": self._fields(np.unique(ids[ids >= 0]))}
         return out
 
