@@ -6,8 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from index import VideoIndex, add_embeddings, build_index, compact_index, delete_videos
+from index import VideoIndex, add_embeddings, build_index, compact_index, delete_videos, store
+from index.embeddings import resolve_embeddings
 from index.factory import choose_factory, estimate_memory, needs_rerank
+from index.part import build_part
 from index.rerank import RefineVectors, RefineWriter, rerank
 from index.testing import write_embeddings
 from index.tuning import recall_at_k
@@ -127,3 +129,24 @@ def test_deletes_adds_and_compaction_keep_the_rerank(built, corpus):
     top = vi.search(extra[0], k=1)[0]
     assert top.video_id == "new-000000" and abs(top.score - 1.0) < 2e-3
     assert meta["recall"] >= 0.9
+
+
+def test_a_shard_task_uploads_its_refine_copy(built, tmp_path):
+    """What each Ray task of a sharded build does (index.sharded): build one shard and put its FAISS file
+    and its float16 copy under the version itself, returning their records for index.json."""
+    _, emb, _ = built
+    source = resolve_embeddings(emb)
+    root = tmp_path / "idx"
+    version = store.new_version_name(str(root))
+    store.staging_dir(str(root), version)
+    part = build_part(source, (1, 2), factory=FACTORY, num_probes=100, progress=False,
+                      write_to=(str(root), version))
+    vectors_name, ids_name = part["info"]["rerank"]["vectors"], part["info"]["rerank"]["ids"]
+    assert (vectors_name, ids_name) == ("shard-00001.refine.npy", "shard-00001.refine-ids.npy")
+    assert part["index"] is None and not part["local_files"]
+    vdir = root / "versions" / version
+    assert set(part["records"]) == {"shard-00001.faiss", vectors_name, ids_name}
+    for name, record in part["records"].items():
+        assert record == store.file_record(vdir / name)
+    refine = RefineVectors(vdir / vectors_name, vdir / ids_name)
+    assert len(refine) == part["info"]["count"] and list(refine.ids) == sorted(part["ids"]["id"].to_pylist())
