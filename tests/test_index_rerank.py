@@ -150,3 +150,22 @@ def test_a_shard_task_uploads_its_refine_copy(built, tmp_path):
         assert record == store.file_record(vdir / name)
     refine = RefineVectors(vdir / vectors_name, vdir / ids_name)
     assert len(refine) == part["info"]["count"] and list(refine.ids) == sorted(part["ids"]["id"].to_pylist())
+
+
+def test_offdata_probes_tune_for_text_without_captions(built, corpus, tmp_path):
+    """No captions: probes moved off the data (corpus mean removed, noise added) stand in for text; the build
+    tuned on them reaches the target on held-out text-like queries it never saw, and it needs at least the
+    nprobe of the old rule (video probes, which find their own clip)."""
+    _, emb, _ = built
+    vectors, queries = corpus
+    truth = np.argsort(-(queries @ vectors.T), axis=1)[:, :10]
+    metas = {rule: build_index(emb, tmp_path / rule, factory="IVF32,Flat", progress=False, num_probes=200,
+                               text_queries=None, no_text_rule=rule) for rule in ("video", "offdata")}
+    assert metas["offdata"]["tuning_queries"] == {"kind": "offdata", "video_probes": 200}
+    offdata = metas["offdata"]
+    assert offdata["shards"][0]["tuned_on"] == "offdata" and 0 < offdata["video_probe_recall"] <= 1
+    assert metas["offdata"]["search_params"]["nprobe"] >= metas["video"]["search_params"]["nprobe"]
+    held = recall_at_k(VideoIndex.open(tmp_path / "offdata").search_vectors(queries, 10)[1], truth, 10)
+    assert held >= 0.95
+    with pytest.raises(ValueError, match="no_text_rule must be one of"):
+        build_index(emb, tmp_path / "bad", factory="IVF32,Flat", text_queries=None, no_text_rule="guess")
