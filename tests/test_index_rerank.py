@@ -13,6 +13,7 @@ from index.part import build_part
 from index.rerank import RefineVectors, RefineWriter, rerank
 from index.testing import write_embeddings
 from index.tuning import recall_at_k
+from workflows.serve.fanout import ShardSet
 
 DIM, VIDEOS, CLIPS = 32, 1500, 4
 FACTORY = "IVF32,PQ8x4fs"
@@ -169,3 +170,17 @@ def test_offdata_probes_tune_for_text_without_captions(built, corpus, tmp_path):
     assert held >= 0.95
     with pytest.raises(ValueError, match="no_text_rule must be one of"):
         build_index(emb, tmp_path / "bad", factory="IVF32,Flat", text_queries=None, no_text_rule="guess")
+
+
+def test_fanout_shard_replica_reranks_as_one_process(built, corpus):
+    """The fan-out's shard replica (workflows/serve/fanout.ShardSet, what each Ray Serve shard deployment
+    holds) searches through the same index.query.search_shard: the same re-ranked top list, exact scores."""
+    work, _, _ = built
+    _, queries = corpus
+    vi = VideoIndex.open(work / "idx")
+    shard_set = ShardSet(str(work / "idx"), vi.version, [0])
+    assert shard_set.refines[0] is not None and shard_set.depths[0] == vi.meta["shards"][0]["rerank"]["depth"]
+    got = shard_set.search(queries[:20], 10, None, False)[0]
+    scores, ids = vi.search_vectors(queries[:20], 10)
+    np.testing.assert_array_equal(got["ids"], ids)
+    np.testing.assert_allclose(got["scores"], scores, rtol=0, atol=1e-6)
