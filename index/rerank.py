@@ -97,27 +97,45 @@ class RefineVectors:
         return np.where(self.ids[pos] == ids, pos, -1)
 
 
-def rerank(queries: np.ndarray, cand_ids: np.ndarray, refine: RefineVectors, k: int
-           ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact inner products of each query (``[Q, D]``, normalised) with its candidates (``[Q, R]`` ids, -1 =
-    none) from the float16 copy; returns the top ``k`` ``(scores, ids)`` ``[Q, k]`` best first (-1 / -inf
-    padding). A candidate missing from the copy is a corrupt version, not a data error: it raises."""
+SCORE_BLOCK_ROWS = 32768  # candidate rows gathered at a time (16 MiB of float16 at 256 dims)
+
+
+def candidate_scores(queries: np.ndarray, cand_ids: np.ndarray, refine: RefineVectors) -> np.ndarray:
+    """Exact inner products ``[Q, R]`` of each query (``[Q, D]``, normalised) with its candidates (``[Q, R]``
+    ids, -1 = none: -inf) from the float16 copy, gathered a block of rows at a time. A candidate missing from
+    the copy is a corrupt version, not a data error: it raises."""
     cand_ids = np.asarray(cand_ids, dtype=np.int64)
-    num_q, depth = cand_ids.shape
-    valid = cand_ids >= 0
-    rows = refine.rows_of(cand_ids[valid])
-    if (rows < 0).any():
-        missing = cand_ids[valid][rows < 0][:5].tolist()
-        raise ValueError(f"ids {missing} are in the index but not in its float16 refine copy")
-    scores = np.full((num_q, depth), -np.inf, np.float32)
-    # Rows are gathered in ascending order (sequential reads of the memory map), then scattered back.
-    order = np.argsort(rows, kind="stable")
-    gathered = np.empty((len(rows), refine.vectors.shape[1]), np.float32)
-    gathered[order] = refine.vectors[rows[order]]
-    query_of = np.nonzero(valid)[0]
-    scores[valid] = np.einsum("ij,ij->i", gathered, np.asarray(queries, np.float32)[query_of])
-    kk = min(int(k), depth)
+    queries = np.asarray(queries, np.float32)
+    scores = np.full(cand_ids.shape, -np.inf, np.float32)
+    per_block = max(1, SCORE_BLOCK_ROWS // max(cand_ids.shape[1], 1))
+    for start in range(0, len(cand_ids), per_block):
+        ids = cand_ids[start:start + per_block]
+        valid = ids >= 0
+        rows = refine.rows_of(ids[valid])
+        if (rows < 0).any():
+            missing = ids[valid][rows < 0][:5].tolist()
+            raise ValueError(f"ids {missing} are in the index but not in its float16 refine copy")
+        # Rows are gathered in ascending order (sequential reads of the memory map), then scattered back.
+        order = np.argsort(rows, kind="stable")
+        gathered = np.empty((len(rows), refine.vectors.shape[1]), np.float32)
+        gathered[order] = refine.vectors[rows[order]]
+        query_of = np.nonzero(valid)[0] + start
+        block = scores[start:start + per_block]
+        block[valid] = np.einsum("ij,ij->i", gathered, queries[query_of])
+    return scores
+
+
+def top_of(scores: np.ndarray, cand_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The top ``k`` ``(scores, ids)`` of scored candidates, best first (-1 / -inf padding)."""
+    kk = min(int(k), scores.shape[1])
     top = np.argsort(-scores, axis=1, kind="stable")[:, :kk]
     top_scores = np.take_along_axis(scores, top, axis=1)
-    top_ids = np.where(np.isfinite(top_scores), np.take_along_axis(cand_ids, top, axis=1), -1)
+    top_ids = np.where(np.isfinite(top_scores), np.take_along_axis(np.asarray(cand_ids), top, axis=1), -1)
     return top_scores, top_ids
+
+
+def rerank(queries: np.ndarray, cand_ids: np.ndarray, refine: RefineVectors, k: int
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """The top ``k`` ``(scores, ids)`` ``[Q, k]`` of each query's candidates (``[Q, R]`` ids, -1 = none) by
+    their exact inner products from the float16 copy (:func:`candidate_scores`), best first."""
+    return top_of(candidate_scores(queries, cand_ids, refine), cand_ids, k)

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from index.factory import is_ivf
-from index.rerank import RefineVectors, rerank
+from index.rerank import RefineVectors, candidate_scores, rerank, top_of
 from runtime import storage
 
 NPROBE_CANDIDATES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024, 2048)
@@ -295,8 +295,9 @@ def tune_rerank(index: faiss.Index, refine: RefineVectors, queries: np.ndarray, 
         params = params_for(index, "nprobe", value)
         apply_search_params(index, params)
         _, found = index.search(queries, max(depths))
+        scores = candidate_scores(queries, found, refine)  # once: every depth re-ranks a prefix of it
         for depth in depths:
-            ids = rerank(queries, found[:, :depth], refine, k)[1]
+            ids = top_of(scores[:, :depth], found[:, :depth], k)[1]
             recall = float(recall_at_k(ids, truth_ids, k))
             curve.append((int(value), int(depth), recall))
             cost = query_cost(index, int(value), depth)
