@@ -274,11 +274,7 @@ class VideoIndex:
         selector, total = self._selector(allowed_ids)
         if total == 0:
             return [] if single else [[] for _ in vectors]
-        # A re-ranked shard scores its R candidates exactly whatever fetch is: ask for all of them at once, so
-        # the collapse per video never has to double fetch and search FAISS again for the same candidates.
-        reranked = max([rerank_depth(s) for s, r in zip(self.meta["shards"], self.refines) if r is not None],
-                       default=0)
-        fetch = min(total, max(int(k) * max(1, int(overfetch)), int(k), reranked))
+        fetch = min(total, max(int(k) * max(1, int(overfetch)), int(k)))
         exhaustive = False
         while True:
             scores, ids = self.search_vectors(vectors, fetch, selector, exhaustive)
