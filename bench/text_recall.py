@@ -19,6 +19,7 @@ videos, minus every caption string of the first half. No headline row: the figur
 
     python -m bench.text_recall      # 25,000 videos x 4 clips; writes docs/data/text_recall.json
     python -m bench.text_recall --videos 5000 --json /tmp/text_recall.json
+    python -m bench.text_recall --no-captions --factory IVF1024,PQ64x4fs --json /tmp/text_recall_nocap.json
 """
 
 from __future__ import annotations
@@ -131,10 +132,13 @@ def measure(work: Path, corpus: dict, args) -> dict:
     k, queries = args.k, corpus["heldout"]
     truth = np.argsort(-(queries @ corpus["vectors"].T), axis=1)[:, :k]  # ids are row numbers
     builds = {}
-    for name, text_queries in (("video", None), ("text", "auto")):
+    # --no-captions: the build never sees a caption; the old rule (video probes) vs off-data probes.
+    plans = ((("video", None, "video"), ("text", None, "offdata")) if args.no_captions
+             else (("video", None, "video"), ("text", "auto", "video")))
+    for name, text_queries, rule in plans:
         meta = build_index(corpus["emb"], work / f"idx-{name}", factory=args.factory,
                            recall_target=args.recall, k=k, num_probes=args.probes, text_queries=text_queries,
-                           seed=args.seed, progress=False)
+                           seed=args.seed, progress=False, no_text_rule=rule)
         vi = VideoIndex.open(work / f"idx-{name}")
         t0 = time.perf_counter()
         recall = heldout_recall(vi, queries, truth, k)
@@ -145,7 +149,10 @@ def measure(work: Path, corpus: dict, args) -> dict:
                         "tuning_recall": meta["recall"], "heldout_recall": recall, "target": args.recall,
                         "met": recall >= args.recall, "search_ms_per_query": per_query_ms,
                         "video_probe_recall": meta.get("video_probe_recall", meta["recall"]),
-                        "build_s": meta["build_time_s"], "tuning_curve": meta["shards"][0]["tuning_curve"]}
+                        "build_s": meta["build_time_s"], "tuning_curve": meta["shards"][0]["tuning_curve"],
+                        "rerank_depth": (meta["shards"][0].get("rerank") or {}).get("depth")}
+    if any(b["rerank_depth"] for b in builds.values()):
+        return {"builds": builds, "curve": []}  # (nprobe, R) curves: in each build's tuning_curve
     vi = VideoIndex.open(work / "idx-text")
     video_probe = dict(builds["video"]["tuning_curve"])
     text_tune = dict(builds["text"]["tuning_curve"])
@@ -161,8 +168,9 @@ def measure(work: Path, corpus: dict, args) -> dict:
 
 def record_results(record: BenchRecord, corpus: dict, results: dict, args) -> None:
     b = results["builds"]
+    second = "off-data probes, no captions" if args.no_captions else "caption text embeddings (now)"
     rows = [{**b[name], "label": label} for name, label in
-            (("video", "held-out video vectors (before)"), ("text", "caption text embeddings (now)"))]
+            (("video", "held-out video vectors (before)"), ("text", second))]
     sample = (f"{args.videos:,} synthetic videos x {args.clips} clips = {args.videos * args.clips:,} "
               f"{corpus['vectors'].shape[1]}-d vectors, {args.factory}; tuned on "
               f"{b['video']['tuning_count']} held-out video vectors vs {b['text']['tuning_count']} of the "
@@ -173,17 +181,20 @@ def record_results(record: BenchRecord, corpus: dict, results: dict, args) -> No
         col("label", "tuned on"), col("tuning_count", "tuning queries"), col("nprobe", "nprobe"),
         col("tuning_recall", f"recall@{args.k} on its tuning set", "{:.3f}"),
         col("heldout_recall", f"recall@{args.k}, held-out text", "{:.3f}"), col("target", "target"),
-        col("met", "met"), col("search_ms_per_query", "ms / query (batched)", "{:.3f}")],
+        col("met", "met"), col("rerank_depth", "re-rank depth R"),
+        col("search_ms_per_query", "ms / query (batched)", "{:.3f}")],
         rows=rows, sample_size=sample, baseline="the same index tuned the old way (held-out video vectors)",
         filtering="none")
-    record.table("curve", columns=[
-        col("nprobe", "nprobe"), col("video_probes", f"recall@{args.k}, video probes", "{:.3f}"),
-        col("tuning_text", f"recall@{args.k}, tuning captions", "{:.3f}"),
-        col("heldout_text", f"recall@{args.k}, held-out text", "{:.3f}")],
-        rows=results["curve"], sample_size=sample,
-        baseline="video probes (the old tuning set); empty cells: the tuner stopped before that nprobe",
-        filtering="none")
-    for name, how in (("text", "tuned on caption text"), ("video", "tuned on video vectors, the old way")):
+    if results["curve"]:  # re-ranked builds have (nprobe, R, recall) curves: in extra.results
+        record.table("curve", columns=[
+            col("nprobe", "nprobe"), col("video_probes", f"recall@{args.k}, video probes", "{:.3f}"),
+            col("tuning_text", f"recall@{args.k}, tuning captions", "{:.3f}"),
+            col("heldout_text", f"recall@{args.k}, held-out text", "{:.3f}")],
+            rows=results["curve"], sample_size=sample,
+            baseline="video probes (the old tuning set); empty cells: the tuner stopped before that nprobe",
+            filtering="none")
+    how_text = "tuned on off-data probes, no captions" if args.no_captions else "tuned on caption text"
+    for name, how in (("text", how_text), ("video", "tuned on video vectors, the old way")):
         record.add_headline(
             "FAISS index, text queries", f"recall@{args.k} >= {args.recall} on held-out text queries ({how})",
             f"{b[name]['heldout_recall']:.3f} at nprobe {b[name]['nprobe']} ({corpus['heldout_count']:,} "
@@ -205,6 +216,8 @@ def main(argv=None) -> int:
     p.add_argument("--video-noise", type=float, default=0.6)
     p.add_argument("--clip-noise", type=float, default=0.25)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-captions", action="store_true",
+                   help="neither build sees a caption: video probes (old rule) vs off-data probes")
     p.add_argument("--workdir", default="/tmp/vidsift_bench_text_recall")
     add_record_args(p, "text_recall")
     args = p.parse_args(argv)

@@ -10,9 +10,12 @@ change it without retraining and publish a new version; a delete publishes tombs
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import faiss
@@ -34,15 +37,19 @@ from index.part import (
     DEFAULT_GROWTH_FACTOR,
     DEFAULT_K,
     DEFAULT_MEMORY,
+    DEFAULT_NO_TEXT_RULE,
     DEFAULT_PROBES,
     DEFAULT_RECALL,
+    NO_TEXT_RULES,
     build_part,
     finish_progress,
     row_progress,
 )
+from index.query import open_refine
+from index.rerank import SORT_CHUNK_ROWS, RefineVectors, RefineWriter
 from index.sharded import build_parts_with_ray
 from index.tombstones import delete_videos as delete_videos  # re-exported: jobs.index calls build's
-from index.tombstones import drop_from_probe, new_version_meta, remeasure
+from index.tombstones import drop_from_probe, new_version_meta, open_refines, remeasure
 from index.tuning import (
     ExactTopK,
     apply_search_params,
@@ -139,6 +146,7 @@ def build_index(
     allow_random_init: bool = False,
     distributed: bool = False,
     slice_rows: int = DEFAULT_SLICE_ROWS,
+    no_text_rule: str = DEFAULT_NO_TEXT_RULE,
 ) -> dict[str, Any]:
     """Full (re)build of ``output`` from ``embeddings``; publishes a new version and returns its index.json.
 
@@ -159,8 +167,9 @@ def build_index(
     t0 = time.perf_counter()
     expected_current = store.read_current(output, missing_ok=True)  # the version this build replaces
     source = resolve_embeddings(embeddings)
+    no_text_rule = "video" if distributed else no_text_rule  # a distributed build tunes on its video probes
     text_vecs, tuning = text_tuning_set(source, text_queries, query_log, max_text_queries, seed, encoder,
-                                        allow_random_init)
+                                        allow_random_init, no_text_rule)
     kwargs = dict(
         text_queries=text_vecs,
         factory=factory,
@@ -172,7 +181,8 @@ def build_index(
         seed=seed,
         progress=progress,
     )
-    output = storage.normalize(output)
+    if text_vecs is None and not distributed:
+        kwargs["no_text_rule"] = no_text_rule
     version = store.check_version_name(version or store.new_version_name(output))
     stage = store.staging_dir(output, version)
     try:
@@ -181,13 +191,9 @@ def build_index(
             source, parts, factory, recall_target, k, memory_budget, time.perf_counter() - t0
         )
         meta["tuning_queries"] = dict(tuning, video_probes=sum(p["info"]["num_probes"] for p in parts))
-        if text_vecs is not None:
+        if tuning["kind"] != "video":
             meta["video_probe_recall"] = min(p["info"]["video_probe_recall"] for p in parts)
-        ids = pa.concat_tables([p["ids"] for p in parts])
-        probe = _stack_probes([p["probe"] for p in parts])
-        errors = errors_table([e for p in parts for e in p["errors"]])
-        store.write_version_files(stage, [p["index"] for p in parts], ids, meta, probe=probe, errors=errors)
-        uploaded = {p["info"]["file"]: p["record"] for p in parts if p.get("record")}
+        uploaded = _stage_parts(parts, stage, meta)
         meta["version"] = store.publish(output, stage, meta, version, keep=keep, uploaded=uploaded,
                                         expected_current=expected_current)
     except BaseException:
@@ -196,6 +202,25 @@ def build_index(
     if progress:
         _print_published(output, meta, k, tuning["kind"])
     return meta
+
+
+def _stage_parts(parts: list[dict[str, Any]], stage, meta: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Write the built parts' files into the local ``stage`` (their indexes, ids, probes, errors; an
+    in-process build's float16 re-rank copies move there); returns the records of the files the parts'
+    Ray tasks uploaded themselves."""
+    ids = pa.concat_tables([p["ids"] for p in parts])
+    probe = _stack_probes([p["probe"] for p in parts])
+    errors = errors_table([e for p in parts for e in p["errors"]])
+    store.write_version_files(stage, [p["index"] for p in parts], ids, meta, probe=probe, errors=errors)
+    for part in parts:
+        local = part.get("local_files") or {}
+        for name, path in local.items():
+            shutil.move(str(path), str(Path(stage) / name))
+        for folder in {Path(path).parent for path in local.values()}:
+            shutil.rmtree(folder, ignore_errors=True)
+    uploaded = {name: rec for p in parts for name, rec in (p.get("records") or {}).items()}
+    uploaded.update({p["info"]["file"]: p["record"] for p in parts if p.get("record")})
+    return uploaded
 
 
 def _print_published(output: str, meta: dict[str, Any], k: int, tuned_on: str) -> None:
@@ -234,14 +259,18 @@ def text_tuning_set(
     seed: int = 0,
     encoder=None,
     allow_random_init: bool = False,
+    no_text_rule: str = DEFAULT_NO_TEXT_RULE,
 ) -> tuple[np.ndarray | None, dict[str, Any]]:
     """The text queries a build tunes on (None when there are none) and their description for index.json:
-    at most ``limit`` of them, the query log's first, then caption embeddings at random."""
+    at most ``limit`` of them, the query log's first, then caption embeddings at random. Without any, the
+    ``kind`` is ``no_text_rule`` (:data:`index.part.NO_TEXT_RULES`: what each shard then tunes on)."""
+    if no_text_rule not in NO_TEXT_RULES:
+        raise ValueError(f"no_text_rule must be one of {NO_TEXT_RULES}, got {no_text_rule!r}")
     if text_queries == AUTO:
         beside = caption_embeddings_beside(source)
         text_queries = beside if beside is not None and storage.list_files(beside, ".parquet") else None
     captions = np.zeros((0, source.dim), np.float32)
-    info: dict[str, Any] = {"kind": "video"}
+    info: dict[str, Any] = {"kind": no_text_rule}
     if text_queries:
         _check_caption_model(text_queries, source)
         captions, _texts = read_caption_vectors(text_queries, source.dim)
@@ -378,22 +407,51 @@ def add_embeddings(
     kept = ids.filter(pa.array(~replaced))
     exact = ExactTopK(probe["queries"], probe["gt_i"].shape[1]) if probe is not None else None
     bar = row_progress("add", source.num_rows, progress)
-    metas, errors = _add_rows(indexes, source, set(kept.column("id").to_pylist()), exact, batch_size, bar)
-    finish_progress(bar)
-    if probe is not None and exact is not None:
-        _merge_new_truth(probe, exact, metas, len(indexes))
-    new_meta = new_version_meta(meta, "add", storage.name(vdir), rewritten=True)
-    remeasure(new_meta, indexes, probe)
-    new_meta["sources"] = list(meta.get("sources", [])) + list(source.files)
-    new_meta["lineage"] = merge_lineage(meta, source)
-    new_meta["last_operation"] = {
-        "added": sum(m.num_rows for m in metas),
-        "replaced": int(replaced.sum()),
-        "errors": len(errors),
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
-    ids_table = pa.concat_tables([kept, *metas])
-    return _publish_version(root, indexes, ids_table, new_meta, probe, errors, keep)
+    with tempfile.TemporaryDirectory(prefix="vidsift-refine-add-") as tmp:
+        writers = _carry_refines(vdir, meta, kept, tmp)
+        metas, errors = _add_rows(indexes, source, set(kept.column("id").to_pylist()), exact, batch_size, bar,
+                                  writers)
+        finish_progress(bar)
+        refine_files = {n: p for w in writers if w is not None for n, p in w.finish().items()}
+        if probe is not None and exact is not None:
+            _merge_new_truth(probe, exact, metas, len(indexes))
+        new_meta = new_version_meta(meta, "add", storage.name(vdir), rewritten=True)
+        remeasure(new_meta, indexes, probe, refines=_local_refines(new_meta, refine_files))
+        new_meta["sources"] = list(meta.get("sources", [])) + list(source.files)
+        new_meta["lineage"] = merge_lineage(meta, source)
+        new_meta["last_operation"] = {
+            "added": sum(m.num_rows for m in metas),
+            "replaced": int(replaced.sum()),
+            "errors": len(errors),
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        ids_table = pa.concat_tables([kept, *metas])
+        return _publish_version(root, indexes, ids_table, new_meta, probe, errors, keep, refine_files)
+
+
+def _local_refines(meta: dict[str, Any], files: dict[str, Path]) -> list[RefineVectors | None]:
+    """Each shard's new float16 copy (local files not yet published), memory-mapped; None without one."""
+    return [RefineVectors(files[s["rerank"]["vectors"]], files[s["rerank"]["ids"]])
+            if s.get("rerank") else None for s in meta["shards"]]
+
+
+def _carry_refines(vdir: str, meta: dict[str, Any], kept: pa.Table, folder: str) -> list[RefineWriter | None]:
+    """For each shard with a float16 re-rank copy, a writer of its new copy that already holds the kept
+    rows' vectors (read from the current copy in chunks); None for shards without one."""
+    writers: list[RefineWriter | None] = []
+    kept_ids, kept_shard = kept.column("id").to_numpy(), kept.column("shard").to_numpy()
+    for i, info in enumerate(meta["shards"]):
+        old = open_refine(vdir, meta, info)
+        if old is None:
+            writers.append(None)
+            continue
+        writer = RefineWriter(folder, info["file"], int(meta["dim"]))
+        ids = np.sort(kept_ids[kept_shard == i])
+        for start in range(0, len(ids), SORT_CHUNK_ROWS):
+            chunk = ids[start:start + SORT_CHUNK_ROWS]
+            writer.add(np.asarray(old.vectors[old.rows_of(chunk)]), chunk)
+        writers.append(writer)
+    return writers
 
 
 def check_compatible(source: EmbeddingSource, meta: dict[str, Any], embeddings, root) -> EmbeddingSource:
@@ -444,8 +502,11 @@ def _add_rows(
     exact: ExactTopK | None,
     batch_size: int,
     bar: Progress,
+    writers: list[RefineWriter | None] | None = None,
 ) -> tuple[list[pa.Table], list[dict[str, Any]]]:
-    """Stream ``source`` into the shard of each row's video; returns (ids tables of added rows, errors)."""
+    """Stream ``source`` into the shard of each row's video (and its float16 re-rank copy's writer, if it
+    has one); returns (ids tables of added rows, errors)."""
+    writers = writers if writers is not None else [None] * len(indexes)
     num_shards = len(indexes)
     metas, errors = [], []
     for batch in iter_batches(source, batch_size=batch_size, seen_ids=seen):
@@ -456,6 +517,8 @@ def _add_rows(
                 sel = shards == i
                 if sel.any():
                     indexes[i].add_with_ids(batch.vectors[sel], batch.ids[sel])
+                    if writers[i] is not None:
+                        writers[i].add(batch.vectors[sel], batch.ids[sel])
             if exact is not None:
                 exact.add(batch.vectors, batch.ids)
             metas.append(
@@ -491,12 +554,14 @@ def _shard_of_ids(id_matrix: np.ndarray, metas: list[pa.Table], num_shards: int)
     return np.where(sorted_ids[pos] == id_matrix, sorted_shard[pos], -1)
 
 
-def _publish_version(root, indexes, ids_table, meta, probe, errors, keep) -> dict[str, Any]:
+def _publish_version(root, indexes, ids_table, meta, probe, errors, keep, local_files=None) -> dict[str, Any]:
     root = storage.normalize(root)
     version = store.new_version_name(root)
     stage = store.staging_dir(root, version)
     try:
         store.write_version_files(stage, indexes, ids_table, meta, probe=probe, errors=errors_table(errors))
+        for name, path in (local_files or {}).items():
+            shutil.move(str(path), str(Path(stage) / name))
         # parent_version: the CURRENT version the change was applied to (_new_version_meta)
         meta["version"] = store.publish(root, stage, meta, version, keep=keep,
                                         expected_current=meta["parent_version"])
@@ -529,7 +594,8 @@ def needs_retrain(
             apply_search_params(ix, info["search_params"])
         measured = dict(meta)
         measured["shards"] = [dict(s) for s in meta["shards"]]
-        remeasure(measured, indexes, probe, dead, store.shard_hidden_ids(vdir, meta))
+        hidden = store.shard_hidden_ids(vdir, meta)
+        remeasure(measured, indexes, probe, dead, hidden, open_refines(vdir, meta))
         if measured["recall"] < target:
             reasons.append(
                 f"recall@{meta.get('recall_k', DEFAULT_K)} on the probe set is "

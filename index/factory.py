@@ -18,6 +18,10 @@ ID_BYTES = 8  # int64 id kept per vector by IVF lists / IndexIDMap2
 FLAT_MAX_N = 20_000  # below this an exact scan is fast enough and needs no tuning
 HNSW_MAX_N = 100_000  # HNSW graph construction beyond this is slow on CPU; IVF trains faster
 PQ_M_CANDIDATES = (256, 128, 96, 64, 48, 32, 16, 8)
+# Fast-scan PQ (4-bit codes, SIMD-scanned from registers): dims per sub-quantizer, best first. 4 dims a
+# sub-quantizer = half a byte per 4 dims (32 B for 256 dims): the float16 re-rank restores recall.
+FASTSCAN_DIMS_PER_SUB = (4, 8, 16)
+_LOSSY_CODES_RE = re.compile(r"(^|,)(PQ\d+(x\d+)?(fs|np)?|SQ[468])(,|$)")  # the codes part of a factory
 
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {
@@ -72,6 +76,7 @@ def estimate_memory(n: int, dim: int, kind: str, nlist: int = 0, pq_m: int = 0, 
         "ivf_sq16": 2 * dim + ID_BYTES,
         "ivf_sq8": dim + ID_BYTES,
         "ivf_pq": pq_m + ID_BYTES,
+        "ivf_pq_fs": pq_m / 2 + ID_BYTES,
     }[kind]
     extra = coarse if kind.startswith("ivf") else 0
     if kind == "ivf_pq":
@@ -84,13 +89,20 @@ def _ivf_coarse(nlist: int) -> str:
     return f"IVF{nlist}_HNSW32" if nlist > 4096 else f"IVF{nlist}"
 
 
-def choose_factory(n: int, dim: int, memory_budget_bytes: int, recall_target: float = 0.95) -> str:
+def choose_factory(
+    n: int, dim: int, memory_budget_bytes: int, recall_target: float = 0.95, rerank: bool = True
+) -> str:
     """Pick a FAISS factory string for ``n`` vectors of ``dim`` within ``memory_budget_bytes``.
 
     Pure function. Order of preference (most accurate first, autofaiss-like): ``Flat`` for small n,
-    ``HNSW{M},Flat`` for medium n, then IVF with Flat / SQfp16 / SQ8 codes, then
-    ``OPQ{m}_{d},IVF{nlist}[_HNSW32],PQ{m}`` with the largest PQ code that fits. A higher recall
-    target gets a denser HNSW graph and keeps exact codes longer.
+    ``HNSW{M},Flat`` for medium n, then ``IVF{nlist}[_HNSW32],Flat``. When Flat codes do not fit and
+    ``rerank`` (the build writes a memory-mapped float16 copy of the vectors, :mod:`index.rerank`):
+    fast-scan PQ ``IVF{nlist}[_HNSW32],PQ{m}x4fs`` with the largest code that fits (4-bit codes scanned with
+    SIMD: the fastest CPU IVF scan; the exact re-rank of its top candidates restores recall). Without
+    re-rank (a distributed build's on-disk lists hold no fast-scan blocks): SQfp16 / SQ8 codes, then
+    ``OPQ{m}_{d},IVF{nlist}[_HNSW32],PQ{m}``. A higher recall target gets a denser HNSW graph and keeps exact
+    codes longer. The budget counts what the index holds per vector in RAM / page cache while scanning;
+    the float16 copy is read R rows a query and stays on disk.
     """
     if n <= 0 or dim <= 0:
         raise ValueError(f"need n > 0 and dim > 0 to choose an index, got n={n}, dim={dim}")
@@ -107,6 +119,12 @@ def choose_factory(n: int, dim: int, memory_budget_bytes: int, recall_target: fl
     coarse = _ivf_coarse(nlist)
     if estimate_memory(n, dim, "ivf_flat", nlist) <= budget:
         return f"{coarse},Flat"
+    if rerank:
+        for per_sub in FASTSCAN_DIMS_PER_SUB:
+            m = dim // per_sub
+            if dim % per_sub == 0 and m >= 2 and m % 2 == 0 and (
+                    estimate_memory(n, dim, "ivf_pq_fs", nlist, pq_m=m) <= budget):
+                return f"{coarse},PQ{m}x4fs"
     if recall_target >= 0.9 and estimate_memory(n, dim, "ivf_sq16", nlist) <= budget:
         return f"{coarse},SQfp16"
     if estimate_memory(n, dim, "ivf_sq8", nlist) <= budget:
@@ -122,6 +140,14 @@ def choose_factory(n: int, dim: int, memory_budget_bytes: int, recall_target: fl
         f"memory budget {budget} bytes is too small for {n} vectors of dim {dim} "
         f"(the smallest index, PQ{PQ_M_CANDIDATES[-1]}, needs ~{smallest} bytes)"
     )
+
+
+def needs_rerank(factory: str) -> bool:
+    """Whether ``factory``'s codes are lossy (PQ of any kind, SQ4/6/8): the build then writes the float16
+    copy the search re-ranks its candidates against (:mod:`index.rerank`)."""
+    spec = factory.strip()
+    refined_in_faiss = "RFlat" in spec or "Refine(" in spec  # FAISS's own in-RAM refine: nothing to add
+    return bool(_LOSSY_CODES_RE.search(spec)) and not refined_in_faiss
 
 
 def make_index(factory: str, dim: int) -> faiss.Index:

@@ -8,6 +8,7 @@ parameters are tuned to the recall target.
 
 from __future__ import annotations
 
+import shutil
 import sys
 import tempfile
 import time
@@ -23,12 +24,14 @@ from index.embeddings import IDS_SCHEMA, EmbeddingSource, iter_batches
 from index.factory import (
     choose_factory,
     make_index,
+    needs_rerank,
     parse_memory,
     to_cpu,
     to_gpu_if_available,
     training_size,
 )
-from index.tuning import ExactTopK, measure_recall, tune
+from index.rerank import RefineVectors, RefineWriter
+from index.tuning import ExactTopK, measure_recall, offdata_probes, tune, tune_rerank
 from runtime.progress import Progress
 
 DEFAULT_MEMORY = "4GB"
@@ -37,6 +40,8 @@ DEFAULT_K = 10
 PROBE_DEPTH = 50  # exact neighbours kept per probe, so deletes still leave >= k of them
 DEFAULT_PROBES = 256
 DEFAULT_GROWTH_FACTOR = 2.0
+NO_TEXT_RULES = ("video", "offdata")  # what a build without text queries tunes on (tuning.offdata_probes)
+DEFAULT_NO_TEXT_RULE = "video"
 
 
 def row_progress(label: str, total: int, enabled: bool) -> Progress:
@@ -65,6 +70,7 @@ def build_part(
     progress: bool = True,
     write_to: tuple[str, str] | None = None,
     text_queries: np.ndarray | None = None,
+    no_text_rule: str = DEFAULT_NO_TEXT_RULE,
 ) -> dict[str, Any]:
     """Build the index of one shard of ``source`` (no publishing).
 
@@ -81,34 +87,33 @@ def build_part(
     shard_index, num_shards = shard
     n_est = max(1, int(np.ceil(source.num_rows / num_shards)))
     factory = factory or choose_factory(n_est, source.dim, parse_memory(memory_budget), recall_target)
-    index = make_index(factory, source.dim)
-    n_train = training_size(index, n_est)
     rng = np.random.default_rng(seed + shard_index)
-    # Sample positions over the whole stream; a shard keeps ~1/num_shards of them, so oversample.
-    want = min(source.num_rows, (n_train + num_probes) * num_shards)
-    sampled = np.sort(rng.choice(source.num_rows, size=want, replace=False)) if want else np.zeros(0, int)
-    train_vecs, probe_vecs = _sample(source, shard, sampled, n_train, num_probes, rng, batch_size)
-    t_train = time.perf_counter()
-    index, on_gpu = train_index(index, train_vecs, factory, shard_index)
-    train_s = time.perf_counter() - t_train
+    index, on_gpu, train_vecs, probe_vecs, train_s = _sample_and_train(
+        source, shard, factory, n_est, num_probes, rng, batch_size)
     bar = row_progress(f"add shard {shard_index}/{num_shards}", n_est, progress)
-    text = np.zeros((0, source.dim), np.float32) if text_queries is None else text_queries
-    queries = np.concatenate([probe_vecs, np.asarray(text, np.float32)])
-    index, ids_table, errors, exact = add_stream(index, source, shard, queries, batch_size, bar)
-    add_s = finish_progress(bar)
-    index = to_cpu(index, on_gpu)
-    if index.ntotal == 0:
-        raise ValueError(
-            f"shard {shard_index}: no valid embeddings in {source.root} ({len(errors)} rows rejected)"
-        )
-    params, recall, met, curve, probe, tuned = tune_on_queries(index, queries, len(probe_vecs),
-                                                               exact.result(), k, recall_target)
+    queries, text_kind = tuning_queries(probe_vecs, train_vecs, text_queries, no_text_rule, rng)
+    file = store.shard_file(shard_index, num_shards)
+    refine_dir = tempfile.TemporaryDirectory(prefix="vidsift-refine-")
+    try:
+        writer = RefineWriter(refine_dir.name, file, source.dim) if needs_rerank(factory) else None
+        index, ids_table, errors, exact = add_stream(index, source, shard, queries, batch_size, bar,
+                                                     refine=writer)
+        add_s = finish_progress(bar)
+        index = to_cpu(index, on_gpu)
+        if index.ntotal == 0:
+            raise ValueError(
+                f"shard {shard_index}: no valid embeddings in {source.root} ({len(errors)} rows rejected)"
+            )
+        params, recall, met, curve, probe, tuned, records, local_files = _tune_and_place(
+            index, writer, queries, len(probe_vecs), exact, (k, recall_target, text_kind), write_to, file)
+    finally:
+        refine_dir.cleanup()
     if progress:
         print(f"[index] shard {shard_index}: {factory} n={index.ntotal} params={params} "
               f"recall@{k}={recall:.4f} on {tuned['tuned_on']} queries (target {recall_target}, met={met})",
               file=sys.stderr, flush=True)
     info = {
-        "file": store.shard_file(shard_index, num_shards),
+        "file": file,
         "shard": shard_index,
         "factory": factory,
         "count": int(index.ntotal),
@@ -126,12 +131,71 @@ def build_part(
         "errors": len(errors),
         **tuned,
     }
-    record = None
     if write_to is not None:
-        record = _upload_index(index, write_to, info["file"])
         index = None
     return {"index": index, "ids": ids_table, "errors": errors, "probe": probe, "info": info,
-            "record": record}
+            "record": records.get(file), "records": records, "local_files": local_files}
+
+
+def tuning_queries(probe_vecs: np.ndarray, train_vecs: np.ndarray, text_queries: np.ndarray | None,
+                   no_text_rule: str, rng: np.random.Generator) -> tuple[np.ndarray, str]:
+    """The held-out video probes followed by the queries the shard is tuned on, and what those are:
+    ``text_queries`` ("text"); without them off-data probes ("offdata": :func:`index.tuning.offdata_probes`)
+    or none ("video": the video probes themselves are tuned on)."""
+    if text_queries is not None:
+        text, kind = np.asarray(text_queries, np.float32), "text"
+    elif no_text_rule == "offdata":
+        text, kind = offdata_probes(probe_vecs, train_vecs, rng), "offdata"
+    else:
+        text, kind = np.zeros((0, probe_vecs.shape[1]), np.float32), "video"
+    return np.concatenate([probe_vecs, text]), kind
+
+
+def _sample_and_train(source: EmbeddingSource, shard: tuple[int, int], factory: str, n_est: int,
+                      num_probes: int, rng: np.random.Generator, batch_size: int):
+    """Pass 1 + training: ``(trained index, on_gpu, training vectors, held-out probes, train seconds)``."""
+    index = make_index(factory, source.dim)
+    n_train = training_size(index, n_est)
+    # Sample positions over the whole stream; a shard keeps ~1/num_shards of them, so oversample.
+    want = min(source.num_rows, (n_train + num_probes) * shard[1])
+    sampled = np.sort(rng.choice(source.num_rows, size=want, replace=False)) if want else np.zeros(0, int)
+    train_vecs, probe_vecs = _sample(source, shard, sampled, n_train, num_probes, rng, batch_size)
+    t_train = time.perf_counter()
+    index, on_gpu = train_index(index, train_vecs, factory, shard[0])
+    return index, on_gpu, train_vecs, probe_vecs, time.perf_counter() - t_train
+
+
+def _tune_and_place(index: faiss.Index, writer: RefineWriter | None, queries: np.ndarray, num_video: int,
+                    exact: ExactTopK, target: tuple[int, float, str], write_to: tuple[str, str] | None,
+                    file: str):
+    """Finish the shard's float16 copy (when its codes need one), tune on ``queries`` (re-ranked against
+    the copy), then put the files in place (:func:`_place_files`). Returns ``tune_on_queries``'s tuple
+    (``info["rerank"]`` describes the copy) + ``(records, local_files)``."""
+    refine_files = writer.finish() if writer is not None else {}
+    refine = RefineVectors(*refine_files.values()) if refine_files else None
+    params, recall, met, curve, probe, tuned = tune_on_queries(index, queries, num_video, exact.result(),
+                                                               target[0], target[1], refine, target[2])
+    del refine  # its memory maps: the files move or upload next
+    if refine_files:
+        names = list(refine_files)
+        depth = tuned.pop("depth")
+        tuned["rerank"] = {"vectors": names[0], "ids": names[1], "dtype": "float16", "depth": depth}
+    records, local_files = _place_files(index, refine_files, write_to, file)
+    return params, recall, met, curve, probe, tuned, records, local_files
+
+
+def _place_files(index: faiss.Index, refine_files: dict[str, Path], write_to: tuple[str, str] | None,
+                 file: str) -> tuple[dict[str, dict[str, Any]], dict[str, Path]]:
+    """Put the shard's files where the version is staged. With ``write_to`` the FAISS file and the float16
+    copy are uploaded under ``root/versions/VERSION``: returns their records. Else the copy moves to a
+    local temp folder the caller moves into its stage (:func:`index.build.build_index`): returns its paths."""
+    if write_to is None:
+        keep = Path(tempfile.mkdtemp(prefix="vidsift-refine-part-"))
+        return {}, {name: Path(shutil.move(str(path), keep / name)) for name, path in refine_files.items()}
+    records = {file: _upload_index(index, write_to, file)}
+    for name, path in refine_files.items():
+        records[name] = store.upload_file(path, write_to[0], write_to[1], name)
+    return records, {}
 
 
 def tune_on_queries(
@@ -141,8 +205,12 @@ def tune_on_queries(
     truth: tuple[np.ndarray, np.ndarray],
     k: int,
     recall_target: float,
+    refine: RefineVectors | None = None,
+    text_kind: str = "text",
 ) -> tuple[dict[str, int], float, bool, list, dict[str, np.ndarray], dict[str, Any]]:
     """Tune on the text queries (``queries[num_video:]``) when there are any, else on the video probes.
+    With ``refine`` (the shard's float16 copy) nprobe and the re-rank depth are tuned together
+    (:func:`index.tuning.tune_rerank`; ``info["depth"]``).
 
     Returns ``(params, recall, met, curve, probe, info)``: ``probe`` is the tuning set with its exact
     neighbours (``probe.npz``: re-measured on every add/delete), ``info`` says which set it was and the video
@@ -152,11 +220,16 @@ def tune_on_queries(
     gt_d, gt_i = gt_d.astype(np.float32), gt_i.astype(np.int64)
     on_text = len(queries) > num_video
     use = slice(num_video, None) if on_text else slice(0, num_video)
-    params, recall, met, curve = tune(index, queries[use], gt_i[use], k, recall_target)
-    info: dict[str, Any] = {"tuned_on": "text" if on_text else "video",
+    info: dict[str, Any] = {"tuned_on": text_kind if on_text else "video",
                             "num_text_queries": int(len(queries) - num_video)}
+    if refine is None:
+        params, recall, met, curve = tune(index, queries[use], gt_i[use], k, recall_target)
+    else:
+        params, info["depth"], recall, met, curve = tune_rerank(index, refine, queries[use], gt_i[use], k,
+                                                                recall_target)
     if on_text:
-        info["video_probe_recall"] = measure_recall(index, queries[:num_video], gt_i[:num_video], k)
+        info["video_probe_recall"] = measure_recall(index, queries[:num_video], gt_i[:num_video], k,
+                                                    refine, info.get("depth", 0))
     probe = {"queries": np.ascontiguousarray(queries[use]), "gt_d": gt_d[use], "gt_i": gt_i[use]}
     return params, recall, met, curve, probe, info
 
@@ -192,8 +265,10 @@ def add_stream(
     batch_size: int,
     bar: Progress,
     seen: set[int] | None = None,
+    refine: RefineWriter | None = None,
 ) -> tuple[faiss.Index, pa.Table, list[dict[str, Any]], ExactTopK]:
-    """Pass 2: add every valid row of ``shard`` while accumulating the queries' exact neighbours.
+    """Pass 2: add every valid row of ``shard`` while accumulating the queries' exact neighbours (and,
+    with ``refine``, writing the float16 copy the search re-ranks against).
 
     ``seen``: ids already taken (by earlier slices of a distributed build); rows with them are
     ``duplicate_id`` errors, as are repeats within the stream."""
@@ -205,6 +280,8 @@ def add_stream(
         if len(batch.ids):
             index.add_with_ids(batch.vectors, batch.ids)
             exact.add(batch.vectors, batch.ids)
+            if refine is not None:
+                refine.add(batch.vectors, batch.ids)
             metas.append(batch.meta)
         bar.update(len(batch.ids) + len(batch.errors))
     ids_table = pa.concat_tables(metas) if metas else IDS_SCHEMA.empty_table()

@@ -13,6 +13,7 @@ import pyarrow as pa
 
 from index import store
 from index.moments import DEFAULT_MAX_GAP_S, DEFAULT_REL_THRESHOLD, Moment, merge_windows
+from index.rerank import RefineVectors, rerank
 from index.rows import RowTable
 from index.searcher import RankedResult
 from index.sharded import merge_shard_results
@@ -73,8 +74,10 @@ class VideoIndex:
         allow_random_init: bool = False,
         dead_ids: np.ndarray | None = None,
         shard_hidden: Sequence[np.ndarray] | None = None,
+        refines: list[RefineVectors | None] | None = None,
     ):
         self.root, self.version_dir, self.meta, self.indexes = root, version_dir, meta, indexes
+        self.refines = list(refines) if refines is not None else [None] * len(indexes)
         self.dim = int(meta["dim"])
         self.model_id = meta.get("model_id")
         self.pretrained = pretrained
@@ -89,6 +92,7 @@ class VideoIndex:
         # After an upsert delta (index.build.upsert_embeddings) a shard also skips the ids a later shard
         # supersedes: one "live here" selector per shard instead of the version's "not tombstoned".
         self._shard_live = None
+        self._shard_hidden = list(shard_hidden) if shard_hidden is not None else None
         if shard_hidden is not None and any(len(h) > len(self.dead_ids) for h in shard_hidden):
             self._shard_live = [selector_excluding(h) for h in shard_hidden]
         for info, ix in zip(meta["shards"], indexes):
@@ -129,6 +133,7 @@ class VideoIndex:
         indexes = [store.read_shard(vdir, meta, info, mmap=mmap, verify=verify) for info in meta["shards"]]
         rows = store.read_row_table(vdir, meta, verify)
         dead = store.read_dead_ids(vdir, meta, verify)
+        refines = [open_refine(vdir, meta, info, verify) for info in meta["shards"]]
         store.check_counts(vdir, meta, sum(int(ix.ntotal) for ix in indexes), len(rows))
         for ix in indexes:
             if ix.d != int(meta["dim"]):
@@ -137,7 +142,7 @@ class VideoIndex:
         hidden = store.shard_hidden_ids(vdir, meta, verify) if meta.get("superseded") else None
         return cls(root, vdir, meta, indexes, rows, encoder=encoder, tokenizer=tokenizer,
                    pretrained=pretrained, allow_random_init=allow_random_init, dead_ids=dead,
-                   shard_hidden=hidden)
+                   shard_hidden=hidden, refines=refines)
 
     @property
     def version(self) -> str:
@@ -243,15 +248,12 @@ class VideoIndex:
         if allowed is None:
             allowed = self._live_selector
         results = []
-        for i, ix in enumerate(self.indexes):
+        for i, (info, ix, refine) in enumerate(zip(self.meta["shards"], self.indexes, self.refines)):
             kk = int(min(k, max(ix.ntotal, 1)))
-            selector = self._for_shard(i, allowed)
-            if selector is None and not exhaustive:
-                results.append(ix.search(vectors, kk))
-            else:
-                params, keep_alive = search_parameters(ix, selector, exhaustive)
-                results.append(ix.search(vectors, kk, params=params))
-                del keep_alive  # the SWIG params point at these; they lived until the search returned
+            results.append(search_shard(ix, vectors, kk, self._for_shard(i, allowed), exhaustive, refine,
+                                        rerank_depth(info)))
+        if len(results) == 1:
+            return results[0]
         return merge_shard_results([r[0] for r in results], [r[1] for r in results], int(k))
 
     def search(
@@ -364,15 +366,23 @@ class VideoIndex:
         approximate index may leave some unscored: IVF scores only the probed lists)."""
         q = np.ascontiguousarray(vector[None, :], dtype=np.float32)
         q = q / max(float(np.linalg.norm(q)), 1e-12)
-        selector = faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64))
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        selector = faiss.IDSelectorBatch(ids)
         out: dict[int, float] = {}
-        for i, ix in enumerate(self.indexes):
+        for i, (ix, refine) in enumerate(zip(self.indexes, self.refines)):
+            if refine is not None:  # exact scores from the float16 copy, not the codes' approximations
+                own = ids if self._shard_hidden is None else ids[~np.isin(ids, self._shard_hidden[i])]
+                rows = refine.rows_of(own)
+                found = rows >= 0
+                scores = np.asarray(refine.vectors[np.sort(rows[found])], np.float32) @ q[0]
+                out.update(zip(np.sort(own[found]).tolist(), scores.tolist()))
+                continue
             ivf = faiss.try_extract_index_ivf(ix)
             sel = self._for_shard(i, selector)
             params = (faiss.SearchParametersIVF(sel=sel, nprobe=ivf.nprobe) if ivf is not None
                       else faiss.SearchParameters(sel=sel))
-            d, i = ix.search(q, int(min(len(ids), max(ix.ntotal, 1))), params=params)
-            out.update((int(a), float(b)) for a, b in zip(i[0], d[0]) if a >= 0)
+            d, found_ids = ix.search(q, int(min(len(ids), max(ix.ntotal, 1))), params=params)
+            out.update((int(a), float(b)) for a, b in zip(found_ids[0], d[0]) if a >= 0)
         return out
 
     def _collapse(self, scores: np.ndarray, ids: np.ndarray, aggregate: str,
@@ -406,6 +416,44 @@ class VideoIndex:
                 caption=captions[j][0] if captions[j] else None, num_clips=int(counts[g]), id=int(row_ids[j]))
             for j, g in enumerate(chosen)
         ]
+
+
+def search_shard(ix: faiss.Index, vectors: np.ndarray, kk: int, allowed: faiss.IDSelector | None,
+                 exhaustive: bool, refine: RefineVectors | None = None, depth: int = 0
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """One shard's top ``kk`` ``(scores, ids)`` for normalised ``vectors``: FAISS's top ``max(kk, depth)``
+    re-ranked exactly against the shard's float16 copy when it has one (:func:`index.rerank.rerank`), else
+    FAISS's top ``kk``. ``allowed`` / ``exhaustive`` as :func:`search_parameters`. The one search of a shard:
+    :class:`VideoIndex` and the fan-out's shard replicas (``workflows/serve/fanout.py``) both call it."""
+    fetch = max(kk, int(depth)) if refine is not None else kk
+    if allowed is None and not exhaustive:
+        scores, ids = ix.search(vectors, fetch)
+    else:
+        params, keep_alive = search_parameters(ix, allowed, exhaustive)
+        scores, ids = ix.search(vectors, fetch, params=params)
+        del keep_alive  # the SWIG params point at these; they lived until the search returned
+    if refine is None:
+        return scores, ids
+    return rerank(vectors, ids, refine, kk)
+
+
+def rerank_depth(info: dict[str, Any]) -> int:
+    """The re-rank depth R the build tuned for a shard (0: no float16 copy)."""
+    return int((info.get("rerank") or {}).get("depth", 0))
+
+
+def open_refine(vdir: str, meta: dict[str, Any], info: dict[str, Any], verify: bool | None = None
+                ) -> RefineVectors | None:
+    """The shard's float16 re-rank copy, memory-mapped (None when its codes need none)."""
+    spec = info.get("rerank")
+    if not spec:
+        return None
+    try:
+        return RefineVectors(store.local_file(vdir, meta, spec["vectors"], verify),
+                             store.local_file(vdir, meta, spec["ids"], verify))
+    except (OSError, ValueError) as exc:
+        raise store.CorruptIndexError(f"index version {vdir!r}: re-rank copy of shard {info['file']!r} "
+                                      f"could not be read: {exc}") from exc
 
 
 def search_parameters(ix: faiss.Index, allowed: faiss.IDSelector | None, exhaustive: bool):

@@ -28,7 +28,8 @@ import pyarrow as pa
 from index import store
 from index.factory import make_index
 from index.part import DEFAULT_K
-from index.query import search_parameters, selector_excluding
+from index.query import open_refine, rerank_depth, search_parameters, search_shard, selector_excluding
+from index.rerank import SORT_CHUNK_ROWS, RefineVectors, RefineWriter
 from index.rows import TOMBSTONES_FILE, RowTable, hidden_in_shard, write_tombstones
 from index.tuning import apply_search_params, merge_topk, recall_at_k
 from runtime import storage
@@ -91,7 +92,7 @@ def delete_videos(root: str | os.PathLike, video_ids: list[str], keep: int = 3) 
         new_meta["tombstones"] = {"file": TOMBSTONES_FILE, "count": int(len(all_dead))}
         superseded = store.read_superseded(vdir, meta)
         hidden = [hidden_in_shard(all_dead, superseded, i) for i in range(len(meta["shards"]))]
-        remeasure(new_meta, _open_shards(vdir, meta), probe, all_dead, hidden)
+        remeasure(new_meta, _open_shards(vdir, meta), probe, all_dead, hidden, open_refines(vdir, meta))
         new_meta["last_operation"] = {
             "deleted_rows": int(len(removed)),
             "deleted_videos": sorted(found),
@@ -105,6 +106,11 @@ def delete_videos(root: str | os.PathLike, video_ids: list[str], keep: int = 3) 
         store.discard_stage(root, stage, version)
         raise
     return new_meta
+
+
+def open_refines(vdir: str, meta: dict[str, Any]) -> list[RefineVectors | None]:
+    """Each shard's float16 re-rank copy, memory-mapped (None for a shard without one)."""
+    return [open_refine(vdir, meta, info) for info in meta["shards"]]
 
 
 def _open_shards(vdir: str, meta: dict[str, Any]) -> list[faiss.Index]:
@@ -151,9 +157,12 @@ def compact_index(root: str | os.PathLike, threshold: float = DEFAULT_COMPACT_TH
         indexes = []
         for i, info in enumerate(meta["shards"][:bases]):
             members = [i] + [j for j in deltas if meta["shards"][j]["delta_of"] == i]
-            sources = [(functools.partial(store.read_shard, vdir, meta, meta["shards"][j], mmap=True),
-                        hidden_in_shard(dead, superseded, j)) for j in members]
-            indexes.append(_compact_shard(sources, info["factory"], stage / info["file"]))
+            if info.get("rerank"):
+                indexes.append(_compact_reranked(vdir, meta, members, dead, superseded, stage))
+            else:
+                sources = [(functools.partial(store.read_shard, vdir, meta, meta["shards"][j], mmap=True),
+                            hidden_in_shard(dead, superseded, j)) for j in members]
+                indexes.append(_compact_shard(sources, info["factory"], stage / info["file"]))
             apply_search_params(indexes[-1], info.get("search_params", {}))
             if progress:
                 print(f"[compact] shard {i + 1}/{bases} (+{len(members) - 1} deltas folded): "
@@ -163,7 +172,9 @@ def compact_index(root: str | os.PathLike, threshold: float = DEFAULT_COMPACT_TH
         for key in ("tombstones", "stored_count", "superseded", "row_parts"):
             new_meta.pop(key, None)
         probe = fold_probes(store.read_probe(vdir, meta), meta, bases)
-        remeasure(new_meta, indexes, probe)
+        refines = [RefineVectors(stage / info["rerank"]["vectors"], stage / info["rerank"]["ids"])
+                   if info.get("rerank") else None for info in new_meta["shards"]]
+        remeasure(new_meta, indexes, probe, refines=refines)
         dropped = int(meta.get("stored_count", meta["count"])) - int(meta["count"])
         new_meta["last_operation"] = {"dropped_rows": dropped, "tombstone_share": round(share, 4),
                                       "folded_deltas": len(deltas),
@@ -198,6 +209,61 @@ def fold_probes(probe: dict[str, np.ndarray] | None, meta: dict[str, Any],
         probe["gt_d"][base], probe["gt_i"][base] = merged
     keep = probe["shard"] < bases
     return {key: value[keep] for key, value in probe.items()}
+
+
+def empty_like(vdir: str, meta: dict[str, Any], shard: int) -> faiss.Index:
+    """An index with ``shard``'s trained structure and no rows: an IVF shard opened memory-mapped with its
+    lists replaced by empty in-RAM ones (the quantizer and codec are kept: the codes stay compatible);
+    other shards are made anew from their factory (flat / HNSW need no training)."""
+    info = meta["shards"][shard]
+    opened = store.read_shard(vdir, meta, info, mmap=True)
+    ivf = faiss.try_extract_index_ivf(opened)
+    if ivf is None:
+        return make_index(info["factory"], int(meta["dim"]))
+    if isinstance(faiss.downcast_index(ivf), faiss.IndexIVFFastScan):
+        # Fast-scan lists hold codes packed in SIMD blocks: empty lists of that layout, not plain arrays.
+        packer = ivf.get_CodePacker()
+        packer.this.disown()  # the block lists own (and delete) their packer
+        lists = faiss.BlockInvertedLists(ivf.nlist, packer)
+    else:
+        lists = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
+    ivf.replace_invlists(lists, True)
+    lists.this.disown()  # the index owns it now
+    ivf.ntotal = 0
+    opened.ntotal = 0
+    if ivf.direct_map.type != faiss.DirectMap.NoMap:
+        ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # a Hashtable map takes add_with_ids
+    return opened
+
+
+def _compact_reranked(vdir: str, meta: dict[str, Any], members: Sequence[int], dead: np.ndarray,
+                      superseded: tuple[np.ndarray, np.ndarray], stage: Path) -> faiss.Index:
+    """A shard with a float16 re-rank copy (fast-scan codes, whose SIMD-packed lists a list-by-list copy
+    would scramble) and its upsert deltas: every live row is re-encoded from the float16 copies, a chunk at a
+    time, into the base's trained structure with empty lists, and written to the new float16 copy too (the
+    re-rank scores those vectors anyway); returns the new shard, memory-mapped."""
+    info = meta["shards"][members[0]]
+    index = empty_like(vdir, meta, members[0])
+    writer = RefineWriter(stage, info["file"], int(meta["dim"]))
+    try:
+        for j in members:
+            refine = open_refine(vdir, meta, meta["shards"][j])
+            if refine is None:
+                raise store.CorruptIndexError(f"index version {vdir!r}: shard {j} of re-ranked shard "
+                                              f"{info['file']!r} has no float16 copy")
+            hidden = hidden_in_shard(dead, superseded, j)
+            for start in range(0, len(refine), SORT_CHUNK_ROWS):
+                ids = np.asarray(refine.ids[start:start + SORT_CHUNK_ROWS], dtype=np.int64)
+                keep = ~np.isin(ids, hidden)
+                vectors = np.asarray(refine.vectors[start:start + SORT_CHUNK_ROWS][keep], dtype=np.float32)
+                index.add_with_ids(vectors, ids[keep])
+                writer.add(vectors, ids[keep])
+        writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    faiss.write_index(index, str(stage / info["file"]))
+    return store.read_faiss(stage / info["file"], mmap=True)
 
 
 Source = tuple[Callable[[], faiss.Index], np.ndarray]  # (open the shard memory-mapped, ids it hides)
@@ -293,11 +359,14 @@ def drop_from_probe(probe: dict[str, np.ndarray] | None, removed: np.ndarray) ->
 
 
 def remeasure(meta: dict[str, Any], indexes: list[faiss.Index], probe: dict[str, np.ndarray] | None,
-              dead: np.ndarray | None = None, shard_hidden: Sequence[np.ndarray] | None = None) -> None:
+              dead: np.ndarray | None = None, shard_hidden: Sequence[np.ndarray] | None = None,
+              refines: list[RefineVectors | None] | None = None) -> None:
     """Recall of each shard on its stored probes against their (maintained) exact neighbours, the ``dead``
     (tombstoned) ids filtered out as a search does (``shard_hidden``: per shard, when upsert deltas
-    supersede rows); ``count`` = the rows FAISS holds less ``dead`` and the superseded rows."""
+    supersede rows) and the candidates re-ranked (``refines``) as a search does; ``count`` = the rows FAISS
+    holds less ``dead`` and the superseded rows."""
     dead = np.zeros(0, np.int64) if dead is None else np.asarray(dead, np.int64)
+    refines = refines if refines is not None else [None] * len(indexes)
     if probe is not None:
         k = int(meta.get("recall_k", DEFAULT_K))
         for i, (info, ix) in enumerate(zip(meta["shards"], indexes)):
@@ -306,7 +375,8 @@ def remeasure(meta: dict[str, Any], indexes: list[faiss.Index], probe: dict[str,
             if info.get("delta_of") is not None and sel.any():
                 info["recall"] = delta_recall(ix, probe, i, info["delta_of"], k, hidden)
             else:
-                info["recall"] = (_probe_recall(ix, probe["queries"][sel], probe["gt_i"][sel], k, hidden)
+                info["recall"] = (_probe_recall(ix, probe["queries"][sel], probe["gt_i"][sel], k, hidden,
+                                                refines[i], rerank_depth(info))
                                   if sel.any() else float("nan"))
         meta["recall"] = version_recall(meta["shards"])
     for info, ix in zip(meta["shards"], indexes):
@@ -343,15 +413,14 @@ def version_recall(shards: list[dict[str, Any]]) -> float:
     return min(measured) if measured else float("nan")
 
 
-def _probe_recall(ix: faiss.Index, queries: np.ndarray, truth: np.ndarray, k: int, dead: np.ndarray) -> float:
+def _probe_recall(ix: faiss.Index, queries: np.ndarray, truth: np.ndarray, k: int, dead: np.ndarray,
+                  refine: RefineVectors | None = None, depth: int = 0) -> float:
     k = int(min(k, truth.shape[1]))
     queries = np.ascontiguousarray(queries, dtype=np.float32)
-    if not len(dead):
-        _, found = ix.search(queries, k)
-    else:
+    selector = None
+    if len(dead):
         negated = faiss.IDSelectorBatch(dead)
         selector = faiss.IDSelectorNot(negated)
-        params, keep_alive = search_parameters(ix, selector, exhaustive=False)
-        _, found = ix.search(queries, k, params=params)
-        del keep_alive, negated
+        selector.keep_alive = negated  # IDSelectorNot does not own the selector it negates
+    _, found = search_shard(ix, queries, k, selector, False, refine, depth)
     return recall_at_k(found, truth, k)

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from index.factory import is_ivf
+from index.rerank import RefineVectors, candidate_scores, rerank, top_of
 from runtime import storage
 
 NPROBE_CANDIDATES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024, 2048)
@@ -137,12 +138,17 @@ def tune(index: faiss.Index, queries: np.ndarray, truth_ids: np.ndarray, k: int,
     return params, float(recall), False, curve
 
 
-def measure_recall(index: faiss.Index, queries: np.ndarray, truth_ids: np.ndarray, k: int) -> float:
-    """recall@k of ``index`` as currently configured."""
+def measure_recall(index: faiss.Index, queries: np.ndarray, truth_ids: np.ndarray, k: int,
+                   refine: RefineVectors | None = None, depth: int = 0) -> float:
+    """recall@k of ``index`` as currently configured (its top ``depth`` re-ranked against ``refine``)."""
     if len(queries) == 0:
         return float("nan")
     k = int(min(k, truth_ids.shape[1]))
-    _, found = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if refine is None:
+        _, found = index.search(queries, k)
+    else:
+        found = rerank(queries, index.search(queries, max(k, int(depth)))[1], refine, k)[1]
     return recall_at_k(found, truth_ids, k)
 
 
@@ -232,6 +238,26 @@ def normalize_queries(vectors: np.ndarray, what: str) -> np.ndarray:
     return np.ascontiguousarray(vectors / norms) if len(vectors) else vectors
 
 
+OFFDATA_NOISE = 0.5  # isotropic noise added to a centred probe (length relative to the unit probe)
+
+
+def offdata_probes(probes: np.ndarray, sample: np.ndarray, rng: np.random.Generator,
+                   noise: float = OFFDATA_NOISE) -> np.ndarray:
+    """Text-like tuning queries for a corpus without captions: held-out video vectors moved off the data the
+    way text lies off it. Contrastive encoders put one shared offset between the modalities (the "modality
+    gap", Liang et al. 2022), which the corpus mean carries: each probe loses it (``probe - mean(sample)``)
+    and gets isotropic noise (what a text query does not say), so a probe neither matches its own vector nor
+    sits on the data's manifold."""
+    if not len(probes):
+        return np.zeros_like(probes, dtype=np.float32)
+    centre = np.asarray(sample if len(sample) else probes, np.float32).mean(axis=0)
+    moved = probes - centre
+    moved /= np.maximum(np.linalg.norm(moved, axis=1, keepdims=True), 1e-12)
+    jitter = rng.normal(size=moved.shape).astype(np.float32)
+    jitter *= noise / np.maximum(np.linalg.norm(jitter, axis=1, keepdims=True), 1e-12)
+    return normalize_queries(moved + jitter, "off-data probes")
+
+
 def pick_queries(logged: np.ndarray, captions: np.ndarray, limit: int, seed: int = 0) -> np.ndarray:
     """At most ``limit`` tuning queries: the query log's first (what users send), then captions at random."""
     rng = np.random.default_rng(seed)
@@ -241,3 +267,52 @@ def pick_queries(logged: np.ndarray, captions: np.ndarray, limit: int, seed: int
     if len(captions) > room:
         captions = captions[np.sort(rng.choice(len(captions), room, replace=False))]
     return np.ascontiguousarray(np.concatenate([logged, captions]).astype(np.float32))
+
+
+RERANK_DEPTHS = (20, 40, 80, 160, 320, 640)  # candidates re-ranked exactly (R), smallest first
+# Cost of one query in "code bytes scanned": a re-ranked candidate is a random float16 row read from the
+# page cache plus a dot product, about this many scanned code bytes' time (fast-scan reads codes from SIMD
+# registers; one gathered row costs ~0.1 us).
+RERANK_ROW_COST = 2048
+
+
+def tune_rerank(index: faiss.Index, refine: RefineVectors, queries: np.ndarray, truth_ids: np.ndarray, k: int,
+                recall_target: float) -> tuple[dict[str, int], int, float, bool, list]:
+    """Tune nprobe and the re-rank depth R together (:mod:`index.rerank`): for each nprobe (ascending) the
+    index's top ``max(RERANK_DEPTHS)`` candidates are re-ranked exactly at every R (a shorter list is a
+    prefix of the longer one); of the (nprobe, R) pairs reaching ``recall_target`` the cheapest by
+    :func:`query_cost` wins. Returns ``(params, R, recall, met, curve)``; ``curve`` lists
+    ``(nprobe, R, recall)``. When no pair reaches the target the most accurate one is kept, met False."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    k = int(min(k, truth_ids.shape[1]))
+    if len(queries) == 0:
+        return {}, 0, float("nan"), False, []
+    depths = [r for r in RERANK_DEPTHS if r >= k] or [k]
+    curve, best_met, best_any = [], None, None
+    for value in candidates(index, "nprobe"):
+        if best_met is not None and query_cost(index, value, depths[0]) >= best_met[3]:
+            break  # this nprobe and every larger one cost more than the best pair found
+        params = params_for(index, "nprobe", value)
+        apply_search_params(index, params)
+        _, found = index.search(queries, max(depths))
+        scores = candidate_scores(queries, found, refine)  # once: every depth re-ranks a prefix of it
+        for depth in depths:
+            ids = top_of(scores[:, :depth], found[:, :depth], k)[1]
+            recall = float(recall_at_k(ids, truth_ids, k))
+            curve.append((int(value), int(depth), recall))
+            cost = query_cost(index, int(value), depth)
+            if best_any is None or recall > best_any[2]:
+                best_any = (params, depth, recall, cost)
+            if recall >= recall_target and (best_met is None or cost < best_met[3]):
+                best_met = (params, depth, recall, cost)
+    params, depth, recall, _ = best_met or best_any
+    apply_search_params(index, params)
+    return params, int(depth), float(recall), best_met is not None, curve
+
+
+def query_cost(index: faiss.Index, nprobe: int, depth: int) -> float:
+    """Modelled cost of one query: code bytes scanned in ``nprobe`` average lists + ``depth`` rows
+    re-ranked."""
+    ivf = faiss.extract_index_ivf(index)
+    per_list = max(index.ntotal, 1) / max(ivf.nlist, 1)
+    return nprobe * per_list * max(int(ivf.code_size), 1) + depth * RERANK_ROW_COST

@@ -34,8 +34,8 @@ import pyarrow.parquet as pq
 from index import store
 from index.build import check_compatible, video_ids_of
 from index.embeddings import EmbeddingSource, errors_table, iter_batches, resolve_embeddings
-from index.factory import make_index
 from index.part import finish_progress, row_progress
+from index.rerank import RefineWriter
 from index.rows import (
     SUPERSEDED_FILE,
     TOMBSTONES_FILE,
@@ -44,30 +44,18 @@ from index.rows import (
     write_superseded,
     write_tombstones,
 )
-from index.tombstones import delta_recall, drop_from_probe, new_version_meta, shared_files, version_recall
+from index.tombstones import (
+    delta_recall,
+    drop_from_probe,
+    empty_like,
+    new_version_meta,
+    shared_files,
+    version_recall,
+)
 from index.tuning import ExactTopK, apply_search_params
 from runtime import storage
 
 BASE_SHARD = 0  # the shard whose trained structure every delta copies (and is folded into)
-
-
-def empty_like(vdir: str, meta: dict[str, Any], shard: int) -> faiss.Index:
-    """An index with ``shard``'s trained structure and no rows: an IVF shard opened memory-mapped with its
-    lists replaced by empty in-RAM ones (the quantizer and codec are kept: the codes stay compatible);
-    other shards are made anew from their factory (flat / HNSW need no training)."""
-    info = meta["shards"][shard]
-    opened = store.read_shard(vdir, meta, info, mmap=True)
-    ivf = faiss.try_extract_index_ivf(opened)
-    if ivf is None:
-        return make_index(info["factory"], int(meta["dim"]))
-    lists = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
-    ivf.replace_invlists(lists, True)
-    lists.this.disown()  # the index owns it now
-    ivf.ntotal = 0
-    opened.ntotal = 0
-    if ivf.direct_map.type != faiss.DirectMap.NoMap:
-        ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # a Hashtable map takes add_with_ids
-    return opened
 
 
 def upsert_embeddings(root: str | os.PathLike, embeddings: str | os.PathLike, batch_size: int = 65536,
@@ -112,7 +100,22 @@ def _stage_delta(vdir: str, meta: dict[str, Any], parent: str, source: Embedding
     base_probes = probe["queries"][probe["shard"] == BASE_SHARD] if probe is not None else None
     depth = probe["gt_i"].shape[1] if probe is not None else 0
     exact = ExactTopK(base_probes, depth) if base_probes is not None and len(base_probes) else None
-    tables, errors = _add_delta_rows(index, rows, old_ids, dead, source, exact, delta, batch_size, progress)
+    base = meta["shards"][BASE_SHARD]
+    info = {**base, "file": f"delta-{version}.faiss", "delta_of": BASE_SHARD}
+    info.pop("ivfdata", None)
+    # A re-ranked base (compressed codes) gets a delta with its own float16 copy of the new rows: the re-rank
+    # must score a delta's candidates against their new vectors, never the base's copy.
+    refine = RefineWriter(stage, info["file"], int(meta["dim"])) if base.get("rerank") else None
+    try:
+        tables, errors = _add_delta_rows(index, rows, old_ids, dead, source, exact, delta, batch_size,
+                                         progress, refine)
+        if refine is not None:
+            refine.finish()
+            info["rerank"] = {**base["rerank"], "vectors": refine.names[0], "ids": refine.names[1]}
+    except BaseException:
+        if refine is not None:
+            refine.abort()
+        raise
     added = [t.column("id").to_numpy() for t in tables]
     new_ids = np.unique(np.concatenate(added)) if added else np.zeros(0, np.int64)
     stale = old_ids[~np.isin(old_ids, dead)]  # the upserted videos' rows a search returns today
@@ -125,8 +128,6 @@ def _stage_delta(vdir: str, meta: dict[str, Any], parent: str, source: Embedding
     write_tombstones(all_dead, stage / TOMBSTONES_FILE)
     row_part = f"ids-{version}.arrow"
     write_rows(pa.concat_tables(tables) if tables else _empty_rows(rows), stage / row_part)
-    info = {**meta["shards"][BASE_SHARD], "file": f"delta-{version}.faiss", "delta_of": BASE_SHARD}
-    info.pop("ivfdata", None)
     faiss.write_index(index, str(stage / info["file"]))
     apply_search_params(index, info.get("search_params", {}))
     new_meta = new_version_meta(meta, "upsert", parent)
@@ -147,8 +148,8 @@ def _stage_delta(vdir: str, meta: dict[str, Any], parent: str, source: Embedding
 
 
 def _add_delta_rows(index: faiss.Index, rows, old_ids: np.ndarray, dead: np.ndarray, source: EmbeddingSource,
-                    exact: ExactTopK | None, delta: int, batch_size: int,
-                    progress: bool) -> tuple[list[pa.Table], list[dict[str, Any]]]:
+                    exact: ExactTopK | None, delta: int, batch_size: int, progress: bool,
+                    refine: RefineWriter | None = None) -> tuple[list[pa.Table], list[dict[str, Any]]]:
     """Stream ``source`` into the delta ``index``; returns (ids tables of the added rows, error records). An
     id the parent holds live for a video not being upserted is a ``duplicate_id`` error (looked up in the
     memory-mapped ids, never a set of every id)."""
@@ -166,6 +167,8 @@ def _add_delta_rows(index: faiss.Index, rows, old_ids: np.ndarray, dead: np.ndar
             index.add_with_ids(np.ascontiguousarray(batch.vectors[ok]), np.ascontiguousarray(batch.ids[ok]))
             if exact is not None:
                 exact.add(batch.vectors[ok], batch.ids[ok])
+            if refine is not None:
+                refine.add(batch.vectors[ok], batch.ids[ok])
             meta = batch.meta.filter(pa.array(ok))
             tables.append(meta.set_column(meta.schema.get_field_index("shard"), "shard",
                                           pa.array(np.full(meta.num_rows, delta, np.int32))))

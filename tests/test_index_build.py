@@ -43,12 +43,16 @@ def test_choose_factory_tiers():
     assert choose_factory(50_000, 512, 4 * gb, 0.95).startswith("HNSW32")
     assert choose_factory(50_000, 512, 4 * gb, 0.8).startswith("HNSW16")
     assert choose_factory(1_000_000, 512, 4 * gb, 0.95) == "IVF2048,Flat"
-    assert choose_factory(1_000_000, 512, int(1.5 * gb), 0.95).endswith(",SQfp16")
-    assert choose_factory(1_000_000, 512, 700 * 2**20, 0.95).endswith(",SQ8")
-    pq_factory = choose_factory(10_000_000, 512, 2 * gb, 0.95)
+    # Flat codes do not fit: fast-scan PQ, re-ranked against the float16 copy (tests/test_index_rerank.py)
+    assert choose_factory(1_000_000, 512, int(1.5 * gb), 0.95) == "IVF2048,PQ128x4fs"
+    assert choose_factory(10_000_000, 512, 2 * gb, 0.95) == "IVF8192_HNSW32,PQ128x4fs"
+    # Without the re-rank copy (a distributed build): the SQ / OPQ+PQ tiers
+    assert choose_factory(1_000_000, 512, int(1.5 * gb), 0.95, rerank=False).endswith(",SQfp16")
+    assert choose_factory(1_000_000, 512, 700 * 2**20, 0.95, rerank=False).endswith(",SQ8")
+    pq_factory = choose_factory(10_000_000, 512, 2 * gb, 0.95, rerank=False)
     assert pq_factory.startswith("OPQ") and "_HNSW32" in pq_factory and ",PQ" in pq_factory
     # Every choice is a valid factory string for make_index (the one parser).
-    for factory in ("Flat", "HNSW32,Flat", "IVF64,SQ8", "OPQ16_64,IVF128_HNSW32,PQ16"):
+    for factory in ("Flat", "HNSW32,Flat", "IVF64,SQ8", "OPQ16_64,IVF128_HNSW32,PQ16", "IVF64,PQ16x4fs"):
         assert make_index(factory, 64).d == 64
     with pytest.raises(ValueError, match="too small"):
         choose_factory(10_000_000, 512, 1000, 0.95)

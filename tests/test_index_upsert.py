@@ -23,7 +23,7 @@ DIM = 16
 CLIPS = 4
 
 
-@pytest.fixture(params=["IVF16,Flat", "Flat", "HNSW16"])
+@pytest.fixture(params=["IVF16,Flat", "Flat", "HNSW16", "IVF16,PQ4x4fs"])  # the last: float16 re-rank
 def index_root(request, tmp_path) -> tuple[Path, np.ndarray]:
     """An index of 300 videos x 4 clip rows (ids 0..1199) and its vectors."""
     vecs = clustered_vectors(300 * CLIPS, DIM, seed=1)

@@ -39,7 +39,7 @@ import faiss
 import numpy as np
 
 from index import store
-from index.query import VideoIndex, search_parameters, selector_excluding
+from index.query import VideoIndex, open_refine, rerank_depth, search_shard, selector_excluding
 from index.rows import hidden_in_shard
 from index.searcher import RankedResult
 from index.sharded import merge_shard_results
@@ -83,7 +83,7 @@ class ShardSet:
         bad = [p for p in self.positions if not 0 <= p < len(meta["shards"])]
         if bad:
             raise ValueError(f"index version {version!r} has {len(meta['shards'])} shards, not {bad}")
-        self.indexes = {}
+        self.indexes, self.refines, self.depths = {}, {}, {}
         for p in self.positions:
             info = meta["shards"][p]
             ix = store.read_shard(vdir, meta, info, mmap=mmap)
@@ -92,6 +92,7 @@ class ShardSet:
                     f"index version {version!r}: shard {p} has dim {ix.d}, index.json says {meta['dim']}")
             apply_search_params(ix, info.get("search_params", {}))
             self.indexes[p] = ix
+            self.refines[p], self.depths[p] = open_refine(vdir, meta, info), rerank_depth(info)
         dead = store.read_dead_ids(vdir, meta)
         superseded = store.read_superseded(vdir, meta)
         # Per shard: the ids its search skips, the tombstoned ones and those a later (upsert delta) shard
@@ -116,12 +117,7 @@ class ShardSet:
         for p, ix in self.indexes.items():
             selector = self._selector(allowed_ids, p)
             kk = int(min(fetch, max(ix.ntotal, 1)))
-            if selector is None and not exhaustive:
-                out.append(ix.search(vectors, kk))
-            else:
-                params, keep_alive = search_parameters(ix, selector, exhaustive)
-                out.append(ix.search(vectors, kk, params=params))
-                del keep_alive  # the SWIG params point at these; they lived until the search returned
+            out.append(search_shard(ix, vectors, kk, selector, exhaustive, self.refines[p], self.depths[p]))
         return out
 
     def score_ids(self, vector: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -132,6 +128,14 @@ class ShardSet:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         found, scores = [], []
         for p, ix in self.indexes.items():
+            refine = self.refines[p]
+            if refine is not None:  # exact scores from the float16 copy, as VideoIndex._score_ids
+                own = ids[~np.isin(ids, self._hidden[p])]
+                rows = refine.rows_of(own)
+                hit = rows >= 0
+                found.append(np.sort(own[hit]))
+                scores.append(np.asarray(refine.vectors[np.sort(rows[hit])], np.float32) @ q[0])
+                continue
             selector = self._selector(ids, p)
             ivf = faiss.try_extract_index_ivf(ix)
             params = (faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nprobe) if ivf is not None

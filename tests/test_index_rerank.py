@@ -1,0 +1,186 @@
+"""Compressed codes + exact float16 re-rank: the chooser, the re-rank's order, (nprobe, R) tuning on off-data
+queries without captions, deletes / adds / compaction of a re-ranked index."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from index import VideoIndex, add_embeddings, build_index, compact_index, delete_videos, store
+from index.embeddings import resolve_embeddings
+from index.factory import choose_factory, estimate_memory, needs_rerank
+from index.part import build_part
+from index.rerank import RefineVectors, RefineWriter, rerank
+from index.testing import write_embeddings
+from index.tuning import recall_at_k
+from workflows.serve.fanout import ShardSet
+
+DIM, VIDEOS, CLIPS = 32, 1500, 4
+FACTORY = "IVF32,PQ8x4fs"
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    """Clustered clip vectors (semantic + shared offset + noise) and text-like queries off them: the
+    semantic vectors plus noise, without the offset (bench/scale_corpus.py's model, small)."""
+    rng = np.random.default_rng(0)
+    centres = _unit(rng.normal(size=(24, DIM)))
+    sem = _unit(centres[rng.integers(0, len(centres), VIDEOS)] + 0.7 * _unit(rng.normal(size=(VIDEOS, DIM))))
+    per_video = sem + 0.6 * _unit(rng.normal(size=DIM)) + 0.45 * _unit(rng.normal(size=(VIDEOS, DIM)))
+    clips = _unit(per_video[:, None, :] + 0.3 * _unit(rng.normal(size=(VIDEOS, CLIPS, DIM)))).reshape(-1, DIM)
+    queries = _unit(sem[:200] + 0.45 * _unit(rng.normal(size=(200, DIM))))
+    return clips, queries
+
+
+@pytest.fixture(scope="module")
+def built(corpus, tmp_path_factory):
+    vectors, _ = corpus
+    work = tmp_path_factory.mktemp("rerank")
+    emb = write_embeddings(work / "emb", vectors, clips_per_video=CLIPS, rows_per_file=2000)
+    meta = build_index(emb, work / "idx", factory=FACTORY, progress=False, num_probes=200)
+    return work, emb, meta
+
+
+def test_chooser_picks_fastscan_codes_under_a_tight_budget():
+    n, dim = 1_000_000, 256
+    flat = estimate_memory(n, dim, "ivf_flat", 2048)
+    assert choose_factory(n, dim, 2 * flat) == "IVF2048,Flat"
+    tight = choose_factory(n, dim, flat // 10)
+    assert tight == "IVF2048,PQ64x4fs" and needs_rerank(tight)
+    assert choose_factory(n, dim, 30_000_000) == "IVF2048,PQ32x4fs"  # 16 B codes + 8 B ids fit, 32 B do not
+    # Without the float16 copy (a distributed build's on-disk lists) the old codes stay.
+    assert choose_factory(n, dim, flat // 10, rerank=False).startswith("OPQ")
+    assert not needs_rerank("IVF2048,Flat") and not needs_rerank("IVF2048,SQfp16")
+    assert needs_rerank("IVF2048,SQ8") and needs_rerank("OPQ64_256,IVF2048,PQ64")
+    assert not needs_rerank("IVF2048,PQ64x4fs,RFlat")
+
+
+def test_rerank_gives_the_exact_order_of_its_candidates(tmp_path):
+    rng = np.random.default_rng(1)
+    vectors = _unit(rng.normal(size=(3000, DIM)))
+    ids = rng.permutation(10_000)[:3000].astype(np.int64) * 7 + 3
+    writer = RefineWriter(tmp_path, "shard-00000.faiss", DIM)
+    for start in range(0, 3000, 700):  # several appends, ids unsorted
+        writer.add(vectors[start:start + 700], ids[start:start + 700])
+    files = writer.finish()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(files)  # the raw file is gone
+    refine = RefineVectors(*files.values())
+    assert refine.vectors.dtype == np.float16 and isinstance(refine.vectors, np.memmap)
+    queries = _unit(rng.normal(size=(5, DIM)))
+    cand = np.stack([rng.choice(ids, 50, replace=False) for _ in queries])
+    cand[0, -3:] = -1  # padding FAISS leaves when a shard has fewer rows
+    scores, top = rerank(queries, cand, refine, 10)
+    by_id = dict(zip(ids.tolist(), vectors.astype(np.float16).astype(np.float32)))
+    for q, c, s, t in zip(queries, cand, scores, top):
+        exact = sorted(((float(by_id[i] @ q), int(i)) for i in c if i >= 0), reverse=True)[:10]
+        assert t.tolist() == [i for _, i in exact]
+        np.testing.assert_allclose(s, [d for d, _ in exact], rtol=0, atol=1e-5)
+        # float16 moves a unit-vector inner product by < 1e-3 from the float32 one
+        assert max(abs(float(vectors[list(ids).index(i)] @ q) - d) for d, i in exact) < 1e-3
+    with pytest.raises(ValueError, match="not in its float16 refine copy"):
+        rerank(queries[:1], np.array([[5]]), refine, 1)
+
+
+def test_tunes_nprobe_and_depth_without_captions(built, corpus):
+    """No caption embeddings: the build tunes (nprobe, R) on its probes and the held-out text-like queries
+    still reach the target through the re-rank."""
+    work, _, meta = built
+    info = meta["shards"][0]
+    assert meta["tuning_queries"]["kind"] != "text"
+    assert info["rerank"]["dtype"] == "float16" and info["rerank"]["depth"] >= 10
+    assert meta["recall"] >= 0.95 and info["recall_target_met"]
+    assert all(len(point) == 3 for point in info["tuning_curve"])  # (nprobe, R, recall)
+    vectors, queries = corpus
+    truth = np.argsort(-(queries @ vectors.T), axis=1)[:, :10]  # ids are row numbers
+    vi = VideoIndex.open(work / "idx")
+    assert recall_at_k(vi.search_vectors(queries, 10)[1], truth, 10) >= 0.95
+    # Without the re-rank the same codes and nprobe miss the target by far.
+    codes_only = vi.indexes[0].search(queries, 10)[1]
+    assert recall_at_k(codes_only, truth, 10) < 0.8
+    # A hit's score is the exact (float16) inner product, not the codes' estimate.
+    hit = vi.search(queries[0], k=1)[0]
+    assert abs(hit.score - float(vectors[hit.id] @ queries[0])) < 1e-3
+
+
+def test_deletes_adds_and_compaction_keep_the_rerank(built, corpus):
+    work, emb, _ = built
+    vectors, queries = corpus
+    root = work / "idx"
+    gone = [f"vid-{v:06d}" for v in range(0, 600)]
+    delete_videos(root, gone)
+    vi = VideoIndex.open(root)
+    hits = vi.search(queries[:50], k=10)
+    assert not {h.video_id for hs in hits for h in hs} & set(gone)
+    live = np.arange(600 * CLIPS, len(vectors))
+    truth = live[np.argsort(-(queries @ vectors[live].T), axis=1)[:, :10]]
+    assert recall_at_k(vi.search_vectors(queries, 10)[1], truth, 10) >= 0.95
+    meta = compact_index(root, threshold=0.2, progress=False)
+    assert meta is not None and meta["shards"][0]["rerank"]
+    vi = VideoIndex.open(root)
+    assert recall_at_k(vi.search_vectors(queries, 10)[1], truth, 10) >= 0.95
+    # An add writes the new rows into the copy (ids after the corpus's own)
+    extra = _unit(vectors[:40] + 0.01)
+    write_embeddings(work / "more", extra, clips_per_video=CLIPS, start_id=len(vectors), video_prefix="new")
+    meta = add_embeddings(root, work / "more", progress=False)
+    vi = VideoIndex.open(root)
+    top = vi.search(extra[0], k=1)[0]
+    assert top.video_id == "new-000000" and abs(top.score - 1.0) < 2e-3
+    assert meta["recall"] >= 0.9
+
+
+def test_a_shard_task_uploads_its_refine_copy(built, tmp_path):
+    """What each Ray task of a sharded build does (index.sharded): build one shard and put its FAISS file
+    and its float16 copy under the version itself, returning their records for index.json."""
+    _, emb, _ = built
+    source = resolve_embeddings(emb)
+    root = tmp_path / "idx"
+    version = store.new_version_name(str(root))
+    store.staging_dir(str(root), version)
+    part = build_part(source, (1, 2), factory=FACTORY, num_probes=100, progress=False,
+                      write_to=(str(root), version))
+    vectors_name, ids_name = part["info"]["rerank"]["vectors"], part["info"]["rerank"]["ids"]
+    assert (vectors_name, ids_name) == ("shard-00001.refine.npy", "shard-00001.refine-ids.npy")
+    assert part["index"] is None and not part["local_files"]
+    vdir = root / "versions" / version
+    assert set(part["records"]) == {"shard-00001.faiss", vectors_name, ids_name}
+    for name, record in part["records"].items():
+        assert record == store.file_record(vdir / name)
+    refine = RefineVectors(vdir / vectors_name, vdir / ids_name)
+    assert len(refine) == part["info"]["count"] and list(refine.ids) == sorted(part["ids"]["id"].to_pylist())
+
+
+def test_offdata_probes_tune_for_text_without_captions(built, corpus, tmp_path):
+    """No captions: probes moved off the data (corpus mean removed, noise added) stand in for text; the build
+    tuned on them reaches the target on held-out text-like queries it never saw, and it needs at least the
+    nprobe of the old rule (video probes, which find their own clip)."""
+    _, emb, _ = built
+    vectors, queries = corpus
+    truth = np.argsort(-(queries @ vectors.T), axis=1)[:, :10]
+    metas = {rule: build_index(emb, tmp_path / rule, factory="IVF32,Flat", progress=False, num_probes=200,
+                               text_queries=None, no_text_rule=rule) for rule in ("video", "offdata")}
+    assert metas["offdata"]["tuning_queries"] == {"kind": "offdata", "video_probes": 200}
+    offdata = metas["offdata"]
+    assert offdata["shards"][0]["tuned_on"] == "offdata" and 0 < offdata["video_probe_recall"] <= 1
+    assert metas["offdata"]["search_params"]["nprobe"] >= metas["video"]["search_params"]["nprobe"]
+    held = recall_at_k(VideoIndex.open(tmp_path / "offdata").search_vectors(queries, 10)[1], truth, 10)
+    assert held >= 0.95
+    with pytest.raises(ValueError, match="no_text_rule must be one of"):
+        build_index(emb, tmp_path / "bad", factory="IVF32,Flat", text_queries=None, no_text_rule="guess")
+
+
+def test_fanout_shard_replica_reranks_as_one_process(built, corpus):
+    """The fan-out's shard replica (workflows/serve/fanout.ShardSet, what each Ray Serve shard deployment
+    holds) searches through the same index.query.search_shard: the same re-ranked top list, exact scores."""
+    work, _, _ = built
+    _, queries = corpus
+    vi = VideoIndex.open(work / "idx")
+    shard_set = ShardSet(str(work / "idx"), vi.version, [0])
+    assert shard_set.refines[0] is not None and shard_set.depths[0] == vi.meta["shards"][0]["rerank"]["depth"]
+    got_scores, got_ids = shard_set.search(queries[:20], 10, None, False)[0]  # (scores, ids) of shard 0
+    scores, ids = vi.search_vectors(queries[:20], 10)
+    np.testing.assert_array_equal(got_ids, ids)
+    np.testing.assert_allclose(got_scores, scores, rtol=0, atol=1e-6)
