@@ -45,14 +45,19 @@ browser:
 	@if [ ! -x /usr/bin/chromium ]; then \
 	  $(APT_INSTALL) chromium; fi
 
+# pytest-xdist workers: the modules run two at a time, each module (or each group of modules sharing a
+# cluster) on one worker, the slow groups first (tests/conftest.py); TEST_WORKERS=0 runs them in one process.
+TEST_WORKERS ?= 2
+PYTEST_WORKERS = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
+
 # The whole test suite, slow end-to-end tests included (CI runs this via .ci/run).
 test: install browser
 	$(PYTHON) -m ruff check .
 	$(LINT_IMPORTS)
-	$(PYTHON) -m pytest -q --timeout=900 tests
+	$(PYTHON) -m pytest -q --timeout=900 $(PYTEST_WORKERS) tests
 
 test-fast: install browser
-	$(PYTHON) -m pytest -q -m "not slow" tests
+	$(PYTHON) -m pytest -q $(PYTEST_WORKERS) -m "not slow" tests
 
 lint:
 	$(PYTHON) -m ruff check .

@@ -9,16 +9,28 @@ Exit status 1 when a module fails on this side (the time of a failing run measur
     python -m bench.suite        # every tests/test_*.py; baseline: where this branch left main
     python -m bench.suite tests/test_train.py --baseline-rev HEAD~3 --json /tmp/suite.json
     python -m bench.suite --no-baseline                     # this tree only (e.g. the whole suite's time)
+
+``--whole`` times the whole suite in one ``pytest`` run each side, the way each tree's ``make test`` runs
+it (``--baseline-args``, default none: the branch point ran serially; ``--here-args``, default
+``-n 2 --dist loadgroup``: pytest-xdist and tests/conftest.py's groups), so shared fixtures and parallel
+workers count. It reports each run's wall time, each module's seconds (the sum of its tests' setup, call
+and teardown, from ``--junitxml``) and its share of that sum: other work on the machine moves the wall
+time, the shares much less (the load average before and after each run is recorded).
+
+    python -m bench.suite --whole                            # baseline: where this branch left main
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import subprocess
 import sys
 import tempfile
 import time
+import xml.etree.ElementTree as ET
+from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -71,6 +83,89 @@ def measure(modules: list[str], baseline: Path | None, pytest_args: list[str],
     return rows
 
 
+def module_seconds(junit: Path) -> tuple[dict[str, float], dict[str, int]]:
+    """Per test module: the sum of its test cases' times (setup + call + teardown), and how many failed."""
+    seconds: dict[str, float] = defaultdict(float)
+    failed: dict[str, int] = defaultdict(int)
+    for case in ET.parse(junit).getroot().iter("testcase"):
+        module = case.get("classname", "").removeprefix("tests.").split(".")[0] + ".py"
+        seconds[module] += float(case.get("time") or 0.0)
+        failed[module] += int(case.find("failure") is not None or case.find("error") is not None)
+    return dict(seconds), dict(failed)
+
+
+def time_whole(tree: Path, pytest_args: list[str], timeout_s: float) -> dict:
+    """Wall seconds of the whole suite in one ``pytest`` run in ``tree``, and its per-module seconds."""
+    with tempfile.TemporaryDirectory(prefix="vs_suite_junit_") as tmp:
+        junit = Path(tmp) / "junit.xml"
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
+               *pytest_args, "tests"]
+        load_before, started = os.getloadavg()[0], time.perf_counter()
+        print(f"[suite] {tree}: {shlex.join(cmd[1:])}", flush=True)
+        try:
+            proc = subprocess.run(cmd, cwd=tree, capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return {"seconds": None, "ok": False, "tail": f"timed out after {timeout_s:.0f} s", "modules": {}}
+        seconds = time.perf_counter() - started
+        modules, failed = module_seconds(junit) if junit.exists() else ({}, {})
+    tail = (proc.stdout + proc.stderr).strip().splitlines()[-1:] or [""]
+    return {"seconds": seconds, "ok": proc.returncode == 0, "tail": tail[0], "modules": modules,
+            "failed": failed, "load": [round(load_before, 1), round(os.getloadavg()[0], 1)]}
+
+
+def whole_rows(base: dict, ours: dict) -> list[dict]:
+    """One row per module (seconds and share of the sum, each side), then the sums and the wall times."""
+    base_sum, ours_sum = sum(base["modules"].values()), sum(ours["modules"].values())
+
+    def share(value: float | None, total: float) -> float | None:
+        return value / total if value is not None and total else None
+
+    def ratio(here: float | None, then: float | None) -> float | None:
+        return here / then if here is not None and then else None
+
+    rows = []
+    for module in sorted(set(base["modules"]) | set(ours["modules"]),
+                         key=lambda m: -base["modules"].get(m, ours["modules"].get(m, 0.0))):
+        b, o = base["modules"].get(module), ours["modules"].get(module)
+        rows.append({"module": module, "baseline_s": b, "baseline_share": share(b, base_sum), "seconds": o,
+                     "share": share(o, ours_sum), "ratio": ratio(o, b),
+                     "ok": not ours.get("failed", {}).get(module)})
+    rows.append({"module": "all (sum of modules)", "baseline_s": base_sum, "seconds": ours_sum,
+                 "ratio": ratio(ours_sum, base_sum), "ok": ours["ok"]})
+    rows.append({"module": "wall time of the run", "baseline_s": base["seconds"], "seconds": ours["seconds"],
+                 "ratio": ratio(ours["seconds"], base["seconds"]), "ok": ours["ok"]})
+    return rows
+
+
+def record_whole(record: BenchRecord, base: dict, ours: dict, rev: str, here_args: str) -> None:
+    record.table("whole", columns=[col("module", "module"), col("baseline_s", f"s at {rev}", "{:.1f}"),
+                                   col("baseline_share", "share", "{:.1%}"),
+                                   col("seconds", "s here", "{:.1f}"), col("share", "share", "{:.1%}"),
+                                   col("ratio", "here/baseline", "{:.2f}x"), col("ok", "passed")],
+                 rows=whole_rows(base, ours), sample_size="one whole-suite run each side (load average "
+                 f"before/after: baseline {base.get('load')}, here {ours.get('load')})",
+                 baseline=f"the whole suite at {rev} in one pytest run, just before this tree's",
+                 filtering=f"here: pytest {here_args}")
+    wall, then = ours["seconds"], base["seconds"]
+    measured = f"{wall / 60:.1f} min" if wall else "failed"
+    if wall and then:
+        measured += f" ({wall / then:.2f}x of {then / 60:.1f} min)"
+    record.add_headline("test suite (one pytest run, as `make test`)", f"<= {TARGET_S // 60} min on 2 cores",
+                        measured, "yes" if ours["ok"] and wall and wall <= TARGET_S else "no")
+
+
+def run_whole(args: argparse.Namespace, record: BenchRecord, rev: str) -> int:
+    with tempfile.TemporaryDirectory(prefix="vs_suite_base_") as tmp:
+        baseline = export_tree(rev, Path(tmp))
+        base = time_whole(baseline, shlex.split(args.baseline_args), args.timeout)
+    ours = time_whole(REPO, shlex.split(args.here_args), args.timeout)
+    for name, run in (("baseline", base), ("here", ours)):
+        print(f"  {name:<9} {run['seconds'] or 0:8.1f} s  load {run.get('load')}  {run['tail']}")
+    record_whole(record, base, ours, rev, args.here_args)
+    record.write(args.json, note=args.note)
+    return 0 if ours["ok"] else 1
+
+
 def record_rows(record: BenchRecord, rows: list[dict], rev: str | None) -> None:
     total = sum(r["seconds"] or 0 for r in rows)
     base_total = sum(r["baseline_s"] or 0 for r in rows) if rev else None
@@ -95,12 +190,19 @@ def main(argv: list[str] | None = None) -> int:
                    help="commit to compare with (default: git merge-base HEAD main)")
     p.add_argument("--no-baseline", action="store_true", help="time this tree only")
     p.add_argument("--pytest-args", default="", help="extra pytest arguments, e.g. '-m \"not slow\"'")
-    p.add_argument("--timeout", type=float, default=1800, help="seconds per module run")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per pytest run")
+    p.add_argument("--whole", action="store_true", help="the whole suite in one pytest run each side")
+    p.add_argument("--baseline-args", default="--timeout=900",
+                   help="--whole: the baseline's pytest arguments (its make test)")
+    p.add_argument("--here-args", default="--timeout=900 -n 2 --dist loadgroup",
+                   help="--whole: this tree's pytest arguments (make test)")
     add_record_args(p, "suite")
     args = p.parse_args(argv)
     record = BenchRecord.start("suite", sys.argv[1:] if argv is None else argv)
     modules = args.modules or sorted(str(m.relative_to(REPO)) for m in (REPO / "tests").glob("test_*.py"))
     rev = None if args.no_baseline else (args.baseline_rev or git_rev("merge-base", "HEAD", "main"))
+    if args.whole:
+        return run_whole(args, record, rev or "HEAD")
     with tempfile.TemporaryDirectory(prefix="vs_suite_base_") as tmp:
         baseline = export_tree(rev, Path(tmp)) if rev else None
         rows = measure(modules, baseline, shlex.split(args.pytest_args), args.timeout)

@@ -1,8 +1,9 @@
 """A three-node Ray cluster on this machine, for multi-node tests (imported by tests/test_cluster.py).
 
-``cluster3`` (module scope: a cluster start costs tens of seconds on 2 cores) starts a head and two worker
-nodes as separate node processes with ``ray.cluster_utils.Cluster`` (one raylet + object store each, its
-own CPUs and a custom resource naming it), the head with a dashboard on 127.0.0.1 so that
+``cluster3`` (one for the run's tests that use it, conftest.SharedResource: a cluster start costs tens of
+seconds on 2 cores) starts a head and two worker nodes as separate node processes with
+``ray.cluster_utils.Cluster`` (one raylet + object store each, its own CPUs and a custom resource naming
+it), the head with a dashboard on 127.0.0.1 so that
 ``ray job submit --address http://127.0.0.1:<port> --working-dir .`` works (auth disabled). Every port is a
 free one and the cluster has its own temp dir, so it never touches another Ray on the machine; teardown
 removes exactly the nodes it started.
@@ -22,11 +23,12 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, free_port
+from conftest import REPO_ROOT, SharedResource, free_port
 
 NODE_CPUS = 2  # logical CPUs per node: 6 in all (2 real cores): room for ingest tasks / embed actors + driver
 OBJECT_STORE = 96 * 1024**2
@@ -234,15 +236,29 @@ def start_cluster3(storage_env: dict[str, str], cache_dir: Path) -> tuple[Cluste
     return Cluster3(cluster, address, temp_dir, job_env, cli_env), cluster
 
 
-@pytest.fixture(scope="module")
-def cluster3(s3_server, tmp_path_factory):
-    """A head + 2 worker nodes (``NODE_CPUS`` each), dashboard on 127.0.0.1; one per test module."""
+@contextlib.contextmanager
+def _cluster3_running(storage_env: dict[str, str], cache_dir: Path) -> Iterator[Cluster3]:
+    """``start_cluster3`` with ``RAY_AUTH_MODE`` set for the node processes it starts; its exit removes
+    exactly the nodes it started."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_AUTH_MODE", "disabled")  # read by the node processes started here
+        mp.setenv("RAY_AUTH_MODE", "disabled")  # read by the node processes started here (add_worker too)
         mp.delenv("RAY_ADDRESS", raising=False)
-        handle, cluster = start_cluster3(s3_server, tmp_path_factory.mktemp("vidsift_cache"))
+        handle, cluster = start_cluster3(storage_env, cache_dir)
         try:
             yield handle
         finally:
             with _keep_driver_ray_state():
                 cluster.shutdown()
+
+
+CLUSTER3 = SharedResource("cluster3", _cluster3_running)
+
+
+@pytest.fixture
+def cluster3(s3_server, tmp_path_factory):
+    """A head + 2 worker nodes (``NODE_CPUS`` each), dashboard on 127.0.0.1: one for every test of the run
+    that asks for it (tests/test_cluster.py and tests/test_index_distributed.py run next to each other),
+    started by the first and stopped after the last (conftest.SharedResource)."""
+    if not CLUSTER3.running:
+        return CLUSTER3.get(s3_server, tmp_path_factory.mktemp("vidsift_cache"))
+    return CLUSTER3.get()

@@ -1,10 +1,22 @@
 """Shared fixtures: one local Ray per test module, one `ray start --head` for job-submit tests,
-and one small synthetic corpus + its ingested shards that every stage's tests reuse."""
+and one small synthetic corpus + its ingested shards that every stage's tests reuse.
+
+Suite speed (``make test`` runs ``pytest -n 2 --dist loadgroup``, pytest-xdist):
+
+- ``SharedResource``: a costly service (the job-submit head, the three-node cluster) starts for the first
+  test that asks for it and stops right after the last one in the run's order, not at session end; the
+  modules that use one run next to each other (``pytest_collection_modifyitems``).
+- Under xdist every test carries an ``xdist_group``: its module (module-scoped fixtures are built once), or
+  the shared resource its module uses (one worker owns it); groups with ``slow`` tests are sent first.
+- Session data (corpus, ingested shards) is built once per run and shared by the workers (``built_once``).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,6 +25,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -62,6 +75,127 @@ def _stop_group(proc: subprocess.Popen) -> None:
     except (ProcessLookupError, subprocess.TimeoutExpired):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+class SharedResource:
+    """A service several modules' tests use, started by the first test that asks for it (``get``) and
+    stopped after the last such test of this run (``pytest_runtest_teardown``): a session fixture would keep
+    it, idle, until the session ends (a three-node cluster holds ~1 GiB and keeps a core busy polling).
+
+    ``start(*args)`` is a context manager yielding the handle; its exit stops the service. The name is the
+    fixture's: the collection hook finds the last test that requests it."""
+
+    registry: dict[str, SharedResource] = {}
+
+    def __init__(self, name: str, start: Callable[..., contextlib.AbstractContextManager]):
+        self.name, self._start = name, start
+        self._stack: contextlib.ExitStack | None = None
+        self._handle = None
+        self.starts = 0
+        SharedResource.registry[name] = self
+
+    @property
+    def running(self) -> bool:
+        return self._stack is not None
+
+    def get(self, *args):
+        """The handle, starting the service with ``start(*args)`` first when it is not running."""
+        if self._stack is None:
+            stack = contextlib.ExitStack()
+            self._handle = stack.enter_context(self._start(*args))
+            self._stack, self.starts = stack, self.starts + 1
+        return self._handle
+
+    def stop(self) -> None:
+        stack, self._stack, self._handle = self._stack, None, None
+        if stack is not None:
+            stack.close()
+
+
+# The fixtures that hand out a SharedResource, and the xdist group of the modules that use them: one worker
+# runs them all, so two multi-node clusters (and their jobs' drivers) never run at once on 2 cores.
+SHARED_FIXTURES = {"ray_head": "ray-clusters", "cluster3": "ray-clusters"}
+_LAST_USER: dict[str, pytest.Item] = {}  # shared fixture -> the last test of this run that requests it
+
+
+def _module_resource(tests: list[pytest.Item]) -> str | None:
+    """The shared resource a module's tests use (the first of SHARED_FIXTURES any of them requests)."""
+    used = {name for item in tests for name in getattr(item, "fixturenames", ()) if name in SHARED_FIXTURES}
+    return next((name for name in SHARED_FIXTURES if name in used), None)
+
+
+def _first_index(keys: list[str]) -> dict[str, int]:
+    return {k: i for i, k in reversed(list(enumerate(keys)))}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker hook, which turns xdist_group marks into node ids
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Order the modules so that each shared resource's modules run next to each other (they keep their
+    order inside, and so do the tests of a module); under xdist, put each test in its module's group or
+    its shared resource's, and send the groups that hold ``slow`` tests first (the longest work starts
+    first; the quick modules fill in around it)."""
+    modules: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split("::", 1)[0], []).append(item)
+    resource = {path: _module_resource(tests) or path for path, tests in modules.items()}
+    group = {path: SHARED_FIXTURES.get(resource[path], path) for path in modules}
+    first_of_group = _first_index(list(group.values()))
+    first_of_resource = _first_index(list(resource.values()))
+    slow_groups = {group[p] for p, tests in modules.items()
+                   if any(t.get_closest_marker("slow") for t in tests)}
+    # An xdist worker (config.workerinput) is where the groups take effect; the controller passes -n.
+    xdist = hasattr(config, "workerinput") or bool(getattr(config.option, "numprocesses", None))
+
+    def key(path: str) -> tuple:
+        # Among a resource's modules, one whose first test already uses it goes after one whose users come
+        # last: the resource starts late in the first and stays up through the next.
+        starts_with_user = resource[path] in getattr(modules[path][0], "fixturenames", ())
+        return ((group[path] not in slow_groups) if xdist else False, first_of_group[group[path]],
+                first_of_resource[resource[path]], starts_with_user)
+
+    items[:] = [item for path in sorted(modules, key=key) for item in modules[path]]
+    _LAST_USER.clear()
+    for item in items:
+        for name in SHARED_FIXTURES:
+            if name in getattr(item, "fixturenames", ()):
+                _LAST_USER[name] = item  # the item, not its node id: xdist appends @group to that
+        if xdist:
+            item.add_marker(pytest.mark.xdist_group(group[item.nodeid.split("::", 1)[0]]))
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own teardown of the test's fixtures
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """Stop a shared resource this test was the last user of."""
+    for name, last in _LAST_USER.items():
+        if item is last and name in SharedResource.registry:
+            SharedResource.registry[name].stop()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """A run cut short (``-x``, Ctrl-C) never reached the last user: stop what is still up."""
+    for resource in SharedResource.registry.values():
+        resource.stop()
+
+
+@contextlib.contextmanager
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[tuple[Path, bool]]:
+    """``(folder, needs_building)`` for session data every xdist worker of this run shares: the first
+    worker builds it under an exclusive lock while the others wait, then they all read it. The folder
+    path is the same for every worker (the ingest output records the corpus's absolute paths). The
+    caller builds inside the ``with`` when ``needs_building``; a build that raises is redone by the next."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # pytest-of-<user>/pytest-<n>/: the run's folder above each worker's own
+    folder, done = root / f"shared_{name}", root / f"shared_{name}.done"
+    with open(root / f"shared_{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        needs_building = not done.exists()
+        if needs_building:
+            if folder.exists():  # a build that failed half-way: start over
+                shutil.rmtree(folder)
+            folder.mkdir()
+        yield folder, needs_building
+        done.touch()
 
 
 @pytest.fixture(autouse=True)
@@ -136,11 +270,11 @@ def ray_local(s3_server):
         ray.shutdown()
 
 
-@pytest.fixture(scope="session")
-def ray_head():
+@contextlib.contextmanager
+def _ray_head_process() -> Iterator[dict]:
     """A private `ray start --head` (auth disabled) for `ray job submit` tests.
 
-    Yields the dashboard address. The head runs in its own process group with `--block`, so teardown
+    Yields the dashboard address. The head runs in its own process group with `--block`, so stopping it
     kills exactly this cluster and never another one on the machine (`ray stop` would kill them all).
     """
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
@@ -159,27 +293,21 @@ def ray_head():
     proc = subprocess.Popen(cmd, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = f"http://127.0.0.1:{dash_port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{address}/api/version", timeout=2) as resp:
-                if resp.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail(f"ray head did not start (exit={proc.poll()})")
-        time.sleep(1)
-    yield {"address": address, "env": env, "gcs_address": f"127.0.0.1:{gcs_port}"}
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        _wait_http(f"{address}/api/version", proc, "ray head")
+        yield {"address": address, "env": env, "gcs_address": f"127.0.0.1:{gcs_port}"}
+    finally:
+        _stop_group(proc)
+
+
+RAY_HEAD = SharedResource("ray_head", _ray_head_process)
+
+
+@pytest.fixture
+def ray_head():
+    """The job-submit head (``_ray_head_process``), shared by every test that asks for it in this run and
+    stopped after the last one."""
+    return RAY_HEAD.get()
 
 
 def ray_job_submit(head: dict, entrypoint: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
@@ -196,18 +324,21 @@ def ray_job_submit(head: dict, entrypoint: list[str], timeout: float = 600) -> s
 
 @pytest.fixture(scope="session")
 def synthetic_corpus(tmp_path_factory):
-    """A small deterministic synthetic corpus (24 videos, 2-4 s, 64 px, 1 s keyframes)."""
-    out = tmp_path_factory.mktemp("synth")
-    generate_corpus(out, n=24, seed=7, min_duration=2.0, max_duration=4.0, size=64, fps=10,
-                    keyframe_interval=1.0)
+    """A small deterministic synthetic corpus (24 videos, 2-4 s, 64 px, 1 s keyframes), made once per run."""
+    with built_once(tmp_path_factory, "synth") as (out, needs_building):
+        if needs_building:
+            generate_corpus(out, n=24, seed=7, min_duration=2.0, max_duration=4.0, size=64, fps=10,
+                            keyframe_interval=1.0)
     return out
 
 
 @pytest.fixture(scope="session")
 def ingested_shards(synthetic_corpus, s3_server, tmp_path_factory):
-    """The synthetic corpus ingested into WebDataset shards (8 samples a shard), once per session: on the
+    """The synthetic corpus ingested into WebDataset shards (8 samples a shard), once per run: on the
     module's Ray when one is up, else on a private one that ``run_ingest`` starts and stops."""
-    os.environ.update(s3_server)  # whichever Ray runs it starts with the store configuration
-    out = tmp_path_factory.mktemp("ingested")
-    run_ingest(input=str(synthetic_corpus / "manifest.parquet"), output=str(out), samples_per_shard=8)
+    with built_once(tmp_path_factory, "ingested") as (out, needs_building):
+        if needs_building:
+            os.environ.update(s3_server)  # whichever Ray runs it starts with the store configuration
+            run_ingest(input=str(synthetic_corpus / "manifest.parquet"), output=str(out),
+                       samples_per_shard=8)
     return out

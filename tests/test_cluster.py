@@ -2,9 +2,10 @@
 stage submitted with ``ray job submit --working-dir .``, and worker nodes lost in the middle of ingest and
 embed.
 
-One cluster and one corpus for the module (a cluster start costs ~1 min on 2 cores). The jobs run with
-``HOME`` and ``TMPDIR`` pointed at fresh folders, so "nothing on local disk outside caches and temp" is
-checked by looking at what appeared there and in the job's working-dir copies.
+One corpus for the module and one cluster for the run (a cluster start costs ~1 min on 2 cores):
+tests/test_index_distributed.py runs its cluster test on the same one, just before these. The jobs run
+with ``HOME`` and ``TMPDIR`` pointed at fresh folders, so "nothing on local disk outside caches and temp"
+is checked by looking at what appeared there and in the job's working-dir copies.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pyarrow.dataset as pads
 import pytest
-from cluster_fixtures import cluster3  # noqa: F401  (module-scoped fixture)
+from cluster_fixtures import cluster3  # noqa: F401  (one cluster for both modules: SharedResource)
 from conftest import REPO_ROOT, free_port
 
 from models import create_model, save_checkpoint

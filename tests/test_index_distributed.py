@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from cluster_fixtures import cluster3  # noqa: F401  (module-scoped fixture)
+from cluster_fixtures import cluster3  # noqa: F401  (one cluster for both modules: SharedResource)
 
 from index import VideoIndex, build_index, delete_videos, ondisk, store
 from index.distributed import build_distributed, claimed_ids, plan_slices
