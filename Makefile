@@ -54,7 +54,7 @@ PYTEST_WORKERS = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loa
 test: install browser
 	$(PYTHON) -m ruff check .
 	$(LINT_IMPORTS)
-	$(PYTHON) -m pytest -q --timeout=900 $(PYTEST_WORKERS) tests
+	$(PYTHON) -m pytest -q --timeout=900 --durations=30 $(PYTEST_WORKERS) tests
 
 test-fast: install browser
 	$(PYTHON) -m pytest -q $(PYTEST_WORKERS) -m "not slow" tests
