@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import faiss  # noqa: E402
 
 from bench.record import BenchRecord, add_record_args, col  # noqa: E402
-from bench.scale import TreeSampler  # noqa: E402
+from bench.scale import run_child as scale_child  # noqa: E402
 from bench.scale_corpus import write_corpus  # noqa: E402
 from bench.scale_systems import anon_rss, open_system, run_queries  # noqa: E402
 from index import VideoIndex, build_index, store  # noqa: E402
@@ -115,19 +113,7 @@ PROFILE_STEPS = ("quantizer", "faiss", "rerank", "search_vectors", "search")
 
 def run_child(task: str, spec: dict, log: Path) -> tuple[dict, dict, float]:
     """``task`` in a fresh process (``python -m bench.codes --task``); returns (result, RSS peaks, wall s)."""
-    out = log.with_suffix(".json")
-    cmd = [sys.executable, "-m", "bench.codes", "--task", task, json.dumps(spec), str(out)]
-    env = dict(os.environ, PYTHONPATH=str(REPO), RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"))
-    t0 = time.perf_counter()
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
-        with TreeSampler(proc.pid) as sampler:
-            rc = proc.wait()
-    wall = time.perf_counter() - t0
-    if rc != 0:
-        raise RuntimeError(f"{task} failed (exit {rc}); its log {log}:\n{log.read_text()[-3000:]}")
-    print(f"[codes] {task} {spec.get('arm')}: {wall:.1f} s", flush=True)
-    return json.loads(out.read_text()), sampler.summary(), wall
+    return scale_child(task, spec, log, entry=("bench.codes", "--task"), label=f"codes {spec.get('arm')}")
 
 
 # ------------------------------------------------------------------------------------------ the run

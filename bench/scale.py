@@ -92,11 +92,12 @@ def _role(p: psutil.Process) -> str:
     return "ray" if ("raylet" in name or "gcs_server" in name or "ray/" in name) else "other"
 
 
-def run_child(task: str, spec: dict, log: Path) -> tuple[dict, dict, float]:
-    """Run ``bench.scale_tasks`` ``task`` on ``spec`` in a fresh process; returns (its JSON result, RSS
-    peaks, wall s)."""
+def run_child(task: str, spec: dict, log: Path, entry: tuple[str, ...] = ("bench.scale_tasks",),
+              label: str = "scale") -> tuple[dict, dict, float]:
+    """Run ``python -m <entry> task <spec as JSON> <out>`` in a fresh process (``bench.scale_tasks`` unless
+    ``entry`` names another task runner); returns (its JSON result, RSS peaks of its process tree, wall s)."""
     out = log.with_suffix(".json")
-    cmd = [sys.executable, "-m", "bench.scale_tasks", task, json.dumps(spec), str(out)]
+    cmd = [sys.executable, "-m", *entry, task, json.dumps(spec), str(out)]
     env = dict(os.environ, PYTHONPATH=str(REPO), RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"))
     t0 = time.perf_counter()
     with open(log, "wb") as fh:
@@ -106,7 +107,7 @@ def run_child(task: str, spec: dict, log: Path) -> tuple[dict, dict, float]:
     wall = time.perf_counter() - t0
     if rc != 0:
         raise RuntimeError(f"{task} failed (exit {rc}); its log {log}:\n{log.read_text()[-3000:]}")
-    print(f"[scale] {task}: {wall:.1f} s", flush=True)
+    print(f"[{label}] {task}: {wall:.1f} s", flush=True)
     return json.loads(out.read_text()), sampler.summary(), wall
 
 
