@@ -124,6 +124,8 @@ def measure_size(n: int, args, work: Path) -> dict:
             "shards": args.shards,
             "threads": args.client_threads,
             "target_recall": target,
+            # The floors are ratios: the chooser gets the same share of the raw vectors at every size.
+            "memory_budget": int(args.memory_share * raw),
         }
         built, peaks, wall = run_child(f"build_{system}", spec, work / f"n{n}-build-{system}.log")
         served, serve_peaks, _ = run_child("serve", {**spec, **built}, work / f"n{n}-serve-{system}.log")
@@ -197,7 +199,8 @@ def record_results(record: BenchRecord, results: list[dict], args) -> None:
         rows=rows,
         sample_size=f"{args.queries} held-out text-like queries per size, k=10",
         baseline="exact top 10 videos by best clip (brute force), same run",
-        filtering="none; peak RSS sampled every 0.2 s over the build's process tree",
+        filtering=f"none; peak RSS sampled every 0.2 s over the build's process tree; vidsift's memory "
+        f"budget {args.memory_share:g} x the raw vectors",
     )
     fan_rows = [{"n": r["n"], **row} for r in results for row in r["fanout"]["rows"]]
     record.table(
@@ -337,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queries", type=int, default=1000, help="held-out text-like queries")
     p.add_argument("--shards", type=int, default=4, help="shards of the vidsift index (fan-out uses them)")
     p.add_argument("--client-threads", type=int, default=8)
+    p.add_argument("--memory-share", type=float, default=0.25,
+                   help="vidsift's memory budget as a share of the raw float32 vectors (the serving floor)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--systems", default=",".join(SYSTEMS), help="vidsift first: the others aim at its recall")
     p.add_argument("--workdir", default="/tmp/vidsift_bench_scale")

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import faiss  # noqa: E402
 
 from index import VideoIndex, build_index, store  # noqa: E402
+from index.query import rerank_depth  # noqa: E402
 
 K, OVERFETCH = 10, 4
 HNSW_EF = (16, 32, 64, 128, 256)
@@ -31,17 +32,19 @@ LANCE_SETTINGS = ((10, None), (20, None), (50, None), (20, 10), (50, 10), (100, 
 
 
 # ------------------------------------------------------------------------------------------------- builds
-def vidsift_build(emb: str, out: str, shards: int) -> dict:
-    """vidsift's own build path. scale-build's distributed build (index/distributed.py) switches in here."""
-    return build_index(emb, out, shards=shards, progress=True)
+def vidsift_build(emb: str, out: str, shards: int, memory_budget: int | str) -> dict:
+    """vidsift's own build path: the auto-chooser under ``memory_budget`` (compressed codes + the float16
+    re-rank copy when Flat codes do not fit it)."""
+    return build_index(emb, out, shards=shards, memory_budget=memory_budget, progress=True)
 
 
 def build_vidsift(spec: dict) -> dict:
     out = Path(spec["work"]) / "vidsift"
-    meta = vidsift_build(spec["emb"], str(out), int(spec["shards"]))
+    meta = vidsift_build(spec["emb"], str(out), int(spec["shards"]), spec.get("memory_budget", "4GB"))
     vdir = Path(store.version_dir(str(out)))
     return {"index": str(out), "index_bytes": _dir_bytes(vdir), "factory": meta["factory"],
-            "search_params": meta["search_params"], "build_recall": meta["recall"]}
+            "search_params": meta["search_params"], "build_recall": meta["recall"],
+            "memory_budget": meta.get("memory_budget_bytes")}
 
 
 def build_hnsw(spec: dict) -> dict:
@@ -105,9 +108,11 @@ def open_system(spec: dict) -> tuple[Callable, list[tuple[str, Callable]], str]:
         if ivfs[0] is None:
             return search, [(index.meta["factory"], lambda: None)], index.meta["factory"]
         tuned, nlist = ivfs[0].nprobe, ivfs[0].nlist
+        depth = max(rerank_depth(info) for info in index.meta["shards"])
+        rerank = f", re-rank {depth}" if depth else ""  # the depth stays the build's along the sweep
         probes = sorted({max(1, tuned // 4), max(1, tuned // 2), tuned, min(nlist, tuned * 2)})
-        settings = [(f"nprobe {p}", _setter(ivfs, "nprobe", p)) for p in probes]
-        return search, settings, f"nprobe {tuned}"
+        settings = [(f"nprobe {p}{rerank}", _setter(ivfs, "nprobe", p)) for p in probes]
+        return search, settings, f"nprobe {tuned}{rerank}"
     if system == "hnsw":
         index = faiss.read_index(spec["index"])
 

@@ -190,6 +190,8 @@ def _place_files(index: faiss.Index, refine_files: dict[str, Path], write_to: tu
     copy are uploaded under ``root/versions/VERSION``: returns their records. Else the copy moves to a
     local temp folder the caller moves into its stage (:func:`index.build.build_index`): returns its paths."""
     if write_to is None:
+        if not refine_files:  # no copy: no folder for the caller to clean up
+            return {}, {}
         keep = Path(tempfile.mkdtemp(prefix="vidsift-refine-part-"))
         return {}, {name: Path(shutil.move(str(path), keep / name)) for name, path in refine_files.items()}
     records = {file: _upload_index(index, write_to, file)}
