@@ -194,7 +194,11 @@ def iter_batches(
         wanted = [c for c in wanted if c != "embedding"]
     offset = 0
     expected_model = source.model_id
-    for record_batch in dataset.to_batches(columns=wanted, batch_size=batch_size):
+    # One batch and one file read ahead (the scanner's defaults are 16 and 4): decoded vectors waiting in
+    # the read-ahead are the largest part of a build task's memory at 256 dims (reading 1M vectors in
+    # 100k-row files peaked at 1.7 GB RSS with the defaults, 0.96 GB with these).
+    for record_batch in dataset.to_batches(columns=wanted, batch_size=batch_size, batch_readahead=1,
+                                           fragment_readahead=1):
         n = record_batch.num_rows
         positions = np.arange(offset, offset + n, dtype=np.int64)
         offset += n
