@@ -34,6 +34,9 @@ def test_bench_scale_dry_run(tmp_path):
     assert set(fan) == {"1 process", "2 shard deployments", "4 shard deployments"}
     assert all(r["identical"] == "yes" for r in fan.values())
     assert [r["stage"] for r in record["tables"]["cost"]["rows"]][0].startswith("ingest")
+    floors = [h["floor"] for h in record["headline"]]  # the floors, each with the dry run's figure
+    assert len(floors) == 6 and all("4,000" in h["measured"] or "not run" in h["measured"]
+                                    for h in record["headline"]), record["headline"]
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
     _renders_into_scale_md(out, tmp_path / "data")
 
