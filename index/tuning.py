@@ -16,7 +16,9 @@ from runtime import storage
 
 NPROBE_CANDIDATES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024, 2048)
 EF_CANDIDATES = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024)
-SCORE_BLOCK = 1 << 24  # exact top-k: at most this many query x row scores at a time (64 MiB of float32)
+# Exact top-k: at most this many query x row scores at a time (16 MiB of float32; with argpartition's int64
+# indices ~5x that is transient: 1 << 24 made it the largest allocation of a build task, ~390 MB).
+SCORE_BLOCK = 1 << 22
 QUERY_LOG_SUFFIX = ".jsonl"  # a service query log: one {"q": TEXT, ...} a line (workflows.serve.querylog)
 
 
@@ -36,7 +38,7 @@ class ExactTopK:
         for start in range(0, len(vectors), step):
             scores = self.queries @ vectors[start:start + step].T
             kk = min(self.k, scores.shape[1])
-            top = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
+            top = np.argpartition(scores, scores.shape[1] - kk, axis=1)[:, -kk:]  # no negated copy
             d = np.take_along_axis(scores, top, axis=1)
             self.heap.add_result(
                 np.ascontiguousarray(d), np.ascontiguousarray(ids[start:start + step][top], dtype=np.int64)
