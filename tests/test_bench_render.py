@@ -14,7 +14,7 @@ from bench.record import BenchRecord, col, format_cell, git_state, is_clean, run
 from bench.render_docs import RenderError, render_text
 
 REPO = Path(__file__).resolve().parents[1]
-MEASURED_DOCS = [REPO / "docs" / "results.md", REPO / "docs" / "benchmarks.md",
+MEASURED_DOCS = [REPO / "docs" / "results.md", REPO / "docs" / "benchmarks.md", REPO / "docs" / "scale.md",
                  *sorted((REPO / "docs" / "benchmarks").glob("*.md"))]
 
 
