@@ -137,6 +137,8 @@ def main(argv=None) -> int:
     add_record_args(parser, "build_distributed")
     args = parser.parse_args(argv)
     record = BenchRecord.start("build_distributed", sys.argv[1:] if argv is None else argv)
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="vidsift-bench-build-", dir=args.workdir) as tmp:
         res = measure_builds(Path(tmp), args.rows, args.dim, args.slice_rows)
     print(json.dumps(res, indent=2))
