@@ -27,10 +27,11 @@ python:
 	  $(SYSTEM_PYTHON) -m venv .venv 2>/dev/null || { rm -rf .venv; \
 	    $(APT_INSTALL) python3-venv && $(SYSTEM_PYTHON) -m venv .venv; }; fi
 
-# System FFmpeg libraries for torchcodec (PyAV bundles its own), then the package with dev tools, at the
+# System FFmpeg libraries for torchcodec (PyAV bundles its own; ldconfig lives in /sbin, off a Debian user's
+# PATH), then the package with dev tools, at the
 # tested versions (deploy/constraints.txt: the whole closure, so pip's resolver never backtracks).
 install: python
-	@if ! ldconfig -p | grep -q libavcodec; then \
+	@if ! { ldconfig -p 2>/dev/null || /sbin/ldconfig -p; } | grep -q libavcodec; then \
 	  $(APT_INSTALL) ffmpeg; fi
 	$(PYTHON) -m pip install -q -e ".[dev]" -c deploy/constraints.txt
 
