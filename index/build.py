@@ -183,9 +183,7 @@ def build_index(
     )
     if text_vecs is None and not distributed:
         kwargs["no_text_rule"] = no_text_rule
-    version = store.check_version_name(version or store.new_version_name(output))
-    stage = store.staging_dir(output, version)
-    try:
+    with store.staged_version(output, version) as (version, stage):
         parts = _build_parts(source, (output, version), stage, shards, distributed, slice_rows, kwargs)
         meta = _combine_meta(
             source, parts, factory, recall_target, k, memory_budget, time.perf_counter() - t0
@@ -196,9 +194,6 @@ def build_index(
         uploaded = _stage_parts(parts, stage, meta)
         meta["version"] = store.publish(output, stage, meta, version, keep=keep, uploaded=uploaded,
                                         expected_current=expected_current)
-    except BaseException:
-        store.discard_stage(output, stage, version)
-        raise
     if progress:
         _print_published(output, meta, k, tuning["kind"])
     return meta
@@ -556,18 +551,13 @@ def _shard_of_ids(id_matrix: np.ndarray, metas: list[pa.Table], num_shards: int)
 
 def _publish_version(root, indexes, ids_table, meta, probe, errors, keep, local_files=None) -> dict[str, Any]:
     root = storage.normalize(root)
-    version = store.new_version_name(root)
-    stage = store.staging_dir(root, version)
-    try:
+    with store.staged_version(root) as (version, stage):
         store.write_version_files(stage, indexes, ids_table, meta, probe=probe, errors=errors_table(errors))
         for name, path in (local_files or {}).items():
             shutil.move(str(path), str(Path(stage) / name))
         # parent_version: the CURRENT version the change was applied to (_new_version_meta)
         meta["version"] = store.publish(root, stage, meta, version, keep=keep,
                                         expected_current=meta["parent_version"])
-    except BaseException:
-        store.discard_stage(root, stage, version)
-        raise
     return meta
 
 

@@ -19,6 +19,7 @@ reads or memory-maps local files.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -26,7 +27,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -313,18 +314,13 @@ def publish_copy(
     """Publish the files of an existing version ``src_vdir`` (any store) with ``meta`` as a new version of
     ``root`` (the reindex publishes its validated scratch version this way); see :func:`publish`."""
     root = storage.normalize(root)
-    version = new_version_name(root)
-    stage = staging_dir(root, version)
-    try:
+    with staged_version(root) as (version, stage):
         uploaded = {
             name: upload_file(local_file(src_vdir, meta, name), root, version, name)
             for name in version_files(src_vdir, meta)
         }
         return publish(root, stage, meta, version, keep=keep, uploaded=uploaded,
                        expected_current=expected_current, before_swap=before_swap)
-    except BaseException:
-        discard_stage(root, stage, version)
-        raise
 
 
 def version_files(vdir: str, meta: dict[str, Any]) -> list[str]:
@@ -345,6 +341,21 @@ def discard_stage(root: str | os.PathLike, stage: Path, version: str) -> None:
     shutil.rmtree(stage, ignore_errors=True)
     if not storage.exists(storage.join(version_uri(root, version), META_FILE)):
         storage.remove(version_uri(root, version), recursive=True)
+
+
+@contextlib.contextmanager
+def staged_version(root: str | os.PathLike, version: str | None = None) -> Iterator[tuple[str, Path]]:
+    """``(version, stage)`` of a writer's new version: a fresh name (or ``version``, checked) and its staging
+    folder. Whatever raises inside, :func:`publish` included (a lost ``CURRENT`` race), removes the staging
+    folder and anything already put under ``versions/VERSION`` (:func:`discard_stage`): every writer (build,
+    add, delete, upsert, compaction, the reindex's copy) stages and cleans up through here."""
+    version = check_version_name(version or new_version_name(root))
+    stage = staging_dir(root, version)
+    try:
+        yield version, stage
+    except BaseException:
+        discard_stage(root, stage, version)
+        raise
 
 
 def list_versions(root: str | os.PathLike, complete: bool = True) -> list[str]:

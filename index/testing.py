@@ -105,12 +105,11 @@ def write_synthetic_version(root: Path | str, rows: int, dim: int = 8, windows_p
         "shard": np.zeros(rows, np.int32),
     })
     root = storage.normalize(root)
-    version = store.new_version_name(root)
-    stage = store.staging_dir(root, version)
     params = {"nprobe": 16}  # every list: exact
     shard = {"file": store.INDEX_FILE, "factory": "IVF16,Flat", "search_params": params, "count": rows}
     meta = {"dim": dim, "count": rows, "metric": "inner_product", "factory": "IVF16,Flat",
             "search_params": params, "shards": [shard]}
-    store.write_version_files(stage, [index], table, meta)
-    store.publish(root, stage, meta, version, expected_current=store.read_current(root, missing_ok=True))
+    with store.staged_version(root) as (version, stage):
+        store.write_version_files(stage, [index], table, meta)
+        store.publish(root, stage, meta, version, expected_current=store.read_current(root, missing_ok=True))
     return version

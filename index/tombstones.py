@@ -79,9 +79,7 @@ def delete_videos(root: str | os.PathLike, video_ids: list[str], keep: int = 3) 
     drop_from_probe(probe, removed)
     new_meta = new_version_meta(meta, "delete", parent)
     stored = int(meta.get("stored_count", meta["count"]))
-    version = store.new_version_name(root)
-    stage = store.staging_dir(root, version)
-    try:
+    with store.staged_version(root) as (version, stage):
         all_dead = write_tombstones(np.concatenate([dead, removed]), stage / TOMBSTONES_FILE)
         own = {TOMBSTONES_FILE, store.ERRORS_FILE}
         if probe is not None:
@@ -102,9 +100,6 @@ def delete_videos(root: str | os.PathLike, video_ids: list[str], keep: int = 3) 
         shared = shared_files(vdir, meta, parent, own)
         new_meta["version"] = store.publish(root, stage, new_meta, version, keep=keep, uploaded=shared,
                                             expected_current=parent)
-    except BaseException:
-        store.discard_stage(root, stage, version)
-        raise
     return new_meta
 
 
@@ -151,9 +146,7 @@ def compact_index(root: str | os.PathLike, threshold: float = DEFAULT_COMPACT_TH
     if deltas != list(range(bases, len(meta["shards"]))):
         raise store.CorruptIndexError(f"index version {vdir!r}: delta shards {deltas} are not the last ones")
     dead, superseded = store.read_dead_ids(vdir, meta), store.read_superseded(vdir, meta)
-    version = store.new_version_name(root)
-    stage = store.staging_dir(root, version)
-    try:
+    with store.staged_version(root) as (version, stage):
         indexes = []
         for i, info in enumerate(meta["shards"][:bases]):
             members = [i] + [j for j in deltas if meta["shards"][j]["delta_of"] == i]
@@ -186,9 +179,6 @@ def compact_index(root: str | os.PathLike, threshold: float = DEFAULT_COMPACT_TH
         store.write_version_files(stage, [None] * len(indexes), ids, new_meta, probe=probe)
         new_meta["version"] = store.publish(root, stage, new_meta, version, keep=keep,
                                             expected_current=parent)
-    except BaseException:
-        store.discard_stage(root, stage, version)
-        raise
     return new_meta
 
 

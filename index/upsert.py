@@ -70,18 +70,13 @@ def upsert_embeddings(root: str | os.PathLike, embeddings: str | os.PathLike, ba
     vdir = store.version_dir(root, parent)
     meta = store.read_meta(vdir)
     source = check_compatible(resolve_embeddings(embeddings), meta, embeddings, root)
-    version = store.new_version_name(root)
-    stage = store.staging_dir(root, version)
-    try:
+    with store.staged_version(root) as (version, stage):
         new_meta = _stage_delta(vdir, meta, parent, source, stage, version, batch_size, progress, upsert)
         new_meta["last_operation"]["seconds"] = round(time.perf_counter() - t0, 3)
         own = set(os.listdir(stage)) | {store.ERRORS_FILE}  # the parent's errors are not this upsert's
         shared = shared_files(vdir, meta, parent, own)
         new_meta["version"] = store.publish(root, stage, new_meta, version, keep=keep, uploaded=shared,
                                             expected_current=parent)
-    except BaseException:
-        store.discard_stage(root, stage, version)
-        raise
     return new_meta
 
 
