@@ -1,6 +1,7 @@
 """Caption a shard corpus with a SwinBERT checkpoint (Ray Data), optionally scoring the ingest captions.
 
     python -m jobs.caption --shards DIR|URI --pretrained CKPT --output DIR|URI [--score-captions] [--beam N]
+        [--index INDEX]   # record the output under that index: its search service shows the captions
 
 read shards → decode + sparse sample (``DecodeClipsStage``, CPU) → ``CaptionStage`` (an actor holding the
 model) → ``OUTPUT/captions.parquet`` (``video_id``, ``key``, ``caption``, ``score``, ``model_id``) and, with
@@ -51,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-clips", type=int, default=1, help="clips the model's frames are spread over")
     p.add_argument("--decoders", type=int, default=1, help="decode actors (CPU)")
     p.add_argument("--backend", choices=["torchcodec", "pyav"], default=None)
+    p.add_argument("--index", default=None,
+                   help="an index (jobs.index output) to record these captions under: its search service "
+                        "(jobs.serve --index) then shows them without --captions")
     return p
 
 
@@ -72,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             backend=args.backend,
             model_name=args.model,
             allow_random_init=args.allow_random_init,
+            index=args.index,
         )
     except (FileNotFoundError, KeyError, ValueError, PretrainedWeightsError) as exc:
         print(f"vidsift caption: error: {exc}", file=sys.stderr)

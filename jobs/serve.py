@@ -1,8 +1,9 @@
 """``python -m jobs.serve --index URI``: the text-to-video search service (HTTP API + page) over an index.
 
 Examples (the index and shards may be URIs: s3://, gs://, file://; previews and metadata come from the shard
-tars the index's lineage records, ``--shards`` overrides them)::
-    python -m jobs.serve --index runs/demo/index --captions runs/demo/captions
+tars the index's lineage records, generated captions from the caption runs recorded under it (``jobs.caption
+--index``); ``--shards`` and ``--captions`` override them)::
+    python -m jobs.serve --index runs/demo/index
     python -m jobs.serve --index s3://bucket/index --pretrained s3://bucket/train/model.pt --host 0.0.0.0 \
         --auth-token-file /etc/vidsift/token --allowed-host search.example.org
     python -m jobs.serve --index OUT/index --allow-random-init --ray-serve   # same app behind Ray Serve
@@ -31,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="ingested shards folder/URI (repeatable): video metadata filters and previews; "
                         "default: the shard tars index.json's lineage records (this overrides them)")
     p.add_argument("--captions", action="append", default=[],
-                   help="jobs.caption output folder/URI (repeatable): each hit carries its generated caption")
+                   help="jobs.caption output folder/URI (repeatable): each hit carries its generated "
+                        "caption; default: the caption runs recorded under the index (jobs.caption --index)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-k", type=int, default=LIMITS.max_k, help="largest k a request may ask for")

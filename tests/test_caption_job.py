@@ -13,6 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from index.annotations import recorded_captions
+from index.testing import write_synthetic_version
 from jobs.caption import main
 from models import MissingWeightsError, RandomInitWarning, create_model, save_checkpoint
 from models.swinbert import checkpoint_extra
@@ -151,10 +153,19 @@ def test_caption_job_end_to_end(ingested_shards, checkpoint, ray_local, tmp_path
                     meta[rec["video_id"]] = rec["captions"]
     expected = sum(len(meta[v]) for v in captions.column("video_id").to_pylist())
     assert scores.num_rows == expected
-    # Rerun: identical outputs (eval sampling is deterministic, files are rewritten whole).
+    # Rerun, now recorded under an index: identical outputs (eval sampling is deterministic, files are
+    # rewritten whole), and the index names the run (its search service shows the captions, test_lineage).
     first = (out / "captions.parquet").read_bytes()
-    assert main(argv) == 0
+    index_root = tmp_path / "idx"
+    write_synthetic_version(index_root, rows=64)
+    for _ in range(2):  # a rerun into the same folder rewrites its own record
+        assert main([*argv, "--index", str(index_root)]) == 0
     assert pq.read_table(out / "captions.parquet").equals(pq.read_table(io.BytesIO(first)))
+    assert recorded_captions(str(index_root)) == [str(out)]
+    (record,) = (index_root / "annotations").glob("captions-*.json")
+    record = json.loads(record.read_text())
+    assert record["model_id"] == next(iter(model_ids)) and record["videos"] == captions.num_rows
+    assert sorted(record["shards"]) == sorted(tars) and record["pretrained"] == str(checkpoint)
 
 
 def test_caption_job_bad_inputs(tmp_path, ingested_shards, checkpoint, capsys):
@@ -172,6 +183,12 @@ def test_caption_job_bad_inputs(tmp_path, ingested_shards, checkpoint, capsys):
     assert main(["--shards", str(ingested_shards), "--pretrained", str(checkpoint),
                  "--output", str(tmp_path / "o"), "--beam", "0"]) == 2
     assert "--beam must be >= 1" in capsys.readouterr().err
+    # --index that is no index: named, before anything is written
+    assert main(["--shards", str(ingested_shards), "--pretrained", str(checkpoint),
+                 "--output", str(tmp_path / "o"), "--index", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert "--index" in err and str(tmp_path / "empty") in err and "no CURRENT" in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_caption_job_refuses_a_random_captioner(ingested_shards, tmp_path, capsys):

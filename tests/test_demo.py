@@ -17,6 +17,7 @@ from test_serve import write_generated_captions  # a jobs.caption output folder
 
 import models
 from index import VideoIndex, build_index
+from index.annotations import record_captions, recorded_captions
 from index.testing import clustered_vectors, write_embeddings
 from workflows.demo import DemoState, caption_grounding, serve
 
@@ -37,6 +38,7 @@ def test_demo_pipeline_via_ray_job_submit(ray_head, tmp_path):
     assert (work / "train" / "model.pt").exists() and (work / "caption-train" / "model.pt").exists()
     captions = pq.read_table(work / "captions" / "captions.parquet").to_pylist()
     assert captions and all(row["caption"].strip() for row in captions)
+    assert recorded_captions(str(work / "index")) == [str(work / "captions")]  # `serve --index` finds them
     metrics = json.loads((work / "metrics.json").read_text())
     assert metrics["index"]["count"] > 0 and "caption_test" in metrics
     assert metrics["caption_grounding"]["videos"] == len(captions)
@@ -74,7 +76,8 @@ def _demo_workdir_with_index(work: Path, shards: Path) -> list[str]:
                      captions=[[f"synthetic video {v}"] for v in range(len(ids))])
     build_index(work / "emb", work / "index", factory="Flat", progress=False)
     (work / "ingest").symlink_to(shards, target_is_directory=True)
-    write_generated_captions(work / "captions", ids)  # what the caption step writes
+    write_generated_captions(work / "captions", ids)  # what the caption step writes, and records
+    record_captions(str(work / "index"), str(work / "captions"), {"model_id": "cap@0"})
     return ids
 
 
@@ -85,8 +88,9 @@ def _get_json(url: str) -> dict:
 
 
 def test_demo_ends_by_serving_its_index(ingested_shards, tmp_path, capsys):
-    """The demo's last step serves the search page over the run's index and trained checkpoint, prints its
-    URL, answers /healthz and /search while it runs, and returns once stopped; serve: false skips it."""
+    """The demo's last step serves the search page over the run's index (the trained checkpoint and the
+    captions found from the index alone), prints its URL, answers /healthz and /search while it runs, and
+    returns once stopped; serve: false skips it."""
     work = tmp_path / "demo"
     ids = _demo_workdir_with_index(work, ingested_shards)
     state = DemoState(work=work, cfg={"serve": True, "host": "127.0.0.1", "port": 0})

@@ -22,10 +22,11 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import REPO_ROOT, free_port
 from PIL import Image
-from test_serve import call
+from test_serve import call, write_generated_captions
 
 import models
 from index import add_embeddings, build_index, store
+from index.annotations import record_captions
 from index.embeddings import SHARD_URI_COLUMN
 from index.testing import clustered_vectors, write_embeddings
 from pipeline.datasets import list_shards
@@ -217,3 +218,36 @@ def test_older_artifacts_without_lineage_need_the_flag(chain, tmp_path):
     catalog = build_catalog(store.read_ids(store.version_dir(tmp_path / "idx", built["version"]), built),
                             meta=built)
     assert catalog.shards_from is None and "predate lineage" in catalog.previews_note
+
+
+def test_service_finds_the_captions_recorded_under_the_index(chain, tmp_path):
+    """A caption run recorded under the index (``jobs.caption --index``, ``index.annotations``) is on the
+    hits of ``--index`` alone; a recorded folder that is gone is a note, not a crash; ``--captions``
+    overrides the records."""
+    root = tmp_path / "idx"
+    shutil.copytree(chain["index"], root)
+    meta = chain["meta"]
+    videos = sorted(set(store.read_ids(store.version_dir(root, meta["version"]), meta)
+                        .column("video_id").to_pylist()))
+    captions = write_generated_captions(tmp_path / "captions", videos)  # every other video
+    record_captions(str(root), str(captions), {"model_id": "cap@0"})
+    app = build_app(str(root), poll_s=0, cache_dir=str(tmp_path / "previews"))
+    with serving_in_thread(app) as base:
+        info = call(base, "/version")[1]
+        assert info["captions_from"] == "index" and info["captions_note"] is None
+        assert call(base, f"/videos/{videos[0]}")[1]["generated_caption"] == f"generated for {videos[0]}"
+        assert call(base, f"/videos/{videos[1]}")[1]["generated_caption"] is None
+        status, body = call(base, QUERY)
+        assert status == 200 and any(h.get("generated_caption") for h in body["hits"])
+    gone = tmp_path / "gone"
+    record_captions(str(root), str(write_generated_captions(gone, videos[1:])), {"model_id": "cap@1"})
+    shutil.rmtree(gone)
+    catalog = build_catalog(store.read_ids(store.version_dir(root, meta["version"]), meta), meta=meta,
+                            index_root=str(root))
+    assert catalog.captions_from == "index" and str(gone) in catalog.captions_note
+    assert catalog.generated == {v: f"generated for {v}" for v in videos[::2]}
+    flagged = build_catalog(store.read_ids(store.version_dir(root, meta["version"]), meta), meta=meta,
+                            index_root=str(root), captions=[str(write_generated_captions(tmp_path / "c2",
+                                                                                         videos[1:]))])
+    assert flagged.captions_from == "flags" and flagged.generated == {v: f"generated for {v}"
+                                                                      for v in videos[1::2]}

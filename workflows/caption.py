@@ -7,6 +7,8 @@ with ``score_captions``, ``caption_scores.parquet`` (``pipeline.captioning.Capti
 (``OUTPUT`` a path or URI; each table one complete object). Captions are a few bytes a video, so the
 driver collects them and writes the tables once. Resources are set here, where the stages are wired; the
 stages that touch storage get this process's store configuration (``runtime.storage.storage_env``).
+With ``index``, the run is recorded under that index (``index.annotations``): the search service of the
+index then shows the captions without being told where they are.
 
 :func:`run_caption` is a sequence of named steps over one :class:`CaptionRun` state:
 :func:`prepare_caption` (checks, model probe, sampling, shards) → :func:`plan_resources` (Ray, CPUs per
@@ -22,6 +24,7 @@ from typing import Any
 
 import ray
 
+from index.annotations import check_index_root, record_captions
 from models import create_inference_model
 from pipeline.captioning import (
     CaptionStage,
@@ -53,6 +56,7 @@ class CaptionRun:
     progress_every: float
     model_name: str | None = None
     allow_random_init: bool = False
+    index: str | None = None  # an index root to record the output under (checked before the run)
     model_id: str = ""
     image_size: int = 0
     sampling: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -165,6 +169,10 @@ def write_caption_outputs(run: CaptionRun) -> dict[str, Any]:
         "output": run.out,
     }
     storage.write_json(storage.join(run.out, "_summary.json"), summary)
+    if run.index:  # last: the record points at complete tables
+        details = {k: summary[k] for k in ("model_id", "videos", "errors")}
+        summary["recorded_under_index"] = record_captions(run.index, run.out, {
+            **details, "pretrained": run.pretrained, "shards": run.tar_paths})
     return summary
 
 
@@ -184,14 +192,17 @@ def run_caption(
     progress_every: float = 5.0,
     model_name: str | None = None,
     allow_random_init: bool = False,
+    index: str | None = None,
 ) -> dict[str, Any]:
     """Caption every sample of ``shards`` into ``output`` (a path or URI); returns the run summary (counts,
     files, throughput). ``pretrained`` (a SwinBERT checkpoint, path or URI) is required unless
-    ``allow_random_init`` (then ``model_name``, default ``swinbert-tiny``, from a seeded random init)."""
+    ``allow_random_init`` (then ``model_name``, default ``swinbert-tiny``, from a seeded random init). With
+    ``index`` (an index root), the output is recorded under it for its search service."""
     run = CaptionRun(pretrained=pretrained, out=storage.normalize(output), score_captions=score_captions,
                      beam_size=beam_size, max_length=max_length, min_length=min_length, split=split,
                      batch_size=batch_size, decoders=decoders, backend=backend, progress_every=progress_every,
-                     shards=shards, model_name=model_name, allow_random_init=allow_random_init)
+                     shards=shards, model_name=model_name, allow_random_init=allow_random_init,
+                     index=check_index_root(index) if index else None)
     prepare_caption(run, num_clips)
     plan_resources(run)
     collect_captions(run, build_caption_dataset(run))

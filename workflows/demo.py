@@ -188,7 +188,7 @@ def caption(s: DemoState) -> None:
     # Caption the held-out test split (the caption metrics' references); `caption_split: null` does all.
     s.cap_summary = s.timer.run(
         "caption", lambda: run_caption(str(s.path("ingest")), str(cap_dir / "model.pt"), str(captions_out),
-                                       split=s.cfg.get("caption_split")),
+                                       split=s.cfg.get("caption_split"), index=str(s.path("index"))),
         lambda r: f"{r.get('captioned', r.get('videos', '?'))} videos captioned")
     for row in pq.read_table(captions_out / CAPTIONS_FILE).to_pylist():
         s.generated[row["video_id"]] = row["caption"]
@@ -281,16 +281,14 @@ def report(s: DemoState) -> None:
 
 
 def serve(s: DemoState) -> None:
-    """The last step: serve the search page over the demo's index (its trained text encoder, previews from
-    its shards) and print its URL; blocks until Ctrl-C or ``s.stop``. ``serve: false`` skips it."""
+    """The last step: serve the search page over the demo's index and print its URL; blocks until Ctrl-C or
+    ``s.stop``. ``serve: false`` skips it. The index alone leads to the rest (its lineage: the trained text
+    encoder, the shards' previews and metadata; the caption run recorded under it: generated captions)."""
     if not s.cfg.get("serve", True):
         print(f"\nnot serving (--no-serve); to search this index: python -m jobs.serve --index "
-              f"{s.path('index')} --shards {s.path('ingest')} --captions {s.path('captions')}", flush=True)
+              f"{s.path('index')}", flush=True)
         return
-    captioned = (s.path("captions") / CAPTIONS_FILE).exists()  # the caption step's output, when it ran
-    app = build_app(str(s.path("index")), pretrained=str(s.path("train") / "model.pt"),
-                    shards=[str(s.path("ingest"))], cache_dir=str(s.path("previews")),
-                    captions=[str(s.path("captions"))] if captioned else [])
+    app = build_app(str(s.path("index")), cache_dir=str(s.path("previews")))
     port = int(s.cfg.get("port", 8000))
     try:
         with serving_in_thread(app, host=s.cfg.get("host", "127.0.0.1"), port=port) as url:

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from index.annotations import recorded_captions
 from pipeline.captioning import CAPTIONS_FILE
 from pipeline.datasets import list_shards
 from runtime import storage
@@ -51,6 +52,8 @@ class Catalog:
     shards_from: str | None = None  # where the shard tars came from: "flags" | "lineage" | None (none known)
     previews_note: str | None = None  # why (some) videos have no preview; None when every video has one
     degraded: str | None = None  # a shard tar the lineage records that cannot be read (moved / deleted)
+    captions_from: str | None = None  # where the generated captions came from: "flags" | "index" | None
+    captions_note: str | None = None  # a caption output the index records that cannot be read
     _allowed: dict[Filters, np.ndarray | None] = dataclasses.field(default_factory=dict, repr=False)
     # searches run on several pool threads: the cache's evict-then-insert must not interleave
     _allowed_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
@@ -126,10 +129,12 @@ class Catalog:
 
 
 def build_catalog(ids: pa.Table, shards: Sequence[str] = (), captions: Sequence[str] = (),
-                  expose_sources: bool = False, meta: Mapping[str, Any] | None = None) -> Catalog:
+                  expose_sources: bool = False, meta: Mapping[str, Any] | None = None,
+                  index_root: str | None = None) -> Catalog:
     """The catalog of an index version from its ids table, the ingested shards (``shards``: folders, which
     override the shard tars ``meta``'s lineage records; ``meta`` is the version's index.json) and
-    ``jobs.caption`` output folders (their ``captions.parquet``: the generated caption of each video);
+    ``jobs.caption`` output folders (their ``captions.parquet``: the generated caption of each video;
+    ``captions`` flags override the caption runs recorded under ``index_root``, ``index.annotations``);
     ``expose_sources`` keeps the ingest ``source`` URIs (module docstring)."""
     videos: dict[str, dict[str, Any]] = {}
     moments: dict[str, list[dict[str, Any]]] = {}
@@ -152,12 +157,37 @@ def build_catalog(ids: pa.Table, shards: Sequence[str] = (), captions: Sequence[
     sources: dict[str, tuple[str, str]] = {}
     located = locate_shards(shards, meta or {})
     unreadable = _add_shard_metadata(located.tars, videos, sources, () if expose_sources else SOURCE_COLUMNS)
-    generated = {}
-    for folder in captions:
-        generated.update(read_generated_captions(folder, videos))
+    generated, captions_from, captions_note = _generated_captions(captions, index_root, videos)
     note, degraded = located.explain(unreadable, len(sources), len(videos))
     return Catalog(videos, _kinds(videos), moments, sources, row_ids, generated=generated,
-                   shards_from=located.origin, previews_note=note, degraded=degraded)
+                   shards_from=located.origin, previews_note=note, degraded=degraded,
+                   captions_from=captions_from, captions_note=captions_note)
+
+
+def _generated_captions(flags: Sequence[str], index_root: str | None,
+                        videos: Mapping[str, Any]) -> tuple[dict[str, str], str | None, str | None]:
+    """``(video_id → generated caption, where they came from, a note)``: the ``--captions`` folders when
+    given (one without captions is an error: a mistyped flag), else the caption runs recorded under the index;
+    a recorded one that cannot be read (moved, deleted) is left out and named in the note, the service
+    still answers."""
+    generated: dict[str, str] = {}
+    if flags:
+        for folder in flags:
+            generated.update(read_generated_captions(folder, videos))
+        return generated, "flags", None
+    recorded = recorded_captions(index_root) if index_root else []
+    missing = []
+    for folder in recorded:
+        try:
+            generated.update(read_generated_captions(folder, videos))
+        except FileNotFoundError:
+            missing.append(folder)
+    note = None
+    if missing:
+        note = (f"{len(missing)} of the {len(recorded)} caption runs recorded under the index cannot be read "
+                f"(moved or deleted?), e.g. {missing[0]!r}: their captions are not shown")
+        log.warning("catalog: %s", note)
+    return generated, "index" if recorded else None, note
 
 
 @dataclasses.dataclass(frozen=True)

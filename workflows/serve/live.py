@@ -54,7 +54,8 @@ class Snapshot:
                 "factory": meta.get("factory"), "loaded_at": self.loaded_at,
                 "filter_columns": dict(sorted(self.catalog.kinds.items())),
                 "previews": bool(self.catalog.sources), "previews_note": self.catalog.previews_note,
-                "shards_from": self.catalog.shards_from}
+                "shards_from": self.catalog.shards_from, "captions_from": self.catalog.captions_from,
+                "captions_note": self.catalog.captions_note}
 
 
 class ModelMismatch(ValueError):
@@ -85,7 +86,7 @@ class SnapshotLoader:
             raise store.CorruptIndexError(f"index version {index.version!r}: no hit for a probe query")
         meta = {**index.meta, "version": index.version}  # the catalog finds the shards through its lineage
         catalog = build_catalog(store.read_ids(index.version_dir, index.meta), self.shards, self.captions,
-                                expose_sources=self.expose_sources, meta=meta)
+                                expose_sources=self.expose_sources, meta=meta, index_root=self.root)
         return Snapshot(index, catalog, index.version, time.time())
 
     def open_index(self, version: str | None, encoder) -> VideoIndex:
