@@ -17,6 +17,7 @@ vidsift index (4 shards) behind 2 and 4 shard deployments against the same index
 
     python -m bench.scale --sizes 1000000            # writes docs/data/scale.json (+ docs/scale.png)
     python -m bench.scale --dry-run --json /tmp/scale.json --plot /tmp/scale.png   # tiny: the test's run
+    python -m bench.scale --replot docs/data/scale.json docs/data/scale_10m.json   # one plot of several runs
 """
 
 from __future__ import annotations
@@ -412,6 +413,18 @@ def plot(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def replot(records: list[Path], path: Path) -> None:
+    """``plot`` of the sizes of several records (runs of this script), e.g. a 10M run beside a 1M + 3M one;
+    a size measured by more than one record is taken from the last."""
+    by_size: dict[int, dict] = {}
+    for record in records:
+        results = json.loads(record.read_text()).get("extra", {}).get("results")
+        if not results:
+            raise ValueError(f"--replot {record}: no extra.results (not a bench.scale record)")
+        by_size.update({r["n"]: r for r in results})
+    plot(list(by_size.values()), path)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="1000000", help="comma-separated corpus sizes (clip vectors)")
@@ -429,8 +442,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--dry-run", action="store_true", help="tiny sizes (4,000 vectors, 50 queries): a smoke run"
     )
+    p.add_argument("--replot", type=Path, nargs="+", metavar="RECORD",
+                   help="measure nothing: draw --plot from these records' results (later records win a size)")
     add_record_args(p, "scale")
     args = p.parse_args(argv)
+    if args.replot:
+        try:
+            replot(args.replot, args.plot)
+        except (OSError, ValueError) as e:
+            print(f"bench.scale: {e}", file=sys.stderr)
+            return 2
+        return 0
     if args.dry_run:
         args.sizes, args.queries = "4000", 50
     record = BenchRecord.start("scale", sys.argv[1:] if argv is None else argv)

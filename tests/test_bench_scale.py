@@ -39,6 +39,21 @@ def test_bench_scale_dry_run(tmp_path):
                                     for h in record["headline"]), record["headline"]
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
     _renders_into_scale_md(out, tmp_path / "data")
+    _replots_from_records(out, tmp_path)
+
+
+def _replots_from_records(record_path, tmp_path) -> None:
+    """``--replot`` draws the plot of several records' sizes without measuring; a file that is not a
+    bench.scale record is an error naming it."""
+    png, other = tmp_path / "replot.png", tmp_path / "other.json"
+    other.write_text(json.dumps({"extra": {}}))
+    run = [sys.executable, "-m", "bench.scale", "--plot", str(png), "--replot"]
+    proc = subprocess.run([*run, str(record_path), str(record_path)], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    proc = subprocess.run([*run, str(other)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "other.json: no extra.results" in proc.stderr, proc.stderr[-2000:]
 
 
 def _renders_into_scale_md(record_path, data_dir) -> None:
