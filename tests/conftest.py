@@ -67,11 +67,11 @@ def _wait_http(url: str, proc: subprocess.Popen, what: str, timeout_s: float = 1
         time.sleep(0.5)
 
 
-def _stop_group(proc: subprocess.Popen) -> None:
-    """End exactly the process group this fixture started."""
+def _stop_group(proc: subprocess.Popen, grace_s: float = 30) -> None:
+    """End exactly the process group this fixture started: SIGTERM, then SIGKILL after ``grace_s``."""
     try:
         os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+        proc.wait(timeout=grace_s)
     except (ProcessLookupError, subprocess.TimeoutExpired):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -297,7 +297,9 @@ def _ray_head_process() -> Iterator[dict]:
         _wait_http(f"{address}/api/version", proc, "ray head")
         yield {"address": address, "env": env, "gcs_address": f"127.0.0.1:{gcs_port}"}
     finally:
-        _stop_group(proc)
+        # `ray start --block` never exits on SIGTERM by itself (the run always waited the full grace): the
+        # head holds nothing a test reads after it, so its group is killed after a short one.
+        _stop_group(proc, grace_s=3)
 
 
 RAY_HEAD = SharedResource("ray_head", _ray_head_process)
