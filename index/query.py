@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import os
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -247,13 +249,12 @@ class VideoIndex:
         vectors /= norms
         if allowed is None:
             allowed = self._live_selector
-        results = []
-        for i, (info, ix, refine) in enumerate(zip(self.meta["shards"], self.indexes, self.refines)):
-            kk = int(min(k, max(ix.ntotal, 1)))
-            results.append(search_shard(ix, vectors, kk, self._for_shard(i, allowed), exhaustive, refine,
-                                        rerank_depth(info)))
-        if len(results) == 1:
-            return results[0]
+        shards = zip(self.meta["shards"], self.indexes, self.refines)
+        calls = [(ix, vectors, int(min(k, max(ix.ntotal, 1))), self._for_shard(i, allowed), exhaustive,
+                  refine, rerank_depth(info)) for i, (info, ix, refine) in enumerate(shards)]
+        if len(calls) == 1:
+            return search_shard(*calls[0])
+        results = search_shards_in_parallel(calls)
         return merge_shard_results([r[0] for r in results], [r[1] for r in results], int(k))
 
     def search(
@@ -416,6 +417,41 @@ class VideoIndex:
                 caption=captions[j][0] if captions[j] else None, num_clips=int(counts[g]), id=int(row_ids[j]))
             for j, g in enumerate(chosen)
         ]
+
+
+def shard_threads() -> int:
+    """Threads that search one query's shards side by side: ``VIDSIFT_SHARD_THREADS``, else this machine's
+    cores (1: one after another)."""
+    value = os.environ.get("VIDSIFT_SHARD_THREADS", "")
+    try:
+        return max(1, int(value)) if value else max(1, os.cpu_count() or 1)
+    except ValueError:
+        raise ValueError(f"VIDSIFT_SHARD_THREADS={value!r}: not a whole number of threads") from None
+
+
+_SHARD_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+_SHARD_POOL_LOCK = threading.Lock()
+
+
+def _shard_pool() -> concurrent.futures.ThreadPoolExecutor:
+    global _SHARD_POOL
+    with _SHARD_POOL_LOCK:
+        if _SHARD_POOL is None:
+            _SHARD_POOL = concurrent.futures.ThreadPoolExecutor(shard_threads(),
+                                                                thread_name_prefix="vidsift-shard-search")
+        return _SHARD_POOL
+
+
+def search_shards_in_parallel(calls: list[tuple]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`search_shard` of each call's arguments, the shards side by side on a process-wide pool of
+    :func:`shard_threads` threads (FAISS and the float16 re-rank release the GIL, so one query's shards use
+    every core: a single query's latency falls by up to min(shards, cores)); results in the calls' order,
+    so the merge is the sequential one's. Only shard searches run on the pool, never a caller of this, so
+    it cannot wait on itself."""
+    if shard_threads() == 1:
+        return [search_shard(*call) for call in calls]
+    futures = [_shard_pool().submit(search_shard, *call) for call in calls]
+    return [future.result() for future in futures]
 
 
 def search_shard(ix: faiss.Index, vectors: np.ndarray, kk: int, allowed: faiss.IDSelector | None,

@@ -21,6 +21,7 @@ import ray
 from conftest import free_port
 from ray import serve
 
+import index.query as index_query
 import models
 from index import VideoIndex, build_index
 from index.moments import WINDOW_CLIP_BASE
@@ -137,6 +138,35 @@ def test_fanout_gives_the_top_k_of_one_process(fanout):
         searcher.rank(np.zeros((1, one.dim), np.float32), 5)
     with pytest.raises(ValueError, match="has dim 64"):
         searcher.rank(np.ones((1, one.dim + 1), np.float32), 5)
+
+
+def test_one_process_searches_its_shards_side_by_side(fanout, monkeypatch):
+    """``VideoIndex`` searches one query's shards on the shard-search threads (index.query.shard_threads),
+    and the answer is the sequential one's, filtered or not; a bad VIDSIFT_SHARD_THREADS names itself."""
+    one = fanout["one"]
+    queries = _queries(8, one.dim, seed=7)
+    allowed = np.arange(0, len(fanout["vectors"]), 13, dtype=np.int64)
+    threads: set[str] = set()
+    search_shard = index_query.search_shard
+
+    def recording(*args):
+        threads.add(threading.current_thread().name)
+        return search_shard(*args)
+
+    monkeypatch.setattr(index_query, "search_shard", recording)
+    answers = {}
+    for setting in ("1", "4"):
+        monkeypatch.setenv("VIDSIFT_SHARD_THREADS", setting)
+        answers[setting] = [one.search_vectors(queries, 25), one.rank(queries, 10, allowed_ids=allowed).hits]
+    sequential, parallel = answers["1"], answers["4"]
+    np.testing.assert_array_equal(sequential[0][1], parallel[0][1])
+    np.testing.assert_array_equal(sequential[0][0], parallel[0][0])
+    _same(parallel[1], sequential[1])
+    assert threading.current_thread().name in threads  # "1": in the caller
+    assert any(name.startswith("vidsift-shard-search") for name in threads)  # "4": on the pool
+    monkeypatch.setenv("VIDSIFT_SHARD_THREADS", "two")
+    with pytest.raises(ValueError, match="VIDSIFT_SHARD_THREADS='two'"):
+        one.search_vectors(queries, 5)
 
 
 def test_a_plan_larger_than_the_cluster_is_refused_before_deploying(fanout):
