@@ -433,6 +433,16 @@ _SHARD_POOL: concurrent.futures.ThreadPoolExecutor | None = None
 _SHARD_POOL_LOCK = threading.Lock()
 
 
+def _forget_shard_pool() -> None:
+    """In a forked child: the parent's pool threads do not exist there, and an executor that counts them as
+    idle would queue searches no thread runs. The child makes its own pool on first use."""
+    global _SHARD_POOL, _SHARD_POOL_LOCK
+    _SHARD_POOL, _SHARD_POOL_LOCK = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_shard_pool)
+
+
 def _shard_pool() -> concurrent.futures.ThreadPoolExecutor:
     global _SHARD_POOL
     with _SHARD_POOL_LOCK:

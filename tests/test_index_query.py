@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import numpy as np
 import pytest
 import torch
 
+import index.query as index_query
 from index import Hit, VideoIndex, build_index
 from index.testing import clustered_vectors, write_embeddings
 
@@ -142,3 +145,17 @@ def test_cli_text_query(text_index, capsys):
     line = json.loads(capsys.readouterr().out.strip().splitlines()[0])
     assert line["query"] == "a green triangle" and len(line["hits"]) == 4
     assert {"video_id", "score", "start_s", "end_s", "caption"} <= set(line["hits"][0])
+
+
+def test_a_forked_child_gets_its_own_shard_search_pool():
+    """A process forked after the shard-search pool started (multiprocessing's fork, a pre-fork server)
+    searches on a pool of its own: an executor inherited from the parent counts the parent's threads as
+    idle, and the child's search would wait forever on a thread that does not exist there."""
+    assert index_query._shard_pool().submit(os.getpid).result() == os.getpid()  # the parent's pool is up
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 when its search ran, 3 when it waited 20 s
+        signal.signal(signal.SIGALRM, lambda *_: os._exit(3))
+        signal.alarm(20)
+        os._exit(0 if index_query._shard_pool().submit(os.getpid).result() == os.getpid() else 4)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
