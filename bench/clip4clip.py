@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.record import BenchRecord, add_record_args, col, format_cell  # noqa: E402
 from models import create_model  # noqa: E402
+from runtime.threads import set_torch_threads  # noqa: E402
 
 MODELS = [
     "clip4clip-meanP-tiny",
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     add_record_args(parser, "clip4clip")
     args = parser.parse_args(argv)
     record = BenchRecord.start("clip4clip", sys.argv[1:] if argv is None else argv)
-    torch.set_num_threads(args.threads)
+    set_torch_threads(args.threads)
     torch.manual_seed(0)
     base, rows = measure(args)
     machine = platform.processor() or platform.machine()

@@ -37,6 +37,7 @@ from pipeline.decode import crop_resize, decode_all_frames  # noqa: E402
 from pipeline.ingest import run_ingest  # noqa: E402
 from pipeline.sampling import SamplingConfig  # noqa: E402
 from runtime.ray_connect import connect_ray  # noqa: E402
+from runtime.threads import set_torch_threads  # noqa: E402
 from synthetic import generate_corpus  # noqa: E402
 from workflows.embed import run_embed  # noqa: E402
 
@@ -153,7 +154,7 @@ def measure_paths(args, root: Path, sampling: dict) -> tuple[list[dict], dict, f
     samples = list(iter_samples(ingest))
     model, transform, _ = create_model(args.model, pretrained=None, seed=0)
     model.eval()
-    torch.set_num_threads(os.cpu_count())
+    set_torch_threads(os.cpu_count())
     cfg = SamplingConfig(**sampling)
     decoded = []
     for _k, mp4, meta in samples:

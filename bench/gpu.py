@@ -61,6 +61,7 @@ from pipeline.training import TrainConfig, collate
 from pipeline.training.loop import setup_worker, train_step
 from runtime.progress import Progress
 from runtime.ray_connect import connect_ray
+from runtime.threads import set_faiss_threads
 from workflows.embed import run_embed
 
 SECTIONS = ("decode", "embed", "pipeline", "train", "faiss", "scaling")
@@ -506,7 +507,7 @@ def faiss_arm(factory: str, xb: np.ndarray, xq: np.ndarray, nprobe: int, device:
     """Train + add + search one ``factory`` index on ``device`` ("cpu": ``threads`` OpenMP threads)."""
     import faiss
 
-    faiss.omp_set_num_threads(threads)
+    set_faiss_threads(threads)
     index = make_index(factory, xb.shape[1])
     train_n = training_size(index, len(xb))
     resources = None

@@ -43,6 +43,7 @@ from bench.record import BenchRecord, add_record_args, col  # noqa: E402
 from index import VideoIndex, build_index  # noqa: E402
 from index.testing import write_embeddings  # noqa: E402
 from index.tuning import NPROBE_CANDIDATES, apply_search_params, recall_at_k  # noqa: E402
+from runtime.threads import set_torch_threads  # noqa: E402
 from synthetic import make_captions, make_config, make_spec  # noqa: E402
 
 MODEL = "clip4clip-meanP-tiny"
@@ -60,7 +61,7 @@ def captions(videos: int, seed: int) -> tuple[list[list[str]], list[list[str]]]:
 
 def encode(texts: list[str], batch: int = 512) -> tuple[dict[str, np.ndarray], str]:
     """Unit text vectors of the distinct ``texts`` from the project's text encoder (seeded random init)."""
-    torch.set_num_threads(2)
+    set_torch_threads(2)
     model, _, _ = models.create_model(MODEL, seed=0)
     model.eval()
     distinct = sorted(set(texts))

@@ -13,9 +13,17 @@ Suite speed (``make test`` runs ``pytest -n 2 --dist loadgroup``, pytest-xdist):
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
+
+# One intra-op thread per process, set before torch, FAISS or numpy's BLAS load here, and inherited by
+# every process a test starts (Ray's workers and nodes, job drivers, subprocesses). The suite runs two
+# pytest workers beside Ray's processes on two cores: a thread the kernel parks holds its OpenMP siblings
+# at every op's barrier (runtime/threads.py: 32x slower with two threads beside two busy processes).
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["VIDSIFT_MAX_THREADS"] = "1"
+
+import contextlib  # noqa: E402
+import fcntl
 import shutil
 import signal
 import socket

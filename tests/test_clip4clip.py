@@ -16,8 +16,6 @@ from models import create_model, get_model_config, model_id_for, save_checkpoint
 from models.pretrained import PretrainedWeightsError, read_torchscript_state_dict
 from models.transforms import CLIP_MEAN, CLIP_STD, VideoTransform
 
-torch.set_num_threads(2)
-
 CAPTIONS = [
     "a red circle moves left",
     "a blue square moves right",

@@ -31,8 +31,6 @@ from models.factory import BUILDERS
 from models.registry import CONFIG_DIR, add_model_config, merge_config, read_config_file
 from models.transforms import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 
-torch.set_num_threads(2)
-
 REQUIRED = [
     "clip4clip-meanP-ViT-B-32",
     "clip4clip-seqLSTM-ViT-B-32",

@@ -48,6 +48,7 @@ from pipeline.training import (
 )
 from runtime import storage
 from runtime.ray_connect import cluster_address, connect_ray
+from runtime.threads import set_torch_threads
 
 RUN_NAME = "train"
 
@@ -301,7 +302,7 @@ def evaluate_model(
     inventory = shard_inventory(shards)
     if split_count(inventory, split) == 0:
         raise ValueError(f"shards {str(shards)!r} hold no sample of split {split!r}")
-    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    set_torch_threads(cfg.cpus_per_worker)
     model, transform, _ = create_model(cfg.model, pretrained=str(pretrained))
     objective = build_objective(model, cfg)
     batches = eval_batches(cfg, inventory, split, transform, 0, 1)

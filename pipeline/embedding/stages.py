@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import numpy as np
@@ -13,6 +12,7 @@ from models import create_inference_model
 from pipeline.datasets import DecodeClipsStage
 from pipeline.embedding.layout import ERROR_ROW, VIDEO_ROW, WINDOW_CLIP_BASE, stable_id
 from runtime.errors import DecodeFailure, ErrorPolicy, check_policy
+from runtime.threads import set_torch_threads
 
 
 class DecodeShardClipsStage(DecodeClipsStage):
@@ -48,7 +48,7 @@ class EncodeClipsStage:
         self.on_error = check_policy(on_error)
         # Ray pins actor threads to the CPUs they asked for; an encoder that owns the node's compute
         # should use every core (decode actors ask for fractions and mostly wait on I/O).
-        torch.set_num_threads(int(threads or os.cpu_count() or 1))
+        set_torch_threads(threads)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model, transform, _ = create_inference_model(model_name, pretrained, allow_random_init, seed=0)
         self.model = model.to(self.device).eval()

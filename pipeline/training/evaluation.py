@@ -19,6 +19,7 @@ from pipeline.training.data import eval_batches
 from pipeline.training.inventory import shard_inventory
 from pipeline.training.objectives import CaptionObjective, RetrievalObjective, build_objective
 from pipeline.training.state import all_gather_objects
+from runtime.threads import set_torch_threads
 
 
 @torch.no_grad()
@@ -132,7 +133,7 @@ def embed_split(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str] | None]:
     """:func:`encode_split` of ``cfg.model`` loaded from ``pretrained`` on one split, in this process (no
     Ray): what the trainer's evaluation sees, for analysis scripts (e.g. ``bench/attribute_accuracy.py``)."""
-    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    set_torch_threads(cfg.cpus_per_worker)
     model, transform, _ = create_model(cfg.model, pretrained=str(pretrained))
     batches = eval_batches(cfg, shard_inventory(shards), split or cfg.test_split, transform, 0, 1)
     return encode_split(build_objective(model, cfg), batches, torch.device("cpu"), cfg.equivalence)

@@ -39,6 +39,7 @@ from pipeline.training.state import (
     seed_everything,
     set_rng_state,
 )
+from runtime.threads import set_torch_threads
 
 
 @dataclasses.dataclass
@@ -125,7 +126,7 @@ def setup_worker(loop: dict, rank: int, world: int, device: torch.device) -> Wor
     """A fresh rank: ``loop`` holds ``config`` (a TrainConfig dict), ``inventory`` and ``steps_per_epoch``
     (see :func:`workflows.train.run_training`)."""
     cfg = TrainConfig.from_dict(loop["config"])
-    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    set_torch_threads(cfg.cpus_per_worker)
     seed_everything(cfg.seed + rank)
     model, transform = build_model(cfg)
     objective = build_objective(model, cfg)

@@ -45,6 +45,7 @@ from index.searcher import RankedResult
 from index.sharded import merge_shard_results
 from index.tuning import apply_search_params
 from runtime import storage
+from runtime.threads import set_faiss_threads
 from workflows.serve.live import SnapshotLoader
 
 APP_PREFIX = "vidsift-shards"
@@ -155,7 +156,7 @@ class ShardReplica:
     def __init__(self, root: str, mmap: bool | None = None, omp_threads: int | None = None):
         self.root, self.mmap = storage.normalize(root), mmap
         if omp_threads:
-            faiss.omp_set_num_threads(int(omp_threads))
+            set_faiss_threads(omp_threads)
         self._open: collections.OrderedDict[tuple, ShardSet] = collections.OrderedDict()
         self._lock = threading.Lock()
         self.searches = 0

@@ -15,11 +15,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import ray
-import torch
 import uvicorn
 
 from runtime import storage
 from runtime.ray_connect import connect_ray
+from runtime.threads import set_torch_threads
 from workflows.serve.access import Access, access_for
 from workflows.serve.app import create_app
 from workflows.serve.fanout import FanoutPlan, FanoutSnapshotLoader, deploy_shards, deployments_for
@@ -54,7 +54,7 @@ def build_app(index: str, pretrained: str | None = None, allow_random_init: bool
                                      max_ranked=max(limits.max_ranked, max_k))
     # One intra-op thread: a query's text encode is ~2 ms on one thread; on 2 shared cores more threads
     # only contend (measured 100x slower with 2 under load).
-    torch.set_num_threads(max(1, int(torch_threads)))
+    set_torch_threads(torch_threads)
     root = storage.normalize(index)
     loader_args = (root, pretrained, allow_random_init, shards, captions, expose_sources)
     loader = SnapshotLoader(*loader_args) if fanout is None else FanoutSnapshotLoader(fanout, *loader_args)
