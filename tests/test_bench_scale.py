@@ -8,11 +8,13 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO_ROOT
 
 from bench.render_docs import render_text
 
 
+@pytest.mark.slow
 def test_bench_scale_dry_run(tmp_path):
     """``bench/scale.py --dry-run`` end to end (tiny corpus: every build, serve sweep, fan-out, plot and
     record), so the script cannot rot. First in the module: it starts its own Ray before the fixture's."""
@@ -67,6 +69,7 @@ def _renders_into_scale_md(record_path, data_dir) -> None:
         assert needle in rendered, rendered
 
 
+@pytest.mark.slow
 def test_bench_scale_hops_dry_run(tmp_path):
     """``bench/scale_hops.py --dry-run``: one process vs 2 and 4 shard deployments (by value, by reference,
     bare ping) with every hop timed, and 1 vs 2 replicas; the record has both tables."""

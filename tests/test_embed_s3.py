@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pandas as pd
 import pyarrow.dataset as pads
+import pytest
 
 import workflows.embed as embed_workflow
 from index import build_index, store
@@ -48,6 +49,7 @@ def _part_objects(partition: str) -> dict[str, bytes]:
     return {storage.name(u): storage.read_bytes(u) for u in storage.list_files(partition, ".parquet")}
 
 
+@pytest.mark.slow
 def test_embed_local_shards_to_s3(s3_bucket, ray_local, ingested_shards, monkeypatch):
     tars = list_shards(ingested_shards)
     summary, run = _embed(str(ingested_shards), f"{s3_bucket}/emb", monkeypatch)
@@ -90,6 +92,7 @@ def test_embed_local_shards_to_s3(s3_bucket, ray_local, ingested_shards, monkeyp
     assert set(_part_objects(partition)) == set(before)
 
 
+@pytest.mark.slow
 def test_embed_s3_shards(s3_bucket, ray_local, ingested_shards, monkeypatch, tmp_path):
     """Shards on S3 in (listed by pipeline.datasets.list_shards), embeddings on S3 out, and the lineage
     chain on S3: index.json records the s3:// shard tars and the catalog reads previews from them."""

@@ -109,6 +109,7 @@ def _moments(hit) -> list[tuple] | None:
     return None if hit.moments is None else [(m.start_s, m.end_s, m.num_windows) for m in hit.moments]
 
 
+@pytest.mark.slow
 def test_fanout_gives_the_top_k_of_one_process(fanout):
     one, root = fanout["one"], fanout["root"]
     searcher = FanoutSearcher(root, None, fanout["plan"].handles(), names=fanout["plan"].apps)

@@ -267,6 +267,7 @@ def test_search_names_the_high_scoring_window_run(tmp_path):
 
 
 # --------------------------------------------------------------------------- end to end on local Ray
+@pytest.mark.slow
 def test_windowed_embed_run_writes_window_rows_and_reports_vectors_per_hour(long_corpus, ray_local, tmp_path):
     from pipeline.ingest import run_ingest  # only this test ingests (keeps the module's imports light)
     from workflows.embed import run_embed
