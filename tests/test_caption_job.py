@@ -27,14 +27,6 @@ from workflows.rerank import ShardFramesLookup, make_reranker, rerank_hits
 SMALL = {"image_size": 32, "num_frames": 4}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def checkpoint(ingested_shards, tmp_path_factory):
     """A tiny captioner trained a few steps on the corpus' train videos, saved as a vidsift checkpoint."""

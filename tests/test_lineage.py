@@ -8,6 +8,7 @@ moved) → ``run_embed`` with a saved checkpoint → ``build_index`` → the rea
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import io
 import os
@@ -15,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,11 +28,12 @@ from test_serve import call, write_generated_captions
 
 import models
 from index import add_embeddings, build_index, store
-from index.annotations import record_captions
+from index.annotations import record_captions, recorded_captions
 from index.embeddings import SHARD_URI_COLUMN
-from index.testing import clustered_vectors, write_embeddings
+from index.testing import clustered_vectors, write_embeddings, write_synthetic_version
 from pipeline.datasets import list_shards
 from pipeline.embedding import LINEAGE_COLUMNS, list_parts, read_embeddings, shard_label
+from runtime import storage
 from workflows.embed import run_embed
 from workflows.serve import build_app, serving_in_thread
 from workflows.serve.catalog import build_catalog
@@ -251,3 +254,23 @@ def test_service_finds_the_captions_recorded_under_the_index(chain, tmp_path):
                                                                                          videos[1:]))])
     assert flagged.captions_from == "flags" and flagged.generated == {v: f"generated for {v}"
                                                                       for v in videos[1::2]}
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_caption_runs_recording_at_once_are_all_kept(where, tmp_path, request):
+    """Eight caption runs record themselves under one index at the same moment, each twice (a rerun into the
+    same folder): every run is recorded exactly once and none is lost, with no lock (one object an output)."""
+    base = request.getfixturevalue("s3_bucket") if where == "s3" else str(tmp_path)
+    root = storage.join(base, "idx")
+    write_synthetic_version(root, rows=16)
+    outputs = [storage.normalize(storage.join(base, f"captions-{i}")) for i in range(8)]
+    start = threading.Barrier(2 * len(outputs))
+
+    def record(output: str) -> str:
+        start.wait(timeout=60)  # all writers released together
+        return record_captions(root, output, {"model_id": "cap@0"})
+
+    with concurrent.futures.ThreadPoolExecutor(2 * len(outputs)) as pool:
+        uris = list(pool.map(record, outputs * 2))
+    assert len(set(uris)) == len(outputs)
+    assert sorted(recorded_captions(root)) == sorted(outputs)

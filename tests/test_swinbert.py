@@ -13,15 +13,6 @@ CAPTIONS = ["a red circle moves left", "blue square jumps", "green triangle spin
 SMALL = {"image_size": 32, "num_frames": 4}  # 2 x 1 x 1 video tokens: the cheapest grid the config allows
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids spin contention (5-10x faster)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _frames(transform, n: int, t: int = 4, seed: int = 0, size: int = 32) -> torch.Tensor:
     """Distinct videos: each a flat colour plus noise, so the captioner can tell them apart."""
     g = torch.Generator().manual_seed(seed)
