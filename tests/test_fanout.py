@@ -197,6 +197,9 @@ def test_a_blocked_shard_gives_a_partial_result_by_the_deadline(fanout):
     health = {h["deployment"]: h for h in searcher.health(timeout_s=2)}
     assert health[plan.apps[0]]["ok"] and health[plan.apps[0]]["shards"] == [0, 2]
     assert health[plan.apps[0]]["open"] in ([], [[one.version, [0, 2]]])  # which replica answered
+    # a shard replica answers on the thread of Ray's actor event loop, where Serve receives the request
+    # (REPLICA_ENV, async methods): not on a second loop's thread, nor a thread pool's
+    assert health[plan.apps[0]]["thread"] == "AsyncIO Thread: default", health[plan.apps[0]]["thread"]
     assert isinstance(health["blocked"]["ok"], bool)  # busy but alive: answered, or a timeout error
     only_blocked = FanoutSearcher(fanout["root"], None, handles[1:], names=["blocked"])
     with pytest.raises(FanoutError, match="blocked"):

@@ -188,7 +188,32 @@ class ShardReplica:
 
     def health(self) -> dict[str, Any]:
         return {"replica": self.replica, "open": [[v, list(p)] for v, p in self._open],
-                "searches": self.searches}
+                "searches": self.searches, "thread": threading.current_thread().name}
+
+
+class ShardDeployment(ShardReplica):
+    """:class:`ShardReplica` as a Serve deployment runs it: every method a coroutine that searches on the
+    replica's own event loop. Serve runs a sync method on a thread pool of a second event loop's thread, two
+    thread hops a request; a shard's search is a millisecond of FAISS, and on a node with fewer cores than
+    replicas each hop waits for the kernel to run another thread (bench/scale_hops.py: the hops, measured).
+    :func:`deploy_shards` also starts the replicas with ``REPLICA_ENV`` (user code on Serve's main loop)
+    and no per-request access log line. Requests to one replica run one at a time, as they would on the
+    one core a replica is given."""
+
+    async def search(self, *args, **kwargs) -> dict[str, Any]:
+        return ShardReplica.search(self, *args, **kwargs)
+
+    async def score_ids(self, *args, **kwargs) -> dict[str, Any]:
+        return ShardReplica.score_ids(self, *args, **kwargs)
+
+    async def health(self) -> dict[str, Any]:
+        return ShardReplica.health(self)
+
+
+# Serve's own switch (ray.serve._private.constants): run the replica's methods on its main event loop, not
+# on a second loop in another thread. Read when the replica's process imports Serve: set through its
+# runtime environment, so it reaches only the shard replicas.
+REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 
 
 def _replica_id() -> str:
@@ -225,9 +250,12 @@ def deploy_shards(root: str, num_deployments: int, replicas: int = 1, num_cpus: 
             f"CPUs, the Ray cluster has {free:g}{kept}: pass --shard-cpus "
             f"{max(free, 0.0) / (num_deployments * replicas):.2g} or less (fractions share a core), fewer "
             "replicas, or more shards per deployment")
-    deployment = serve.deployment(ShardReplica, name="shard", num_replicas=int(replicas),
-                                  ray_actor_options={"num_cpus": float(num_cpus)},
-                                  max_ongoing_requests=8)
+    deployment = serve.deployment(ShardDeployment, name="shard", num_replicas=int(replicas),
+                                  ray_actor_options={"num_cpus": float(num_cpus),
+                                                     "runtime_env": {"env_vars": REPLICA_ENV}},
+                                  max_ongoing_requests=8,
+                                  # a line per request in the replica's log costs more than the search
+                                  logging_config={"enable_access_log": False})
     apps = tuple(f"{prefix}-{i}" for i in range(num_deployments))
     # All at once: the controller starts every replica in parallel (one by one took ~30 s each on 2 cores).
     serve.run_many([serve.RunTarget(deployment.bind(storage.normalize(root), mmap, omp_threads), name=app,
