@@ -9,9 +9,11 @@ style): train once, add in slices as Ray tasks, merge the slices' inverted lists
    the trained, empty index go to the add tasks through the object store.
 4. **Add** (a Ray task per slice): ``add_with_ids`` of the slice's rows (the embeddings' ``id`` column: no
    id is ever shifted) into a copy of the trained index while the exact neighbours of the tuning queries
-   are accumulated; the populated index and the slice's ids table go to ``versions/<version>/_slices/``.
+   are accumulated; the populated index and the slice's ids table go to ``versions/<version>/_slices/``,
+   with, for lossy codes (PQ, SQ), the slice's float16 copy of its vectors (:mod:`index.rerank`).
 5. **Merge** (:func:`index.ondisk.merge_to_ondisk`) the slices' lists, in slice order, into the version's
-   ``index.faiss`` + ``index.ivfdata``; tune nprobe on the merged index; the caller publishes.
+   ``index.faiss`` + ``index.ivfdata``, and the slices' float16 copies into one (:func:`merge_refines`);
+   tune nprobe (and the re-rank depth) on the merged index; the caller publishes.
 
 No process holds all vectors: a task holds one slice, the driver the sample, the ids and one slice at a time
 while merging. The result equals an in-process build's (same ids, same lists, entries in the same order)
@@ -44,6 +46,7 @@ from index.factory import (
     choose_nlist,
     is_ivf,
     make_index,
+    needs_rerank,
     parse_memory,
     to_cpu,
     training_size,
@@ -60,6 +63,7 @@ from index.part import (
     train_index,
     tune_on_queries,
 )
+from index.rerank import SORT_CHUNK_ROWS, RefineVectors, RefineWriter, refine_names
 from index.tuning import merge_topk
 from runtime import storage
 from runtime.ray_connect import connect_ray
@@ -125,9 +129,16 @@ def _base_slice(source: EmbeddingSource, schema: pa.Schema) -> SliceSource:
 
 def distributed_factory(n: int, dim: int, memory_budget: int | str, recall_target: float) -> str:
     """The chooser's factory when it is an IVF one; else (small corpora: Flat / HNSW) a flat IVF, the
-    smallest structure whose inverted lists can be built apart and merged."""
-    factory = choose_factory(n, dim, parse_memory(memory_budget), recall_target)
+    smallest structure whose inverted lists can be built apart and merged. Never fast-scan codes (the
+    chooser's ``rerank=False``): their lists are packed SIMD blocks that a list-by-list merge into on-disk
+    lists would scramble. Lossy codes (SQ8, PQ) still get the float16 re-rank copy (:func:`merge_refines`)."""
+    factory = choose_factory(n, dim, parse_memory(memory_budget), recall_target, rerank=False)
     return factory if is_ivf(make_index(factory, dim)) else f"IVF{choose_nlist(n)},Flat"
+
+
+def is_fast_scan(index: faiss.Index) -> bool:
+    """Whether ``index``'s inverted lists hold fast-scan blocks (``PQ{m}x4fs``)."""
+    return isinstance(faiss.downcast_index(faiss.extract_index_ivf(index)), faiss.IndexIVFFastScan)
 
 
 def training_count(index: faiss.Index, n: int) -> int:
@@ -185,8 +196,9 @@ def build_distributed(
         claimed = claimed_ids([s["ids"] for s in scans])
         scan_memory = [{"slice": i, **s["memory"]} for i, s in enumerate(scans)]
         del scans
-        adds = _run_tasks(_add_slice, slices, "add", progress,
-                          lambda i, piece: (i, trained_ref, claimed[i], queries_ref, target, batch_size))
+        rerank = needs_rerank(factory)  # lossy codes: each task also writes its slice's float16 copy
+        adds = _run_tasks(_add_slice, slices, "add", progress, lambda i, piece: (
+            i, trained_ref, claimed[i], queries_ref, target, batch_size, rerank))
     finally:
         if started_here:
             ray.shutdown()
@@ -203,9 +215,13 @@ def _check_factory(factory, trained, source, memory_budget, recall_target) -> st
             raise ValueError("trained must be an empty, trained IVF index, passed with its factory string")
         return factory
     factory = factory or distributed_factory(source.num_rows, source.dim, memory_budget, recall_target)
-    if not is_ivf(make_index(factory, source.dim)):
+    index = make_index(factory, source.dim)
+    if not is_ivf(index):
         raise ValueError(f"a distributed build needs an IVF factory (inverted lists to merge), "
                          f"got {factory!r}")
+    if is_fast_scan(index):
+        raise ValueError(f"a distributed build merges into on-disk lists, which cannot hold fast-scan codes: "
+                         f"{factory!r} (use PQ{{m}} without x4fs, SQ8 or Flat codes)")
     return factory
 
 
@@ -289,24 +305,30 @@ def _add_slice(
     queries: np.ndarray,
     target: tuple[str, str],
     batch_size: int,
+    rerank: bool = False,
 ) -> dict[str, Any]:
-    """Ray task: add the slice's rows to a copy of the trained index; put the populated index and the
-    slice's ids table under ``_slices/``; return their URIs, list sizes, errors and the queries' exact
-    neighbours within the slice."""
+    """Ray task: add the slice's rows to a copy of the trained index (and, with ``rerank``, to the slice's
+    float16 copy, rows in id order); put the populated index, its ids table and the copy under ``_slices/``;
+    return their URIs, list sizes, errors and the queries' exact neighbours within the slice."""
     t0, rss_start = time.perf_counter(), _reset_peak()
     index = faiss.deserialize_index(trained)
     bar = row_progress(f"add slice {number}", piece.num_rows, False)
-    index, ids, errors, exact = add_stream(index, piece, (0, 1), queries, batch_size, bar,
-                                           seen=set(claimed.tolist()))
-    gt_d, gt_i = exact.result()
     folder = storage.join(store.version_uri(*target), SLICES_DIR)
     faiss_uri = storage.join(folder, f"slice-{number:05d}.faiss")
     ids_uri = storage.join(folder, f"ids-{number:05d}.parquet")
     with tempfile.TemporaryDirectory(prefix="vidsift-slice-") as tmp:
+        writer = RefineWriter(tmp, storage.name(faiss_uri), piece.dim) if rerank else None
+        index, ids, errors, exact = add_stream(index, piece, (0, 1), queries, batch_size, bar,
+                                               seen=set(claimed.tolist()), refine=writer)
+        refine = [] if writer is None else [storage.join(folder, name) for name in writer.finish()]
+        for name, uri in zip(refine_names(storage.name(faiss_uri)), refine):
+            storage.upload(os.path.join(tmp, name), uri)
         faiss.write_index(index, os.path.join(tmp, "slice.faiss"))
         storage.upload(os.path.join(tmp, "slice.faiss"), faiss_uri)
+    gt_d, gt_i = exact.result()
     storage.write_parquet(ids, ids_uri)
-    return {"slice": number, "faiss": faiss_uri, "ids": ids_uri, "sizes": ondisk.list_sizes(index),
+    return {"slice": number, "faiss": faiss_uri, "ids": ids_uri, "refine": refine,
+            "sizes": ondisk.list_sizes(index),
             "count": int(index.ntotal), "rows": piece.num_rows, "errors": errors,
             "gt_d": gt_d.astype(np.float32), "gt_i": gt_i.astype(np.int64),
             "seconds": round(time.perf_counter() - t0, 3), "node": ray.get_runtime_context().get_node_id(),
@@ -328,6 +350,41 @@ def _local_slices(adds: list[dict[str, Any]]) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _local_file(uri: str, folder: Path) -> Path:
+    """``uri`` as a local path: itself when local, else downloaded into ``folder``."""
+    if storage.is_local(uri):
+        return Path(storage.local_path(uri))
+    fs, path = storage.filesystem(uri)
+    fs.get_file(path, str(folder / storage.name(uri)))
+    return folder / storage.name(uri)
+
+
+def merge_refines(adds: list[dict[str, Any]], stage: Path, shard_file: str, dim: int) -> dict[str, Path]:
+    """The slices' float16 copies (each in id order) as the merged index's one copy in ``stage``, rows in
+    ascending id order (:class:`index.rerank.RefineVectors`); returns ``{name: path}``. The driver holds
+    the ids and their order (16 bytes a row) and ``SORT_CHUNK_ROWS`` rows at a time; remote slices are
+    fetched to local disk first (their bytes again, until the merge ends)."""
+    with tempfile.TemporaryDirectory(prefix="vidsift-refine-merge-") as tmp:
+        pieces = [RefineVectors(*(_local_file(uri, Path(tmp)) for uri in add["refine"])) for add in adds]
+        ids = np.concatenate([p.ids for p in pieces]) if pieces else np.zeros(0, np.int64)
+        order = np.argsort(ids, kind="stable")
+        starts = np.cumsum([0] + [len(p) for p in pieces])
+        vectors_name, ids_name = refine_names(shard_file)
+        out = np.lib.format.open_memmap(stage / vectors_name, "w+", np.float16, (len(ids), dim))
+        for start in range(0, len(ids), SORT_CHUNK_ROWS):
+            rows = order[start:start + SORT_CHUNK_ROWS]
+            piece_of = np.searchsorted(starts, rows, side="right") - 1
+            chunk = np.empty((len(rows), dim), np.float16)
+            for p in np.unique(piece_of):
+                mine = piece_of == p
+                chunk[mine] = pieces[p].vectors[rows[mine] - starts[p]]
+            out[start:start + len(rows)] = chunk
+        out.flush()
+        del out, pieces
+        np.save(stage / ids_name, ids[order])
+    return {vectors_name: stage / vectors_name, ids_name: stage / ids_name}
+
+
 def _merge_and_tune(
     trained: faiss.Index,
     adds: list[dict[str, Any]],
@@ -344,12 +401,19 @@ def _merge_and_tune(
     name = store.shard_file(0, 1)
     sizes = np.sum([a["sizes"] for a in adds], axis=0).astype(np.uint64)
     merged = ondisk.merge_to_ondisk(trained, _local_slices(adds), sizes, Path(stage) / name)
+    refine_files = merge_refines(adds, Path(stage), name, trained.d) if adds[0]["refine"] else {}
     merge_s = time.perf_counter() - t0
     truth = (adds[0]["gt_d"], adds[0]["gt_i"])
     for add in adds[1:]:
         truth = merge_topk(*truth, add["gt_d"], add["gt_i"], PROBE_DEPTH)
+    refine = RefineVectors(*refine_files.values()) if refine_files else None
     params, recall, met, curve, probe, tuned = tune_on_queries(merged, queries, num_video, truth, k,
-                                                               recall_target)
+                                                               recall_target, refine)
+    del refine  # its memory maps: the stage is published next
+    if refine_files:
+        vectors_name, ids_name = refine_files
+        tuned["rerank"] = {"vectors": vectors_name, "ids": ids_name, "dtype": "float16",
+                           "depth": tuned.pop("depth")}
     ids = pa.concat_tables([storage.read_parquet(a["ids"]) for a in adds])
     errors = [e for a in adds for e in a["errors"]]
     count = int(merged.ntotal)

@@ -15,8 +15,9 @@ import pytest
 from cluster_fixtures import cluster3  # noqa: F401  (one cluster for both modules: SharedResource)
 
 from index import VideoIndex, build_index, delete_videos, ondisk, store
-from index.distributed import build_distributed, claimed_ids, plan_slices
+from index.distributed import build_distributed, claimed_ids, distributed_factory, is_fast_scan, plan_slices
 from index.embeddings import iter_batches, resolve_embeddings
+from index.factory import make_index, needs_rerank
 from index.testing import clustered_vectors, embedding_schema
 from runtime import storage
 
@@ -139,6 +140,16 @@ def test_merge_to_ondisk_equals_one_index_and_opens_from_any_folder(tmp_path):
         ondisk.merge_to_ondisk(trained, iter(slices[:2]), total, tmp_path / "short.faiss")
 
 
+def test_the_distributed_chooser_never_picks_fast_scan_codes():
+    """Fast-scan lists are packed SIMD blocks: merged list by list into on-disk lists they would be
+    scrambled. Under a tight budget the distributed chooser takes PQ / SQ codes (with the float16 copy)."""
+    for n, budget in ((10_000_000, "2GB"), (10_000_000, "600MB"), (3_000_000, "1GB"), (1_000_000, "8GB")):
+        factory = distributed_factory(n, 256, budget, 0.95)
+        assert not is_fast_scan(make_index(factory, 256)), (n, budget, factory)
+    assert needs_rerank(distributed_factory(10_000_000, 256, "2GB", 0.95))
+    assert is_fast_scan(make_index("IVF16,PQ8x4fs", 32)) and not is_fast_scan(make_index("IVF16,PQ8", 32))
+
+
 def test_slices_follow_row_groups_and_duplicates_keep_the_first_valid_occurrence(tmp_path):
     source = resolve_embeddings(messy_corpus(tmp_path / "emb"))
     slices = plan_slices(source, slice_rows=1000)  # 4 files x 3 row groups of 500 rows
@@ -204,8 +215,37 @@ def test_build_index_distributed_publishes_opens_and_deletes(ray_local, tmp_path
         "vid-000050"
     with pytest.raises(ValueError, match="IVF factory"):
         build_index(tmp_path / "emb", tmp_path / "flat", factory="Flat", distributed=True, progress=False)
+    with pytest.raises(ValueError, match="fast-scan"):
+        build_index(tmp_path / "emb", tmp_path / "fs", factory="IVF16,PQ8x4fs", distributed=True,
+                    progress=False)
     with pytest.raises(ValueError, match="one on-disk index"):
         build_index(tmp_path / "emb", tmp_path / "flat", distributed=True, shards=2, progress=False)
+
+
+def test_distributed_build_with_lossy_codes_merges_the_float16_copy_and_reranks(ray_local, tmp_path):
+    """PQ codes: every add task writes its slice's float16 copy; the merged copy holds exactly the index's
+    ids in ascending order, with the rows an in-process copy holds, and the search re-ranks against it."""
+    source = resolve_embeddings(messy_corpus(tmp_path / "emb"))
+    meta = build_index(tmp_path / "emb", tmp_path / "idx", factory="IVF16,PQ8", distributed=True,
+                       slice_rows=2000, num_probes=64, progress=False)
+    shard = meta["shards"][0]
+    assert shard["rerank"]["vectors"] == "index.refine.npy" and shard["rerank"]["depth"] >= 10, shard
+    assert {"index.refine.npy", "index.refine-ids.npy"} <= set(store.describe(tmp_path / "idx")["files"])
+    assert not storage.exists(storage.join(store.version_uri(tmp_path / "idx", meta["version"]), "_slices"))
+    vi = VideoIndex.open(tmp_path / "idx")
+    refine = vi.refines[0]
+    index_ids = np.sort(store.read_ids(store.version_dir(tmp_path / "idx")).column("id").to_numpy())
+    assert np.array_equal(refine.ids, index_ids)
+    batches = list(iter_batches(source, seen_ids=set()))
+    vectors = np.concatenate([b.vectors for b in batches])
+    ids = np.concatenate([b.ids for b in batches])
+    expected = vectors[np.argsort(ids)].astype(np.float16)
+    assert np.array_equal(np.asarray(refine.vectors), expected)
+    # Exact scores: a stored vector's own row scores ~1 and comes first, which PQ codes alone do not promise.
+    query = vectors[[int(np.flatnonzero(ids == i)[0]) for i in (100, 2000, 4001)]]
+    hits = vi.search(query, k=1)
+    assert [h[0].video_id for h in hits] == ["vid-000050", "vid-001000", "vid-002000"]
+    assert all(abs(h[0].score - 1.0) < 2e-3 for h in hits), hits
 
 
 def test_add_task_memory_grows_with_the_slice_not_the_corpus(ray_local, tmp_path):
