@@ -37,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--ray-address", default=None, help="Ray of --shards / --distributed ($RAY_ADDRESS/local)")
     b.add_argument("--text-queries", action="append", help="caption embeddings to tune on (or 'none')")
     b.add_argument("--query-log", action="append", help="a service's query log (JSONL) to tune on")
+    b.add_argument("--no-text-rule", choices=index_build.NO_TEXT_RULES,
+                   default=index_build.DEFAULT_NO_TEXT_RULE,
+                   help="without text queries, tune on held-out video vectors or off-data probes")
     a = sub.add_parser("add", help="add (upsert) embeddings as a delta shard: no copy, no retraining")
     a.add_argument("--embeddings", required=True)
     a.add_argument("--output", "--index", dest="output", required=True)
@@ -73,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "build":
             texts = None if args.text_queries == ["none"] else args.text_queries or index_build.AUTO
             names = ("factory", "memory_budget", "recall_target", "k", "shards", "num_probes", "query_log",
-                     "distributed", "slice_rows", "batch_size", "keep")
+                     "distributed", "slice_rows", "batch_size", "keep", "no_text_rule")
             opts = {name: getattr(args, name) for name in names}
             _print(store.retry_on_conflict(args.retries, index_build.build_index, args.embeddings,
                                            args.output, text_queries=texts, **opts))

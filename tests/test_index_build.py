@@ -255,6 +255,13 @@ def test_cli_build_info_add_delete_check(tmp_path, capsys):
     assert main(["check", "--index", str(tmp_path / "idx")]) == 0
     assert main(["info", "--index", str(tmp_path / "nothing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    # no captions beside these embeddings: --no-text-rule says what the build tunes on instead
+    assert main(["build", "--embeddings", str(emb), "--output", str(tmp_path / "offdata"), "--factory",
+                 "IVF16,Flat", "--probes", "50", "--no-text-rule", "offdata"]) == 0
+    assert json.loads(capsys.readouterr().out)["tuning_queries"]["kind"] == "offdata"
+    with pytest.raises(SystemExit):
+        main(["build", "--embeddings", str(emb), "--output", str(tmp_path / "x"), "--no-text-rule", "text"])
+    assert "invalid choice: 'text'" in capsys.readouterr().err
 
 
 @pytest.mark.slow
