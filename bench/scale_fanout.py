@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.scale_systems import K, run_queries  # noqa: E402
 from index import VideoIndex  # noqa: E402
 from runtime.ray_connect import connect_ray  # noqa: E402
-from workflows.serve.fanout import FanoutSearcher, deploy_shards  # noqa: E402
+from workflows.serve.fanout import FanoutSearcher, deploy_shards, remove_shards  # noqa: E402
 
 
 def fanout(spec: dict) -> dict:
@@ -42,8 +42,7 @@ def fanout(spec: dict) -> dict:
             measured = run_queries(search, queries, truth, int(spec["threads"]))
             rows.append(_row(f"{n} shard deployments", measured, base, partial=any(partial)))
             print(f"[fanout] {rows[-1]}", flush=True)
-            for app in plan.apps:
-                serve.delete(app)
+            remove_shards(plan)
     finally:
         serve.shutdown()
     return {"rows": rows, "shards": len(one.meta["shards"])}

@@ -5,13 +5,16 @@ One 4-shard vidsift index of ``--vectors`` clip vectors (bench/scale_corpus.py's
 queries), searched in this process (``VideoIndex.rank``, the baseline) and through 2 and 4 shard deployments
 (1 replica each, the cluster's CPUs shared by every replica of both plans, one OpenMP thread), the same
 queries interleaved (one process, fan-out by value, fan-out by reference, a bare ping) so the machine's load
-drifts over all of them alike. Per mode: p50 / p99 and the p50 added over one process, and the medians of each
-hop from the searcher's trace (``FanoutSearcher.trace``: perf_counter stamps, one clock for every process of
-the machine): ``request`` (ingress submit → replica starts), ``replica`` (its FAISS searches), ``reply``
-(replica returns → ingress has the answer) and ``ingress`` (the rest: normalise, merge, collapse per video,
-fields from the memory-mapped ids.arrow, moments). ``ping``: a bare Serve round trip to every deployment
-(``health``), the floor under any fan-out. Replicas: q/s from ``--client-threads`` threads with one deployment
-of all shards at 1 and 2 replicas (``cluster CPUs / replicas`` CPUs each), against one process.
+drifts over all of them alike. The largest plan runs twice: with the shard replicas' own settings
+(``ShardDeployment``: each request on the replica's event loop, no access log) and as Serve runs any class
+("Serve's thread pool": ``deploy_shards(serve_defaults=True)``), the baseline of those settings. Per mode: p50
+/ p99 and the p50 added over one process, and the medians of each hop from the searcher's trace
+(``FanoutSearcher.trace``: perf_counter stamps, one clock for every process of the machine): ``request``
+(ingress submit → replica starts), ``replica`` (its FAISS searches), ``reply`` (replica returns → ingress has
+the answer) and ``ingress`` (the rest: normalise, merge, collapse per video, fields from the memory-mapped
+ids.arrow, moments). ``ping``: a bare Serve round trip to every deployment (``health``), the floor under any
+fan-out. Replicas: q/s from ``--client-threads`` threads with one deployment of all shards at 1 and 2 replicas
+(``cluster CPUs / replicas`` CPUs each), against one process.
 
     python -m bench.scale_hops                                    # 100k x 256: docs/data/scale_hops.json
     python -m bench.scale_hops --dry-run --json /tmp/hops.json    # 4,000 vectors, 40 queries (the test)
@@ -37,7 +40,7 @@ from bench.scale_corpus import write_corpus  # noqa: E402
 from index import VideoIndex, build_index, store  # noqa: E402
 from runtime.progress import Progress  # noqa: E402
 from runtime.ray_connect import connect_ray  # noqa: E402
-from workflows.serve.fanout import FanoutSearcher, deploy_shards  # noqa: E402
+from workflows.serve.fanout import FanoutSearcher, deploy_shards, remove_shards  # noqa: E402
 
 K = 10
 HOPS = ("request", "replica", "reply", "ingress")
@@ -72,20 +75,26 @@ def timed(fn, *args) -> float:
 
 def hop_rows(root: str, queries: np.ndarray, deployments: list[int], cpus: float) -> list[dict]:
     """One process vs fan-out by value / by reference over each deployment count, interleaved per query."""
-    from ray import serve
 
     one = VideoIndex.open(root)
     samples: dict[str, list[float]] = collections.defaultdict(list)
     hops: dict[str, list[dict]] = collections.defaultdict(list)
     searchers = {}
+    largest = max(deployments)
+    share = cpus / (sum(deployments) + largest)
     for n in deployments:  # every plan at once (interleaved), so they share the cluster's CPUs
-        plan = deploy_shards(root, n, replicas=1, num_cpus=cpus / sum(deployments), prefix=f"hops-{n}",
-                             omp_threads=1)
+        plan = deploy_shards(root, n, replicas=1, num_cpus=share, prefix=f"hops-{n}", omp_threads=1)
         for by_ref in (False, True):
             mode = f"{n} deployments, " + ("by reference (Serve's default)" if by_ref else "by value")
-            searchers[mode] = FanoutSearcher(root, None, plan.handles(), names=plan.apps, by_reference=by_ref)
-            searchers[mode].trace = collections.deque()
+            searchers[mode] = _traced(FanoutSearcher(root, None, plan.handles(), names=plan.apps,
+                                                     by_reference=by_ref))
         searchers[f"{n} deployments, bare ping"] = plan
+    # The baseline of the replicas' own settings: the largest plan again, as Serve runs any class.
+    plain = deploy_shards(root, largest, replicas=1, num_cpus=share, prefix=f"hops-{largest}-plain",
+                          omp_threads=1, serve_defaults=True)
+    searchers[f"{largest} deployments, by value, Serve's thread pool"] = _traced(
+        FanoutSearcher(root, None, plain.handles(), names=plain.apps))
+    searchers[f"{largest} deployments, bare ping, Serve's thread pool"] = plain
     for q in queries[:20]:  # warm: files opened, routers' replica lists and connections made
         for s in searchers.values():
             if isinstance(s, FanoutSearcher):
@@ -100,11 +109,15 @@ def hop_rows(root: str, queries: np.ndarray, deployments: list[int], cpus: float
             else:
                 samples[mode].append(timed(_ping, s.handles()))
         progress.update(1)
-    for n in deployments:
-        for app in (f"hops-{n}-{i}" for i in range(n)):
-            serve.delete(app)
+    for plan in [s for s in searchers.values() if not isinstance(s, FanoutSearcher)]:
+        remove_shards(plan)
     base = float(np.median(samples["1 process"]))
     return [_hop_row(mode, lat, base, hops.get(mode)) for mode, lat in samples.items()]
+
+
+def _traced(searcher: FanoutSearcher) -> FanoutSearcher:
+    searcher.trace = collections.deque()
+    return searcher
 
 
 def _ping(handles) -> None:
@@ -124,7 +137,6 @@ def _hop_row(mode: str, lat: list[float], base: float, hops: list[dict] | None) 
 def replica_rows(root: str, queries: np.ndarray, threads: int, cpus: float) -> list[dict]:
     """q/s from ``threads`` client threads: one process, then one deployment of every shard at 1 and 2
     replicas."""
-    from ray import serve
 
     one = VideoIndex.open(root)
     rows = [{"mode": "1 process", "replicas": None, "cpus": None, "qps": _qps(one, queries, threads)}]
@@ -135,7 +147,7 @@ def replica_rows(root: str, queries: np.ndarray, threads: int, cpus: float) -> l
         _qps(searcher, queries[:50], threads)  # warm every replica
         rows.append({"mode": "1 deployment, all shards", "replicas": replicas, "cpus": cpus / replicas,
                      "qps": _qps(searcher, queries, threads), "served_by": len(searcher.served_by)})
-        serve.delete(plan.apps[0])
+        remove_shards(plan)
     for row in rows:
         row["x_one_process"] = row["qps"] / rows[0]["qps"]
     return rows

@@ -82,7 +82,9 @@ def test_bench_scale_hops_dry_run(tmp_path):
     record = json.loads(out.read_text())
     hops = {r["mode"]: r for r in record["tables"]["hops"]["rows"]}
     assert "1 process" in hops and "4 deployments, by value" in hops and "2 deployments, bare ping" in hops
-    for mode in ("2 deployments, by value", "4 deployments, by reference (Serve's default)"):
+    assert "4 deployments, bare ping, Serve's thread pool" in hops  # the replicas' settings' baseline
+    for mode in ("2 deployments, by value", "4 deployments, by reference (Serve's default)",
+                 "4 deployments, by value, Serve's thread pool"):
         row = hops[mode]
         assert row["p50_ms"] > 0 and all(row[f"{h}_ms"] is not None for h in ("request", "replica", "reply"))
         assert row["replica_ms"] >= 0 and row["request_ms"] > 0 and row["reply_ms"] > 0

@@ -227,13 +227,15 @@ def _replica_id() -> str:
 
 def deploy_shards(root: str, num_deployments: int, replicas: int = 1, num_cpus: float = 1.0,
                   mmap: bool | None = None, prefix: str = APP_PREFIX, omp_threads: int | None = None,
-                  reserve_cpus: float = 0.0) -> FanoutPlan:
+                  reserve_cpus: float = 0.0, serve_defaults: bool = False) -> FanoutPlan:
     """Run ``num_deployments`` shard deployments (``replicas`` replicas of ``num_cpus`` each, fractions
     allowed) as Serve applications ``{prefix}-{i}`` (no HTTP route); returns the plan the ingress reaches
     them by. ``omp_threads`` caps each replica's FAISS (OpenMP) threads: 1 when requests, not one query's
     scan, are what run in parallel. Refuses, before deploying anything, a plan that asks for more CPUs than
     the cluster has, less ``reserve_cpus`` (what deployments started after these need: the service's
-    ingress): Serve would wait for them forever."""
+    ingress): Serve would wait for them forever. ``serve_defaults`` deploys the replicas as Serve runs any
+    class (:class:`ShardReplica`: its sync methods on a thread pool, an access log line a request): the
+    baseline bench/scale_hops.py measures :class:`ShardDeployment` against."""
     import ray
     from ray import serve
 
@@ -250,17 +252,36 @@ def deploy_shards(root: str, num_deployments: int, replicas: int = 1, num_cpus: 
             f"CPUs, the Ray cluster has {free:g}{kept}: pass --shard-cpus "
             f"{max(free, 0.0) / (num_deployments * replicas):.2g} or less (fractions share a core), fewer "
             "replicas, or more shards per deployment")
-    deployment = serve.deployment(ShardDeployment, name="shard", num_replicas=int(replicas),
-                                  ray_actor_options={"num_cpus": float(num_cpus),
-                                                     "runtime_env": {"env_vars": REPLICA_ENV}},
-                                  max_ongoing_requests=8,
-                                  # a line per request in the replica's log costs more than the search
-                                  logging_config={"enable_access_log": False})
+    if serve_defaults:
+        deployment = serve.deployment(ShardReplica, name="shard", num_replicas=int(replicas),
+                                      ray_actor_options={"num_cpus": float(num_cpus)}, max_ongoing_requests=8)
+    else:
+        deployment = serve.deployment(ShardDeployment, name="shard", num_replicas=int(replicas),
+                                      ray_actor_options={"num_cpus": float(num_cpus),
+                                                         "runtime_env": {"env_vars": REPLICA_ENV}},
+                                      max_ongoing_requests=8,
+                                      # a line per request in the replica's log costs more than the search
+                                      logging_config={"enable_access_log": False})
     apps = tuple(f"{prefix}-{i}" for i in range(num_deployments))
     # All at once: the controller starts every replica in parallel (one by one took ~30 s each on 2 cores).
     serve.run_many([serve.RunTarget(deployment.bind(storage.normalize(root), mmap, omp_threads), name=app,
                                     route_prefix=None) for app in apps])
     return FanoutPlan(apps)
+
+
+def remove_shards(plan: FanoutPlan, timeout_s: float = 120.0) -> None:
+    """Delete the plan's shard deployments, all at once, and wait until Serve no longer lists them (a
+    blocking ``serve.delete`` waits ~3 s per application, one after the other)."""
+    from ray import serve
+
+    for app in plan.apps:
+        serve.delete(app, _blocking=False)
+    deadline = time.monotonic() + timeout_s
+    while set(plan.apps) & set(serve.status().applications):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Serve still lists shard deployments {sorted(plan.apps)} after "
+                               f"{timeout_s:g} s")
+        time.sleep(0.2)
 
 
 def deployments_for(root: str, shards_per_deployment: int) -> int:
