@@ -172,12 +172,14 @@ def record_results(record: BenchRecord, corpus: dict, results: dict, args) -> No
     second = "off-data probes, no captions" if args.no_captions else "caption text embeddings (now)"
     rows = [{**b[name], "label": label} for name, label in
             (("video", "held-out video vectors (before)"), ("text", second))]
+    versus = (f"{b['text']['tuning_count']} off-data probes (no caption seen)" if args.no_captions else
+              f"{b['text']['tuning_count']} of the {corpus['tuning_captions']:,} distinct first captions of "
+              "half the videos")
     sample = (f"{args.videos:,} synthetic videos x {args.clips} clips = {args.videos * args.clips:,} "
               f"{corpus['vectors'].shape[1]}-d vectors, {args.factory}; tuned on "
-              f"{b['video']['tuning_count']} held-out video vectors vs {b['text']['tuning_count']} of the "
-              f"{corpus['tuning_captions']:,} "
-              f"distinct first captions of half the videos; measured on {corpus['heldout_count']:,} held-out "
-              f"paraphrases of the other half (disjoint strings); exact top-{args.k} by brute force")
+              f"{b['video']['tuning_count']} held-out video vectors vs {versus}; measured on "
+              f"{corpus['heldout_count']:,} held-out paraphrases of the other half (disjoint strings); exact "
+              f"top-{args.k} by brute force")
     record.table("tuning", columns=[
         col("label", "tuned on"), col("tuning_count", "tuning queries"), col("nprobe", "nprobe"),
         col("tuning_recall", f"recall@{args.k} on its tuning set", "{:.3f}"),
@@ -189,7 +191,8 @@ def record_results(record: BenchRecord, corpus: dict, results: dict, args) -> No
     if results["curve"]:  # re-ranked builds have (nprobe, R, recall) curves: in extra.results
         record.table("curve", columns=[
             col("nprobe", "nprobe"), col("video_probes", f"recall@{args.k}, video probes", "{:.3f}"),
-            col("tuning_text", f"recall@{args.k}, tuning captions", "{:.3f}"),
+            col("tuning_text", f"recall@{args.k}, " + ("off-data probes" if args.no_captions
+                                                        else "tuning captions"), "{:.3f}"),
             col("heldout_text", f"recall@{args.k}, held-out text", "{:.3f}")],
             rows=results["curve"], sample_size=sample,
             baseline="video probes (the old tuning set); empty cells: the tuner stopped before that nprobe",
