@@ -1,11 +1,6 @@
 """``python -m jobs.index {build,add,delete,query,info,check}``: build and maintain vidsift FAISS indexes.
 
-Examples (every path may be a URI: s3://, gs://, file://)::
-    python -m jobs.index build --embeddings OUT/embeddings --output OUT/index --memory 4GB --recall 0.95
-    python -m jobs.index add --embeddings OUT/new_embeddings --output OUT/index
-    python -m jobs.index delete --output OUT/index --video-ids synth-000001 synth-000002
-    python -m jobs.index query --index s3://bucket/index --text "a red ball moving left" -k 10
-    python -m jobs.index info --index OUT/index"""
+Every path may be a URI (s3://, gs://, file://); each command and its flags: docs/index.md ("Commands")."""
 
 from __future__ import annotations
 
@@ -39,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--query-log", action="append", help="a service's query log (JSONL) to tune on")
     b.add_argument("--no-text-rule", choices=index_build.NO_TEXT_RULES,
                    default=index_build.DEFAULT_NO_TEXT_RULE,
-                   help="without text queries, tune on held-out video vectors or off-data probes")
+                   help="without text queries: tune on off-data probes or held-out video vectors")
     a = sub.add_parser("add", help="add (upsert) embeddings as a delta shard: no copy, no retraining")
     a.add_argument("--embeddings", required=True)
     a.add_argument("--output", "--index", dest="output", required=True)
