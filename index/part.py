@@ -41,7 +41,10 @@ PROBE_DEPTH = 50  # exact neighbours kept per probe, so deletes still leave >= k
 DEFAULT_PROBES = 256
 DEFAULT_GROWTH_FACTOR = 2.0
 NO_TEXT_RULES = ("video", "offdata")  # what a build without text queries tunes on (tuning.offdata_probes)
-DEFAULT_NO_TEXT_RULE = "video"
+# Without text, tune on off-data probes: held-out video probes find their own clip and overstate the recall
+# text queries get (bench.text_recall --no-captions, docs/index.md: video probes 0.930 on held-out text at
+# a 0.95 target, off-data probes 0.955).
+DEFAULT_NO_TEXT_RULE = "offdata"
 
 
 def row_progress(label: str, total: int, enabled: bool) -> Progress:

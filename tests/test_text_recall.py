@@ -70,10 +70,14 @@ def test_text_tuned_build_reaches_the_target_on_text_queries(tmp_path):
     assert exact_recall(vi, videos, texts[:600]) >= 0.95  # re-measured here, not taken from index.json
     probe = np.load(tmp_path / "idx" / "versions" / meta["version"] / "probe.npz")
     assert len(probe["queries"]) == 600  # add/delete re-measure recall on the text queries
-    # Without text queries the build tunes on held-out video vectors, and says so.
+    # Without text queries the build tunes on off-data probes by default, or on held-out video vectors when
+    # asked, and says which.
     old = build_index(emb, tmp_path / "idx-video", factory="IVF64,Flat", recall_target=0.95, num_probes=200,
-                      text_queries=None, progress=False)
+                      text_queries=None, progress=False, no_text_rule="video")
     assert old["tuning_queries"] == {"kind": "video", "video_probes": 200} and "video_probe_recall" not in old
+    default = build_index(emb, tmp_path / "idx-default", factory="IVF64,Flat", recall_target=0.95,
+                          num_probes=200, text_queries=None, progress=False)
+    assert default["tuning_queries"] == {"kind": "offdata", "video_probes": 200}
 
 
 def test_caption_embeddings_bad_input_is_named(tmp_path):

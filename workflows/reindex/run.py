@@ -377,11 +377,12 @@ def rebuild_from_live_rows(run: ReindexRun) -> None:
     distributed = run.live_rows.num_rows >= int(icfg["distributed_rows"])
     if distributed:
         run.connect_ray()
-    build_index(live_dir, run.scratch, keep=1, factory=icfg["factory"], memory_budget=icfg["memory_budget"],
-                recall_target=icfg["recall_target"], k=icfg["k"], progress=run.progress,
-                text_queries=text_queries, distributed=distributed, slice_rows=int(icfg["slice_rows"]))
+    meta = build_index(live_dir, run.scratch, keep=1, factory=icfg["factory"],
+                       memory_budget=icfg["memory_budget"], recall_target=icfg["recall_target"], k=icfg["k"],
+                       progress=run.progress, text_queries=text_queries, distributed=distributed,
+                       slice_rows=int(icfg["slice_rows"]))
     run.summary["build"] = {"distributed": distributed, "rows": int(run.live_rows.num_rows),
-                            "tuned_on": "text" if text_queries else "video"}
+                            "tuned_on": meta["tuning_queries"]["kind"]}
     run.parent = run.current
 
 
