@@ -47,10 +47,9 @@ browser:
 	  $(APT_INSTALL) chromium; fi
 
 # pytest-xdist workers: the modules run two at a time, each module (or each group of modules sharing a
-# cluster) on one worker, the slow groups first (tests/conftest.py orders them; xdist's own reorder, by
-# test count, would send the three-test bench group last); TEST_WORKERS=0 runs them in one process.
+# cluster) on one worker, the slow groups first (tests/conftest.py); TEST_WORKERS=0 runs them in one process.
 TEST_WORKERS ?= 2
-PYTEST_WORKERS = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder)
+PYTEST_WORKERS = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
 
 # The whole test suite, slow end-to-end tests included (CI runs this via .ci/run).
 test: install browser

@@ -1,14 +1,16 @@
 """Shared fixtures: one local Ray per test module, one `ray start --head` for job-submit tests,
 and one small synthetic corpus + its ingested shards that every stage's tests reuse.
 
-Suite speed (``make test`` runs ``pytest -n 2 --dist loadgroup --no-loadscope-reorder``, pytest-xdist):
+Suite speed (``make test`` runs ``pytest -n 2 --dist loadgroup``, pytest-xdist):
 
 - ``SharedResource``: a costly service (the job-submit head, the three-node cluster) starts for the first
   test that asks for it and stops right after the last one in the run's order, not at session end; the
   modules that use one run next to each other (``pytest_collection_modifyitems``).
 - Under xdist every test carries an ``xdist_group``: its module (module-scoped fixtures are built once), or
-  the shared resource its module uses (one worker owns it); groups with ``slow`` tests are sent first
-  (``--no-loadscope-reorder``: xdist would otherwise send the groups with the most tests first).
+  the shared resource its module uses (one worker owns it). The groups with ``slow`` tests come first in
+  the collection; xdist then sends groups by their number of tests (its default ``--loadscope-reorder``),
+  so the order here breaks its ties. Sending the slow groups first (``--no-loadscope-reorder``) ran the
+  heaviest end-to-end groups side by side and made each slower; the suite was no faster (one run each).
 - Session data (corpus, ingested shards) is built once per run and shared by the workers (``built_once``).
 """
 
