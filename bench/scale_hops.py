@@ -75,7 +75,6 @@ def timed(fn, *args) -> float:
 
 def hop_rows(root: str, queries: np.ndarray, deployments: list[int], cpus: float) -> list[dict]:
     """One process vs fan-out by value / by reference over each deployment count, interleaved per query."""
-
     one = VideoIndex.open(root)
     samples: dict[str, list[float]] = collections.defaultdict(list)
     hops: dict[str, list[dict]] = collections.defaultdict(list)
@@ -137,7 +136,6 @@ def _hop_row(mode: str, lat: list[float], base: float, hops: list[dict] | None) 
 def replica_rows(root: str, queries: np.ndarray, threads: int, cpus: float) -> list[dict]:
     """q/s from ``threads`` client threads: one process, then one deployment of every shard at 1 and 2
     replicas."""
-
     one = VideoIndex.open(root)
     rows = [{"mode": "1 process", "replicas": None, "cpus": None, "qps": _qps(one, queries, threads)}]
     for replicas in (1, 2):

@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import resource
-import shutil
 import sys
 import tempfile
 import time
@@ -44,6 +43,7 @@ from index.embeddings import EmbeddingSource, iter_batches
 from index.factory import (
     choose_factory,
     choose_nlist,
+    is_fast_scan,
     is_ivf,
     make_index,
     needs_rerank,
@@ -134,11 +134,6 @@ def distributed_factory(n: int, dim: int, memory_budget: int | str, recall_targe
     lists would scramble. Lossy codes (SQ8, PQ) still get the float16 re-rank copy (:func:`merge_refines`)."""
     factory = choose_factory(n, dim, parse_memory(memory_budget), recall_target, rerank=False)
     return factory if is_ivf(make_index(factory, dim)) else f"IVF{choose_nlist(n)},Flat"
-
-
-def is_fast_scan(index: faiss.Index) -> bool:
-    """Whether ``index``'s inverted lists hold fast-scan blocks (``PQ{m}x4fs``)."""
-    return isinstance(faiss.downcast_index(faiss.extract_index_ivf(index)), faiss.IndexIVFFastScan)
 
 
 def training_count(index: faiss.Index, n: int) -> int:
@@ -320,9 +315,9 @@ def _add_slice(
         writer = RefineWriter(tmp, storage.name(faiss_uri), piece.dim) if rerank else None
         index, ids, errors, exact = add_stream(index, piece, (0, 1), queries, batch_size, bar,
                                                seen=set(claimed.tolist()), refine=writer)
-        refine = [] if writer is None else [storage.join(folder, name) for name in writer.finish()]
-        for name, uri in zip(refine_names(storage.name(faiss_uri)), refine):
-            storage.upload(os.path.join(tmp, name), uri)
+        refine = []
+        for name, path in (writer.finish() if writer is not None else {}).items():
+            refine.append(storage.upload(path, storage.join(folder, name)))
         faiss.write_index(index, os.path.join(tmp, "slice.faiss"))
         storage.upload(os.path.join(tmp, "slice.faiss"), faiss_uri)
     gt_d, gt_i = exact.result()
@@ -338,16 +333,8 @@ def _add_slice(
 def _local_slices(adds: list[dict[str, Any]]) -> Iterator[Path]:
     """Each slice file as a local path, one at a time (a remote one is downloaded, then deleted)."""
     for add in adds:
-        if storage.is_local(add["faiss"]):
-            yield storage.local_path(add["faiss"])
-            continue
-        tmp = Path(tempfile.mkdtemp(prefix="vidsift-merge-"))
-        try:
-            fs, path = storage.filesystem(add["faiss"])
-            fs.get_file(path, str(tmp / "slice.faiss"))
-            yield tmp / "slice.faiss"
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with tempfile.TemporaryDirectory(prefix="vidsift-merge-") as tmp:
+            yield _local_file(add["faiss"], Path(tmp))
 
 
 def _local_file(uri: str, folder: Path) -> Path:

@@ -167,6 +167,13 @@ def make_index(factory: str, dim: int) -> faiss.Index:
     return index
 
 
+def is_fast_scan(index: faiss.Index) -> bool:
+    """Whether ``index``'s (or its IVF part's) inverted lists hold fast-scan codes (``PQ{m}x4fs``), packed in
+    SIMD blocks: what a list-by-list copy or merge must not treat as one code after another."""
+    ivf = faiss.try_extract_index_ivf(index)
+    return ivf is not None and isinstance(faiss.downcast_index(ivf), faiss.IndexIVFFastScan)
+
+
 def is_ivf(index: faiss.Index) -> bool:
     """True when ``index`` (possibly behind a pre-transform) is an IVF index."""
     try:

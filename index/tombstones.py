@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from index import store
-from index.factory import make_index
+from index.factory import is_fast_scan, make_index
 from index.part import DEFAULT_K
 from index.query import open_refine, rerank_depth, search_parameters, search_shard, selector_excluding
 from index.rerank import SORT_CHUNK_ROWS, RefineVectors, RefineWriter
@@ -210,7 +210,7 @@ def empty_like(vdir: str, meta: dict[str, Any], shard: int) -> faiss.Index:
     ivf = faiss.try_extract_index_ivf(opened)
     if ivf is None:
         return make_index(info["factory"], int(meta["dim"]))
-    if isinstance(faiss.downcast_index(ivf), faiss.IndexIVFFastScan):
+    if is_fast_scan(ivf):
         # Fast-scan lists hold codes packed in SIMD blocks: empty lists of that layout, not plain arrays.
         packer = ivf.get_CodePacker()
         packer.this.disown()  # the block lists own (and delete) their packer

@@ -252,16 +252,13 @@ def deploy_shards(root: str, num_deployments: int, replicas: int = 1, num_cpus: 
             f"CPUs, the Ray cluster has {free:g}{kept}: pass --shard-cpus "
             f"{max(free, 0.0) / (num_deployments * replicas):.2g} or less (fractions share a core), fewer "
             "replicas, or more shards per deployment")
-    if serve_defaults:
-        deployment = serve.deployment(ShardReplica, name="shard", num_replicas=int(replicas),
-                                      ray_actor_options={"num_cpus": float(num_cpus)}, max_ongoing_requests=8)
-    else:
-        deployment = serve.deployment(ShardDeployment, name="shard", num_replicas=int(replicas),
-                                      ray_actor_options={"num_cpus": float(num_cpus),
-                                                         "runtime_env": {"env_vars": REPLICA_ENV}},
-                                      max_ongoing_requests=8,
-                                      # a line per request in the replica's log costs more than the search
-                                      logging_config={"enable_access_log": False})
+    body, actor_options, options = ShardReplica, {}, {}
+    if not serve_defaults:
+        body, actor_options = ShardDeployment, {"runtime_env": {"env_vars": REPLICA_ENV}}
+        # a line per request in the replica's log costs more than the search
+        options["logging_config"] = {"enable_access_log": False}
+    deployment = serve.deployment(body, name="shard", num_replicas=int(replicas), max_ongoing_requests=8,
+                                  ray_actor_options={"num_cpus": float(num_cpus), **actor_options}, **options)
     apps = tuple(f"{prefix}-{i}" for i in range(num_deployments))
     # All at once: the controller starts every replica in parallel (one by one took ~30 s each on 2 cores).
     serve.run_many([serve.RunTarget(deployment.bind(storage.normalize(root), mmap, omp_threads), name=app,
