@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
 from runtime import storage
 
@@ -176,7 +177,11 @@ class Batch:
     errors: list[dict[str, Any]]
 
 
+# Batches of at most READ_ROWS rows: Arrow's allocator (mimalloc) purges freed pages late, so a pass over
+# 65,536-row batches peaked ~0.3 GB above one over 16,384-row ones (1M x 256, measured).
 READ_ROWS = 16384
+# Bytes the Parquet reader buffers per column stream: bounds its memory, and is one ranged read on S3.
+STREAM_BUFFER_BYTES = 8 << 20
 
 
 def iter_batches(
@@ -225,13 +230,7 @@ def _stream(dataset, wanted, source, batch_size, shard, seen_ids, columns_only_m
     shard_index, num_shards = shard
     offset = 0
     expected_model = source.model_id
-    # One batch and one file read ahead (the scanner's defaults are 16 and 4): decoded vectors waiting in
-    # the read-ahead are the largest part of a build task's memory at 256 dims (reading 1M vectors in
-    # 100k-row files peaked at 1.7 GB RSS with the defaults, 0.96 GB with these).
-    # Batches of at most READ_ROWS rows: Arrow's allocator (mimalloc) purges freed pages late, so a pass over
-    # 65,536-row batches peaked ~0.3 GB above one over 16,384-row ones (1M x 256, measured).
-    for record_batch in dataset.to_batches(columns=wanted, batch_size=min(batch_size, READ_ROWS),
-                                           batch_readahead=1, fragment_readahead=1):
+    for record_batch in read_record_batches(dataset, wanted, min(batch_size, READ_ROWS)):
         n = record_batch.num_rows
         positions = np.arange(offset, offset + n, dtype=np.int64)
         offset += n
@@ -253,6 +252,40 @@ def _stream(dataset, wanted, source, batch_size, shard, seen_ids, columns_only_m
             shard_index,
             with_vectors=not columns_only_meta,
         )
+
+
+def read_record_batches(dataset: ds.FileSystemDataset, columns: list[str], batch_size: int
+                        ) -> Iterator[pa.RecordBatch]:
+    """The dataset's rows in order (fragment by fragment, each fragment's row groups), as batches of at most
+    ``batch_size`` rows with ``columns`` typed as the dataset's schema (a file without a column gives nulls).
+
+    Parquet's own streaming reader, not the dataset scanner: the scanner decodes a whole row group before it
+    cuts batches from it, and reading 1M x 256 vectors in 100k-row row groups grew a process by ~0.9 GB
+    (read-ahead of one batch and one file, no threads) against ~0.17 GB through a buffered stream."""
+    schema = pa.schema([dataset.schema.field(c) for c in columns])
+    for fragment in dataset.get_fragments():
+        groups = [g.id for g in fragment.row_groups]
+        with dataset.filesystem.open_input_file(fragment.path) as fh:
+            parquet = pq.ParquetFile(fh, buffer_size=STREAM_BUFFER_BYTES, pre_buffer=False)
+            present = [c for c in columns if c in parquet.schema_arrow.names]
+            for batch in parquet.iter_batches(batch_size=batch_size, row_groups=groups, columns=present,
+                                              use_threads=False):
+                yield pa.RecordBatch.from_arrays(
+                    [_typed(batch, field, fragment.path) for field in schema], schema=schema)
+
+
+def _typed(batch: pa.RecordBatch, field: pa.Field, path: str) -> pa.Array:
+    """``field``'s column of ``batch`` as the dataset's type (nulls when the file lacks it)."""
+    if field.name not in batch.schema.names:
+        return pa.nulls(batch.num_rows, field.type)
+    column = batch.column(field.name)
+    if column.type == field.type:
+        return column
+    try:
+        return column.cast(field.type)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise ValueError(f"embeddings file {path!r}: column {field.name!r} is {column.type}, which cannot be "
+                         f"read as the {field.type} of the first part file: {exc}") from exc
 
 
 def _validate(
