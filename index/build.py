@@ -46,7 +46,7 @@ from index.part import (
     row_progress,
 )
 from index.query import open_refine
-from index.rerank import SORT_CHUNK_ROWS, RefineVectors, RefineWriter
+from index.rerank import SORT_CHUNK_ROWS, RefineVectors, RefineWriter, drop_mapped_pages
 from index.sharded import build_parts_with_ray
 from index.tombstones import delete_videos as delete_videos  # re-exported: jobs.index calls build's
 from index.tombstones import drop_from_probe, new_version_meta, open_refines, remeasure
@@ -445,6 +445,7 @@ def _carry_refines(vdir: str, meta: dict[str, Any], kept: pa.Table, folder: str)
         for start in range(0, len(ids), SORT_CHUNK_ROWS):
             chunk = ids[start:start + SORT_CHUNK_ROWS]
             writer.add(np.asarray(old.vectors[old.rows_of(chunk)]), chunk)
+            drop_mapped_pages(old.vectors)  # a pass over the copy would add its size to the RSS
         writers.append(writer)
     return writers
 

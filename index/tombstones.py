@@ -29,7 +29,7 @@ from index import store
 from index.factory import is_fast_scan, make_index
 from index.part import DEFAULT_K
 from index.query import open_refine, rerank_depth, search_parameters, search_shard, selector_excluding
-from index.rerank import SORT_CHUNK_ROWS, RefineVectors, RefineWriter
+from index.rerank import SORT_CHUNK_ROWS, RefineVectors, RefineWriter, drop_mapped_pages
 from index.rows import TOMBSTONES_FILE, RowTable, hidden_in_shard, write_tombstones
 from index.tuning import apply_search_params, merge_topk, recall_at_k
 from runtime import storage
@@ -248,6 +248,7 @@ def _compact_reranked(vdir: str, meta: dict[str, Any], members: Sequence[int], d
                 vectors = np.asarray(refine.vectors[start:start + SORT_CHUNK_ROWS][keep], dtype=np.float32)
                 index.add_with_ids(vectors, ids[keep])
                 writer.add(vectors, ids[keep])
+                drop_mapped_pages(refine.vectors)  # a pass over the copy would add its size to the RSS
         writer.finish()
     except BaseException:
         writer.abort()
