@@ -276,19 +276,26 @@ def test_add_task_memory_grows_with_the_slice_not_the_corpus(ray_local, tmp_path
 # ------------------------------------------------------------------------------- 3-node cluster, over S3
 @pytest.mark.slow
 def test_distributed_job_on_three_nodes_over_s3_equals_in_process(cluster3, s3_bucket):  # noqa: F811
-    """``jobs.index build --distributed`` submitted to a 3-node cluster: slices are added on several nodes,
-    the version is published to S3 and opens from there; its ids and search results equal an in-process
-    build of the same data over the same trained quantizer."""
+    """``jobs.index build --distributed`` submitted to a 3-node cluster with lossy codes (SQ8): slices are
+    added on several nodes, each task puts its lists and its float16 copy on S3, the driver merges both, the
+    version is published to S3 and opens from there; its ids and search results equal an in-process build of
+    the same data over the same trained quantizer, and the search re-ranks against the merged copy."""
     emb, out = storage.join(s3_bucket, "emb"), storage.join(s3_bucket, "idx")
     messy_corpus(emb)
     result = cluster3.run([sys.executable, "-m", "jobs.index", "build", "--embeddings", emb, "--output", out,
-                           "--distributed", "--slice-rows", "1000", "--probes", "64"], timeout=600)
+                           "--distributed", "--slice-rows", "1000", "--probes", "64",
+                           "--factory", "IVF32,SQ8"], timeout=600)
     assert result.ok, result.tail(6000)
     vi = VideoIndex.open(out)
     shard = vi.meta["shards"][0]
     assert vi.meta["count"] == 5995 and ondisk.is_ondisk(vi.indexes[0])
     assert len({t["node"] for t in shard["distributed"]["tasks"]}) >= 2, shard["distributed"]["tasks"]
     assert not storage.exists(storage.join(vi.version_dir, "_slices"))
+    assert shard["rerank"]["vectors"] == "index.refine.npy", shard
+    index_ids = np.sort(store.read_ids(vi.version_dir).column("id").to_numpy())
+    assert np.array_equal(vi.refines[0].ids, index_ids)
+    hits = vi.search(np.asarray(vi.refines[0].vectors[:3], np.float32), k=1)  # stored rows score ~1 exactly
+    assert all(abs(h[0].score - 1.0) < 2e-3 for h in hits), hits
     _vdir, _meta, (copy,), ids = store.load_version(out, mmap=False)  # the same quantizer, lists in RAM
     copy.reset()
     reference, ref_ids = in_process(resolve_embeddings(emb), copy)
