@@ -65,11 +65,10 @@ from index.part import (
 )
 from index.rerank import (
     REFINE_DTYPE,
-    SORT_CHUNK_ROWS,
     RefineVectors,
     RefineWriter,
-    read_rows,
     refine_names,
+    rows_in_order,
     write_npy,
 )
 from index.tuning import merge_topk
@@ -365,33 +364,20 @@ def merge_refines(adds: list[dict[str, Any]], stage: Path, shard_file: str, dim:
         order = np.argsort(ids, kind="stable")
         starts = np.cumsum([0] + [len(p) for p in pieces])
         vectors_name, ids_name = refine_names(shard_file)
-        write_npy(stage / vectors_name, (len(ids), dim), REFINE_DTYPE, _gathered(pieces, order, starts, dim))
+        # The pieces' rows are read with pread (index.rerank.read_rows): through their memory maps, the pass
+        # held every piece in the driver's RSS.
+        fds = [os.open(p.vectors.filename, os.O_RDONLY) if len(p) else -1 for p in pieces]
+        try:
+            sources = [(fd, p.vectors.offset if len(p) else 0) for fd, p in zip(fds, pieces)]
+            write_npy(stage / vectors_name, (len(ids), dim), REFINE_DTYPE,
+                      rows_in_order(sources, starts, order, dim))
+        finally:
+            for fd in fds:
+                if fd >= 0:
+                    os.close(fd)
         del pieces
         np.save(stage / ids_name, ids[order])
     return {vectors_name: stage / vectors_name, ids_name: stage / ids_name}
-
-
-def _gathered(pieces: list[RefineVectors], order: np.ndarray, starts: np.ndarray, dim: int
-              ) -> Iterator[np.ndarray]:
-    """The concatenated pieces' rows in ``order``, ``SORT_CHUNK_ROWS`` at a time, read from their files with
-    ``pread`` (:func:`index.rerank.read_rows`: through the memory maps, the pass held every piece in the
-    driver's RSS)."""
-    fds = [os.open(p.vectors.filename, os.O_RDONLY) if len(p) else -1 for p in pieces]
-    try:
-        for start in range(0, len(order), SORT_CHUNK_ROWS):
-            rows = order[start:start + SORT_CHUNK_ROWS]
-            piece_of = np.searchsorted(starts, rows, side="right") - 1
-            chunk = np.empty((len(rows), dim), REFINE_DTYPE)
-            for p in np.unique(piece_of):
-                mine = piece_of == p
-                part = np.empty((int(mine.sum()), dim), REFINE_DTYPE)
-                read_rows(fds[p], pieces[p].vectors.offset, rows[mine] - starts[p], part)
-                chunk[mine] = part
-            yield chunk
-    finally:
-        for fd in fds:
-            if fd >= 0:
-                os.close(fd)
 
 
 def _merge_and_tune(

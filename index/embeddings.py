@@ -266,7 +266,9 @@ def read_record_batches(dataset: ds.FileSystemDataset, columns: list[str], batch
     for fragment in dataset.get_fragments():
         groups = [g.id for g in fragment.row_groups]
         with dataset.filesystem.open_input_file(fragment.path) as fh:
-            parquet = pq.ParquetFile(fh, buffer_size=STREAM_BUFFER_BYTES, pre_buffer=False)
+            # the footer the dataset already read (a second read is one more request per file on S3)
+            parquet = pq.ParquetFile(fh, metadata=fragment.metadata, buffer_size=STREAM_BUFFER_BYTES,
+                                     pre_buffer=False)
             present = [c for c in columns if c in parquet.schema_arrow.names]
             for batch in parquet.iter_batches(batch_size=batch_size, row_groups=groups, columns=present,
                                               use_threads=False):

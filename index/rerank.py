@@ -69,7 +69,7 @@ class RefineWriter:
             return {self.names[0]: vectors_path, self.names[1]: ids_path}
         fd = os.open(self._raw.name, os.O_RDONLY)
         try:
-            rows = _rows_in_order(fd, 0, order, self.dim)
+            rows = rows_in_order([(fd, 0)], np.array([0, len(ids)]), order, self.dim)
             write_npy(vectors_path, (len(ids), self.dim), REFINE_DTYPE, rows)
         finally:
             os.close(fd)
@@ -82,13 +82,24 @@ class RefineWriter:
         Path(self._raw.name).unlink(missing_ok=True)
 
 
-def _rows_in_order(fd: int, offset: int, order: np.ndarray, dim: int) -> Iterator[np.ndarray]:
-    """The float16 rows ``order`` of the file ``fd`` (rows of ``dim`` values from byte ``offset``),
-    ``SORT_CHUNK_ROWS`` rows at a time."""
+def rows_in_order(sources: list[tuple[int, int]], starts: np.ndarray, order: np.ndarray, dim: int
+                  ) -> Iterator[np.ndarray]:
+    """Rows ``order`` of the float16 files ``sources`` taken as one (``(fd, byte offset of its first row)``
+    each; source ``i`` holds rows ``starts[i]:starts[i + 1]``), ``SORT_CHUNK_ROWS`` rows at a time."""
     for start in range(0, len(order), SORT_CHUNK_ROWS):
         rows = order[start:start + SORT_CHUNK_ROWS]
+        source_of = np.searchsorted(starts, rows, side="right") - 1
         chunk = np.empty((len(rows), dim), REFINE_DTYPE)
-        read_rows(fd, offset, rows, chunk)
+        present = np.unique(source_of)
+        if len(present) == 1:  # straight into the chunk (no second chunk-sized buffer)
+            i = int(present[0])
+            read_rows(sources[i][0], sources[i][1], rows - starts[i], chunk)
+        else:
+            for i in present:
+                mine = source_of == i
+                part = np.empty((int(mine.sum()), dim), REFINE_DTYPE)
+                read_rows(sources[i][0], sources[i][1], rows[mine] - starts[i], part)
+                chunk[mine] = part
         yield chunk
 
 
