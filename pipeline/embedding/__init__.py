@@ -31,6 +31,8 @@ One module a job (``pipeline/embedding/``): ``layout`` (names, folders, schema, 
 left to do), ``stages`` (decode + encode), ``windows`` (``--windows`` rows), ``parts`` (writers, readers).
 """
 
+import importlib
+
 from pipeline.embedding.layout import (
     EMBEDDING_COLUMNS,
     ERROR_COLUMNS,
@@ -78,14 +80,31 @@ from pipeline.embedding.plan import (
     shard_index_uri,
     shard_keys,
 )
-from pipeline.embedding.stages import DecodeShardClipsStage, EncodeClipsStage
-from pipeline.embedding.windows import (
-    WINDOW_DECODE_GROUP,
-    DecodeWindowsStage,
-    plan_windows,
-    window_clip_plan,
-    window_span,
-)
+
+# The decode and encode stages (and the windows, which decode) import torch and the model registry: seconds
+# of CPU in every process that imports this package. Ray's workers for the light tasks (write fragments,
+# finalize a shard's part) import it for their functions, and a node's restarted tasks start many workers
+# at once (measured: ~20 finalize workers on a 2-core node took ~45 s to start). So those names load on
+# first use (PEP 562), and ``import pipeline.embedding.parts`` costs pyarrow, not torch.
+_ON_FIRST_USE = {
+    "DecodeShardClipsStage": "stages",
+    "EncodeClipsStage": "stages",
+    "WINDOW_DECODE_GROUP": "windows",
+    "DecodeWindowsStage": "windows",
+    "plan_windows": "windows",
+    "window_clip_plan": "windows",
+    "window_span": "windows",
+}
+
+
+def __getattr__(name: str):
+    module = _ON_FIRST_USE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "BOOKKEEPING_COLUMNS",
