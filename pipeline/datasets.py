@@ -23,7 +23,6 @@ they raise. Any other exception is a bug and raises under either policy.
 from __future__ import annotations
 
 import collections
-import glob
 import json
 import logging
 import os
@@ -38,7 +37,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from pipeline.clips import sample_clips
 from pipeline.decode import Size
 from pipeline.sampling import SamplingConfig, plan_in_span
-from pipeline.shard_tar import TAR_FAILURES, BadTar, open_shard_streams
+from pipeline.shard_tar import TAR_FAILURES, BadTar, list_shards, open_shard_streams
 from runtime import storage
 from runtime.errors import (
     ErrorPolicy,
@@ -66,49 +65,6 @@ class BadSample(InvalidMetadata, ValueError):
 
 
 # --------------------------------------------------------------------------------------------- shards
-
-
-def list_shards(shards: str | os.PathLike | Sequence[str]) -> list[str]:
-    """Shard tar paths/URIs from a list, a ``{000000..000009}`` brace pattern, a glob, or a folder (its
-    ``shards/*.tar`` when present, else ``*.tar``), on any store. Sorted, so every consumer sees the same
-    list. In a folder of ingest shards only tars with their index (``NNNNNN.parquet``, written last: the
-    shard's completion marker) count; a tar without one is a shard still being (re)written."""
-    if isinstance(shards, (list, tuple)):
-        out = [os.fspath(s) for s in shards]
-    else:
-        spec = os.fspath(shards)
-        fs, path = storage.filesystem(spec)
-        if "{" not in spec and not any(ch in spec for ch in "*?[") and fs.isdir(path):
-            out = _folder_shards(spec)
-        elif "{" in spec:
-            import braceexpand  # why: only brace patterns need it
-
-            out = list(braceexpand.braceexpand(spec))
-        elif storage.is_local(spec):
-            out = sorted(glob.glob(spec))
-        else:
-            out = sorted(fs.unstrip_protocol(p) for p in fs.glob(path))
-    if not out:
-        raise FileNotFoundError(f"no shard tars found for {shards!r}")
-    return out
-
-
-def _folder_shards(folder: str) -> list[str]:
-    """The tars of an ingest output (``shards/``) or of a folder of tars, complete shards only."""
-    sub = storage.join(folder, "shards")
-    tars = storage.list_files(sub, ".tar")
-    if tars:
-        folder = sub
-    else:
-        tars = storage.list_files(folder, ".tar")
-    markers = {storage.name(u) for u in storage.list_files(folder, ".parquet")}
-    if not markers:  # a hand-made folder of tars: no index files at all
-        return tars
-    complete = [t for t in tars if storage.name(t)[: -len(".tar")] + ".parquet" in markers]
-    if len(complete) < len(tars):
-        log.warning("%s: %d shard tar(s) without their index (incomplete) left out",
-                    folder, len(tars) - len(complete))
-    return complete
 
 
 def distributed_rank_world(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:

@@ -1,16 +1,21 @@
-"""Shard tars on any store (through :mod:`runtime.storage`): one member's bytes, the member names, and the
-open streams webdataset's tar reader consumes. The one place that opens a shard tar."""
+"""Shard tars on any store (through :mod:`runtime.storage`): the list of a run's complete shards, one
+member's bytes, the member names, and the open streams webdataset's tar reader consumes. The one place that
+lists and opens shard tars (no torch here: the service's shard replicas and light Ray tasks import it)."""
 
 from __future__ import annotations
 
 import contextlib
+import glob
+import logging
 import os
 import tarfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from runtime import storage
 from runtime.errors import UnreadableInput
+
+log = logging.getLogger(__name__)
 
 # What reading a shard tar raises on bad data (webdataset passes it to the dataset's handler).
 TAR_FAILURES = (tarfile.TarError, OSError, EOFError, ValueError)
@@ -80,3 +85,46 @@ def open_shard_streams(
                     continue
                 return
             yield {"url": url, "stream": stream}
+
+
+def list_shards(shards: str | os.PathLike | Sequence[str]) -> list[str]:
+    """Shard tar paths/URIs from a list, a ``{000000..000009}`` brace pattern, a glob, or a folder (its
+    ``shards/*.tar`` when present, else ``*.tar``), on any store. Sorted, so every consumer sees the same
+    list. In a folder of ingest shards only tars with their index (``NNNNNN.parquet``, written last: the
+    shard's completion marker) count; a tar without one is a shard still being (re)written."""
+    if isinstance(shards, (list, tuple)):
+        out = [os.fspath(s) for s in shards]
+    else:
+        spec = os.fspath(shards)
+        fs, path = storage.filesystem(spec)
+        if "{" not in spec and not any(ch in spec for ch in "*?[") and fs.isdir(path):
+            out = _folder_shards(spec)
+        elif "{" in spec:
+            import braceexpand  # why: only brace patterns need it
+
+            out = list(braceexpand.braceexpand(spec))
+        elif storage.is_local(spec):
+            out = sorted(glob.glob(spec))
+        else:
+            out = sorted(fs.unstrip_protocol(p) for p in fs.glob(path))
+    if not out:
+        raise FileNotFoundError(f"no shard tars found for {shards!r}")
+    return out
+
+
+def _folder_shards(folder: str) -> list[str]:
+    """The tars of an ingest output (``shards/``) or of a folder of tars, complete shards only."""
+    sub = storage.join(folder, "shards")
+    tars = storage.list_files(sub, ".tar")
+    if tars:
+        folder = sub
+    else:
+        tars = storage.list_files(folder, ".tar")
+    markers = {storage.name(u) for u in storage.list_files(folder, ".parquet")}
+    if not markers:  # a hand-made folder of tars: no index files at all
+        return tars
+    complete = [t for t in tars if storage.name(t)[: -len(".tar")] + ".parquet" in markers]
+    if len(complete) < len(tars):
+        log.warning("%s: %d shard tar(s) without their index (incomplete) left out",
+                    folder, len(tars) - len(complete))
+    return complete

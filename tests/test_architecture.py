@@ -5,6 +5,8 @@ functions."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import grimp
@@ -15,6 +17,11 @@ PACKAGES = ("jobs", "bench", "workflows", "pipeline", "index", "synthetic", "mod
 LIBRARY = ("workflows", "pipeline", "index", "synthetic", "models", "runtime")
 MAX_JOB_LINES = 120
 MAX_FUNCTION_LINES = 80
+# The modules of light Ray work (fragment writers and shard finalizers, ingest tasks, index add tasks, Serve
+# shard replicas): every worker process imports its function's module, and torch with the model registry costs
+# seconds of CPU per process (pipeline.embedding.parts took 2.4 s while its package imported the encoder).
+LIGHT_WORKER_MODULES = ("pipeline.embedding.parts", "pipeline.ingest.shard", "index.distributed",
+                        "index.sharded", "workflows.serve.fanout")
 
 
 def _python_files(packages) -> list[Path]:
@@ -105,3 +112,18 @@ def test_library_functions_are_short():
 @pytest.mark.parametrize("name", ["jobs", "workflows", "runtime"])
 def test_layer_packages_import(name):
     __import__(name)
+
+
+def test_light_worker_modules_do_not_import_torch():
+    """Each module, imported in order in a fresh interpreter, leaves torch unloaded (the first that loads it
+    is named)."""
+    script = ("import importlib, sys\n"
+              "for name in sys.argv[1:]:\n"
+              "    importlib.import_module(name)\n"
+              "    if 'torch' in sys.modules:\n"
+              "        print(name)\n"
+              "        break\n")
+    proc = subprocess.run([sys.executable, "-c", script, *LIGHT_WORKER_MODULES], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "", f"{proc.stdout.strip()} imports torch"

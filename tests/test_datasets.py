@@ -19,10 +19,10 @@ from pipeline.datasets import (
     ShardClipDataset,
     _SplitFilter,
     collate_clips,
-    list_shards,
     read_shards_ray,
 )
 from pipeline.sampling import SamplingConfig
+from pipeline.shard_tar import list_shards
 from runtime.errors import InputError, InvalidMetadata, NotAVideo
 
 SAMPLING = SamplingConfig(num_clips=2, frames_per_clip=2, stride=2, mode="train")

@@ -11,7 +11,6 @@ import pytest
 import workflows.embed as embed_workflow
 from index import build_index, store
 from pipeline.captioning import CaptionTables
-from pipeline.datasets import list_shards
 from pipeline.embedding import (
     BOOKKEEPING_COLUMNS,
     EMBEDDING_COLUMNS,
@@ -22,6 +21,7 @@ from pipeline.embedding import (
     shard_label,
     staging_dir,
 )
+from pipeline.shard_tar import list_shards
 from runtime import storage
 from workflows.serve.catalog import build_catalog
 from workflows.serve.previews import PreviewMaker
@@ -94,7 +94,7 @@ def test_embed_local_shards_to_s3(s3_bucket, ray_local, ingested_shards, monkeyp
 
 @pytest.mark.slow
 def test_embed_s3_shards(s3_bucket, ray_local, ingested_shards, monkeypatch, tmp_path):
-    """Shards on S3 in (listed by pipeline.datasets.list_shards), embeddings on S3 out, and the lineage
+    """Shards on S3 in (listed by pipeline.shard_tar.list_shards), embeddings on S3 out, and the lineage
     chain on S3: index.json records the s3:// shard tars and the catalog reads previews from them."""
     for tar in list_shards(ingested_shards):
         for suffix in (".tar", ".parquet"):

@@ -21,9 +21,10 @@ import ray
 import webdataset as wds
 
 from jobs.ingest import main as ingest_main
-from pipeline.datasets import DecodeClipsStage, ShardClipDataset, list_shards, read_shards_ray
+from pipeline.datasets import DecodeClipsStage, ShardClipDataset, read_shards_ray
 from pipeline.ingest import CRASH_ENV, IngestIncompleteError, run_ingest
 from pipeline.sampling import SamplingConfig
+from pipeline.shard_tar import list_shards
 from pipeline.training.inventory import shard_inventory, split_count
 from runtime import storage
 

@@ -31,8 +31,8 @@ from index import add_embeddings, build_index, store
 from index.annotations import record_captions, recorded_captions
 from index.embeddings import SHARD_URI_COLUMN
 from index.testing import clustered_vectors, write_embeddings, write_synthetic_version
-from pipeline.datasets import list_shards
 from pipeline.embedding import LINEAGE_COLUMNS, list_parts, read_embeddings, shard_label
+from pipeline.shard_tar import list_shards
 from runtime import storage
 from workflows.embed import run_embed
 from workflows.serve import build_app, serving_in_thread

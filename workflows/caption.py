@@ -33,7 +33,8 @@ from pipeline.captioning import (
     caption_sampling,
     checkpoint_sampling,
 )
-from pipeline.datasets import DecodeClipsStage, list_shards, read_shards_ray
+from pipeline.datasets import DecodeClipsStage, read_shards_ray
+from pipeline.shard_tar import list_shards
 from runtime import storage
 from runtime.ray_connect import connect_ray
 

@@ -26,7 +26,6 @@ import ray
 import torch
 
 from models import create_inference_model, recorded_eval_sampling
-from pipeline.datasets import list_shards
 from pipeline.embedding import (
     DecodeShardClipsStage,
     DecodeWindowsStage,
@@ -45,6 +44,7 @@ from pipeline.embedding import (
     write_shard_fragments,
 )
 from pipeline.sampling import SamplingConfig
+from pipeline.shard_tar import list_shards
 from runtime import storage
 from runtime.progress import Progress
 from runtime.ray_connect import connect_ray

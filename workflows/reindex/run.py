@@ -31,9 +31,9 @@ import ray
 from index import build_index, compact_index, delete_videos, needs_retrain, store
 from index.upsert import upsert_embeddings
 from models import create_inference_model
-from pipeline.datasets import list_shards
 from pipeline.embedding import list_parts, model_partition, plan_shards, text_dir
 from pipeline.ingest import run_ingest
+from pipeline.shard_tar import list_shards
 from runtime import storage
 from runtime.ray_connect import connect_ray
 from workflows.embed import run_embed

@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 
-import models
 from index import store
 from index.query import VideoIndex
 from index.searcher import Searcher
@@ -109,6 +108,8 @@ class SnapshotLoader:
                 f"index version {version or 'CURRENT'!r} was built by model {meta.get('model_id')!r}, but "
                 f"this service's --pretrained {self.pretrained!r} is model {loaded!r}: refused (restart the "
                 "service with that model's checkpoint, or without --pretrained, to serve it)")
+        import models  # here, not at the top: shard replicas import this module and never load an encoder
+
         encoder, _transform, _tokenizer = models.create_inference_model(
             name, pretrained=self.pretrained or meta.get("pretrained"),
             allow_random_init=self.allow_random_init, seed=0)
