@@ -20,8 +20,8 @@ MAX_FUNCTION_LINES = 80
 # The modules of light Ray work (fragment writers and shard finalizers, ingest tasks, index add tasks, Serve
 # shard replicas): every worker process imports its function's module, and torch with the model registry costs
 # seconds of CPU per process (pipeline.embedding.parts took 2.4 s while its package imported the encoder).
-LIGHT_WORKER_MODULES = ("pipeline.embedding.parts", "pipeline.ingest.shard", "index.distributed",
-                        "index.sharded", "workflows.serve.fanout")
+LIGHT_WORKER_MODULES = ("pipeline.embedding.parts", "pipeline.embedding.plan", "pipeline.ingest.shard",
+                        "index.distributed", "index.sharded", "workflows.serve.fanout")
 
 
 def _python_files(packages) -> list[Path]:

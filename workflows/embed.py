@@ -31,6 +31,7 @@ from pipeline.embedding import (
     DecodeWindowsStage,
     EncodeClipsStage,
     ShardWork,
+    add_shard_and_skip_done,
     clear_staging,
     finalize_shard,
     list_parts,
@@ -61,19 +62,6 @@ def resolve_sampling(pretrained: str | None, overrides: dict[str, Any]) -> dict[
     if sampling.get("mode", "eval") == "train":
         sampling["mode"] = "eval"  # embeddings must be deterministic (eval and clip4clip modes are)
     return sampling
-
-
-def add_shard_and_skip_done(batch: dict[str, Any], labels: dict[str, str],
-                            todo: set[tuple[str, str]]) -> dict[str, Any]:
-    """Adds the shard label (from the tar path, as the reader reports it) and drops samples that are
-    already embedded."""
-    shards = [labels[str(p)] for p in batch["path"]]
-    keys = batch["__key__"] if "__key__" in batch else batch["key"]
-    keep = np.array([(s, str(k)) in todo for s, k in zip(shards, keys)], dtype=bool)
-    out = {("key" if k == "__key__" else k): np.asarray(v, dtype=object)[keep]
-           for k, v in batch.items() if k != "path"}
-    out["shard"] = np.array(shards, dtype=object)[keep]
-    return out
 
 
 def frames_per_video(sampling: dict[str, Any]) -> int:

@@ -74,6 +74,7 @@ from pipeline.embedding.parts import (
 )
 from pipeline.embedding.plan import (
     ShardWork,
+    add_shard_and_skip_done,
     existing_video_ids,
     plan_shards,
     shard_durations,
@@ -126,6 +127,7 @@ __all__ = [
     "VIDEO_ROW",
     "WINDOW_CLIP_BASE",
     "WINDOW_DECODE_GROUP",
+    "add_shard_and_skip_done",
     "clear_staging",
     "embedding_schema",
     "encoded_table",

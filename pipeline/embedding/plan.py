@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
 
 from pipeline.embedding.layout import VIDEO_ROW, list_parts, part_uri, shard_label
 from pipeline.shard_tar import tar_member_names
@@ -82,3 +85,16 @@ def plan_shards(tar_paths: Sequence[str], partition: str | os.PathLike) -> list[
             todo = [m["key"] for m in meta if (m["video_id"], m["sha256"]) not in done_ids]
         work.append(ShardWork(path=str(path), label=label, keys=keys, todo_keys=list(todo)))
     return work
+
+
+def add_shard_and_skip_done(batch: dict[str, Any], labels: dict[str, str],
+                            todo: set[tuple[str, str]]) -> dict[str, Any]:
+    """Adds the shard label (from the tar path, as the reader reports it) and drops samples that are
+    already embedded: the embed pipeline's first map, a light Ray Data task (this module imports no torch)."""
+    shards = [labels[str(p)] for p in batch["path"]]
+    keys = batch["__key__"] if "__key__" in batch else batch["key"]
+    keep = np.array([(s, str(k)) in todo for s, k in zip(shards, keys)], dtype=bool)
+    out = {("key" if k == "__key__" else k): np.asarray(v, dtype=object)[keep]
+           for k, v in batch.items() if k != "path"}
+    out["shard"] = np.array(shards, dtype=object)[keep]
+    return out
