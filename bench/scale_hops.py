@@ -197,9 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         args.vectors, args.queries = 4000, 40
     rec = BenchRecord.start("scale_hops", sys.argv[1:] if argv is None else argv)
+    connect_ray()  # first: the sharded build runs on this Ray too, rather than starting and stopping its own
     root, queries = build(args.workdir, args.vectors, args.dim, args.queries, args.shards)
     faiss.omp_set_num_threads(1)  # one thread per search everywhere: queries, not one scan, run in parallel
-    connect_ray()
     import ray
     from ray import serve
 
