@@ -69,7 +69,7 @@ def caption_sampling(
 class CaptionStage:
     """Ray Data ``map_batches`` class: decoded clips → generated caption (+ scores of the ingest captions).
 
-    Input: the columns of ``pipeline.datasets.DecodeClipsStage`` (``key``, ``video_id``, ``frames`` uint8
+    Input: the columns of ``pipeline.decode_stage.DecodeClipsStage`` (``key``, ``video_id``, ``frames`` uint8
     ``[B, N, T, H, W, 3]``, ``mask``, ``captions`` JSON, ``error``, ``error_message``). Output keeps ``key``,
     ``video_id``, ``error``/``error_message`` and adds ``caption``, ``score``, ``caption_scores`` (JSON list
     of ``[caption, score]``; empty unless ``score_captions``).

@@ -1,32 +1,26 @@
-"""Datasets over WebDataset shards: a torch ``IterableDataset`` for training and a Ray Data decode stage.
+"""The torch dataset over WebDataset shards, for training (the Ray Data decode stage, which needs no torch,
+is :mod:`pipeline.decode_stage`).
 
 ``ShardClipDataset`` reads ``shards/NNNNNN.tar`` (``{key}.mp4`` + ``{key}.json``, see docs/interfaces.md)
 with webdataset's tar reader, splits the work across (distributed rank x DataLoader worker) consumers so
 that every sample is read by exactly one of them, shuffles shards per epoch (``set_epoch``) and samples
 through a buffer, and sparse-samples clips from each video (:func:`pipeline.clips.sample_clips`).
 
-``DecodeClipsStage`` does the same per row inside ``ray.data.Dataset.map_batches``.
-:func:`read_shards_ray` reads shards into a Ray Dataset with the columns the stage expects.
-
 Shards are URIs on any store (a folder, ``s3://``, ``gs://``...): listings and tar streams go through
-:mod:`runtime.storage` (:func:`open_shard_streams` feeds webdataset's tar reader), Ray Data reads them with
-the store's pyarrow filesystem.
+:mod:`runtime.storage` (:func:`open_shard_streams` feeds webdataset's tar reader).
 
 Error policy (``on_error``, see :mod:`runtime.errors`): only *named input failures* -- a corrupt tar
 (:class:`BadTar`), a sample without its mp4 or with bad json (:class:`BadSample`), a video that does not
 decode (:class:`pipeline.decode.VideoDecodeError`) -- are recorded. Under ``"record"`` (default) the dataset
-logs, counts (``error_counts`` / ``errors``) and skips them and the epoch goes on; the stage gives such a row
-its key, ``error`` (reason) and ``error_message`` instead of frames, so no row is lost. Under ``"raise"``
-they raise. Any other exception is a bug and raises under either policy.
+logs, counts (``error_counts`` / ``errors``) and skips them and the epoch goes on. Under ``"raise"`` they
+raise. Any other exception is a bug and raises under either policy.
 """
 
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import os
-import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -36,13 +30,18 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.clips import sample_clips
 from pipeline.decode import Size
+from pipeline.decode_stage import (
+    BadSample,
+    as_sampling_config,
+    failure_message,
+    json_record,
+    plan_meta,
+)
 from pipeline.sampling import SamplingConfig, plan_in_span
 from pipeline.shard_tar import TAR_FAILURES, BadTar, list_shards, open_shard_streams
-from runtime import storage
 from runtime.errors import (
     ErrorPolicy,
     InputError,
-    InvalidMetadata,
     check_policy,
     should_record,
 )
@@ -50,21 +49,6 @@ from runtime.errors import (
 log = logging.getLogger(__name__)
 
 MAX_ERROR_RECORDS = 1000
-
-
-class BadSample(InvalidMetadata, ValueError):
-    """A shard sample that is not an mp4 + json-object pair (reason ``incomplete_sample`` / ``bad_json``)."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
-
-    def __reduce__(self):
-        return type(self), (self.reason, self.message)
-
-
-# --------------------------------------------------------------------------------------------- shards
 
 
 def distributed_rank_world(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
@@ -83,31 +67,6 @@ def distributed_rank_world(rank: int | None = None, world_size: int | None = Non
 def consumer_slot(rank: int, world_size: int, worker_id: int, num_workers: int) -> tuple[int, int]:
     """(index, count) of one (rank, DataLoader worker) consumer among all of them."""
     return rank * num_workers + worker_id, world_size * num_workers
-
-
-def as_sampling_config(sampling: SamplingConfig | Mapping[str, Any]) -> SamplingConfig:
-    return sampling if isinstance(sampling, SamplingConfig) else SamplingConfig.from_dict(dict(sampling))
-
-
-def _json_record(value: Any) -> dict[str, Any]:
-    """The sample's json as a dict; :class:`BadSample` (``bad_json``) when it is not a JSON object."""
-    if isinstance(value, Mapping):
-        return dict(value)
-    try:
-        if isinstance(value, (bytes, bytearray)):
-            value = value.decode("utf-8")
-        if not isinstance(value, str):
-            raise TypeError(f"sample json is {type(value).__name__}, expected bytes or str")
-        record = json.loads(value)
-    except (ValueError, TypeError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise BadSample("bad_json", str(exc)) from exc
-    if not isinstance(record, dict):
-        raise BadSample("bad_json", f"sample json is a {type(record).__name__}, expected an object")
-    return record
-
-
-def _failure_message(exc: BaseException) -> str:
-    return str(getattr(exc, "message", exc))
 
 
 # --------------------------------------------------------------------------------------------- samples
@@ -131,7 +90,7 @@ class SkipLog:
         """Record a named input failure under ``"record"``; raise it under ``"raise"``."""
         if not should_record(exc, self.on_error):
             raise exc
-        message = _failure_message(exc)
+        message = failure_message(exc)
         record = {"key": key, "shard": os.path.basename(url), "reason": exc.reason, "message": message}
         log.warning("skipping sample %s in %s: %s: %s", key, url, exc.reason, message)
         self.counts[exc.reason] += 1
@@ -190,7 +149,7 @@ def complete_samples(samples: Iterator[dict[str, Any]], split: str | None,
             errors.skip(key, url, BadSample("incomplete_sample", f"missing member(s) {missing}"))
             continue
         try:
-            record = _json_record(sample["json"])
+            record = json_record(sample["json"])
         except BadSample as exc:
             errors.skip(key, url, exc)
             continue
@@ -212,7 +171,7 @@ def video_clips(pairs: Iterator[tuple[dict, dict]], sampling: SamplingConfig, de
     for sample, record in pairs:
         key, url = str(sample["__key__"]), str(sample.get("__url__", ""))
         try:
-            clip = sample_clips(sample["mp4"], sampling, rng=rng, meta=_plan_meta(record), **decode)
+            clip = sample_clips(sample["mp4"], sampling, rng=rng, meta=plan_meta(record), **decode)
         except InputError as exc:  # a bad video is skipped (policy "record"); a bug raises
             errors.skip(key, url, exc)
             continue
@@ -227,7 +186,7 @@ def segment_clips(pairs: Iterator[tuple[dict, dict]], sampling: SamplingConfig, 
     for sample, record in pairs:
         key, url = str(sample["__key__"]), str(sample.get("__url__", ""))
         segments = record.get("segments") or []
-        meta = _plan_meta(record)
+        meta = plan_meta(record)
         if segments and meta is None:
             errors.skip(key, url, BadSample("bad_json", f"{key}: segments need duration and fps in the json"))
             continue
@@ -366,22 +325,6 @@ def segment_class(record: Mapping[str, Any], i: int) -> str:
     return " ".join(str(segments[i]["caption"]).lower().split())
 
 
-def _plan_meta(record: Mapping[str, Any]) -> dict[str, Any] | None:
-    """Duration/fps (and, from current ingests, start time and keyframe timeline) from the shard json when
-    usable (spares a probe, also in keyframe mode), else None (probe the video)."""
-    try:
-        duration, fps = float(record["duration"]), float(record["fps"])
-    except (KeyError, TypeError, ValueError):
-        return None
-    if not (np.isfinite(duration) and duration > 0 and np.isfinite(fps) and fps > 0):
-        return None
-    extra = {k: record[k] for k in _TIMELINE_KEYS if record.get(k) is not None}
-    return {**extra, "duration": duration, "fps": fps}
-
-
-_TIMELINE_KEYS = ("start_time", "time_base", "keyframe_pts", "num_frames", "width", "height", "codec")
-
-
 def collate_clips(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Stack ``frames`` (uint8 ``[B, N, T, H, W, 3]``), ``mask``, ``times``, ``time_error`` into tensors;
     keep ``captions`` (list of lists), ``key``, ``video_id`` and ``meta`` as lists."""
@@ -402,120 +345,3 @@ def collate_clips(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- Ray Data
 
 
-class DecodeClipsStage:
-    """Ray Data ``map_batches`` callable: decode + sparse-sample every row of a shard batch.
-
-    Input columns: ``key`` (or ``__key__``), ``mp4`` (bytes), ``json`` (bytes/str/dict). Output keeps
-    ``key`` and adds ``video_id``, ``frames`` uint8 ``[B, N, T, H, W, 3]``, ``mask``, ``times``,
-    ``time_error``, ``captions`` (JSON list), ``json`` (str), ``error`` (reason, "" when fine) and
-    ``error_message``. Failed rows carry zero frames and an all-False mask. Train-mode plans are seeded
-    from ``seed`` and the key, so reruns give the same clips. ``on_error``: ``"record"`` turns a named input
-    failure into such a row, ``"raise"`` raises it; any other exception raises.
-    """
-
-    def __init__(
-        self,
-        sampling: SamplingConfig | Mapping[str, Any] | None = None,
-        size: Size = 224,
-        backend: str | None = None,
-        keyframe_mode: bool = False,
-        seed: int = 0,
-        device: str = "cpu",
-        on_error: ErrorPolicy = "record",
-    ):
-        if size is None:
-            raise ValueError("DecodeClipsStage needs a fixed size so that batches stack")
-        if sampling is None:
-            sampling = SamplingConfig(mode="eval")
-        self.sampling = as_sampling_config(sampling)
-        self.size = (size, size) if isinstance(size, int) else tuple(size)
-        self.backend = backend
-        self.keyframe_mode = keyframe_mode
-        self.seed = int(seed)
-        self.device = device
-        self.on_error = check_policy(on_error)
-
-    def _one(self, key: str, mp4: Any, raw_json: Any) -> tuple[dict[str, Any], Any]:
-        record = _json_record(raw_json) if raw_json is not None else {}
-        if mp4 is None:
-            raise BadSample("incomplete_sample", f"{key}: no mp4 member")
-        rng = np.random.default_rng([self.seed, zlib.crc32(key.encode("utf-8"))])
-        clip = sample_clips(bytes(mp4), self.sampling, size=self.size, backend=self.backend,
-                            keyframe_mode=self.keyframe_mode, rng=rng, meta=_plan_meta(record),
-                            device=self.device)
-        return record, clip
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        keys_col = batch["key"] if "key" in batch else batch["__key__"]
-        keys = [str(k) for k in keys_col]
-        mp4s = batch.get("mp4", [None] * len(keys))
-        jsons = batch.get("json", [None] * len(keys))
-        n, t = self.sampling.shape
-        h, w = self.size
-        frames = np.zeros((len(keys), n, t, h, w, 3), dtype=np.uint8)
-        mask = np.zeros((len(keys), n, t), dtype=bool)
-        times = np.zeros((len(keys), n, t), dtype=np.float64)
-        time_error = np.zeros((len(keys), n, t), dtype=np.float64)
-        video_ids, captions, records, errors, messages = [], [], [], [], []
-        for i, key in enumerate(keys):
-            record: dict[str, Any] = {}
-            reason, message = "", ""
-            try:
-                record, clip = self._one(key, mp4s[i], jsons[i])
-                frames[i], mask[i], times[i] = clip.frames, clip.mask, clip.times
-                time_error[i] = clip.time_error
-            except InputError as exc:  # no row may be lost to a bad input; a bug raises
-                if not should_record(exc, self.on_error):
-                    raise
-                reason, message = exc.reason, _failure_message(exc)
-            if reason:
-                log.warning("DecodeClipsStage: %s: %s: %s", key, reason, message)
-            video_ids.append(str(record.get("video_id", key)))
-            captions.append(json.dumps(list(record.get("captions") or [])))
-            records.append(json.dumps(record, sort_keys=True))
-            errors.append(reason)
-            messages.append(message)
-        return {
-            "key": np.array(keys, dtype=object),
-            "video_id": np.array(video_ids, dtype=object),
-            "frames": frames,
-            "mask": mask,
-            "times": times,
-            "time_error": time_error,
-            "captions": np.array(captions, dtype=object),
-            "json": np.array(records, dtype=object),
-            "error": np.array(errors, dtype=object),
-            "error_message": np.array(messages, dtype=object),
-        }
-
-
-def read_shards_ray(shards: str | os.PathLike | Sequence[str], split: str | None = None, **read_kwargs):
-    """Shards (on any store) as a Ray Dataset with columns ``key``, ``mp4`` (bytes) and ``json`` (bytes),
-    ready for :class:`DecodeClipsStage`. ``split`` keeps only samples whose json ``split`` matches; samples
-    whose json cannot be parsed are kept (the stage records them as errors) so nothing disappears silently.
-    The read tasks get the store's pyarrow filesystem and this process's store configuration
-    (:func:`runtime.storage.storage_env`)."""
-    import ray.data  # why: Ray Data is imported only by the callers that build datasets
-
-    paths = list_shards(shards)
-    filesystem, _ = storage.arrow_filesystem(paths[0])
-    arrow_paths = [storage.arrow_filesystem(p)[1] for p in paths]
-    env = storage.storage_env()
-    if env and "runtime_env" not in read_kwargs:
-        read_kwargs["runtime_env"] = {"env_vars": env}
-    ds = ray.data.read_webdataset(arrow_paths, filesystem=filesystem, decoder=None, **read_kwargs)
-    ds = ds.rename_columns({"__key__": "key"})
-    if split is not None:
-        ds = ds.filter(_SplitFilter(split))
-    return ds
-
-
-class _SplitFilter:
-    def __init__(self, split: str):
-        self.split = split
-
-    def __call__(self, row: dict[str, Any]) -> bool:
-        try:
-            return _json_record(row.get("json")).get("split") == self.split
-        except BadSample:
-            return True

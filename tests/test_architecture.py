@@ -17,10 +17,12 @@ PACKAGES = ("jobs", "bench", "workflows", "pipeline", "index", "synthetic", "mod
 LIBRARY = ("workflows", "pipeline", "index", "synthetic", "models", "runtime")
 MAX_JOB_LINES = 120
 MAX_FUNCTION_LINES = 80
-# The modules of light Ray work (fragment writers and shard finalizers, ingest tasks, index add tasks, Serve
-# shard replicas): every worker process imports its function's module, and torch with the model registry costs
-# seconds of CPU per process (pipeline.embedding.parts took 2.4 s while its package imported the encoder).
-LIGHT_WORKER_MODULES = ("pipeline.embedding.parts", "pipeline.embedding.plan", "pipeline.ingest.shard",
+# The modules of light Ray work (decode actors and read tasks, fragment writers and shard finalizers, ingest
+# tasks, index add tasks, Serve shard replicas): every worker process imports its function's module, and torch
+# with the model registry costs seconds of CPU per process (pipeline.embedding.parts took 2.4 s while its
+# package imported the encoder).
+LIGHT_WORKER_MODULES = ("pipeline.decode_stage", "pipeline.embedding.decode", "pipeline.embedding.windows",
+                        "pipeline.embedding.parts", "pipeline.embedding.plan", "pipeline.ingest.shard",
                         "index.distributed", "index.sharded", "workflows.serve.fanout")
 
 

@@ -19,7 +19,8 @@ from jobs.caption import main
 from models import MissingWeightsError, RandomInitWarning, create_model, save_checkpoint
 from models.swinbert import checkpoint_extra
 from pipeline.captioning import CaptionStage, caption_sampling, checkpoint_sampling
-from pipeline.datasets import DecodeClipsStage, ShardClipDataset
+from pipeline.datasets import ShardClipDataset
+from pipeline.decode_stage import DecodeClipsStage
 from pipeline.shard_tar import list_shards
 from pipeline.training.captioner import train_captioner
 from runtime.errors import DecodeFailure

@@ -12,17 +12,11 @@ import torch
 from test_decode import make_video
 
 from pipeline import datasets as datasets_module
-from pipeline.datasets import (
-    BadSample,
-    BadTar,
-    DecodeClipsStage,
-    ShardClipDataset,
-    _SplitFilter,
-    collate_clips,
-    read_shards_ray,
-)
+from pipeline import decode_stage as decode_stage_module
+from pipeline.datasets import ShardClipDataset, collate_clips
+from pipeline.decode_stage import BadSample, DecodeClipsStage, _SplitFilter, read_shards_ray
 from pipeline.sampling import SamplingConfig
-from pipeline.shard_tar import list_shards
+from pipeline.shard_tar import BadTar, list_shards
 from runtime.errors import InputError, InvalidMetadata, NotAVideo
 
 SAMPLING = SamplingConfig(num_clips=2, frames_per_clip=2, stride=2, mode="train")
@@ -232,7 +226,8 @@ def test_a_bug_in_decoding_raises_instead_of_becoming_an_error_row(monkeypatch, 
     def broken(*args, **kwargs):
         raise bug
 
-    monkeypatch.setattr(datasets_module, "sample_clips", broken)
+    monkeypatch.setattr(datasets_module, "sample_clips", broken)  # the torch dataset's decode
+    monkeypatch.setattr(decode_stage_module, "sample_clips", broken)  # the Ray Data stage's
     stage = DecodeClipsStage(sampling=SamplingConfig(num_clips=1, frames_per_clip=2, mode="eval"), size=8)
     with pytest.raises(type(bug)):
         stage(_bad_batch())

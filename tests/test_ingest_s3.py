@@ -21,7 +21,8 @@ import ray
 import webdataset as wds
 
 from jobs.ingest import main as ingest_main
-from pipeline.datasets import DecodeClipsStage, ShardClipDataset, read_shards_ray
+from pipeline.datasets import ShardClipDataset
+from pipeline.decode_stage import DecodeClipsStage, read_shards_ray
 from pipeline.ingest import CRASH_ENV, IngestIncompleteError, run_ingest
 from pipeline.sampling import SamplingConfig
 from pipeline.shard_tar import list_shards

@@ -33,7 +33,7 @@ from pipeline.captioning import (
     caption_sampling,
     checkpoint_sampling,
 )
-from pipeline.datasets import DecodeClipsStage, read_shards_ray
+from pipeline.decode_stage import DecodeClipsStage, read_shards_ray
 from pipeline.shard_tar import list_shards
 from runtime import storage
 from runtime.ray_connect import connect_ray

@@ -183,7 +183,7 @@ def build_embed_dataset(run: EmbedRun, use_gpu: bool) -> ray.data.Dataset:
     env = storage_options()
     # Reading is I/O and decode actors are light next to the encoder: fractional CPUs keep a 2-core
     # machine from deadlocking (actors hold their CPUs for the whole run). The read is wired here, not
-    # through pipeline.datasets.read_shards_ray, whose column rename is a separate 1-CPU step.
+    # through pipeline.decode_stage.read_shards_ray, whose column rename is a separate 1-CPU step.
     ds = ray.data.read_webdataset(read_paths, filesystem=fs, decoder=None, include_paths=True, num_cpus=0.25,
                                   **env)
     ds = ds.map_batches(add_shard_and_skip_done, fn_kwargs={"labels": labels, "todo": todo},

@@ -1,7 +1,7 @@
 """Batch embedding of shards into Parquet: the encoder stage, the workers' part writers, the incremental plan.
 
 Data flow (wired, with every resource, in ``workflows/embed.py``): shards → skip keys that are already
-embedded → :class:`DecodeShardClipsStage` (:class:`pipeline.datasets.DecodeClipsStage` plus the shard
+embedded → :class:`DecodeShardClipsStage` (:class:`pipeline.decode_stage.DecodeClipsStage` plus the shard
 column) → :class:`EncodeClipsStage` (an actor pool, GPUs when there are any) → :func:`write_shard_fragments`
 (Ray tasks: each encoded block goes to storage as one fragment object per shard, and only bookkeeping rows
 — shard, key, rows, error, fragment URI — travel on to the driver) → :func:`finalize_shard` (a Ray task the
@@ -28,7 +28,8 @@ complete or absent, and redoes only the absent ones: no duplicate rows, no missi
 stable ``id`` (int64 hash of video id + clip index).
 
 One module a job (``pipeline/embedding/``): ``layout`` (names, folders, schema, ids), ``plan`` (what is
-left to do), ``stages`` (decode + encode), ``windows`` (``--windows`` rows), ``parts`` (writers, readers).
+left to do), ``decode`` (the decode stage), ``stages`` (the encode stage), ``windows`` (``--windows`` rows),
+``parts`` (writers, readers).
 """
 
 import importlib
@@ -82,13 +83,13 @@ from pipeline.embedding.plan import (
     shard_keys,
 )
 
-# The decode and encode stages (and the windows, which decode) import torch and the model registry: seconds
-# of CPU in every process that imports this package. Ray's workers for the light tasks (write fragments,
-# finalize a shard's part) import it for their functions, and a node's restarted tasks start many workers
-# at once (measured: ~20 finalize workers on a 2-core node took ~45 s to start). So those names load on
-# first use (PEP 562), and ``import pipeline.embedding.parts`` costs pyarrow, not torch.
+# The encode stage imports torch and the model registry, the decode stages PyAV: seconds of CPU in every
+# process that imports this package. Ray's workers for the light tasks (write fragments, finalize a shard's
+# part) import it for their functions, and a node's restarted tasks start many workers at once (measured:
+# ~20 finalize workers on a 2-core node took ~45 s to start). So the stages load on first use (PEP 562),
+# and ``import pipeline.embedding.parts`` costs pyarrow, not torch.
 _ON_FIRST_USE = {
-    "DecodeShardClipsStage": "stages",
+    "DecodeShardClipsStage": "decode",
     "EncodeClipsStage": "stages",
     "WINDOW_DECODE_GROUP": "windows",
     "DecodeWindowsStage": "windows",

@@ -1,4 +1,5 @@
-"""The Ray Data stages of an embed run: decode (with the shard column) and encode (an actor pool)."""
+"""The encode stage of an embed run: an actor pool over the decoded clips (the decode stages, which need no
+torch, are :mod:`pipeline.embedding.decode`)."""
 
 from __future__ import annotations
 
@@ -9,32 +10,20 @@ import numpy as np
 import torch
 
 from models import create_inference_model
-from pipeline.datasets import DecodeClipsStage
 from pipeline.embedding.layout import ERROR_ROW, VIDEO_ROW, WINDOW_CLIP_BASE, stable_id
 from runtime.errors import DecodeFailure, ErrorPolicy, check_policy
 from runtime.threads import set_torch_threads
 
 
-class DecodeShardClipsStage(DecodeClipsStage):
-    """:class:`pipeline.datasets.DecodeClipsStage` that also carries the ``shard`` column through, so each
-    encoded row can be filed under the shard it came from. Its parameters (the error policy included) are
-    the base stage's."""
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        out = super().__call__(batch)
-        out["shard"] = np.asarray(batch["shard"], dtype=object)
-        return out
-
-
 class EncodeClipsStage:
     """Ray Data ``map_batches`` class: decoded clips → one row per clip plus one video-level row.
 
-    Input: the columns of :class:`pipeline.datasets.DecodeClipsStage` plus ``shard``. Output: flat rows with
-    the embedding schema (``embedding`` as ``[R, D]``). A row that arrives with a decode error, or without a
-    single valid frame, is an input failure: under ``on_error="record"`` (the default) it comes out as one
-    row with ``error`` set and an empty embedding, so the writer can record it and nothing is lost; under
-    ``"raise"`` it raises :class:`runtime.errors.DecodeFailure` naming the key. Anything that goes wrong in
-    the model itself is a bug and always raises.
+    Input: the columns of :class:`pipeline.decode_stage.DecodeClipsStage` plus ``shard``. Output: flat rows
+    with the embedding schema (``embedding`` as ``[R, D]``). A row that arrives with a decode error, or
+    without a single valid frame, is an input failure: under ``on_error="record"`` (the default) it comes out
+    as one row with ``error`` set and an empty embedding, so the writer can record it and nothing is lost;
+    under ``"raise"`` it raises :class:`runtime.errors.DecodeFailure` naming the key. Anything that goes wrong
+    in the model itself is a bug and always raises.
 
     ``threads``: torch threads of this process (the workflow passes it; default every core of the node).
     The model comes from :func:`models.create_inference_model`: trained weights (``pretrained``, a URI on

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.clips import sample_clips
-from pipeline.embedding.stages import DecodeShardClipsStage
+from pipeline.embedding.decode import DecodeShardClipsStage
 from pipeline.sampling import ClipPlan, SamplingConfig
 from runtime.errors import InputError, InvalidMetadata, should_record
 
