@@ -32,7 +32,6 @@ left to do), ``decode`` (the decode stage), ``stages`` (the encode stage), ``win
 ``parts`` (writers, readers).
 """
 
-import importlib
 
 from pipeline.embedding.layout import (
     EMBEDDING_COLUMNS,
@@ -82,6 +81,7 @@ from pipeline.embedding.plan import (
     shard_index_uri,
     shard_keys,
 )
+from runtime.lazy import exports_on_first_use
 
 # The encode stage imports torch and the model registry, the decode stages PyAV: seconds of CPU in every
 # process that imports this package. Ray's workers for the light tasks (write fragments, finalize a shard's
@@ -97,16 +97,7 @@ _ON_FIRST_USE = {
     "window_clip_plan": "windows",
     "window_span": "windows",
 }
-
-
-def __getattr__(name: str):
-    module = _ON_FIRST_USE.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
+__getattr__ = exports_on_first_use(__name__, _ON_FIRST_USE, globals())
 
 __all__ = [
     "BOOKKEEPING_COLUMNS",

@@ -3,7 +3,7 @@
 ``python -m jobs.serve --index URI`` → :func:`serve_index`; :func:`build_app` gives the ASGI app itself.
 """
 
-import importlib
+from runtime.lazy import exports_on_first_use
 
 # Loaded on first use (PEP 562): a shard deployment's replica imports workflows.serve.fanout, and with it
 # this package; it searches FAISS files and needs neither the web app nor the text encoder (torch).
@@ -17,16 +17,7 @@ _ON_FIRST_USE = {
     "serve_index": "run",
     "serving_in_thread": "run",
 }
-
-
-def __getattr__(name: str):
-    module = _ON_FIRST_USE.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
+__getattr__ = exports_on_first_use(__name__, _ON_FIRST_USE, globals())
 
 __all__ = ["LiveIndex", "QueryLog", "Snapshot", "SnapshotLoader", "build_app", "create_app", "serve_index",
            "serving_in_thread"]
