@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -252,6 +253,7 @@ def _cluster3_running(storage_env: dict[str, str], cache_dir: Path) -> Iterator[
         finally:
             with _keep_driver_ray_state():
                 cluster.shutdown()
+            shutil.rmtree(handle.temp_dir, ignore_errors=True)  # the nodes' session logs (~25 MB a run)
 
 
 CLUSTER3 = SharedResource("cluster3", _cluster3_running)

@@ -311,6 +311,7 @@ def _ray_head_process() -> Iterator[dict]:
         # `ray start --block` never exits on SIGTERM by itself (the run always waited the full grace): the
         # head holds nothing a test reads after it, so its group is killed after a short one.
         _stop_group(proc, grace_s=3)
+        shutil.rmtree(temp_dir, ignore_errors=True)  # its session logs (~25 MB a run, left in /tmp before)
 
 
 RAY_HEAD = SharedResource("ray_head", _ray_head_process)
