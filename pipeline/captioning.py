@@ -20,15 +20,18 @@ import pyarrow as pa
 import torch
 
 from models import create_inference_model, load_checkpoint, recorded_eval_sampling
+from pipeline.caption_layout import (
+    CAPTION_COLUMNS,
+    CAPTIONS_FILE,
+    ERROR_COLUMNS,
+    ERRORS_FILE,
+    SCORE_COLUMNS,
+    SCORES_FILE,
+)
 from runtime import storage
 from runtime.errors import DecodeFailure, ErrorPolicy, check_policy
 
 DEFAULT_CAPTIONER = "swinbert-tiny"  # the model a run without a checkpoint builds (--allow-random-init)
-
-CAPTIONS_FILE = "captions.parquet"  # a caption run's output table, one row per captioned video
-CAPTION_COLUMNS = ("video_id", "key", "caption", "score", "model_id")
-SCORE_COLUMNS = ("video_id", "caption", "score", "model_id")
-ERROR_COLUMNS = ("key", "video_id", "reason", "message")
 
 
 def checkpoint_model_name(pretrained: str | os.PathLike) -> str:
@@ -201,5 +204,5 @@ class CaptionTables:
         types = {"score": pa.float64()}
         write_parquet(self.captions, CAPTION_COLUMNS, storage.join(out, CAPTIONS_FILE), types)
         if score_captions:
-            write_parquet(self.scores, SCORE_COLUMNS, storage.join(out, "caption_scores.parquet"), types)
-        write_parquet(self.errors, ERROR_COLUMNS, storage.join(out, "errors.parquet"), {})
+            write_parquet(self.scores, SCORE_COLUMNS, storage.join(out, SCORES_FILE), types)
+        write_parquet(self.errors, ERROR_COLUMNS, storage.join(out, ERRORS_FILE), {})

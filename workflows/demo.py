@@ -33,8 +33,8 @@ import pyarrow.parquet as pq
 import yaml
 
 from index import VideoIndex, build_index
+from pipeline.caption_layout import CAPTIONS_FILE
 from pipeline.caption_metrics import evaluate_captions, tokenize
-from pipeline.captioning import CAPTIONS_FILE
 from pipeline.ingest import run_ingest
 from pipeline.training import load_train_config
 from runtime.ray_connect import connect_ray

@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from index.annotations import recorded_captions
+from pipeline.caption_layout import CAPTIONS_FILE
 from pipeline.shard_tar import list_shards
 from runtime import storage
 from runtime.values import finite_float
@@ -242,10 +243,6 @@ def locate_shards(flags: Sequence[str], meta: Mapping[str, Any]) -> ShardLocatio
 def read_generated_captions(folder: str, videos: Mapping[str, Any]) -> dict[str, str]:
     """``video_id → caption`` from a ``jobs.caption`` output folder, for the videos of this index version;
     a folder without ``captions.parquet`` is an error naming it (a mistyped flag must not serve silently)."""
-    # here, not at the top: pipeline.captioning is the caption stage (torch), and shard replicas import this
-    # module without ever reading captions
-    from pipeline.captioning import CAPTIONS_FILE
-
     path = storage.join(folder, CAPTIONS_FILE)
     if not storage.exists(path):
         raise FileNotFoundError(f"--captions {folder!r}: no {CAPTIONS_FILE} there (a jobs.caption --output)")
