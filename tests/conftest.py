@@ -25,7 +25,8 @@ import os
 os.environ["OMP_NUM_THREADS"] = "1"
 os.environ["VIDSIFT_MAX_THREADS"] = "1"
 
-import contextlib  # noqa: E402
+import atexit  # noqa: E402
+import contextlib
 import fcntl
 import shutil
 import signal
@@ -46,6 +47,11 @@ from pipeline.ingest import run_ingest
 from synthetic import generate_corpus
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# Local copies of remote artifacts go to a cache of this run (each pytest process's own, inherited by the
+# processes it starts), removed when that process exits: never the user's ~/.cache/vidsift, which the suite
+# filled with copies of its throwaway S3 buckets' indexes.
+os.environ["VIDSIFT_CACHE"] = _TEST_CACHE = tempfile.mkdtemp(prefix="vidsift-test-cache-")
+atexit.register(shutil.rmtree, _TEST_CACHE, ignore_errors=True)
 # The interpreter running the tests comes first on PATH, as if its virtualenv were activated: `ray job
 # submit` entrypoints, `ray start` and every subprocess that says `python` must get the environment that
 # has vidsift's dependencies (`make test` runs .venv/bin/python without activating .venv).
