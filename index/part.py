@@ -95,6 +95,8 @@ def build_part(
         source, shard, factory, n_est, num_probes, rng, batch_size)
     bar = row_progress(f"add shard {shard_index}/{num_shards}", n_est, progress)
     queries, text_kind = tuning_queries(probe_vecs, train_vecs, text_queries, no_text_rule, rng)
+    training_count = len(train_vecs)
+    del train_vecs  # trained on (40 vectors a list): its memory is the add pass's now
     file = store.shard_file(shard_index, num_shards)
     refine_dir = tempfile.TemporaryDirectory(prefix="vidsift-refine-")
     try:
@@ -121,7 +123,7 @@ def build_part(
         "factory": factory,
         "count": int(index.ntotal),
         "trained_on_count": int(index.ntotal),
-        "training_size": int(len(train_vecs)),
+        "training_size": int(training_count),
         "search_params": params,
         "recall": recall,
         "recall_target_met": bool(met),
