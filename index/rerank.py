@@ -174,31 +174,38 @@ def _load(path: str | os.PathLike) -> np.ndarray:
         return array
 
 
-SCORE_BLOCK_ROWS = 32768  # candidate rows gathered at a time (16 MiB of float16 at 256 dims)
+SCORE_BLOCK_ROWS = 8192  # candidate rows gathered at a time (4 MiB of float16, 8 MiB as float32, at 256 dims)
 
 
-def candidate_scores(queries: np.ndarray, cand_ids: np.ndarray, refine: RefineVectors) -> np.ndarray:
+def candidate_scores(queries: np.ndarray, cand_ids: np.ndarray, refine: RefineVectors,
+                     release_pages: bool = False) -> np.ndarray:
     """Exact inner products ``[Q, R]`` of each query (``[Q, D]``, normalised) with its candidates (``[Q, R]``
-    ids, -1 = none: -inf) from the float16 copy, gathered a block of rows at a time. A candidate missing from
-    the copy is a corrupt version, not a data error: it raises."""
+    ids, -1 = none: -inf) from the float16 copy. A candidate missing from the copy is a corrupt version, not
+    a data error: it raises.
+
+    Every query's candidates are gathered together in ascending row order (sequential reads of the memory
+    map), ``SCORE_BLOCK_ROWS`` at a time. ``release_pages`` (a build's tuning, which re-ranks every row of
+    the copy at each setting it tries) drops this process's mapping of the pages a block read before the
+    next: they stay in the page cache, but a pass over the whole copy would otherwise add its size to the
+    build task's RSS (:func:`drop_mapped_pages`)."""
     cand_ids = np.asarray(cand_ids, dtype=np.int64)
     queries = np.asarray(queries, np.float32)
     scores = np.full(cand_ids.shape, -np.inf, np.float32)
-    per_block = max(1, SCORE_BLOCK_ROWS // max(cand_ids.shape[1], 1))
-    for start in range(0, len(cand_ids), per_block):
-        ids = cand_ids[start:start + per_block]
-        valid = ids >= 0
-        rows = refine.rows_of(ids[valid])
-        if (rows < 0).any():
-            missing = ids[valid][rows < 0][:5].tolist()
-            raise ValueError(f"ids {missing} are in the index but not in its float16 refine copy")
-        # Rows are gathered in ascending order (sequential reads of the memory map), then scattered back.
-        order = np.argsort(rows, kind="stable")
-        gathered = np.empty((len(rows), refine.vectors.shape[1]), np.float32)
-        gathered[order] = refine.vectors[rows[order]]
-        query_of = np.nonzero(valid)[0] + start
-        block = scores[start:start + per_block]
-        block[valid] = np.einsum("ij,ij->i", gathered, queries[query_of])
+    width = cand_ids.shape[1] if cand_ids.ndim == 2 else 0
+    flat_ids, flat_scores = cand_ids.reshape(-1), scores.reshape(-1)  # views: a score lands in ``scores``
+    pairs = np.flatnonzero(flat_ids >= 0)
+    rows = refine.rows_of(flat_ids[pairs])
+    if (rows < 0).any():
+        missing = flat_ids[pairs][rows < 0][:5].tolist()
+        raise ValueError(f"ids {missing} are in the index but not in its float16 refine copy")
+    order = np.argsort(rows, kind="stable")
+    pairs, rows = pairs[order], rows[order]
+    for start in range(0, len(rows), SCORE_BLOCK_ROWS):
+        block = slice(start, start + SCORE_BLOCK_ROWS)
+        gathered = refine.vectors[rows[block]].astype(np.float32)
+        flat_scores[pairs[block]] = np.einsum("ij,ij->i", gathered, queries[pairs[block] // width])
+        if release_pages:
+            drop_mapped_pages(refine.vectors)
     return scores
 
 
@@ -211,8 +218,8 @@ def top_of(scores: np.ndarray, cand_ids: np.ndarray, k: int) -> tuple[np.ndarray
     return top_scores, top_ids
 
 
-def rerank(queries: np.ndarray, cand_ids: np.ndarray, refine: RefineVectors, k: int
-           ) -> tuple[np.ndarray, np.ndarray]:
+def rerank(queries: np.ndarray, cand_ids: np.ndarray, refine: RefineVectors, k: int,
+           release_pages: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The top ``k`` ``(scores, ids)`` ``[Q, k]`` of each query's candidates (``[Q, R]`` ids, -1 = none) by
     their exact inner products from the float16 copy (:func:`candidate_scores`), best first."""
-    return top_of(candidate_scores(queries, cand_ids, refine), cand_ids, k)
+    return top_of(candidate_scores(queries, cand_ids, refine, release_pages), cand_ids, k)

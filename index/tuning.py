@@ -150,7 +150,8 @@ def measure_recall(index: faiss.Index, queries: np.ndarray, truth_ids: np.ndarra
     if refine is None:
         _, found = index.search(queries, k)
     else:
-        found = rerank(queries, index.search(queries, max(k, int(depth)))[1], refine, k)[1]
+        candidates_found = index.search(queries, max(k, int(depth)))[1]
+        found = rerank(queries, candidates_found, refine, k, release_pages=True)[1]
     return recall_at_k(found, truth_ids, k)
 
 
@@ -297,7 +298,8 @@ def tune_rerank(index: faiss.Index, refine: RefineVectors, queries: np.ndarray, 
         params = params_for(index, "nprobe", value)
         apply_search_params(index, params)
         _, found = index.search(queries, max(depths))
-        scores = candidate_scores(queries, found, refine)  # once: every depth re-ranks a prefix of it
+        # once: every depth re-ranks a prefix of it
+        scores = candidate_scores(queries, found, refine, release_pages=True)
         for depth in depths:
             ids = top_of(scores[:, :depth], found[:, :depth], k)[1]
             recall = float(recall_at_k(ids, truth_ids, k))

@@ -4,6 +4,7 @@ queries without captions, deletes / adds / compaction of a re-ranked index."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,10 +13,11 @@ import numpy as np
 import pytest
 
 from index import VideoIndex, add_embeddings, build_index, compact_index, delete_videos, store
+from index import rerank as rerank_module
 from index.embeddings import resolve_embeddings
 from index.factory import choose_factory, estimate_memory, needs_rerank
 from index.part import build_part
-from index.rerank import RefineVectors, RefineWriter, rerank
+from index.rerank import RefineVectors, RefineWriter, candidate_scores, rerank
 from index.testing import write_embeddings
 from index.tuning import recall_at_k
 from workflows.serve.fanout import ShardSet
@@ -89,6 +91,43 @@ def test_rerank_gives_the_exact_order_of_its_candidates(tmp_path):
         assert max(abs(float(vectors[list(ids).index(i)] @ q) - d) for d, i in exact) < 1e-3
     with pytest.raises(ValueError, match="not in its float16 refine copy"):
         rerank(queries[:1], np.array([[5]]), refine, 1)
+
+
+def _mapped_kib(path: Path) -> int:
+    """This process's resident pages of the file ``path`` (the Rss of its memory maps in /proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            if re.match(r"[0-9a-f]+-[0-9a-f]+ ", line):
+                inside = line.rstrip().endswith(str(path))
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads /proc/self/smaps (Linux)")
+def test_tuning_reranks_the_whole_copy_without_keeping_it_mapped(tmp_path, monkeypatch):
+    """Tuning re-ranks every row of the float16 copy at each setting it tries: with ``release_pages`` the
+    rows a block read are unmapped before the next (a build task's RSS held the whole copy before)."""
+    rng = np.random.default_rng(2)
+    n, dim = 80_000, 256  # a 40 MB copy: each block of sorted candidates reads ~1/16 of it
+    writer = RefineWriter(tmp_path, "shard-00000.faiss", dim)
+    writer.add(_unit(rng.normal(size=(n, dim))), np.arange(n, dtype=np.int64))
+    files = writer.finish()
+    vectors_path = files[next(iter(files))]
+    file_kib = vectors_path.stat().st_size // 1024
+    queries = _unit(rng.normal(size=(200, dim)))
+    cand = rng.integers(0, n, size=(200, 640))
+    kept = RefineVectors(*files.values())
+    scores = candidate_scores(queries, cand, kept)
+    assert _mapped_kib(vectors_path) > 0.8 * file_kib  # a pass over the whole copy maps all of it
+    del kept
+    peaks, real_drop = [], rerank_module.drop_mapped_pages
+    monkeypatch.setattr(rerank_module, "drop_mapped_pages",
+                        lambda array: peaks.append(_mapped_kib(vectors_path)) or real_drop(array))
+    released = RefineVectors(*files.values())
+    assert np.array_equal(candidate_scores(queries, cand, released, release_pages=True), scores)
+    assert len(peaks) > 10 and max(peaks) < 0.25 * file_kib and _mapped_kib(vectors_path) < 0.05 * file_kib
 
 
 def test_tunes_nprobe_and_depth_without_captions(built, corpus):
