@@ -47,7 +47,8 @@ from index.part import (
 )
 from index.query import open_refine
 from index.rerank import SORT_CHUNK_ROWS, RefineVectors, RefineWriter, drop_mapped_pages
-from index.sharded import build_parts_with_ray
+from index.rows import ColumnParts
+from index.sharded import build_parts_with_ray, parts_uri
 from index.tombstones import delete_videos as delete_videos  # re-exported: jobs.index calls build's
 from index.tombstones import drop_from_probe, new_version_meta, open_refines, remeasure
 from index.tuning import (
@@ -192,6 +193,8 @@ def build_index(
         if tuning["kind"] != "video":
             meta["video_probe_recall"] = min(p["info"]["video_probe_recall"] for p in parts)
         uploaded = _stage_parts(parts, stage, meta)
+        if shards > 1:
+            storage.remove(parts_uri(output, version), recursive=True)  # the shard tasks' ids: staged now
         meta["version"] = store.publish(output, stage, meta, version, keep=keep, uploaded=uploaded,
                                         expected_current=expected_current)
     if progress:
@@ -203,7 +206,7 @@ def _stage_parts(parts: list[dict[str, Any]], stage, meta: dict[str, Any]) -> di
     """Write the built parts' files into the local ``stage`` (their indexes, ids, probes, errors; an
     in-process build's float16 re-rank copies move there); returns the records of the files the parts'
     Ray tasks uploaded themselves."""
-    ids = pa.concat_tables([p["ids"] for p in parts])
+    ids = ColumnParts([p["ids"] for p in parts])  # each column read once, when it is sorted
     probe = _stack_probes([p["probe"] for p in parts])
     errors = errors_table([e for p in parts for e in p["errors"]])
     store.write_version_files(stage, [p["index"] for p in parts], ids, meta, probe=probe, errors=errors)

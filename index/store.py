@@ -43,6 +43,7 @@ from index.rows import (
     ROWS_FILE,
     SUPERSEDED_FILE,
     TOMBSTONES_FILE,
+    ColumnParts,
     RowParts,
     RowTable,
     hidden_in_shard,
@@ -162,7 +163,7 @@ def file_record(path: str | os.PathLike) -> dict[str, Any]:
 def write_version_files(
     stage: Path,
     indexes: list[faiss.Index | None],
-    ids_table: pa.Table,
+    ids_table: pa.Table | ColumnParts,
     meta: dict[str, Any],
     probe: dict[str, np.ndarray] | None = None,
     errors: pa.Table | None = None,

@@ -25,6 +25,7 @@ from index import (
     store,
 )
 from index.factory import parse_memory
+from index.rows import ROWS_FILE, public_columns, read_rows_table
 from index.testing import clustered_vectors, embedding_schema, write_embeddings
 from index.tuning import recall_at_k
 
@@ -220,6 +221,14 @@ def test_sharded_build_with_ray_matches_exact(tmp_path, ray_local, monkeypatch):
     vdir = tmp_path / "idx" / "versions" / meta["version"]
     assert meta["num_shards"] == 3 and {f"shard-0000{i}.faiss" for i in range(3)} <= set(os.listdir(vdir))
     assert sum(s["count"] for s in meta["shards"]) == 1200 and all(s["count"] > 0 for s in meta["shards"])
+    assert not (vdir / sharded.PARTS_DIR).exists()  # the tasks' ids files: read into ids.arrow, then removed
+    one = build_index(emb, tmp_path / "one", factory="Flat", num_probes=32, progress=False)
+
+    def rows(root, version):
+        table = read_rows_table(root / "versions" / version / ROWS_FILE)
+        return public_columns(table).drop_columns(["shard"])
+
+    assert rows(tmp_path / "idx", meta["version"]).equals(rows(tmp_path / "one", one["version"]))
     index = VideoIndex.open(tmp_path / "idx")
     queries = vecs[::97] + 0.1
     scores, found = index.search_vectors(queries, 10)

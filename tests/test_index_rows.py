@@ -14,7 +14,7 @@ import pyarrow as pa
 import pytest
 
 from index import VideoIndex, store
-from index.rows import HELPER_COLUMNS, RowTable, prepare_rows
+from index.rows import HELPER_COLUMNS, ColumnParts, RowTable, prepare_rows
 from index.testing import write_synthetic_version
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,6 +92,35 @@ def test_row_table_lookups_match_the_ids_table():
         assert len(set(rows.video_keys(members).tolist())) == 1
     assert rows.column("no_such_column", found[:3]) == [None, None, None]
     assert prepare_rows(rows.table).equals(rows.table)  # preparing twice changes nothing
+
+
+class _CountingPart:
+    """An ids part that counts how often each of its columns is read."""
+
+    def __init__(self, table: pa.Table):
+        self.table, self.schema, self.reads = table, table.schema, {}
+
+    def column(self, name: str) -> pa.ChunkedArray:
+        self.reads[name] = self.reads.get(name, 0) + 1
+        return self.table.column(name)
+
+
+def test_column_parts_read_each_column_once_and_sort_as_one_table():
+    """A sharded build's driver sorts its shards' ids a column at a time (index.rows.ColumnParts)."""
+    rng = np.random.default_rng(4)
+    n = 600
+    table = pa.table({"id": rng.permutation(5000)[:n].astype(np.int64),
+                      "video_id": [f"v{int(i) % 41:03d}" for i in rng.permutation(n)],
+                      "captions": pa.array([[f"c{i}"] if i % 3 else [] for i in range(n)]),
+                      "start_s": rng.random(n)})
+    parts = [_CountingPart(table.slice(a, b - a)) for a, b in ((0, 250), (250, 251), (251, n))]
+    prepared = prepare_rows(ColumnParts(parts))
+    assert prepared.equals(prepare_rows(table))
+    assert all(part.reads == dict.fromkeys(table.column_names, 1) for part in parts)
+    other = pa.table({"id": pa.array([1], pa.int32()), "video_id": ["v"], "captions": pa.array([["c"]]),
+                      "start_s": [0.0]})
+    with pytest.raises(ValueError, match="differ in schema"):
+        ColumnParts([table, other])
 
 
 def test_an_old_version_with_ids_parquet_still_opens(tmp_path):
