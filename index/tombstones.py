@@ -65,7 +65,13 @@ def delete_videos(root: str | os.PathLike, video_ids: list[str], keep: int = 3) 
     if not video_ids:
         raise ValueError("delete needs at least one video id")
     root = storage.normalize(root)
-    parent = store.read_current(root)
+    # The delete reads its parent's files until it publishes: when other writers supersede the parent and
+    # prune it meanwhile, the delete is applied again to the new CURRENT (it was lost as an error before).
+    return store.read_stable(root, lambda parent: _delete_from(root, parent, video_ids, keep, t0))
+
+
+def _delete_from(root: str, parent: str, video_ids: list[str], keep: int, t0: float) -> dict[str, Any]:
+    """:func:`delete_videos` applied to the version ``parent``."""
     vdir = store.version_dir(root, parent)
     meta = store.read_meta(vdir)
     rows = store.read_row_table(vdir, meta)

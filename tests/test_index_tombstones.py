@@ -81,6 +81,30 @@ def test_delete_publishes_only_tombstones_and_shares_the_faiss_files(ivf_index):
     assert again["last_operation"]["not_found"] == ["no-such-video", "vid-000001"]
 
 
+def test_a_delete_whose_parent_is_pruned_under_it_applies_to_the_new_current(ivf_index, tmp_path,
+                                                                               monkeypatch):
+    """Another writer publishes a version with its own files while the delete reads its parent, and prunes the
+    parent: the delete is applied again to the new CURRENT (the publish race test once saw it fail with
+    'index file ... is missing')."""
+    root, first, vecs = ivf_index
+    new = write_embeddings(tmp_path / "new", clustered_vectors(20, DIM, seed=5), clips_per_video=5,
+                           model_id="toy@abc", start_id=90_000, video_prefix="new")
+    real_read_probe, added = store.read_probe, []
+
+    def read_probe_while_another_writer_publishes(vdir, meta):
+        if not added:
+            added.append(None)  # once: the add reads probes too
+            # a full add writes its own files, so keep=1 prunes the parent
+            added[0] = add_embeddings(root, new, keep=1, upsert=False, progress=False)
+            assert not version_path(root, first["version"]).exists()
+        return real_read_probe(vdir, meta)
+
+    monkeypatch.setattr(store, "read_probe", read_probe_while_another_writer_publishes)
+    meta = delete_videos(root, ["vid-000003"], keep=1)
+    assert meta["parent_version"] == added[0]["version"] and store.read_current(root) == meta["version"]
+    assert meta["count"] == first["count"] + 20 - 5 and meta["last_operation"]["deleted_rows"] == 5
+
+
 def test_deleted_videos_never_come_back(ivf_index):
     root, first, vecs = ivf_index
     gone = [f"vid-{v:06d}" for v in range(0, 400, 3)]  # a third of the videos
