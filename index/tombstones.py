@@ -142,7 +142,14 @@ def compact_index(root: str | os.PathLike, threshold: float = DEFAULT_COMPACT_TH
     returns its index.json, or None when there was nothing to do."""
     t0 = time.perf_counter()
     root = storage.normalize(root)
-    parent = store.read_current(root)
+    # Read until the publish: applied again to the new CURRENT if the parent is pruned meanwhile.
+    return store.read_stable(root, lambda parent: _compact_from(root, parent, threshold, keep, progress,
+                                                                max_deltas, t0))
+
+
+def _compact_from(root: str, parent: str, threshold: float, keep: int, progress: bool, max_deltas: int,
+                  t0: float) -> dict[str, Any] | None:
+    """:func:`compact_index` applied to the version ``parent``."""
     vdir = store.version_dir(root, parent)
     meta = store.read_meta(vdir)
     share, deltas = tombstone_share(meta), delta_shards(meta)

@@ -66,7 +66,15 @@ def upsert_embeddings(root: str | os.PathLike, embeddings: str | os.PathLike, ba
     (``errors.parquet`` of the new version). Returns the new index.json."""
     t0 = time.perf_counter()
     root = storage.normalize(root)
-    parent = store.read_current(root)
+    # The parent's files are read until the publish: when other writers supersede and prune it meanwhile,
+    # the upsert is applied again to the new CURRENT (as a delete is).
+    return store.read_stable(root, lambda parent: _upsert_onto(root, parent, embeddings, batch_size, keep,
+                                                               progress, upsert, t0))
+
+
+def _upsert_onto(root: str, parent: str, embeddings: str | os.PathLike, batch_size: int, keep: int,
+                 progress: bool, upsert: bool, t0: float) -> dict[str, Any]:
+    """:func:`upsert_embeddings` applied to the version ``parent``."""
     vdir = store.version_dir(root, parent)
     meta = store.read_meta(vdir)
     source = check_compatible(resolve_embeddings(embeddings), meta, embeddings, root)

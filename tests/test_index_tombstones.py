@@ -16,6 +16,7 @@ from index import VideoIndex, add_embeddings, build_index, compact_index, delete
 from index.moments import WINDOW_CLIP_BASE
 from index.rows import TOMBSTONES_FILE
 from index.testing import clustered_vectors, write_embeddings
+from index.upsert import upsert_embeddings
 
 DIM = 16
 
@@ -103,6 +104,36 @@ def test_a_delete_whose_parent_is_pruned_under_it_applies_to_the_new_current(ivf
     meta = delete_videos(root, ["vid-000003"], keep=1)
     assert meta["parent_version"] == added[0]["version"] and store.read_current(root) == meta["version"]
     assert meta["count"] == first["count"] + 20 - 5 and meta["last_operation"]["deleted_rows"] == 5
+
+
+@pytest.mark.parametrize("writer", ["upsert", "compact"])
+def test_upsert_and_compaction_whose_parent_is_pruned_apply_to_the_new_current(ivf_index, tmp_path,
+                                                                               monkeypatch, writer):
+    """As a delete: another writer prunes the parent between the writer's read of CURRENT and its parent."""
+    root, first, _ = ivf_index
+    delete_videos(root, [f"vid-{v:06d}" for v in range(0, 120)])  # 30 % tombstoned: compaction is due
+    parent = store.read_current(root)
+    new = write_embeddings(tmp_path / "new", clustered_vectors(20, DIM, seed=6), clips_per_video=5,
+                           model_id="toy@abc", start_id=95_000, video_prefix="new")
+    real_read_meta, added = store.read_meta, []
+
+    def read_meta_while_another_writer_publishes(vdir):
+        if not added and parent in str(vdir):
+            added.append(None)
+            added[0] = add_embeddings(root, new, keep=1, upsert=False, progress=False)  # prunes the parent
+            assert not version_path(root, parent).exists()
+        return real_read_meta(vdir)
+
+    monkeypatch.setattr(store, "read_meta", read_meta_while_another_writer_publishes)
+    more = write_embeddings(tmp_path / "more", clustered_vectors(10, DIM, seed=7), clips_per_video=5,
+                            model_id="toy@abc", start_id=97_000, video_prefix="more")
+    if writer == "upsert":
+        meta = upsert_embeddings(root, more, keep=1, progress=False)  # a delta shard on CURRENT
+        assert meta["parent_version"] == added[0]["version"] and meta["count"] == added[0]["count"] + 10
+    else:  # the add removed the tombstoned rows for real: nothing left to compact on the new CURRENT
+        assert compact_index(root, threshold=0.2, keep=1, progress=False) is None
+    assert store.read_meta(store.version_dir(root, store.read_current(root)))["count"] == (
+        added[0]["count"] + (10 if writer == "upsert" else 0))
 
 
 def test_deleted_videos_never_come_back(ivf_index):
