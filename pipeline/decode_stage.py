@@ -30,21 +30,13 @@ from pipeline.decode import Size
 from pipeline.sampling import SamplingConfig
 from pipeline.shard_tar import list_shards
 from runtime import storage
-from runtime.errors import ErrorPolicy, InputError, InvalidMetadata, check_policy, should_record
+from runtime.errors import ErrorPolicy, InputError, TaggedMetadataError, check_policy, should_record
 
 log = logging.getLogger(__name__)
 
 
-class BadSample(InvalidMetadata, ValueError):
+class BadSample(TaggedMetadataError):
     """A shard sample that is not an mp4 + json-object pair (reason ``incomplete_sample`` / ``bad_json``)."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
-
-    def __reduce__(self):
-        return type(self), (self.reason, self.message)
 
 
 def as_sampling_config(sampling: SamplingConfig | Mapping[str, Any]) -> SamplingConfig:

@@ -44,6 +44,19 @@ class InvalidMetadata(InputError):
     reason = "invalid_metadata"
 
 
+class TaggedMetadataError(InvalidMetadata, ValueError):
+    """Invalid metadata whose ``reason`` tag is given per instance (a stage's finer reason classes), and
+    that survives pickling between Ray processes with it."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+    def __reduce__(self):
+        return type(self), (self.reason, self.message)
+
+
 def check_policy(policy: str) -> ErrorPolicy:
     """``policy`` itself, or a ``ValueError`` naming the allowed policies."""
     if policy not in ERROR_POLICIES:

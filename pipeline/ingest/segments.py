@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from runtime.errors import InvalidMetadata
+from runtime.errors import TaggedMetadataError
 from runtime.values import finite_float
 
 SEGMENT_FIELDS = ("start_s", "end_s", "caption")
@@ -19,16 +19,8 @@ SEGMENT_FIELDS = ("start_s", "end_s", "caption")
 SEGMENT_REASONS = ("segment_malformed", "segment_negative_start", "segment_order", "segment_past_end")
 
 
-class InvalidSegment(InvalidMetadata, ValueError):
+class InvalidSegment(TaggedMetadataError):
     """One timed caption of a sample is malformed or outside the video."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
-
-    def __reduce__(self):
-        return (type(self), (self.reason, self.message))
 
 
 def check_segment(segment: Any, duration: float, fps: float) -> dict[str, Any]:
